@@ -1,0 +1,186 @@
+"""Domain types of the step protocol and requests: plain dataclasses shared by the scheduler core, the worker
+core and the in-process engine. Servicers convert them to and from protos; nothing here imports protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class MultimodalItem:
+    """A media span of a prompt. `data` (the fetched bytes) travels only gateway -> scheduler -> vision."""
+
+    content_key: str
+    offset: int
+    num_tokens: int
+    grid_thw: tuple[int, int, int]
+    modality: str = "image"
+    data: bytes = field(default=b"", repr=False, compare=False)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.num_tokens
+
+    def without_data(self) -> MultimodalItem:
+        return MultimodalItem(self.content_key, self.offset, self.num_tokens, self.grid_thw, self.modality)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    return_logprob: bool = False
+    top_logprobs: int = 0
+    min_tokens_suppress_ids: tuple[int, ...] = ()
+    min_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def needs_prompt_ids(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+
+@dataclass(frozen=True)
+class StoppingCriteria:
+    max_new_tokens: int = 16
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    no_stop_trim: bool = False
+    skip_special_tokens: bool = True
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A tokenized request as the scheduler receives it."""
+
+    request_id: str
+    input_ids: tuple[int, ...]
+    mm_items: tuple[MultimodalItem, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingCriteria = field(default_factory=StoppingCriteria)
+    n: int = 1
+    stream: bool = True
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class GenerateOutput:
+    """One message of a choice's result stream (a delta when streaming)."""
+
+    request_id: str
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    matched_stop: str | int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    error: str | None = None
+
+
+# ---- the scheduler <-> worker step protocol ----
+
+@dataclass(frozen=True)
+class SeqInit:
+    mm_items: tuple[MultimodalItem, ...]
+    sampling: SamplingParams
+    num_prompt_tokens: int
+    prompt_token_ids: tuple[int, ...] = ()
+    output_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    seq_id: str
+    start_pos: int
+    input_ids: tuple[int, ...] = ()  # empty: one token, the worker's last sample for this sequence
+    sample: bool = True
+    page_table_start: int = 0
+    page_ids: tuple[int, ...] = ()
+    init: SeqInit | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids) or 1
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    step_id: int
+    seqs: tuple[SeqStep, ...]
+    free_seq_ids: tuple[str, ...] = ()
+    sent_unix_ns: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+
+@dataclass(frozen=True)
+class SeqResult:
+    seq_id: str
+    token_id: int
+    logprob: float = 0.0
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class SeqFailure:
+    seq_id: str
+    reason: str  # "embedding_missing" | "internal"
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    step_id: int
+    results: tuple[SeqResult, ...]
+    failures: tuple[SeqFailure, ...] = ()
+    num_tokens: int = 0
+    prepare_ns: int = 0
+    forward_ns: int = 0
+    start_unix_ns: int = 0
+    end_unix_ns: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    architecture: str
+    num_pages: int
+    page_size: int
+    context_length: int
+    vocab_size: int
+    dtype: str
+    device: str
+    tp_rank: int = 0
+    tp_size: int = 1
+    kv_cache_bytes: int = 0
+    attention_backend: str = ""
+
+
+@dataclass(frozen=True)
+class EncodedItem:
+    content_key: str
+    num_tokens: int
+    cache_hit: bool
+    encode_ns: int = 0

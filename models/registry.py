@@ -1,0 +1,60 @@
+"""Architecture name -> model classes, imported lazily so a service loads only what it runs."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """Dotted "module:Class" paths for the parts of one model family."""
+
+    language_model: str
+    vision_model: str | None = None
+    image_processor: str | None = None
+
+
+_REGISTRY: dict[str, ModelEntry] = {
+    "Qwen2_5_VLForConditionalGeneration": ModelEntry(
+        language_model="models.qwen2_5_vl:Qwen2_5_VLForCausalLM",
+        vision_model="models.qwen2_5_vl_vision:Qwen2_5_VisionTransformer",
+        image_processor="models.qwen2_vl_image:Qwen2VLImagePreprocessor",
+    ),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_entry(architecture: str) -> ModelEntry:
+    try:
+        return _REGISTRY[architecture]
+    except KeyError:
+        raise ValueError(
+            f"architecture {architecture!r} is not supported; supported: {', '.join(supported_architectures())}"
+        ) from None
+
+
+def load_class(path: str) -> type:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def language_model_class(architecture: str) -> type:
+    return load_class(get_entry(architecture).language_model)
+
+
+def vision_model_class(architecture: str) -> type:
+    entry = get_entry(architecture)
+    if entry.vision_model is None:
+        raise ValueError(f"{architecture} has no vision encoder")
+    return load_class(entry.vision_model)
+
+
+def image_preprocessor_class(architecture: str) -> type:
+    entry = get_entry(architecture)
+    if entry.image_processor is None:
+        raise ValueError(f"{architecture} has no image processor")
+    return load_class(entry.image_processor)

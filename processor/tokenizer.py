@@ -1,0 +1,59 @@
+"""The model's tokenizer and chat template, loaded without torch (PreTrainedTokenizerFast, not AutoTokenizer)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerFast
+
+from common.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path):
+        model_dir = Path(model_dir)
+        if not (model_dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{model_dir}/tokenizer.json not found: the model directory needs a fast tokenizer")
+        self.hf = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+        self.chat_template = self.hf.chat_template or _processor_chat_template(model_dir)
+        self.vocab_size = len(self.hf)
+        self.all_special_ids = set(self.hf.all_special_ids)
+        self.eos_token_id = self.hf.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return self.hf.convert_ids_to_tokens(list(ids))
+
+    def token_to_id(self, token: str) -> int | None:
+        tid = self.hf.convert_tokens_to_ids(token)
+        return None if tid is None or tid == self.hf.unk_token_id else int(tid)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        if not self.chat_template:
+            raise InvalidRequestError(
+                "this model has no chat template; use /v1/completions with a raw prompt", param="messages"
+            )
+        return self.hf.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+def _processor_chat_template(model_dir: Path) -> str | None:
+    """Older VLM checkpoints keep the template in chat_template.json (the processor's) only."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = model_dir / name
+        if path.is_file():
+            text = path.read_text()
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None

@@ -1,0 +1,1 @@
+"""The worker service: model weights, the paged KV cache tensors, and the step loop (prefill/decode, sampling)."""
