@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 
@@ -94,7 +96,11 @@ def from_rpc_error(exc: grpc.RpcError, what: str) -> MiradorError:
 
 
 async def abort_with(context, error: Exception) -> None:
-    """Abort a grpc.aio call with the status of a domain error (INTERNAL for anything else)."""
+    """Abort a grpc.aio call with the status of a domain error; ValueError is a bad argument; anything else is
+    INTERNAL and logged with its traceback."""
     if isinstance(error, MiradorError):
         await context.abort(error.grpc_code, error.message)
+    if isinstance(error, ValueError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    logging.getLogger(__name__).error("internal error", exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")

@@ -96,6 +96,7 @@ class GenerateOutput:
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     error: str | None = None
+    error_code: str = "internal"  # "invalid_argument" | "unavailable" | "resource_exhausted" | "internal"
 
 
 # ---- the scheduler <-> worker step protocol ----

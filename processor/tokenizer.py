@@ -25,6 +25,8 @@ class Tokenizer:
         self.vocab_size = len(self.hf)
         self.all_special_ids = set(self.hf.all_special_ids)
         self.eos_token_id = self.hf.eos_token_id
+        self._added_ids = set(self.hf.added_tokens_decoder)
+        self._byte_decoder = _byte_decoder() if _is_byte_level(self.hf) else None
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)
@@ -34,6 +36,20 @@ class Tokenizer:
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(list(ids))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (byte-level BPE pieces may be part of a UTF-8 character)."""
+        if self._byte_decoder is None:
+            return self.decode([token_id], skip_special_tokens=False).encode()
+        piece = self.hf.convert_ids_to_tokens(int(token_id))
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:
+            return piece.encode()
+        try:
+            return bytes(self._byte_decoder[c] for c in piece)
+        except KeyError:
+            return piece.encode()
 
     def token_to_id(self, token: str) -> int | None:
         tid = self.hf.convert_tokens_to_ids(token)
@@ -57,3 +73,21 @@ def _processor_chat_template(model_dir: Path) -> str | None:
             text = path.read_text()
             return json.loads(text)["chat_template"] if name.endswith(".json") else text
     return None
+
+
+def _is_byte_level(hf: PreTrainedTokenizerFast) -> bool:
+    decoder = json.loads(hf.backend_tokenizer.to_str()).get("decoder") or {}
+    return decoder.get("type") == "ByteLevel"
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's reversible byte <-> printable character table, inverted."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}

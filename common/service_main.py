@@ -1,0 +1,52 @@
+"""`mirador <service>` and `python -m <service>`: parse the service's args, set up logging, serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from common.args import ArgsBase
+from common.log import setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+def parse_service_args(name: str, description: str, args_cls: type[ArgsBase], argv: Sequence[str] | None) -> ArgsBase:
+    parser = argparse.ArgumentParser(prog=f"mirador {name}", description=description)
+    args_cls.add_cli_args(parser)
+    ns = parser.parse_args(argv)
+    if getattr(ns, "model_path", None):
+        from processor.hub import resolve_model_path
+
+        try:
+            ns.model_path = str(resolve_model_path(ns.model_path))
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
+    try:
+        return args_cls.from_cli_args(ns)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def run_grpc_service(name: str, description: str, args_cls: type[ArgsBase],
+                     create_server: Callable, argv: Sequence[str] | None = None) -> None:
+    args = parse_service_args(name, description, args_cls, argv)
+    setup_logging(name, args.log_level)
+    from common.grpc_utils import serve_until_signal
+
+    async def main() -> None:
+        server, port, servicer = create_server(args)
+        logger.info("%s listening on %s:%d", name, args.host, port)
+        await serve_until_signal(server, servicer.health, servicer.startup,
+                                 on_stop=getattr(servicer, "shutdown", None))
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:  # noqa: BLE001 - a clear last line instead of a bare traceback
+        logger.exception("%s failed: %s", name, e)
+        sys.exit(1)

@@ -1,0 +1,206 @@
+"""The FastAPI application: routes, error handlers, client-disconnect cancellation, health and info."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
+
+from common.errors import InvalidRequestError, MiradorError, PayloadTooLargeError, UnavailableError
+from common.grpc_utils import create_channel
+from gateway.config import GatewayArgs
+from gateway.errors import error_body, error_response, from_validation_error
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateBody
+from gateway.serving import ModelCard, OpenAIServing
+from processor.media import MediaPolicy
+from processor.model_config import load_generation_defaults, load_generation_eos
+from processor.request_builder import RequestBuilder
+from scheduler_svc.client import SchedulerClient
+
+logger = logging.getLogger(__name__)
+
+
+class Gateway:
+    """What the routes share: the scheduler client, the request builder and the model card."""
+
+    def __init__(self, args: GatewayArgs):
+        self.args = args
+        policy = MediaPolicy(fetch_timeout_s=args.media_fetch_timeout_s, max_bytes=args.max_image_bytes,
+                             max_pixels=args.max_image_pixels, allow_private_urls=args.allow_private_media_urls,
+                             allowed_local_media_path=args.allowed_local_media_path or None)
+        self.builder = RequestBuilder(args.model_path, policy)
+        cfg = self.builder.config
+        self.card = ModelCard(served_name=args.served_model_name or args.model_path, model_path=args.model_path,
+                              context_length=cfg.context_length, eos_token_ids=load_generation_eos(args.model_path),
+                              generation_defaults=load_generation_defaults(args.model_path))
+        self.scheduler: SchedulerClient | None = None
+        self.serving: OpenAIServing | None = None
+        self._synced = False
+
+    async def start(self) -> None:
+        """gRPC channels belong to the event loop that serves: create them inside it."""
+        self.scheduler = SchedulerClient(self.args.scheduler_address, timeout_s=self.args.request_timeout_s)
+        self._health_channel = create_channel(self.args.scheduler_address)
+        self._health = health_pb2_grpc.HealthStub(self._health_channel)
+        self.serving = OpenAIServing(self.builder, self.scheduler, self.card, self.args.max_images_per_request)
+
+    async def sync_with_scheduler(self) -> None:
+        """Adopt the scheduler's effective limits (e.g. a --context-length override) once it answers."""
+        if self._synced:
+            return
+        info = await self.scheduler.server_info()
+        self.card.context_length = info.context_length
+        self._synced = True
+
+    async def healthy(self) -> bool:
+        try:
+            resp = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.aio.AioRpcError:
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self.scheduler.close()
+        await self._health_channel.close()
+        await self.builder.aclose()
+
+
+async def _json_body(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+    raw = await request.body()
+    if len(raw) > limit:
+        raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return body
+
+
+async def _until_disconnect(request: Request, work) -> Any:
+    """Run `work`; cancel it (and so the scheduler call) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if not done and await request.is_disconnected():
+            task.cancel()
+            logger.info("client disconnected; request cancelled")
+            return Response(status_code=499)
+    return task.result()
+
+
+def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def create_app(args: GatewayArgs) -> FastAPI:
+    gw = Gateway(args)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gw.start()
+        yield
+        await gw.close()
+
+    app = FastAPI(title="Mirador", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible serving of vision-language models")
+    app.state.gateway = gw
+
+    @app.exception_handler(MiradorError)
+    async def _mirador_error(_: Request, e: MiradorError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        return JSONResponse(error_body(first.get("msg", "invalid request"), "invalid_request_error", param, 400), 400)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, e: Exception):
+        logger.exception("unhandled error")
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "internal_error", None, 500), 500)
+
+    async def handle(request: Request, model_cls, method):
+        body = await _json_body(request, args.max_request_bytes)
+        try:
+            req = model_cls.model_validate(body)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        try:
+            await gw.sync_with_scheduler()
+        except MiradorError:
+            raise UnavailableError("the scheduler is not ready yet; retry shortly") from None
+        result = await _until_disconnect(request, method(req))
+        if isinstance(result, Response):
+            return result
+        if isinstance(result, AsyncIterator):
+            return _sse(result)
+        return JSONResponse(result)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, ChatCompletionRequest, gw.serving.chat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, CompletionRequest, gw.serving.completions)
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        return await handle(request, GenerateBody, gw.serving.generate_native)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": gw.card.served_name, "object": "model", "created": 0,
+                                            "owned_by": "mirador", "root": gw.card.model_path,
+                                            "max_model_len": gw.card.context_length}]}
+
+    @app.get("/health")
+    async def health():
+        if await gw.healthy():
+            return Response(status_code=200)
+        return JSONResponse(error_body("not ready: the scheduler, worker or vision service is not serving",
+                                       "service_unavailable", None, 503), 503)
+
+    @app.get("/model_info")
+    @app.get("/get_model_info")
+    async def model_info():
+        cfg = gw.builder.config
+        return {"model_path": gw.card.model_path, "served_model_name": gw.card.served_name,
+                "architecture": cfg.architecture, "is_generation": True, "is_multimodal": cfg.is_multimodal,
+                "has_image_understanding": cfg.is_multimodal, "context_length": gw.card.context_length}
+
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def server_info():
+        info, stats = await asyncio.gather(gw.scheduler.server_info(), gw.scheduler.stats())
+        from google.protobuf.json_format import MessageToDict
+
+        out = MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        for key in ("scheduler_args_json", "worker_info_json", "vision_info_json"):
+            out[key.removesuffix("_json")] = json.loads(out.pop(key) or "{}")
+        out["stats"] = MessageToDict(stats, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+        out["gateway_args"] = {k: v for k, v in vars(args).items()}
+        out["version"] = app.version
+        out["model_dir"] = str(Path(args.model_path))
+        return out
+
+    return app

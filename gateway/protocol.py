@@ -1,0 +1,178 @@
+"""OpenAI (and SGLang-extra) request bodies, validated with pydantic; unknown fields are kept aside and logged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from common.errors import InvalidRequestError
+from common.types import SamplingParams, StoppingCriteria
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """Fields shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    n: int = Field(1, ge=1, le=128)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    rid: str | None = None
+    return_token_ids: bool = False  # vLLM extra: prompt_token_ids and each choice's token_ids in the response
+
+    @model_validator(mode="after")
+    def _check(self):
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise InvalidRequestError("stop takes at most 4 sequences", param="stop")
+        if isinstance(self.stop, list) and not all(isinstance(s, str) for s in self.stop):
+            raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+        for k, v in (self.logit_bias or {}).items():
+            if not k.lstrip("-").isdigit():
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias")
+            if not -100 <= v <= 100:
+                raise InvalidRequestError("logit_bias values must be in [-100, 100]", param="logit_bias")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidRequestError("seed must be in [0, 2**63)", param="seed")
+        return self
+
+    @property
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def to_params(self, *, defaults: dict[str, Any], eos_ids: tuple[int, ...], max_new_tokens: int,
+                  return_logprob: bool, top_logprobs: int) -> tuple[SamplingParams, StoppingCriteria]:
+        """Request fields, falling back to the model's generation_config defaults, then OpenAI's."""
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
+        stop_ids = tuple(self.stop_token_ids or ())
+        sampling = SamplingParams(
+            temperature=float(pick("temperature", 1.0)),
+            top_p=float(pick("top_p", 1.0)),
+            top_k=int(pick("top_k", 0)),
+            min_p=float(pick("min_p", 0.0)),
+            seed=self.seed,
+            presence_penalty=float(self.presence_penalty or 0.0),
+            frequency_penalty=float(self.frequency_penalty or 0.0),
+            repetition_penalty=float(pick("repetition_penalty", 1.0)),
+            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
+            return_logprob=return_logprob,
+            top_logprobs=top_logprobs,
+            min_tokens_suppress_ids=(() if self.ignore_eos else eos_ids) + stop_ids if self.min_tokens else (),
+            min_tokens=self.min_tokens,
+        )
+        stopping = StoppingCriteria(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min(self.min_tokens, max_new_tokens),
+            stop=self.stop_list,
+            stop_token_ids=stop_ids,
+            ignore_eos=self.ignore_eos,
+            no_stop_trim=self.no_stop_trim,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+        return sampling, stopping
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[Any]
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _check_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        if not self.messages:
+            raise InvalidRequestError("messages must be a non-empty list", param="messages")
+        return self
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    image_data: str | list[str] | None = None  # SGLang extra: images for a multimodal raw prompt
+
+    @model_validator(mode="after")
+    def _check_prompt(self):
+        if self.echo:
+            raise InvalidRequestError("echo is not supported", param="echo")
+        if self.suffix:
+            raise InvalidRequestError("suffix is not supported", param="suffix")
+        if self.prompt == "" or self.prompt == []:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+
+class GenerateBody(BaseModel):
+    """SGLang's native /generate."""
+
+    model_config = ConfigDict(extra="allow")
+
+    text: str | None = None
+    input_ids: list[int] | None = None
+    image_data: str | list[str] | None = None
+    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    stream: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = Field(0, ge=0, le=20)
+    rid: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.text is None) == (self.input_ids is None):
+            raise InvalidRequestError("give exactly one of text and input_ids", param="text")
+        if self.text == "" or self.input_ids == []:
+            raise InvalidRequestError("the prompt must not be empty", param="text")
+        return self

@@ -1,0 +1,3 @@
+from mirador.cli import main
+
+main()

@@ -1,0 +1,209 @@
+"""`mirador up`: the four services as separate processes on loopback, started, watched and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from common.args import ArgsBase, arg
+from common.grpc_utils import wait_serving
+from gateway.config import GatewayArgs
+from scheduler_svc.config import SchedulerArgs
+from vision_svc.config import VisionArgs
+from worker_svc.config import WorkerArgs
+
+logger = logging.getLogger("mirador.up")
+
+
+@dataclass(frozen=True)
+class UpArgs(ArgsBase):
+    model_path: str = arg("", "model directory or Hugging Face Hub id (default: the embedded tiny Qwen2.5-VL)",
+                          aliases=("--model",))
+    host: str = arg("127.0.0.1", "HTTP address of the gateway")
+    port: int = arg(8000, "HTTP port of the gateway")
+    grpc_host: str = arg("127.0.0.1", "address the internal gRPC services listen on")
+    scheduler_port: int = arg(0, "scheduler gRPC port (0 picks a free one)")
+    worker_port: int = arg(0, "worker gRPC port (0 picks a free one)")
+    vision_port: int = arg(0, "vision gRPC port (0 picks a free one)")
+    served_model_name: str = arg("", "model name clients send (default: the model path)")
+    dtype: str = arg("auto", "weight dtype: auto, bfloat16, float16, float32")
+    device: str = arg("auto", "torch device for worker and vision: auto, cpu, cuda, cuda:1")
+    page_size: int = arg(16, "tokens per KV page")
+    max_total_tokens: int | None = arg(None, "KV cache capacity in tokens (CPU default: up to 64k)")
+    mem_fraction_static: float = arg(0.85, "GPU memory fraction for weights plus KV cache")
+    attention_backend: str = arg("torch_native", "attention backend", choices=("torch_native",))
+    random_seed: int | None = arg(None, "sampler seed for unseeded requests")
+    embedding_cache_mb: int = arg(1024, "vision embedding cache budget, MiB")
+    context_length: int | None = arg(None, "override the model's context length")
+    max_running_requests: int | None = arg(None, "max sequences in the running batch")
+    chunked_prefill_size: int | None = arg(None, "max prompt tokens per sequence per step (-1: no chunking)")
+    max_prefill_tokens: int = arg(16384, "max prompt tokens per step")
+    disable_radix_cache: bool = arg(False, "turn the prefix cache off")
+    disable_overlap_schedule: bool = arg(False, "plan each step only after the previous one returned")
+    decode_log_interval: int = arg(40, "log a decode batch line every N steps")
+    allow_private_media_urls: bool = arg(False, "allow image URLs on loopback/private/link-local addresses")
+    allowed_local_media_path: str = arg("", "directory whose files may be used as image URLs")
+    media_fetch_timeout_s: float = arg(10.0, "image fetch timeout, seconds")
+    max_image_bytes: int = arg(20 * 1024 * 1024, "largest image accepted, bytes")
+    max_images_per_request: int = arg(32, "most images in one request")
+    startup_timeout_s: float = arg(900.0, "how long to wait for every service to be ready")
+    log_level: str = arg("info", "logging level of every service")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _pick(cls: type[ArgsBase], up: UpArgs, **overrides) -> ArgsBase:
+    names = {f.name for f in dataclasses.fields(up)}
+    values = {f.name: getattr(up, f.name) for f in dataclasses.fields(cls) if f.name in names}
+    values.update(overrides)
+    return cls(**values)
+
+
+def service_args(up: UpArgs) -> dict[str, ArgsBase]:
+    gh = up.grpc_host
+    ports = {name: p or _free_port(gh) for name, p in
+             (("scheduler", up.scheduler_port), ("worker", up.worker_port), ("vision", up.vision_port))}
+    addr = {name: f"{gh}:{p}" for name, p in ports.items()}
+    return {
+        "vision": _pick(VisionArgs, up, host=gh, port=ports["vision"]),
+        "worker": _pick(WorkerArgs, up, host=gh, port=ports["worker"], vision_address=addr["vision"]),
+        "scheduler": _pick(SchedulerArgs, up, host=gh, port=ports["scheduler"], worker_address=addr["worker"],
+                           vision_address=addr["vision"], connect_timeout_s=up.startup_timeout_s),
+        "gateway": _pick(GatewayArgs, up, scheduler_address=addr["scheduler"]),
+    }
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if `mirador up` itself dies (Linux), so nothing is orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Cluster:
+    def __init__(self, up: UpArgs):
+        self.up = up
+        self.args = service_args(up)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self) -> None:
+        for name, args in self.args.items():
+            cmd = [sys.executable, "-m", "mirador", name, *args.to_cli()]
+            logger.info("starting %s", name)
+            self.procs[name] = subprocess.Popen(cmd, preexec_fn=_die_with_parent if os.name == "posix" else None)
+
+    def exited(self) -> tuple[str, int] | None:
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                return name, p.returncode
+        return None
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.up.startup_timeout_s
+
+        async def watch(coro, what: str):
+            task = asyncio.ensure_future(coro)
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.5)
+                if (gone := self.exited()) is not None:
+                    task.cancel()
+                    raise RuntimeError(f"{gone[0]} exited with code {gone[1]} while waiting for {what}")
+            return task.result()
+
+        a = self.args
+        for name in ("vision", "worker", "scheduler"):
+            remaining = max(1.0, deadline - time.monotonic())
+            await watch(wait_serving(f"{a[name].host}:{a[name].port}", remaining), name)
+            logger.info("%s is ready", name)
+        url = f"http://{_http_host(self.up.host)}:{self.up.port}/health"
+        async with httpx.AsyncClient(trust_env=False) as client:
+            async def gateway_ok():
+                while time.monotonic() < deadline:
+                    try:
+                        if (await client.get(url, timeout=2)).status_code == 200:
+                            return
+                    except httpx.HTTPError:
+                        pass
+                    await asyncio.sleep(0.2)
+                raise TimeoutError(f"gateway not healthy at {url}")
+
+            await watch(gateway_ok(), "gateway")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for name, p in self.procs.items():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0f s; killing it", name, grace_s)
+                p.kill()
+                p.wait()
+
+
+def _http_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def run_up(up: UpArgs) -> int:
+    cluster = Cluster(up)
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cluster.start()
+    try:
+        t0 = time.monotonic()
+        asyncio.run(_ready_or_signal(cluster, stop))
+        if stop["signal"] is None:
+            base = f"http://{_http_host(up.host)}:{up.port}"
+            name = cluster.args["gateway"].served_model_name or cluster.args["gateway"].model_path
+            print(f"\nMirador is ready in {time.monotonic() - t0:.0f} s: {base}/v1 (model {name})\n"
+                  f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
+                  f"'{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n"
+                  "  Ctrl-C stops every service.", flush=True)
+        while stop["signal"] is None:
+            if (gone := cluster.exited()) is not None:
+                logger.error("%s exited with code %d; stopping the cluster", *gone)
+                return 1
+            time.sleep(0.5)
+        logger.info("stopping (signal %d)", stop["signal"])
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        logger.error("startup failed: %s", e)
+        return 1
+    finally:
+        cluster.stop()
+
+
+async def _ready_or_signal(cluster: Cluster, stop: dict) -> None:
+    task = asyncio.ensure_future(cluster.wait_ready())
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.3)
+        if stop["signal"] is not None:
+            task.cancel()
+            return
+    task.result()

@@ -1,0 +1,26 @@
+"""--model: a local directory, or a Hugging Face Hub id resolved through huggingface_hub (HF_HUB_OFFLINE and
+the local cache are honoured)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def resolve_model_path(model: str) -> Path:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise FileNotFoundError(f"--model {model!r} is neither a directory nor a Hugging Face Hub id (org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=offline))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"{model} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise FileNotFoundError(f"could not download {model} from the Hugging Face Hub: {e}") from None

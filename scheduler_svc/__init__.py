@@ -1,0 +1,1 @@
+"""The scheduler service: request queue, continuous batching, KV page tables, prefix cache, detokenization."""

@@ -1,0 +1,198 @@
+"""The event loop around the scheduler core: takes requests, sends steps to a worker backend (one step ahead
+when overlapping), feeds results back, runs vision encodes, and streams outputs to each request's caller.
+
+Backends are duck-typed: the gRPC clients in a cluster, in-process adapters in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from common.errors import InvalidRequestError, MiradorError, UnavailableError
+from common.types import EncodedItem, GenerateOutput, GenerateRequest, MultimodalItem, StepOutput, StepPlan
+from scheduler_svc.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerBackend(Protocol):
+    def submit(self, plan: StepPlan) -> asyncio.Future[StepOutput]: ...
+
+
+class VisionBackend(Protocol):
+    async def encode(self, items: Sequence[MultimodalItem]) -> list[EncodedItem]: ...
+
+
+class SchedulerLoop:
+    def __init__(self, core: Scheduler, worker: WorkerBackend, vision: VisionBackend | None, *, overlap: bool = True,
+                 step_timeout_s: float = 600.0):
+        self.core = core
+        self.worker = worker
+        self.vision = vision
+        self.depth = 1 if overlap else 0
+        self.step_timeout_s = step_timeout_s
+        self._queues: dict[str, asyncio.Queue[GenerateOutput]] = {}
+        self._wake = asyncio.Event()
+        self._encoding: dict[str, asyncio.Future] = {}
+        self._intervals: deque[tuple[int, int]] = deque(maxlen=64)  # recent scheduler work, unix ns
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="scheduler-loop")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+
+    # ---- callers ----
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Outputs of every choice until each has finished; leaving early (cancel, disconnect) aborts."""
+        if self._task is None or self._task.done():
+            raise UnavailableError("the scheduler loop is not running")
+        queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
+        if req.request_id in self._queues:
+            raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
+        self.core.add_request(req, time.monotonic())
+        self._queues[req.request_id] = queue
+        self._wake.set()
+        remaining = max(1, req.n)
+        try:
+            while remaining:
+                out = await queue.get()
+                if out.error is not None:
+                    raise _error(out)
+                if out.finish_reason is not None:
+                    remaining -= 1
+                yield out
+        finally:
+            self._queues.pop(req.request_id, None)
+            if remaining and self.core.abort_request(req.request_id):
+                logger.info("request %s aborted by its caller", req.request_id)
+                self._wake.set()
+
+    def abort(self, request_id: str) -> bool:
+        found = self.core.abort_request(request_id)
+        self._deliver()
+        self._wake.set()
+        return found
+
+    # ---- the loop ----
+
+    async def _run(self) -> None:
+        inflight: deque[tuple[StepPlan, asyncio.Future]] = deque()
+        while not self._stopping:
+            plan = None
+            if len(inflight) <= self.depth:
+                a = time.time_ns()
+                plan = self.core.schedule()
+                self._start_encodes()  # images admission found missing go to vision now, not next wake-up
+                self._intervals.append((a, time.time_ns()))
+                self.core.stats.scheduler_ns_total += self._intervals[-1][1] - a
+                if plan is not None:
+                    if inflight:
+                        self.core.stats.steps_overlapped += 1
+                    inflight.append((plan, self.worker.submit(plan)))
+            if inflight and (len(inflight) > self.depth or plan is None):
+                _, fut = inflight.popleft()
+                try:
+                    out = await asyncio.wait_for(fut, self.step_timeout_s)
+                except (MiradorError, TimeoutError, asyncio.TimeoutError, ConnectionError) as e:
+                    self._worker_failed(e, inflight)
+                    continue
+                a = time.time_ns()
+                self.core.process_output(out)
+                self._deliver()
+                b = time.time_ns()
+                self._intervals.append((a, b))
+                self.core.stats.scheduler_ns_total += b - a
+                self.core.stats.scheduler_ns_overlapped += self._overlap(out.start_unix_ns, out.end_unix_ns)
+                continue
+            self._deliver()
+            if plan is None and not inflight:
+                await self._wake.wait()
+                self._wake.clear()
+
+    def _overlap(self, start: int, end: int) -> int:
+        """Scheduler work done while the worker was computing [start, end]."""
+        return sum(max(0, min(b, end) - max(a, start)) for a, b in self._intervals)
+
+    def _worker_failed(self, error: BaseException, inflight: deque) -> None:
+        logger.error("worker step failed (%s); failing the running requests", error)
+        inflight.clear()
+        self.core.on_worker_lost(f"worker unavailable: {error}")
+        self._deliver()
+
+    def _deliver(self) -> None:
+        outs, self.core.outputs = self.core.outputs, []
+        for out in outs:
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    # ---- vision ----
+
+    def _start_encodes(self) -> None:
+        requests, self.core.encode_requests = self.core.encode_requests, []
+        for request_id, items in requests:
+            asyncio.create_task(self._encode(request_id, items))
+
+    async def _encode(self, request_id: str, items: list[MultimodalItem]) -> None:
+        """Encode a request's images not already being encoded for another request, then wait for all of them."""
+        mine = [m for m in items if m.content_key not in self._encoding]
+        others = [self._encoding[m.content_key] for m in items if m.content_key in self._encoding]
+        fut = asyncio.get_running_loop().create_future()
+        for m in mine:
+            self._encoding[m.content_key] = fut
+        hits = calls = 0
+        try:
+            if mine:
+                if self.vision is None:
+                    raise UnavailableError("this scheduler has no vision service for image requests")
+                calls = 1
+                done = await self.vision.encode(mine)
+                hits = sum(1 for e in done if e.cache_hit)
+                fut.set_result(True)
+            for other in others:
+                await other
+            self.core.on_encoded(request_id, [m.content_key for m in items], calls, hits)
+        except Exception as e:  # noqa: BLE001 - the request fails, the loop lives on
+            if not fut.done():
+                fut.set_exception(e)
+                fut.exception()
+            logger.warning("encoding images of %s failed: %s", request_id, e)
+            self.core.fail_request(request_id, f"image encoding failed: {e}", _code(e))
+            self._deliver()
+        finally:
+            for m in mine:
+                if self._encoding.get(m.content_key) is fut:
+                    del self._encoding[m.content_key]
+            self._wake.set()
+
+
+def _code(e: BaseException) -> str:
+    if isinstance(e, MiradorError):
+        return {"INVALID_ARGUMENT": "invalid_argument", "UNAVAILABLE": "unavailable",
+                "RESOURCE_EXHAUSTED": "resource_exhausted"}.get(e.grpc_code.name, "internal")
+    return "internal"
+
+
+def _error(out: GenerateOutput) -> MiradorError:
+    from common.errors import InvalidRequestError as Invalid
+    from common.errors import ResourceExhaustedError
+
+    cls = {"invalid_argument": Invalid, "unavailable": UnavailableError,
+           "resource_exhausted": ResourceExhaustedError}.get(out.error_code, MiradorError)
+    return cls(out.error or "request failed")

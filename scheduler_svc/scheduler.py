@@ -1,0 +1,545 @@
+"""The scheduler core: continuous batching with chunked prefill, paged KV allocation, the prefix cache,
+preemption and stop conditions. Plain Python, no I/O: `schedule()` returns the next StepPlan,
+`process_output()` consumes a StepOutput, and outputs and encode requests are drained by the loop around it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from common.errors import InvalidRequestError
+from common.types import (
+    GenerateOutput,
+    GenerateRequest,
+    MultimodalItem,
+    SeqInit,
+    SeqStep,
+    StepOutput,
+    StepPlan,
+    TokenLogprob,
+)
+from processor.text_stream import TextStream
+from processor.tokenizer import Tokenizer
+from scheduler_svc.page_allocator import PageAllocator
+from scheduler_svc.radix_cache import RadixCache
+from scheduler_svc.sequence import RequestState, Sequence, SeqStatus, cache_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerPolicy:
+    """Resolved limits (no "auto" left)."""
+
+    page_size: int
+    num_pages: int
+    context_length: int
+    max_running_requests: int
+    chunked_prefill_size: int  # max prompt tokens of one sequence in one step; <= 0: prompts are never split
+    max_prefill_tokens: int  # max prompt tokens of all sequences in one step (one unsplit prompt may exceed it)
+    enable_prefix_cache: bool = True
+    eos_token_ids: tuple[int, ...] = ()
+    decode_log_interval: int = 40
+    vocab_size: int = 1 << 31
+
+
+@dataclass
+class Stats:
+    num_preemptions: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prompt_tokens_total: int = 0
+    vision_encode_calls: int = 0
+    vision_images_requested: int = 0
+    vision_cache_hits: int = 0
+    vision_skipped_images: int = 0
+    num_steps: int = 0
+    generated_tokens_total: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    scheduler_ns_total: int = 0
+    scheduler_ns_overlapped: int = 0
+    worker_forward_ns_total: int = 0
+    steps_overlapped: int = 0
+    recent_tokens: deque = field(default_factory=lambda: deque(maxlen=256))  # (unix time, tokens)
+
+    def gen_throughput(self) -> float:
+        if len(self.recent_tokens) < 2:
+            return 0.0
+        span = self.recent_tokens[-1][0] - self.recent_tokens[0][0]
+        return sum(n for _, n in list(self.recent_tokens)[1:]) / span if span > 0 else 0.0
+
+
+@dataclass
+class _Sent:
+    """What a sent step did to one sequence, to apply when its result arrives."""
+
+    seq: Sequence
+    epoch: int
+    computed_after: int
+    sample: bool
+
+
+def validate_request(req: GenerateRequest, vocab_size: int) -> None:
+    """What the scheduler cannot run: raised as INVALID_ARGUMENT for gRPC callers that skip the gateway."""
+    s, st = req.sampling, req.stopping
+    if any(t < 0 or t >= vocab_size for t in req.input_ids):
+        raise InvalidRequestError(f"input_ids must be in [0, {vocab_size})", param="input_ids")
+    for m in req.mm_items:
+        if m.offset < 0 or m.end > len(req.input_ids) or m.num_tokens < 1 or not m.content_key:
+            raise InvalidRequestError("multimodal item outside the prompt or without a content key", param="mm_items")
+    checks = [
+        (s.temperature >= 0, "temperature", "must be >= 0"),
+        (0 < s.top_p <= 1, "top_p", "must be in (0, 1]"),
+        (s.top_k >= -1, "top_k", "must be -1, 0 or positive"),
+        (0 <= s.min_p <= 1, "min_p", "must be in [0, 1]"),
+        (s.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+        (0 <= s.top_logprobs <= 20, "top_logprobs", "must be in [0, 20]"),
+        (st.max_new_tokens >= 1, "max_tokens", "must be >= 1"),
+        (0 <= st.min_new_tokens <= st.max_new_tokens, "min_tokens", "must be in [0, max_tokens]"),
+        (1 <= req.n <= 128, "n", "must be in [1, 128]"),
+    ]
+    for ok, param, what in checks:
+        if not ok:
+            raise InvalidRequestError(f"{param} {what}", param=param)
+
+
+class Scheduler:
+    def __init__(self, policy: SchedulerPolicy, tokenizer: Tokenizer):
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.allocator = PageAllocator(policy.num_pages)
+        self.cache = RadixCache(policy.page_size, self.allocator.free, enabled=policy.enable_prefix_cache)
+        self.requests: dict[str, RequestState] = {}
+        self.waiting: list[Sequence] = []  # sorted by arrival
+        self.running: list[Sequence] = []  # in admission order
+        self.outputs: list[GenerateOutput] = []
+        self.encode_requests: list[tuple[str, list[MultimodalItem]]] = []
+        self.stats = Stats()
+        self._free_worker: list[str] = []
+        self._inflight: dict[int, list[_Sent]] = {}
+        self._step_id = 0
+        self._last_log = 0.0
+
+    # ---- requests ----
+
+    def add_request(self, req: GenerateRequest, now: float | None = None) -> None:
+        if req.request_id in self.requests:
+            raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
+        n_prompt = len(req.input_ids)
+        validate_request(req, self.policy.vocab_size)
+        if n_prompt == 0:
+            raise InvalidRequestError("the prompt is empty", param="messages")
+        if n_prompt >= self.policy.context_length:
+            raise InvalidRequestError(
+                f"the prompt is {n_prompt} tokens (images included); this model's context length is "
+                f"{self.policy.context_length}", param="messages", code="context_length_exceeded")
+        if n_prompt > self.policy.num_pages * self.policy.page_size - self.policy.page_size:
+            raise InvalidRequestError(f"the prompt is {n_prompt} tokens, more than the KV cache holds", param="messages")
+        state = RequestState(req, now if now is not None else time.monotonic(), cache_key(list(req.input_ids),
+                                                                                         req.mm_items))
+        stop = req.stopping
+        for i in range(max(1, req.n)):
+            stream = TextStream(self.tokenizer, skip_special_tokens=stop.skip_special_tokens, stop=stop.stop,
+                                no_stop_trim=stop.no_stop_trim)
+            seq = Sequence(state, i, stream)
+            state.seqs.append(seq)
+            self._enqueue(seq)
+        state.num_unfinished = len(state.seqs)
+        self.requests[req.request_id] = state
+        self.stats.prompt_tokens_total += n_prompt
+
+    def abort_request(self, request_id: str, reason: str = "aborted") -> bool:
+        state = self.requests.get(request_id)
+        if state is None:
+            return False
+        for seq in state.seqs:
+            if not seq.is_finished:
+                self._finish(seq, "abort", emit=True)
+        self.stats.requests_aborted += 1
+        return True
+
+    def fail_request(self, request_id: str, error: str, code: str = "internal") -> None:
+        """End a request with an error (code: invalid_argument, unavailable, resource_exhausted, internal)."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return
+        state.error = error
+        for seq in state.seqs:
+            if not seq.is_finished:
+                self._finish(seq, "abort", emit=True, error=(error, code))
+
+    def on_worker_lost(self, error: str) -> None:
+        """The step stream broke: every live request fails; the worker starts over on the next stream."""
+        for rid in list(self.requests):
+            self.fail_request(rid, error, "unavailable")
+        self._inflight.clear()
+        self._free_worker.clear()
+
+    def on_encoded(self, request_id: str, keys: Seq[str], num_calls: int, num_hits: int) -> None:
+        self.stats.vision_encode_calls += num_calls
+        self.stats.vision_images_requested += len(keys)
+        self.stats.vision_cache_hits += num_hits
+        state = self.requests.get(request_id)
+        if state is not None:
+            state.images_ready.update(keys)
+            state.encoding = False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running) or any(self._admissible(s) for s in self.waiting) or bool(self._free_worker)
+
+    # ---- planning ----
+
+    def schedule(self) -> StepPlan | None:
+        p = self.policy
+        steps: list[SeqStep] = []
+        sent: list[_Sent] = []
+        scheduled: set[int] = set()
+        prefill_budget = p.max_prefill_tokens
+        step_id = self._step_id + 1
+
+        # 1. decodes and unfinished prefills of the running batch, oldest first; preempt the newest on shortage
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted for an older sequence in this loop
+            if seq.prefill_done:
+                out = len(seq.output_ids) + seq.num_pending_samples
+                if out >= seq.req.request.stopping.max_new_tokens or len(seq.token_ids) + seq.num_pending_samples \
+                        >= p.context_length:
+                    continue  # its last token is in flight; it finishes when that arrives
+                n = 1
+            else:
+                limit = p.chunked_prefill_size if p.chunked_prefill_size > 0 else len(seq.token_ids)
+                n = min(len(seq.token_ids) - seq.num_computed, limit, prefill_budget)
+                if n <= 0:
+                    continue
+            if not self._reserve(seq, seq.num_computed + n, step_id, protect=scheduled):
+                continue
+            if not seq.prefill_done:
+                prefill_budget -= n
+            steps.append(self._seq_step(seq, n, sent))
+            scheduled.add(id(seq))
+
+        # 2. admit waiting sequences, first come first served
+        new_seqs = new_tokens = cached = 0
+        for seq in list(self.waiting):
+            if len(self.running) >= p.max_running_requests or prefill_budget <= 0:
+                break
+            if not self._admissible(seq) or seq.preempted_in_step == step_id:
+                continue
+            admitted = self._admit(seq, prefill_budget, step_id)
+            if admitted is None:
+                break  # out of pages: later arrivals wait too
+            if admitted == 0:
+                continue  # waits for its images
+            n, hit = admitted
+            prefill_budget -= n
+            new_seqs, new_tokens, cached = new_seqs + 1, new_tokens + n, cached + hit
+            steps.append(self._seq_step(seq, n, sent))
+            scheduled.add(id(seq))
+
+        if not steps and not self._free_worker:
+            return None
+        self._step_id = step_id
+        plan = StepPlan(step_id, tuple(steps), tuple(self._free_worker), time.time_ns())
+        self._free_worker = []
+        self._inflight[step_id] = sent
+        self.stats.num_steps += 1
+        self._log_step(new_seqs, new_tokens, cached, len(steps) - new_seqs)
+        return plan
+
+    def _admissible(self, seq: Sequence) -> bool:
+        if seq.num_pending_samples or seq.req.encoding:
+            return False
+        if seq.index > 0 and self.policy.enable_prefix_cache:
+            first = seq.req.seqs[0]  # siblings wait for the first choice's prompt to be cached, then share it
+            return first.is_finished or first.num_confirmed >= len(seq.req.request.input_ids)
+        return True
+
+    def _admit(self, seq: Sequence, budget: int, step_id: int) -> tuple[int, int] | int | None:
+        """Match the prefix cache, make sure images are encoded, take pages. Returns (tokens, cache hit) when
+        admitted, 0 when the sequence waits for its images, None when pages ran out."""
+        total = len(seq.token_ids)
+        pages, node = self.cache.match_prefix(seq.key[: total - 1])
+        matched = len(pages) * self.policy.page_size
+        req = seq.req
+        needed = [m for m in req.request.mm_items if m.end > matched and m.content_key not in req.images_ready]
+        if needed:
+            req.encoding = True
+            self.encode_requests.append((req.request_id, needed))
+            return 0
+        if self.policy.chunked_prefill_size > 0:
+            n = min(total - matched, self.policy.chunked_prefill_size, budget)
+        elif total - matched <= budget or budget == self.policy.max_prefill_tokens:
+            n = total - matched  # chunking off: the whole prompt, alone in a step if it must be
+        else:
+            return None
+        self.cache.lock(node)
+        seq.page_ids, seq.tree_node, seq.num_tree_pages = list(pages), node, len(pages)
+        if not self._reserve(seq, matched + n, step_id, protect=set(), may_preempt=False):
+            self.cache.unlock(node)
+            seq.page_ids, seq.tree_node, seq.num_tree_pages = [], None, 0
+            return None
+        self.waiting.remove(seq)
+        self.running.append(seq)
+        seq.status = SeqStatus.RUNNING
+        seq.num_computed = seq.num_confirmed = matched
+        seq.table_dirty_from = 0
+        if seq.cached_tokens is None:
+            seq.cached_tokens = min(matched, len(req.request.input_ids))
+            self.stats.vision_skipped_images += sum(1 for m in req.request.mm_items if m.end <= matched)
+        self.stats.prefix_cache_hit_tokens += matched
+        return n, matched
+
+    def _reserve(self, seq: Sequence, num_tokens: int, step_id: int, protect: set[int],
+                 may_preempt: bool = True) -> bool:
+        """Make seq.page_ids cover num_tokens, evicting cache and then preempting the newest running sequences
+        (never one already in this step). False if it could not (seq itself may have been preempted)."""
+        need = -(-num_tokens // self.policy.page_size) - len(seq.page_ids)
+        if need <= 0:
+            return True
+        while True:
+            if self.allocator.num_free < need:
+                self.cache.evict(need - self.allocator.num_free)
+            pages = self.allocator.alloc(need)
+            if pages is not None:
+                seq.page_ids.extend(pages)
+                return True
+            if not may_preempt:
+                return False
+            victim = next((s for s in reversed(self.running) if id(s) not in protect), None)
+            if victim is None:
+                return False
+            self._preempt(victim, step_id)
+            if victim is seq:
+                return False
+
+    def _seq_step(self, seq: Sequence, n: int, sent: list[_Sent]) -> SeqStep:
+        start = seq.num_computed
+        total = len(seq.token_ids)
+        decode = seq.prefill_done
+        sample = decode or start + n == total
+        init = None
+        if not seq.worker_has_state:
+            req = seq.req.request
+            init = SeqInit(
+                mm_items=tuple(m.without_data() for m in req.mm_items),
+                sampling=req.sampling,
+                num_prompt_tokens=len(req.input_ids),
+                prompt_token_ids=tuple(req.input_ids) if req.sampling.needs_prompt_ids else (),
+                output_token_ids=tuple(seq.output_ids),
+            )
+            seq.worker_has_state = True
+            seq.table_dirty_from = 0
+        step = SeqStep(
+            seq_id=seq.seq_id,
+            start_pos=start,
+            input_ids=() if decode else tuple(seq.token_ids[start : start + n]),
+            sample=sample,
+            page_table_start=seq.table_dirty_from,
+            page_ids=tuple(seq.page_ids[seq.table_dirty_from :]),
+            init=init,
+        )
+        seq.table_dirty_from = len(seq.page_ids)
+        seq.num_computed = start + n
+        if sample:
+            seq.num_pending_samples += 1
+        sent.append(_Sent(seq, seq.epoch, seq.num_computed, sample))
+        return step
+
+    def _preempt(self, seq: Sequence, step_id: int) -> None:
+        """Free a running sequence's pages; it is recomputed from its known tokens later."""
+        logger.info("preempting %s (%d tokens) to free KV pages", seq.seq_id, len(seq.token_ids))
+        self.stats.num_preemptions += 1
+        self._release(seq, cache=True)
+        self.running.remove(seq)
+        seq.status = SeqStatus.WAITING
+        seq.preempted_in_step = step_id
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        keys = [s.arrival for s in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, seq.arrival), seq)
+
+    def _release(self, seq: Sequence, cache: bool) -> None:
+        """Give back a sequence's pages (caching its confirmed full pages) and forget in-flight steps."""
+        ps = self.policy.page_size
+        n_full = min(seq.num_confirmed, len(seq.token_ids)) // ps if cache else 0
+        owned_from = seq.num_tree_pages
+        if n_full > seq.num_tree_pages:
+            existing = self.cache.insert(seq.key[: n_full * ps], seq.page_ids[:n_full]) // ps
+            dup = seq.page_ids[seq.num_tree_pages : max(seq.num_tree_pages, existing)]
+            self.allocator.free(dup)
+            owned_from = n_full
+        self.allocator.free(seq.page_ids[owned_from:])
+        if seq.tree_node is not None:
+            self.cache.unlock(seq.tree_node)
+        seq.page_ids, seq.tree_node, seq.num_tree_pages = [], None, 0
+        seq.num_computed = seq.num_confirmed = 0
+        seq.num_pending_samples = 0
+        seq.epoch += 1
+        if seq.worker_has_state:
+            self._free_worker.append(seq.seq_id)
+            seq.worker_has_state = False
+
+    def _cache_unfinished(self, seq: Sequence, computed: int) -> None:
+        """Share a running sequence's confirmed full pages through the prefix cache; where the cache already
+        held them, switch the sequence to the cached pages and free its duplicates."""
+        ps = self.policy.page_size
+        n_full = min(computed, len(seq.token_ids)) // ps
+        if not self.cache.enabled or n_full <= seq.num_tree_pages:
+            return
+        key = seq.key[: n_full * ps]
+        existing = self.cache.insert(key, seq.page_ids[:n_full]) // ps
+        pages, node = self.cache.match_prefix(key)
+        if len(pages) != n_full:
+            return
+        for i in range(seq.num_tree_pages, existing):
+            if seq.page_ids[i] != pages[i]:
+                self.allocator.free([seq.page_ids[i]])
+                seq.page_ids[i] = pages[i]
+                seq.table_dirty_from = min(seq.table_dirty_from, i)
+        self.cache.lock(node)
+        if seq.tree_node is not None:
+            self.cache.unlock(seq.tree_node)
+        seq.tree_node, seq.num_tree_pages = node, n_full
+
+    # ---- results ----
+
+    def process_output(self, out: StepOutput) -> None:
+        sent = self._inflight.pop(out.step_id, [])
+        failed = {f.seq_id: f for f in out.failures}
+        results = {r.seq_id: r for r in out.results}
+        self.stats.worker_forward_ns_total += out.forward_ns + out.prepare_ns
+        tokens = 0
+        for s in sent:
+            seq = s.seq
+            if seq.epoch != s.epoch or seq.is_finished:
+                continue
+            if seq.seq_id in failed:
+                self._on_failure(seq, failed[seq.seq_id].reason, failed[seq.seq_id].message)
+                continue
+            seq.num_confirmed = max(seq.num_confirmed, s.computed_after)
+            if not s.sample:
+                self._cache_unfinished(seq, s.computed_after)
+                continue
+            seq.num_pending_samples -= 1
+            result = results.get(seq.seq_id)
+            if result is None:
+                self._on_failure(seq, "internal", "worker returned no token")
+                continue
+            if not seq.output_ids:
+                self._cache_unfinished(seq, s.computed_after)
+            tokens += 1
+            self._on_token(seq, result.token_id, TokenLogprob(result.token_id, result.logprob, result.top_logprobs)
+                           if seq.req.request.sampling.return_logprob else None)
+        self.stats.generated_tokens_total += tokens
+        self.stats.recent_tokens.append((time.time(), tokens))
+
+    def _on_failure(self, seq: Sequence, reason: str, message: str) -> None:
+        if reason == "embedding_missing" and seq.status is SeqStatus.RUNNING:
+            logger.warning("%s: %s; re-encoding its images and recomputing", seq.seq_id, message)
+            self._release(seq, cache=False)
+            self.running.remove(seq)
+            seq.status = SeqStatus.WAITING
+            seq.req.images_ready.clear()
+            self._enqueue(seq)
+            return
+        self.fail_request(seq.req.request_id, f"worker failed: {message or reason}")
+
+    def _on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        stop = seq.req.request.stopping
+        seq.append_token(token)
+        n_out = len(seq.output_ids)
+        reason: str | None = None
+        check = n_out >= stop.min_new_tokens
+        is_stop_token = check and ((not stop.ignore_eos and token in self.policy.eos_token_ids)
+                                   or token in stop.stop_token_ids)
+        text = ""
+        if is_stop_token:
+            reason, seq.matched_stop = "stop", token
+            if stop.no_stop_trim:
+                text = seq.stream.push([token], check_stop=False)
+        else:
+            text = seq.stream.push([token], check_stop=check)
+            if seq.stream.matched_stop is not None:
+                reason, seq.matched_stop = "stop", seq.stream.matched_stop
+        if reason is None and (n_out >= stop.max_new_tokens or len(seq.token_ids) >= self.policy.context_length):
+            reason = "length"
+        seq.pending_text += text
+        seq.pending_ids.append(token)
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+        if reason is not None:
+            self._finish(seq, reason, emit=True)
+        elif seq.req.request.stream and (seq.pending_text or logprob is not None):
+            self._emit(seq)
+
+    def _finish(self, seq: Sequence, reason: str, emit: bool, error: tuple[str, str] | None = None) -> None:
+        if seq.status is not SeqStatus.FINISHED:
+            if seq.status is SeqStatus.RUNNING:
+                self.running.remove(seq)
+                self._release(seq, cache=True)
+            elif seq in self.waiting:
+                self.waiting.remove(seq)
+                self._release(seq, cache=False)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        if seq.stream.matched_stop is None:
+            seq.pending_text += seq.stream.finish(
+                check_stop=len(seq.output_ids) >= seq.req.request.stopping.min_new_tokens)
+            if seq.stream.matched_stop is not None and reason != "abort":  # a stop string in the held-back text
+                seq.finish_reason, seq.matched_stop = "stop", seq.stream.matched_stop
+        if emit:
+            self._emit(seq, final=True, error=error)
+        state = seq.req
+        state.num_unfinished -= 1
+        if state.num_unfinished == 0:
+            self.requests.pop(state.request_id, None)
+            if reason != "abort":
+                self.stats.requests_finished += 1
+
+    def _emit(self, seq: Sequence, final: bool = False, error: tuple[str, str] | None = None) -> None:
+        req = seq.req
+        out = GenerateOutput(request_id=req.request_id, index=seq.index, text=seq.pending_text,
+                             token_ids=seq.pending_ids, logprobs=seq.pending_logprobs)
+        if error is not None:
+            out.error, out.error_code = error
+        if final:
+            out.finish_reason = seq.finish_reason
+            out.matched_stop = seq.matched_stop
+            out.prompt_tokens = req.num_prompt_tokens
+            out.completion_tokens = len(seq.output_ids)
+            out.cached_tokens = seq.cached_tokens or 0
+        seq.pending_text, seq.pending_ids, seq.pending_logprobs = "", [], []
+        self.outputs.append(out)
+
+    # ---- observability ----
+
+    def snapshot(self) -> dict[str, int | float]:
+        used = self.allocator.num_usable - self.allocator.num_free
+        return {
+            "num_running": len(self.running),
+            "num_queued": len(self.waiting),
+            "kv_pages_used": used,
+            "kv_pages_total": self.allocator.num_usable,
+            "kv_pages_cached": self.cache.num_evictable_pages,
+            "page_size": self.policy.page_size,
+        }
+
+    def _log_step(self, new_seqs: int, new_tokens: int, cached: int, decodes: int) -> None:
+        snap = self.snapshot()
+        usage = snap["kv_pages_used"] / max(1, snap["kv_pages_total"])
+        if new_seqs:
+            logger.info("Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
+                        "#running-req: %d, #queue-req: %d", new_seqs, new_tokens, cached, usage,
+                        snap["num_running"], snap["num_queued"])
+        elif decodes and self.stats.num_steps % self.policy.decode_log_interval == 0:
+            logger.info("Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): "
+                        "%.2f, #queue-req: %d", snap["num_running"], snap["kv_pages_used"] * self.policy.page_size,
+                        usage, self.stats.gen_throughput(), snap["num_queued"])

@@ -1,0 +1,96 @@
+"""Per-request and per-choice state of the scheduler: token ids, cache keys, pages, progress and output text."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from common.types import GenerateRequest, MultimodalItem, TokenLogprob
+from processor.text_stream import TextStream
+from scheduler_svc.radix_cache import TreeNode
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+def image_key_value(content_key: str) -> int:
+    """The value every placeholder token of an image takes in prefix-cache keys: negative, so it never equals a
+    token id, and 60 bits of the content hash, so different images never share cache."""
+    return -(int(content_key[:15], 16) + 1)
+
+
+def cache_key(input_ids: list[int], mm_items: tuple[MultimodalItem, ...]) -> list[int]:
+    key = list(input_ids)
+    for item in mm_items:
+        key[item.offset : item.end] = [image_key_value(item.content_key)] * item.num_tokens
+    return key
+
+
+@dataclass
+class RequestState:
+    request: GenerateRequest
+    arrival: float
+    prompt_key: list[int]
+    seqs: list[Sequence] = field(default_factory=list)
+    images_ready: set[str] = field(default_factory=set)
+    encoding: bool = False
+    num_unfinished: int = 0
+    error: str | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.input_ids)
+
+
+class Sequence:
+    """One choice of a request: the unit the worker computes."""
+
+    def __init__(self, req: RequestState, index: int, stream: TextStream):
+        self.req = req
+        self.index = index
+        self.seq_id = f"{req.request_id}#{index}"
+        self.token_ids: list[int] = list(req.request.input_ids)
+        self.key: list[int] = list(req.prompt_key)
+        self.output_ids: list[int] = []
+        self.status = SeqStatus.WAITING
+        self.epoch = 0  # bumped when in-flight steps of this sequence must be ignored (preempted, reset)
+        self.num_computed = 0  # tokens whose KV is written by steps already sent
+        self.num_confirmed = 0  # tokens whose KV is written by steps whose results were processed
+        self.num_pending_samples = 0  # sent steps that will sample a token for this sequence
+        self.page_ids: list[int] = []
+        self.table_dirty_from = 0  # lowest page-table index the worker has not seen yet
+        self.tree_node: TreeNode | None = None
+        self.num_tree_pages = 0  # leading pages owned by the prefix cache (locked through tree_node)
+        self.worker_has_state = False
+        self.cached_tokens: int | None = None  # prefix-cache hit at first admission (usage)
+        self.stream = stream
+        self.finish_reason: str | None = None
+        self.matched_stop: str | int | None = None
+        self.pending_text = ""  # non-streaming: text accumulated until the end
+        self.pending_ids: list[int] = []
+        self.pending_logprobs: list[TokenLogprob] = []
+        self.preempted_in_step = -1
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_computed >= len(self.token_ids)
+
+    @property
+    def arrival(self) -> tuple[float, int]:
+        return (self.req.arrival, self.index)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def append_token(self, token: int) -> None:
+        self.output_ids.append(token)
+        self.token_ids.append(token)
+        self.key.append(token)

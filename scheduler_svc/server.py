@@ -1,0 +1,153 @@
+"""Scheduler servicer: proto <-> domain around SchedulerLoop; startup connects to the worker and vision."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import grpc
+
+from common.convert import output_to_proto, request_from_proto, worker_info_json
+from common.errors import UnavailableError, abort_with
+from common.grpc_utils import ServiceHealth, create_server as _create_server, wait_serving
+from common.types import WorkerInfo
+from processor.model_config import load_generation_eos, load_model_config
+from processor.tokenizer import Tokenizer
+from protos import scheduler_pb2, scheduler_pb2_grpc
+from scheduler_svc.config import SchedulerArgs
+from scheduler_svc.loop import SchedulerLoop
+from scheduler_svc.scheduler import Scheduler, SchedulerPolicy
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+def resolve_policy(args: SchedulerArgs, worker: WorkerInfo, eos: tuple[int, ...]) -> SchedulerPolicy:
+    gpu = worker.device.startswith("cuda")
+    context = worker.context_length
+    if args.context_length is not None:
+        if args.context_length > context:
+            raise ValueError(f"--context-length {args.context_length} exceeds the model's {context}")
+        context = args.context_length
+    chunk = args.chunked_prefill_size if args.chunked_prefill_size is not None else (8192 if gpu else 2048)
+    return SchedulerPolicy(
+        page_size=worker.page_size,
+        num_pages=worker.num_pages,
+        context_length=context,
+        max_running_requests=args.max_running_requests or (256 if gpu else 64),
+        chunked_prefill_size=chunk,
+        max_prefill_tokens=args.max_prefill_tokens,
+        enable_prefix_cache=not args.disable_radix_cache,
+        eos_token_ids=eos,
+        decode_log_interval=args.decode_log_interval,
+        vocab_size=worker.vocab_size,
+    )
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, args: SchedulerArgs):
+        self.args = args
+        self.loop: SchedulerLoop | None = None
+        self.health: ServiceHealth | None = None
+        self.worker_info: WorkerInfo | None = None
+        self.vision_info_json = "{}"
+        self._clients: list = []
+
+    async def startup(self) -> None:
+        from vision_svc.client import VisionClient
+        from worker_svc.client import WorkerClient
+
+        a = self.args
+        model_config = load_model_config(a.model_path)
+        tokenizer = Tokenizer(a.model_path)
+        logger.info("waiting for the worker at %s", a.worker_address)
+        await wait_serving(a.worker_address, a.connect_timeout_s)
+        worker = WorkerClient(a.worker_address)
+        self._clients.append(worker)
+        self.worker_info = await worker.info()
+        vision = None
+        if a.vision_address and model_config.is_multimodal:
+            logger.info("waiting for the vision service at %s", a.vision_address)
+            await wait_serving(a.vision_address, a.connect_timeout_s)
+            vision = VisionClient(a.vision_address)
+            self._clients.append(vision)
+            info = await vision.info()
+            self.vision_info_json = json.dumps({"architecture": info.architecture, "hidden_size": info.hidden_size,
+                                                "dtype": info.dtype, "device": info.device,
+                                                "cache_budget_bytes": info.cache_budget_bytes})
+        policy = resolve_policy(a, self.worker_info, load_generation_eos(a.model_path))
+        self.policy = policy
+        self.loop = SchedulerLoop(Scheduler(policy, tokenizer), worker, vision,
+                                  overlap=not a.disable_overlap_schedule, step_timeout_s=a.step_timeout_s)
+        self.loop.start()
+        logger.info("scheduler ready: %d KV pages x %d tokens, context %d, max running %d, chunked prefill %d, "
+                    "prefix cache %s, overlap %s", policy.num_pages, policy.page_size, policy.context_length,
+                    policy.max_running_requests, policy.chunked_prefill_size,
+                    "on" if policy.enable_prefix_cache else "off", "on" if self.loop.depth else "off")
+        await self.health.set_serving(True)
+
+    async def shutdown(self) -> None:
+        if self.loop is not None:
+            await self.loop.stop()
+        for c in self._clients:
+            await c.close()
+
+    def _ready(self) -> SchedulerLoop:
+        if self.loop is None:
+            raise UnavailableError("scheduler is still connecting to the worker and vision services")
+        return self.loop
+
+    async def Generate(self, request, context):
+        try:
+            loop = self._ready()
+            async for out in loop.generate(request_from_proto(request)):
+                yield output_to_proto(out)
+        except Exception as e:  # noqa: BLE001 - every error becomes a status
+            await abort_with(context, e)
+
+    async def Abort(self, request, context):
+        try:
+            return scheduler_pb2.AbortResponse(found=self._ready().abort(request.request_id))
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+
+    async def GetStats(self, request, context):
+        if self.loop is None:
+            return scheduler_pb2.SchedulerStats()
+        core = self.loop.core
+        s = core.stats
+        return scheduler_pb2.SchedulerStats(
+            **core.snapshot(), num_preemptions=s.num_preemptions, prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
+            prompt_tokens_total=s.prompt_tokens_total, vision_encode_calls=s.vision_encode_calls,
+            vision_images_requested=s.vision_images_requested, vision_cache_hits=s.vision_cache_hits,
+            vision_skipped_images=s.vision_skipped_images, num_steps=s.num_steps,
+            generated_tokens_total=s.generated_tokens_total, requests_finished=s.requests_finished,
+            requests_aborted=s.requests_aborted, scheduler_ns_total=s.scheduler_ns_total,
+            scheduler_ns_overlapped=s.scheduler_ns_overlapped, worker_forward_ns_total=s.worker_forward_ns_total,
+            gen_throughput=s.gen_throughput(), steps_overlapped=s.steps_overlapped)
+
+    async def GetServerInfo(self, request, context):
+        try:
+            self._ready()
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+        a, p = self.args, self.policy
+        config = load_model_config(a.model_path)
+        return scheduler_pb2.ServerInfo(
+            model_path=str(Path(a.model_path)), served_model_name=a.served_model_name or a.model_path,
+            architecture=config.architecture, is_multimodal=config.is_multimodal, context_length=p.context_length,
+            page_size=p.page_size, num_pages=p.num_pages, max_running_requests=p.max_running_requests,
+            chunked_prefill_size=p.chunked_prefill_size, max_prefill_tokens=p.max_prefill_tokens,
+            enable_prefix_cache=p.enable_prefix_cache, scheduler_args_json=json.dumps(dataclasses.asdict(a)),
+            worker_info_json=worker_info_json(self.worker_info), vision_info_json=self.vision_info_json,
+            enable_overlap=bool(self.loop.depth), eos_token_ids=list(p.eos_token_ids))
+
+
+def create_server(args: SchedulerArgs) -> tuple[grpc.aio.Server, int, SchedulerServicer]:
+    servicer = SchedulerServicer(args)
+    server, port, health = _create_server(
+        SERVICE_NAME, lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s), args.host, args.port)
+    servicer.health = health
+    return server, port, servicer
