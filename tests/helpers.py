@@ -1,0 +1,173 @@
+"""Test helpers: a real cluster started with `mirador up`, image fixtures, and the Hugging Face reference."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+from PIL import Image
+
+from protos import scheduler_pb2, scheduler_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+SERVED = "test-model"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """`mirador up` in a subprocess on loopback with explicit ports, so tests can reach every service."""
+
+    def __init__(self, model_dir: Path, *flags: str, log_dir: Path, name: str = "cluster", startup_s: float = 180):
+        self.port = free_port()
+        self.scheduler_port, self.worker_port, self.vision_port = free_port(), free_port(), free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.scheduler_address = f"127.0.0.1:{self.scheduler_port}"
+        self.log_path = log_dir / f"{name}-{self.port}.log"
+        cmd = [sys.executable, "-m", "mirador", "up", "--model", str(model_dir), "--port", str(self.port),
+               "--scheduler-port", str(self.scheduler_port), "--worker-port", str(self.worker_port),
+               "--vision-port", str(self.vision_port), "--served-model-name", SERVED, *flags]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.http = httpx.Client(base_url=self.base_url, timeout=120, trust_env=False)
+        deadline = time.monotonic() + startup_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mirador up exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            if b"Mirador is ready" in self.log_path.read_bytes():
+                break
+            time.sleep(0.2)
+        else:
+            self.stop()
+            raise TimeoutError(f"cluster not ready in {startup_s} s:\n{self.log()[-4000:]}")
+        self._channel = grpc.insecure_channel(self.scheduler_address)
+        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stats(self) -> scheduler_pb2.SchedulerStats:
+        return self._stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=10)
+
+    def chat(self, messages: list[dict[str, Any]], **body: Any) -> httpx.Response:
+        return self.http.post("/v1/chat/completions", json={"model": SERVED, "messages": messages, **body})
+
+    def chat_ok(self, messages: list[dict[str, Any]], **body: Any) -> dict[str, Any]:
+        r = self.chat(messages, **body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def child_pids(self) -> dict[str, int]:
+        """PIDs of the service processes `mirador up` started, by service name (Linux /proc)."""
+        out = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == self.proc.pid and len(cmdline) > 3 and cmdline[2] == b"mirador":
+                out[cmdline[3].decode()] = int(entry.name)
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.http.close()
+        if hasattr(self, "_channel"):
+            self._channel.close()
+        self._log.close()
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(height, width, 3) * 255).astype(np.uint8))
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def image_part(img: Image.Image) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": data_uri(png_bytes(img))}}
+
+
+def sample_photo(name: str) -> Path:
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "sample_data" / name
+
+
+class HFReference:
+    """Hugging Face transformers on the same directory: the tokenizer's chat template, Qwen2VLImageProcessorPil
+    for the grids, each <|image_pad|> expanded (what Qwen2_5_VLProcessor does), and generate(do_sample=False)."""
+
+    def __init__(self, model_dir: Path):
+        import torch
+        from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.torch = torch
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(model_dir))
+        self.image_token_id = self.model.config.image_token_id
+
+    def inputs(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> dict[str, Any]:
+        """messages use {"type": "image"} parts; images fill them in order."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out: dict[str, Any] = {}
+        if images:
+            feats = self.image_processor(images=images, return_tensors="pt")
+            merge = self.image_processor.merge_size
+            counts = [int(g.prod()) // merge**2 for g in feats["image_grid_thw"]]
+            pieces = text.split("<|image_pad|>")
+            assert len(pieces) == len(counts) + 1
+            text = pieces[0] + "".join("<|image_pad|>" * n + p for n, p in zip(counts, pieces[1:], strict=True))
+            out.update(pixel_values=feats["pixel_values"], image_grid_thw=feats["image_grid_thw"])
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out.update(input_ids=ids, attention_mask=self.torch.ones_like(ids),
+                   mm_token_type_ids=(ids == self.image_token_id).int())
+        return out
+
+    def generate(self, messages, images, max_new_tokens: int) -> tuple[list[int], list[int]]:
+        inputs = self.inputs(messages, images)
+        with self.torch.no_grad():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        prompt = inputs["input_ids"][0].tolist()
+        return prompt, out[0, len(prompt):].tolist()
+
+    def last_logits(self, messages, images):
+        inputs = self.inputs(messages, images)
+        with self.torch.no_grad():
+            return self.model(**inputs).logits[0, -1].float()

@@ -1,0 +1,295 @@
+"""The OpenAI surface of the cluster: the official client, streaming, media sources, errors, info endpoints,
+and the rule that gateway and scheduler never load torch (issue 2)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import SERVED, Cluster, data_uri, free_port, image_part, noise_image, png_bytes, sample_photo
+
+JPEG = sample_photo("grace_hopper.jpg").read_bytes()
+PNG = sample_photo("logo2.png").read_bytes()
+
+
+class _Media(BaseHTTPRequestHandler):
+    routes = {"/photo.jpg": JPEG, "/logo.png": PNG, "/notimage.bin": b"this is not an image" * 10}
+
+    def do_GET(self):  # noqa: N802
+        if self.path == "/slow.png":
+            time.sleep(3)
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/photo.jpg")
+            self.end_headers()
+            return
+        body = self.routes.get(self.path, PNG if self.path == "/slow.png" else None)
+        if body is None:
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def media_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Media)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_media(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("allowed-media")
+    (d / "photo.jpg").write_bytes(JPEG)
+    return d
+
+
+@pytest.fixture(scope="module")
+def cluster(default_model, log_dir, local_media):
+    c = Cluster(default_model, "--page-size", "8", "--allow-private-media-urls", "--allowed-local-media-path",
+                str(local_media), "--media-fetch-timeout-s", "1", "--context-length", "2048", log_dir=log_dir,
+                name="api")
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def strict_gateway(cluster, default_model, log_dir):
+    """A second gateway on the same scheduler with default media policy (private URLs refused) and a tiny
+    image byte cap."""
+    port = free_port()
+    log = open(log_dir / "strict-gateway.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mirador", "gateway", "--model", str(default_model), "--port",
+                             str(port), "--scheduler-address", cluster.scheduler_address, "--served-model-name", SERVED,
+                             "--max-image-bytes", "100000"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1, trust_env=False).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    yield httpx.Client(base_url=url, timeout=60, trust_env=False)
+    proc.terminate()
+    proc.wait(20)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=cluster.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def _user(*parts):
+    return [{"role": "user", "content": list(parts)}]
+
+
+TEXT = {"type": "text", "text": "What do you see?"}
+
+
+# ---- the official client ----
+
+def test_openai_client_non_streaming(client):
+    r = client.chat.completions.create(model=SERVED, messages=_user({"type": "image_url", "image_url": {
+        "url": data_uri(JPEG, "image/jpeg")}}, TEXT), max_tokens=6, temperature=0,
+        extra_body={"return_token_ids": True})
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    prompt_ids = r.model_extra["prompt_token_ids"]
+    assert prompt_ids.count(151655) == 378  # grace_hopper.jpg is 378 image tokens under Qwen2.5-VL
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_openai_client_streaming_equals_non_streaming(client):
+    msgs = _user(image_part(noise_image(100, 80, 4)), TEXT)
+    full = client.chat.completions.create(model=SERVED, messages=msgs, max_tokens=12, temperature=0)
+    chunks = list(client.chat.completions.create(model=SERVED, messages=msgs, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == full.choices[0].message.content
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == full.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_raw_sse_shape(cluster):
+    with cluster.http.stream("POST", "/v1/chat/completions", json={
+            "model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+
+
+def test_models_health_info(cluster):
+    models = cluster.http.get("/v1/models").json()
+    assert models["data"][0]["id"] == SERVED
+    assert cluster.http.get("/health").status_code == 200
+    info = cluster.http.get("/server_info").json()
+    assert info["architecture"] == "Qwen2_5_VLForConditionalGeneration"
+    assert info["context_length"] == 2048
+    assert {"num_running", "num_queued", "kv_pages_used", "kv_pages_total", "num_preemptions",
+            "prefix_cache_hit_tokens", "vision_encode_calls", "vision_cache_hits"} <= set(info["stats"])
+    assert info["worker_info"]["page_size"] == 8
+    assert cluster.http.get("/get_server_info").status_code == 200
+
+
+# ---- media sources ----
+
+def test_http_url_on_loopback(cluster, media_server):
+    for path in ("/photo.jpg", "/logo.png", "/redirect"):
+        body = cluster.chat_ok(_user({"type": "image_url", "image_url": {"url": media_server + path}}, TEXT),
+                               max_tokens=3)
+        assert body["usage"]["prompt_tokens"] > 100
+
+
+def test_same_image_by_url_and_data_uri_share_cache(cluster, media_server):
+    by_url = cluster.chat_ok(_user({"type": "image_url", "image_url": {"url": media_server + "/logo.png"}}, TEXT),
+                             max_tokens=4, temperature=0)
+    by_data = cluster.chat_ok(_user({"type": "image_url", "image_url": {"url": data_uri(PNG)}}, TEXT), max_tokens=4,
+                              temperature=0)
+    assert by_data["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert by_data["choices"][0]["message"]["content"] == by_url["choices"][0]["message"]["content"]
+
+
+def test_local_file_allowed(cluster, local_media):
+    for url in (str(local_media / "photo.jpg"), (local_media / "photo.jpg").as_uri()):
+        cluster.chat_ok(_user({"type": "image_url", "image_url": {"url": url}}, TEXT), max_tokens=2)
+
+
+# ---- bad input: 4xx in OpenAI's shape, and the cluster still serves ----
+
+def _assert_error(r: httpx.Response, status: int, param_part: str | None = None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    if param_part is not None:
+        assert param_part in (err["param"] or ""), err
+
+
+BAD = {
+    "malformed_json": (lambda c, m, d: c.http.post("/v1/chat/completions", content=b"{not json",
+                                                   headers={"content-type": "application/json"}), 400, None),
+    "missing_messages": (lambda c, m, d: c.http.post("/v1/chat/completions", json={"model": SERVED}), 400, "messages"),
+    "empty_messages": (lambda c, m, d: c.chat([]), 400, "messages"),
+    "unknown_part": (lambda c, m, d: c.chat(_user({"type": "audio", "audio": "x"})), 400, "messages[0].content[0]"),
+    "not_an_image": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {
+        "url": data_uri(b"definitely not an image")}}, TEXT)), 400, "image_url"),
+    "bad_base64": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {
+        "url": "data:image/png;base64,@@@notbase64@@@"}}, TEXT)), 400, "image_url"),
+    "url_not_image": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {
+        "url": m + "/notimage.bin"}}, TEXT)), 400, "image_url"),
+    "url_404": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {"url": m + "/missing.png"}}, TEXT)),
+                400, "image_url"),
+    "unreachable_url": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {
+        "url": f"http://127.0.0.1:{free_port()}/x.png"}}, TEXT)), 400, "image_url"),
+    "slow_url": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {"url": m + "/slow.png"}}, TEXT)),
+                 400, "image_url"),
+    "path_outside_allowed": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {
+        "url": str(sample_photo("grace_hopper.jpg"))}}, TEXT)), 400, "image_url"),
+    "path_traversal": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {
+        "url": str(d / ".." / "etc-passwd")}}, TEXT)), 400, "image_url"),
+    "too_long_after_images": (lambda c, m, d: c.chat(_user(image_part(noise_image(1400, 1400, 9)), TEXT)), 400,
+                              "messages"),
+    "max_tokens_over_context": (lambda c, m, d: c.chat([{"role": "user", "content": "hi"}], max_tokens=5000), 400,
+                                "max_tokens"),
+    "unknown_model": (lambda c, m, d: c.http.post("/v1/chat/completions", json={
+        "model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}), 404, "model"),
+    "negative_temperature": (lambda c, m, d: c.chat([{"role": "user", "content": "hi"}], temperature=-1), 400,
+                             "temperature"),
+    "typed_placeholder": (lambda c, m, d: c.chat([{"role": "user", "content": "<|image_pad|> hi"}]), 400, "messages"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_input_is_4xx_and_cluster_still_serves(cluster, media_server, local_media, name):
+    call, status, param = BAD[name]
+    t0 = time.monotonic()
+    _assert_error(call(cluster, media_server, local_media), status, param)
+    assert time.monotonic() - t0 < 30
+    ok = cluster.chat_ok([{"role": "user", "content": "still there?"}], max_tokens=2)
+    assert ok["choices"][0]["finish_reason"] == "length"
+
+
+def test_loopback_url_refused_without_flag(strict_gateway, media_server):
+    r = strict_gateway.post("/v1/chat/completions", json={"model": SERVED, "messages": _user(
+        {"type": "image_url", "image_url": {"url": media_server + "/photo.jpg"}}, TEXT)})
+    _assert_error(r, 400, "image_url")
+    assert "allow-private-media-urls" in r.json()["error"]["message"]
+    r = strict_gateway.post("/v1/chat/completions", json={"model": SERVED, "messages": _user(
+        {"type": "image_url", "image_url": {"url": "http://localhost:9/x.png"}}, TEXT)})
+    _assert_error(r, 400, "image_url")
+
+
+def test_image_over_byte_cap_is_413(strict_gateway):
+    big = png_bytes(noise_image(400, 400, 1))
+    assert len(big) > 100000
+    r = strict_gateway.post("/v1/chat/completions", json={"model": SERVED, "messages": _user(
+        {"type": "image_url", "image_url": {"url": data_uri(big)}}, TEXT)})
+    _assert_error(r, 413)
+
+
+def test_local_paths_disabled_by_default(strict_gateway, local_media):
+    r = strict_gateway.post("/v1/chat/completions", json={"model": SERVED, "messages": _user(
+        {"type": "image_url", "image_url": {"url": str(local_media / "photo.jpg")}}, TEXT)})
+    _assert_error(r, 400, "image_url")
+
+
+def test_gateway_and_scheduler_never_load_torch(cluster):
+    """Checked on the running processes after they served image requests: torch's shared library is mapped
+    into the worker and vision processes and into neither gateway nor scheduler."""
+    cluster.chat_ok(_user(image_part(noise_image(64, 64, 8)), TEXT), max_tokens=2)
+    pids = cluster.child_pids()
+    assert set(pids) == {"gateway", "scheduler", "worker", "vision"}
+
+    def maps_torch(pid: int) -> bool:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+    assert maps_torch(pids["worker"]) and maps_torch(pids["vision"])
+    assert not maps_torch(pids["gateway"])
+    assert not maps_torch(pids["scheduler"])
+
+
+def test_torch_free_imports_in_a_fresh_interpreter(default_model):
+    code = (
+        "import sys\n"
+        "from gateway.app import create_app\n"
+        "from gateway.config import GatewayArgs\n"
+        "import scheduler_svc.server, scheduler_svc.__main__, gateway.__main__\n"
+        f"create_app(GatewayArgs(model_path={str(default_model)!r}))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_base64_roundtrip_sanity():
+    assert base64.b64decode(data_uri(b"abc").split(",", 1)[1]) == b"abc"
