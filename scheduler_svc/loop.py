@@ -167,7 +167,7 @@ class SchedulerLoop:
                 fut.set_result(True)
             for other in others:
                 await other
-            self.core.on_encoded(request_id, [m.content_key for m in items], calls, hits)
+            self.core.on_encoded(request_id, [m.content_key for m in items], calls, len(mine), hits)
         except Exception as e:  # noqa: BLE001 - the request fails, the loop lives on
             if not fut.done():
                 fut.set_exception(e)

@@ -180,9 +180,12 @@ class Scheduler:
         self._inflight.clear()
         self._free_worker.clear()
 
-    def on_encoded(self, request_id: str, keys: Seq[str], num_calls: int, num_hits: int) -> None:
+    def on_encoded(self, request_id: str, keys: Seq[str], num_calls: int = 0, num_sent: int = 0,
+                   num_hits: int = 0) -> None:
+        """The request's images are in the vision cache; counts are of the RPCs this request made itself (images
+        another request was already encoding were awaited, not sent again)."""
         self.stats.vision_encode_calls += num_calls
-        self.stats.vision_images_requested += len(keys)
+        self.stats.vision_images_requested += num_sent
         self.stats.vision_cache_hits += num_hits
         state = self.requests.get(request_id)
         if state is not None:
@@ -219,6 +222,9 @@ class Scheduler:
                 if n <= 0:
                     continue
             if not self._reserve(seq, seq.num_computed + n, step_id, protect=scheduled):
+                if seq.status is SeqStatus.RUNNING and len(self.running) == 1 and not seq.num_pending_samples:
+                    logger.warning("%s needs more KV pages than the pool has; ending it", seq.seq_id)
+                    self._finish(seq, "length", emit=True)
                 continue
             if not seq.prefill_done:
                 prefill_budget -= n
@@ -313,8 +319,8 @@ class Scheduler:
             if not may_preempt:
                 return False
             victim = next((s for s in reversed(self.running) if id(s) not in protect), None)
-            if victim is None:
-                return False
+            if victim is None or (victim is seq and len(self.running) == 1):
+                return False  # nothing to take pages from (alone, seq can never grow: the caller ends it)
             self._preempt(victim, step_id)
             if victim is seq:
                 return False
@@ -369,7 +375,7 @@ class Scheduler:
     def _release(self, seq: Sequence, cache: bool) -> None:
         """Give back a sequence's pages (caching its confirmed full pages) and forget in-flight steps."""
         ps = self.policy.page_size
-        n_full = min(seq.num_confirmed, len(seq.token_ids)) // ps if cache else 0
+        n_full = min(seq.num_confirmed, len(seq.token_ids)) // ps if cache and self.cache.enabled else 0
         owned_from = seq.num_tree_pages
         if n_full > seq.num_tree_pages:
             existing = self.cache.insert(seq.key[: n_full * ps], seq.page_ids[:n_full]) // ps

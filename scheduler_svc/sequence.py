@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 
 from common.types import GenerateRequest, MultimodalItem, TokenLogprob
@@ -18,8 +19,9 @@ class SeqStatus(enum.Enum):
 
 def image_key_value(content_key: str) -> int:
     """The value every placeholder token of an image takes in prefix-cache keys: negative, so it never equals a
-    token id, and 60 bits of the content hash, so different images never share cache."""
-    return -(int(content_key[:15], 16) + 1)
+    token id, and 63 bits of a hash of the content key, so different images never share cache."""
+    digest = hashlib.blake2b(content_key.encode(), digest_size=8).digest()
+    return -(int.from_bytes(digest, "little") >> 1) - 1
 
 
 def cache_key(input_ids: list[int], mm_items: tuple[MultimodalItem, ...]) -> list[int]:

@@ -35,5 +35,5 @@ def test_every_proto_field_is_documented():
     for proto in (REPO / "protos").glob("*.proto"):
         lines = proto.read_text().splitlines()
         for i, line in enumerate(lines):
-            if re.match(r"\s+(repeated |optional |map<[\w, ]+> )?[\w.]+ \w+ = \d+;", line):
+            if re.match(r"\s+(repeated |optional )?(map<[^>]+>|[\w.]+) \w+ = \d+;", line):
                 assert lines[i - 1].strip().startswith("///"), f"{proto.name}:{i + 1} lacks a /// comment: {line.strip()}"

@@ -78,6 +78,7 @@ class ModelRunner:
         if cfg.seed is not None:
             self.sampler.generator.manual_seed(cfg.seed)
         self.seqs: dict[str, _SeqState] = {}
+        self.failed: dict[str, str] = {}  # seq id -> reason, until the scheduler frees or re-inits it
         logger.info("KV cache: %d pages x %d tokens (%.1f MB), attention backend %s", num_pages, cfg.page_size,
                     self.kv_cache.nbytes / 1e6, cfg.attention_backend)
 
@@ -124,9 +125,15 @@ class ModelRunner:
         t0 = time.perf_counter_ns()
         for seq_id in plan.free_seq_ids:
             self.seqs.pop(seq_id, None)
+            self.failed.pop(seq_id, None)
         failures: list[SeqFailure] = []
         seqs: list[SeqStep] = []
         for s in plan.seqs:
+            if s.seq_id in self.failed and s.init is None:
+                # its KV has a hole since a failed step: skip until the scheduler re-initializes it
+                failures.append(SeqFailure(s.seq_id, self.failed[s.seq_id], "sequence failed in an earlier step"))
+                continue
+            self.failed.pop(s.seq_id, None)
             try:
                 self._apply_init_and_pages(s)
                 seqs.append(s)
@@ -134,6 +141,8 @@ class ModelRunner:
                 failures.append(SeqFailure(s.seq_id, "internal", e.message))
         seqs, fetch_failures = self._fetch_embeddings(seqs)
         failures.extend(fetch_failures)
+        for f in failures:
+            self.failed[f.seq_id] = f.reason
         if not seqs:
             return StepOutput(plan.step_id, (), tuple(failures), 0, time.perf_counter_ns() - t0, 0, start_ns,
                               time.time_ns())

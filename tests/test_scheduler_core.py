@@ -1,0 +1,288 @@
+"""The scheduler core against a fake worker that checks the KV layout it is told to use.
+
+The fake worker keeps a slot -> (content, position) map for the paged KV cache, exactly as the step protocol
+describes it (page tables and their updates, inits, frees, decode-from-last-sample). Its "model" picks the next
+token as a hash of everything it reads back from the KV pages, so any wrong page table, a cache hit on the wrong
+prefix (or the wrong image), a lost page or a double use shows up as an output that differs from the reference:
+the same hash applied to the request alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+import pytest
+
+from common.types import (
+    GenerateRequest,
+    MultimodalItem,
+    SamplingParams,
+    SeqFailure,
+    SeqResult,
+    StepOutput,
+    StepPlan,
+    StoppingCriteria,
+)
+from scheduler_svc.scheduler import Scheduler, SchedulerPolicy
+
+VOCAB = 500
+EOS = 7
+
+
+def next_token(content: tuple) -> int:
+    digest = hashlib.blake2b(repr(content).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % VOCAB
+
+
+class FakeTokenizer:
+    """Enough of processor.tokenizer.Tokenizer for TextStream: one character per token."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(0x4E00 + i) for i in ids if not (skip_special_tokens and i == EOS))
+
+
+class FakeWorker:
+    def __init__(self, page_size: int, fail_rate: float = 0.0, rng: random.Random | None = None):
+        self.page_size = page_size
+        self.kv: dict[int, tuple] = {}
+        self.seqs: dict[str, dict] = {}
+        self.failed: set[str] = set()
+        self.fail_rate = fail_rate
+        self.rng = rng or random.Random(0)
+        self.steps = 0
+
+    def step(self, plan: StepPlan) -> StepOutput:
+        self.steps += 1
+        for sid in plan.free_seq_ids:
+            self.seqs.pop(sid, None)
+            self.failed.discard(sid)
+        written: dict[int, str] = {}
+        results, failures, pending_writes = [], [], []
+        for s in plan.seqs:
+            assert len({x.seq_id for x in plan.seqs}) == len(plan.seqs), "a sequence twice in one step"
+            if s.seq_id in self.failed and s.init is None:
+                failures.append(SeqFailure(s.seq_id, "embedding_missing", "failed earlier"))
+                continue
+            self.failed.discard(s.seq_id)
+            if s.init is not None:
+                spans = {}
+                for m in s.init.mm_items:
+                    for j in range(m.num_tokens):
+                        spans[m.offset + j] = ("img", m.content_key, j)
+                self.seqs[s.seq_id] = {"table": [], "spans": spans,
+                                       "last": s.init.output_token_ids[-1] if s.init.output_token_ids else None}
+            st = self.seqs[s.seq_id]  # KeyError: a step for a sequence the worker does not hold
+            if s.page_ids:
+                end = s.page_table_start + len(s.page_ids)
+                st["table"].extend([0] * max(0, end - len(st["table"])))
+                st["table"][s.page_table_start:end] = s.page_ids
+            tokens = list(s.input_ids) or [st["last"]]
+            assert tokens[0] is not None, "decode before any sample"
+            covers_image = any(s.start_pos <= p < s.start_pos + len(tokens) for p in st["spans"])
+            if covers_image and self.rng.random() < self.fail_rate:
+                failures.append(SeqFailure(s.seq_id, "embedding_missing", "evicted"))
+                self.failed.add(s.seq_id)
+                continue
+            slot = lambda i, t=st["table"]: t[i // self.page_size] * self.page_size + i % self.page_size  # noqa: E731
+            content = []
+            for i in range(s.start_pos):
+                assert slot(i) not in written, "reads a slot another sequence writes in the same step"
+                value, pos = self.kv[slot(i)]
+                assert pos == i, f"{s.seq_id}: slot of position {i} holds position {pos}"
+                content.append(value)
+            for j, tok in enumerate(tokens):
+                i = s.start_pos + j
+                assert i // self.page_size < len(st["table"]) and st["table"][i // self.page_size] > 0, "no page"
+                assert slot(i) not in written, f"two sequences write slot {slot(i)} in one step"
+                written[slot(i)] = s.seq_id
+                value = st["spans"].get(i, tok)
+                pending_writes.append((slot(i), (value, i)))
+                content.append(value)
+            if s.sample:
+                tok = next_token(tuple(content))
+                st["last"] = tok
+                results.append(SeqResult(s.seq_id, tok))
+        for k, v in pending_writes:
+            self.kv[k] = v
+        return StepOutput(plan.step_id, tuple(results), tuple(failures), plan.num_tokens)
+
+
+def reference(req: GenerateRequest) -> list[int]:
+    content = list(req.input_ids)
+    for m in req.mm_items:
+        for j in range(m.num_tokens):
+            content[m.offset + j] = ("img", m.content_key, j)
+    out = []
+    while len(out) < req.stopping.max_new_tokens:
+        tok = next_token(tuple(content))
+        out.append(tok)
+        content.append(tok)
+        if tok == EOS and not req.stopping.ignore_eos:
+            break
+    return out
+
+
+@dataclass
+class Workload:
+    requests: list[GenerateRequest]
+    abort_at: dict[str, int]
+
+
+def make_workload(rng: random.Random, n: int, image_keys: int = 3) -> Workload:
+    system = [rng.randrange(10, VOCAB) for _ in range(rng.randrange(5, 30))]
+    reqs, abort_at = [], {}
+    for k in range(n):
+        prompt = (system if rng.random() < 0.6 else []) + [rng.randrange(10, VOCAB) for _ in range(rng.randrange(1, 40))]
+        items = []
+        if rng.random() < 0.5:
+            for _ in range(rng.randrange(1, 3)):
+                off = len(prompt)
+                size = rng.randrange(1, 12)
+                prompt += [9] * size  # the placeholder id; the key decides the content
+                items.append(MultimodalItem(f"key{rng.randrange(image_keys)}", off, size, (1, 2, 2 * size)))
+                prompt += [rng.randrange(10, VOCAB) for _ in range(rng.randrange(0, 5))]
+        req = GenerateRequest(
+            request_id=f"r{k}", input_ids=tuple(prompt), mm_items=tuple(items),
+            sampling=SamplingParams(temperature=0.0),
+            stopping=StoppingCriteria(max_new_tokens=rng.randrange(1, 25), ignore_eos=rng.random() < 0.3),
+            n=1 if rng.random() < 0.8 else rng.randrange(2, 4))
+        reqs.append(req)
+        if rng.random() < 0.1:
+            abort_at[req.request_id] = rng.randrange(1, 30)
+    return Workload(reqs, abort_at)
+
+
+def run(workload: Workload, *, num_pages: int, page_size: int, chunk: int, cache: bool, overlap: bool,
+        fail_rate: float = 0.0, max_running: int = 16, arrival_steps: int = 5, seed: int = 0):
+    rng = random.Random(seed)
+    policy = SchedulerPolicy(page_size=page_size, num_pages=num_pages, context_length=4096,
+                             max_running_requests=max_running, chunked_prefill_size=chunk, max_prefill_tokens=64,
+                             enable_prefix_cache=cache, eos_token_ids=(EOS,))
+    core = Scheduler(policy, FakeTokenizer())
+    worker = FakeWorker(page_size, fail_rate, rng)
+    pending = list(workload.requests)
+    outputs: dict[tuple[str, int], list[int]] = {}
+    finish: dict[tuple[str, int], str] = {}
+    inflight: list[StepPlan] = []
+    step = 0
+    while pending or core.requests or inflight:
+        step += 1
+        assert step < 20000, "no progress"
+        for _ in range(rng.randrange(0, arrival_steps + 1)):
+            if pending:
+                core.add_request(pending.pop(0))
+        for rid, at in workload.abort_at.items():
+            if at == step:
+                core.abort_request(rid)
+        for rid, items in core.encode_requests:
+            core.on_encoded(rid, [m.content_key for m in items], 1, len(items), 0)
+        core.encode_requests.clear()
+        plan = core.schedule()
+        if plan is not None:
+            inflight.append(plan)
+        if inflight and (len(inflight) > (1 if overlap else 0) or plan is None):
+            core.process_output(worker.step(inflight.pop(0)))
+        for out in core.outputs:
+            assert out.error is None, out.error
+            outputs.setdefault((out.request_id, out.index), []).extend(out.token_ids)
+            if out.finish_reason:
+                finish[(out.request_id, out.index)] = out.finish_reason
+        core.outputs.clear()
+    # nothing leaks: every page is free or held by the prefix cache, nothing locked, queues empty
+    assert not core.running and not core.waiting
+    assert core.cache.num_locked_pages == 0
+    assert core.allocator.num_free + core.cache.num_cached_pages == core.allocator.num_usable
+    return outputs, finish, core
+
+
+CONFIGS = [
+    dict(num_pages=400, page_size=4, chunk=64, cache=True, overlap=True),
+    dict(num_pages=400, page_size=4, chunk=3, cache=True, overlap=True),
+    dict(num_pages=400, page_size=1, chunk=-1, cache=True, overlap=False),
+    dict(num_pages=400, page_size=8, chunk=5, cache=False, overlap=True),
+    dict(num_pages=40, page_size=4, chunk=16, cache=True, overlap=True),  # tiny pool: preemption
+    dict(num_pages=80, page_size=2, chunk=7, cache=False, overlap=False),  # small pool, no cache
+    dict(num_pages=60, page_size=4, chunk=9, cache=True, overlap=True, fail_rate=0.2),  # re-encode path
+]
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("cfg", range(len(CONFIGS)))
+def test_batched_equals_alone(cfg, seed):
+    workload = make_workload(random.Random(seed * 31 + cfg), n=24)
+    outputs, finish, core = run(workload, seed=seed, **CONFIGS[cfg])
+    for req in workload.requests:
+        for i in range(req.n):
+            key = (req.request_id, i)
+            if req.request_id in workload.abort_at and finish.get(key) == "abort":
+                continue
+            assert outputs.get(key) == reference(req), f"{key} differs from the request run alone"
+            assert finish[key] == ("stop" if outputs[key][-1] == EOS and not req.stopping.ignore_eos else "length")
+
+
+def test_tiny_pool_preempts_and_still_matches():
+    workload = make_workload(random.Random(99), n=30)
+    outputs, _, core = run(workload, num_pages=24, page_size=4, chunk=8, cache=True, overlap=True, arrival_steps=30)
+    assert core.stats.num_preemptions > 0
+    for req in workload.requests:
+        if req.request_id not in workload.abort_at:
+            assert outputs[(req.request_id, 0)] == reference(req)
+
+
+def test_prefix_cache_hits_and_never_mixes_images():
+    base = list(range(100, 140))
+    img = lambda key: MultimodalItem(key, 40, 8, (1, 4, 8))  # noqa: E731
+    reqs = [GenerateRequest(f"r{k}", tuple(base + [9] * 8 + [200, 201]), (img(key),), SamplingParams(0.0),
+                            StoppingCriteria(max_new_tokens=5, ignore_eos=True)) for k, key in enumerate("aab")]
+    wl = Workload(reqs, {})
+    outputs, _, core = run(wl, num_pages=200, page_size=4, chunk=64, cache=True, overlap=True, arrival_steps=1)
+    for r in reqs:
+        assert outputs[(r.request_id, 0)] == reference(r)
+    assert outputs[("r0", 0)] == outputs[("r1", 0)] != outputs[("r2", 0)]
+    assert core.stats.prefix_cache_hit_tokens >= 40  # r1 reused r0's text and image pages
+
+
+def test_abort_frees_pages_within_a_step():
+    policy = SchedulerPolicy(page_size=4, num_pages=100, context_length=4096, max_running_requests=8,
+                             chunked_prefill_size=64, max_prefill_tokens=64, enable_prefix_cache=False,
+                             eos_token_ids=(EOS,))
+    core = Scheduler(policy, FakeTokenizer())
+    worker = FakeWorker(4)
+    core.add_request(GenerateRequest("x", tuple(range(10, 30)), (), SamplingParams(0.0),
+                                     StoppingCriteria(max_new_tokens=1000, ignore_eos=True)))
+    for _ in range(5):
+        core.process_output(worker.step(core.schedule()))
+    assert core.allocator.num_free < core.allocator.num_usable
+    assert core.abort_request("x")
+    assert core.allocator.num_free == core.allocator.num_usable
+    plan = core.schedule()
+    assert plan is not None and plan.free_seq_ids == ("x#0",) and not plan.seqs
+    assert core.outputs[-1].finish_reason == "abort"
+
+
+def test_n_choices_share_the_prompt_pages():
+    prompt = tuple(range(10, 50))
+    req = GenerateRequest("n", prompt, (), SamplingParams(0.0), StoppingCriteria(max_new_tokens=3, ignore_eos=True), n=3)
+    outputs, _, core = run(Workload([req], {}), num_pages=100, page_size=4, chunk=64, cache=True, overlap=True)
+    assert [outputs[("n", i)] for i in range(3)] == [reference(req)] * 3
+    assert core.stats.prefix_cache_hit_tokens >= 2 * 36  # choices 1 and 2 reuse choice 0's full prompt pages
+
+
+def test_chunking_off_runs_each_prompt_whole():
+    policy = SchedulerPolicy(page_size=4, num_pages=200, context_length=4096, max_running_requests=8,
+                             chunked_prefill_size=-1, max_prefill_tokens=16, enable_prefix_cache=False)
+    core = Scheduler(policy, FakeTokenizer())
+    core.add_request(GenerateRequest("a", tuple(range(10, 50)), (), SamplingParams(0.0), StoppingCriteria(2)))
+    plan = core.schedule()
+    assert [len(s.input_ids) for s in plan.seqs] == [40]
+
+
+def test_sequence_that_outgrows_the_pool_ends_with_length():
+    req = GenerateRequest("big", tuple(range(10, 40)), (), SamplingParams(0.0),
+                          StoppingCriteria(max_new_tokens=100, ignore_eos=True))
+    outputs, finish, _ = run(Workload([req], {}), num_pages=21, page_size=2, chunk=8, cache=True, overlap=True)
+    out = outputs[("big", 0)]
+    assert finish[("big", 0)] == "length"
+    assert 0 < len(out) < 100 and out == reference(req)[: len(out)]
