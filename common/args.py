@@ -11,7 +11,9 @@ from typing import Any, TypeVar
 T = TypeVar("T", bound="ArgsBase")
 
 
-def arg(default: Any, help: str, *, aliases: tuple[str, ...] = (), choices: tuple[Any, ...] | None = None) -> Any:
+def arg(
+    default: Any, help: str, *, aliases: tuple[str, ...] = (), choices: tuple[Any, ...] | None = None
+) -> Any:
     """A dataclass field carrying its CLI help, SGLang-style aliases and choices."""
     meta = {"help": help, "aliases": aliases, "choices": choices}
     if isinstance(default, list | dict):
@@ -57,7 +59,9 @@ class ArgsBase:
 
     @classmethod
     def from_cli_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
-        values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(ns, f.name)}
+        values = {
+            f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(ns, f.name)
+        }
         values.update(overrides)
         return cls(**values)
 

@@ -25,18 +25,29 @@ from protos import common_pb2, scheduler_pb2, vision_pb2, worker_pb2
 
 _MODALITY = {"image": common_pb2.MODALITY_IMAGE, "video": common_pb2.MODALITY_VIDEO}
 _MODALITY_BACK = {v: k for k, v in _MODALITY.items()}
-_FINISH = {None: scheduler_pb2.FINISH_REASON_UNSPECIFIED, "stop": scheduler_pb2.FINISH_REASON_STOP,
-           "length": scheduler_pb2.FINISH_REASON_LENGTH, "abort": scheduler_pb2.FINISH_REASON_ABORT}
+_FINISH = {
+    None: scheduler_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": scheduler_pb2.FINISH_REASON_STOP,
+    "length": scheduler_pb2.FINISH_REASON_LENGTH,
+    "abort": scheduler_pb2.FINISH_REASON_ABORT,
+}
 _FINISH_BACK = {v: k for k, v in _FINISH.items()}
-_FAILURE = {"embedding_missing": worker_pb2.FAILURE_REASON_EMBEDDING_MISSING,
-            "internal": worker_pb2.FAILURE_REASON_INTERNAL}
+_FAILURE = {
+    "embedding_missing": worker_pb2.FAILURE_REASON_EMBEDDING_MISSING,
+    "internal": worker_pb2.FAILURE_REASON_INTERNAL,
+}
 _FAILURE_BACK = {v: k for k, v in _FAILURE.items()}
 
 
 def mm_item_to_proto(m: MultimodalItem, with_data: bool = True) -> common_pb2.MultimodalItem:
-    return common_pb2.MultimodalItem(modality=_MODALITY[m.modality], content_key=m.content_key, offset=m.offset,
-                                     num_tokens=m.num_tokens, grid_thw=list(m.grid_thw),
-                                     data=m.data if with_data else b"")
+    return common_pb2.MultimodalItem(
+        modality=_MODALITY[m.modality],
+        content_key=m.content_key,
+        offset=m.offset,
+        num_tokens=m.num_tokens,
+        grid_thw=list(m.grid_thw),
+        data=m.data if with_data else b"",
+    )
 
 
 def mm_item_from_proto(p: common_pb2.MultimodalItem) -> MultimodalItem:
@@ -44,89 +55,165 @@ def mm_item_from_proto(p: common_pb2.MultimodalItem) -> MultimodalItem:
         raise ValueError("multimodal item without a modality")
     if len(p.grid_thw) != 3:
         raise ValueError("multimodal item grid_thw must have 3 entries")
-    return MultimodalItem(p.content_key, p.offset, p.num_tokens, tuple(p.grid_thw), _MODALITY_BACK[p.modality], p.data)
+    return MultimodalItem(
+        p.content_key, p.offset, p.num_tokens, tuple(p.grid_thw), _MODALITY_BACK[p.modality], p.data
+    )
 
 
 def sampling_to_proto(s: SamplingParams) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(
-        temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=s.seed,
-        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-        repetition_penalty=s.repetition_penalty, logit_bias=s.logit_bias, return_logprob=s.return_logprob,
-        top_logprobs=s.top_logprobs, min_tokens_suppress_ids=list(s.min_tokens_suppress_ids), min_tokens=s.min_tokens)
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        seed=s.seed,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty,
+        logit_bias=s.logit_bias,
+        return_logprob=s.return_logprob,
+        top_logprobs=s.top_logprobs,
+        min_tokens_suppress_ids=list(s.min_tokens_suppress_ids),
+        min_tokens=s.min_tokens,
+    )
 
 
 def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(
-        temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
-        seed=p.seed if p.HasField("seed") else None, presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty, repetition_penalty=p.repetition_penalty,
-        logit_bias=dict(p.logit_bias), return_logprob=p.return_logprob, top_logprobs=p.top_logprobs,
-        min_tokens_suppress_ids=tuple(p.min_tokens_suppress_ids), min_tokens=p.min_tokens)
+        temperature=p.temperature,
+        top_p=p.top_p,
+        top_k=p.top_k,
+        min_p=p.min_p,
+        seed=p.seed if p.HasField("seed") else None,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        logit_bias=dict(p.logit_bias),
+        return_logprob=p.return_logprob,
+        top_logprobs=p.top_logprobs,
+        min_tokens_suppress_ids=tuple(p.min_tokens_suppress_ids),
+        min_tokens=p.min_tokens,
+    )
 
 
 def request_to_proto(r: GenerateRequest) -> scheduler_pb2.GenerateRequest:
     s = r.stopping
     return scheduler_pb2.GenerateRequest(
-        request_id=r.request_id, input_ids=list(r.input_ids), mm_items=[mm_item_to_proto(m) for m in r.mm_items],
+        request_id=r.request_id,
+        input_ids=list(r.input_ids),
+        mm_items=[mm_item_to_proto(m) for m in r.mm_items],
         sampling=sampling_to_proto(r.sampling),
         stopping=scheduler_pb2.StoppingCriteria(
-            max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, stop=list(s.stop),
-            stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, no_stop_trim=s.no_stop_trim,
-            skip_special_tokens=s.skip_special_tokens),
-        n=r.n, stream=r.stream)
+            max_new_tokens=s.max_new_tokens,
+            min_new_tokens=s.min_new_tokens,
+            stop=list(s.stop),
+            stop_token_ids=list(s.stop_token_ids),
+            ignore_eos=s.ignore_eos,
+            no_stop_trim=s.no_stop_trim,
+            skip_special_tokens=s.skip_special_tokens,
+        ),
+        n=r.n,
+        stream=r.stream,
+    )
 
 
 def request_from_proto(p: scheduler_pb2.GenerateRequest) -> GenerateRequest:
     s = p.stopping
     return GenerateRequest(
-        request_id=p.request_id, input_ids=tuple(p.input_ids), mm_items=tuple(mm_item_from_proto(m) for m in p.mm_items),
+        request_id=p.request_id,
+        input_ids=tuple(p.input_ids),
+        mm_items=tuple(mm_item_from_proto(m) for m in p.mm_items),
         sampling=sampling_from_proto(p.sampling),
-        stopping=StoppingCriteria(max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, stop=tuple(s.stop),
-                                  stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos,
-                                  no_stop_trim=s.no_stop_trim, skip_special_tokens=s.skip_special_tokens),
-        n=max(1, p.n), stream=p.stream)
+        stopping=StoppingCriteria(
+            max_new_tokens=s.max_new_tokens,
+            min_new_tokens=s.min_new_tokens,
+            stop=tuple(s.stop),
+            stop_token_ids=tuple(s.stop_token_ids),
+            ignore_eos=s.ignore_eos,
+            no_stop_trim=s.no_stop_trim,
+            skip_special_tokens=s.skip_special_tokens,
+        ),
+        n=max(1, p.n),
+        stream=p.stream,
+    )
 
 
 def output_to_proto(o: GenerateOutput) -> scheduler_pb2.GenerateResponse:
     msg = scheduler_pb2.GenerateResponse(
-        request_id=o.request_id, index=o.index, text=o.text, token_ids=o.token_ids, finish_reason=_FINISH[o.finish_reason],
-        logprobs=[scheduler_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top_logprobs=[
-            common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top_logprobs]) for lp in o.logprobs])
+        request_id=o.request_id,
+        index=o.index,
+        text=o.text,
+        token_ids=o.token_ids,
+        finish_reason=_FINISH[o.finish_reason],
+        logprobs=[
+            scheduler_pb2.TokenLogprob(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top_logprobs],
+            )
+            for lp in o.logprobs
+        ],
+    )
     if isinstance(o.matched_stop, str):
         msg.matched_stop_str = o.matched_stop
     elif isinstance(o.matched_stop, int):
         msg.matched_stop_token = o.matched_stop
     if o.finish_reason is not None:
-        msg.usage.CopyFrom(scheduler_pb2.Usage(prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
-                                               cached_tokens=o.cached_tokens))
+        msg.usage.CopyFrom(
+            scheduler_pb2.Usage(
+                prompt_tokens=o.prompt_tokens,
+                completion_tokens=o.completion_tokens,
+                cached_tokens=o.cached_tokens,
+            )
+        )
     return msg
 
 
 def output_from_proto(p: scheduler_pb2.GenerateResponse) -> GenerateOutput:
     which = p.WhichOneof("matched_stop")
     return GenerateOutput(
-        request_id=p.request_id, index=p.index, text=p.text, token_ids=list(p.token_ids),
-        finish_reason=_FINISH_BACK[p.finish_reason], matched_stop=getattr(p, which) if which else None,
-        prompt_tokens=p.usage.prompt_tokens, completion_tokens=p.usage.completion_tokens,
+        request_id=p.request_id,
+        index=p.index,
+        text=p.text,
+        token_ids=list(p.token_ids),
+        finish_reason=_FINISH_BACK[p.finish_reason],
+        matched_stop=getattr(p, which) if which else None,
+        prompt_tokens=p.usage.prompt_tokens,
+        completion_tokens=p.usage.completion_tokens,
         cached_tokens=p.usage.cached_tokens,
-        logprobs=[TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top_logprobs))
-                  for lp in p.logprobs])
+        logprobs=[
+            TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top_logprobs))
+            for lp in p.logprobs
+        ],
+    )
 
 
 def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
     seqs = []
     for s in plan.seqs:
-        msg = worker_pb2.SequenceStep(seq_id=s.seq_id, page_table_start=s.page_table_start, page_ids=s.page_ids,
-                                      start_pos=s.start_pos, input_ids=s.input_ids, sample=s.sample)
+        msg = worker_pb2.SequenceStep(
+            seq_id=s.seq_id,
+            page_table_start=s.page_table_start,
+            page_ids=s.page_ids,
+            start_pos=s.start_pos,
+            input_ids=s.input_ids,
+            sample=s.sample,
+        )
         if s.init is not None:
             i = s.init
-            msg.init.CopyFrom(worker_pb2.SequenceInit(
-                mm_items=[mm_item_to_proto(m, with_data=False) for m in i.mm_items], sampling=sampling_to_proto(i.sampling),
-                num_prompt_tokens=i.num_prompt_tokens, prompt_token_ids=i.prompt_token_ids,
-                output_token_ids=i.output_token_ids))
+            msg.init.CopyFrom(
+                worker_pb2.SequenceInit(
+                    mm_items=[mm_item_to_proto(m, with_data=False) for m in i.mm_items],
+                    sampling=sampling_to_proto(i.sampling),
+                    num_prompt_tokens=i.num_prompt_tokens,
+                    prompt_token_ids=i.prompt_token_ids,
+                    output_token_ids=i.output_token_ids,
+                )
+            )
         seqs.append(msg)
-    return worker_pb2.StepRequest(step_id=plan.step_id, free_seq_ids=plan.free_seq_ids, seqs=seqs,
-                                  sent_unix_ns=plan.sent_unix_ns)
+    return worker_pb2.StepRequest(
+        step_id=plan.step_id, free_seq_ids=plan.free_seq_ids, seqs=seqs, sent_unix_ns=plan.sent_unix_ns
+    )
 
 
 def plan_from_proto(p: worker_pb2.StepRequest) -> StepPlan:
@@ -135,32 +222,67 @@ def plan_from_proto(p: worker_pb2.StepRequest) -> StepPlan:
         init = None
         if s.HasField("init"):
             i = s.init
-            init = SeqInit(tuple(mm_item_from_proto(m) for m in i.mm_items), sampling_from_proto(i.sampling),
-                           i.num_prompt_tokens, tuple(i.prompt_token_ids), tuple(i.output_token_ids))
-        seqs.append(SeqStep(s.seq_id, s.start_pos, tuple(s.input_ids), s.sample, s.page_table_start, tuple(s.page_ids),
-                            init))
+            init = SeqInit(
+                tuple(mm_item_from_proto(m) for m in i.mm_items),
+                sampling_from_proto(i.sampling),
+                i.num_prompt_tokens,
+                tuple(i.prompt_token_ids),
+                tuple(i.output_token_ids),
+            )
+        seqs.append(
+            SeqStep(
+                s.seq_id,
+                s.start_pos,
+                tuple(s.input_ids),
+                s.sample,
+                s.page_table_start,
+                tuple(s.page_ids),
+                init,
+            )
+        )
     return StepPlan(p.step_id, tuple(seqs), tuple(p.free_seq_ids), p.sent_unix_ns)
 
 
 def step_output_to_proto(o: StepOutput) -> worker_pb2.StepResult:
     return worker_pb2.StepResult(
         step_id=o.step_id,
-        results=[worker_pb2.SequenceResult(seq_id=r.seq_id, token_id=r.token_id, logprob=r.logprob, top_logprobs=[
-            common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in r.top_logprobs]) for r in o.results],
-        failures=[worker_pb2.SequenceFailure(seq_id=f.seq_id, reason=_FAILURE[f.reason], message=f.message)
-                  for f in o.failures],
-        num_tokens=o.num_tokens, prepare_ns=o.prepare_ns, forward_ns=o.forward_ns, start_unix_ns=o.start_unix_ns,
-        end_unix_ns=o.end_unix_ns)
+        results=[
+            worker_pb2.SequenceResult(
+                seq_id=r.seq_id,
+                token_id=r.token_id,
+                logprob=r.logprob,
+                top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in r.top_logprobs],
+            )
+            for r in o.results
+        ],
+        failures=[
+            worker_pb2.SequenceFailure(seq_id=f.seq_id, reason=_FAILURE[f.reason], message=f.message)
+            for f in o.failures
+        ],
+        num_tokens=o.num_tokens,
+        prepare_ns=o.prepare_ns,
+        forward_ns=o.forward_ns,
+        start_unix_ns=o.start_unix_ns,
+        end_unix_ns=o.end_unix_ns,
+    )
 
 
 def step_output_from_proto(p: worker_pb2.StepResult) -> StepOutput:
     return StepOutput(
         step_id=p.step_id,
-        results=tuple(SeqResult(r.seq_id, r.token_id, r.logprob, tuple((t.token_id, t.logprob) for t in r.top_logprobs))
-                      for r in p.results),
-        failures=tuple(SeqFailure(f.seq_id, _FAILURE_BACK.get(f.reason, "internal"), f.message) for f in p.failures),
-        num_tokens=p.num_tokens, prepare_ns=p.prepare_ns, forward_ns=p.forward_ns, start_unix_ns=p.start_unix_ns,
-        end_unix_ns=p.end_unix_ns)
+        results=tuple(
+            SeqResult(r.seq_id, r.token_id, r.logprob, tuple((t.token_id, t.logprob) for t in r.top_logprobs))
+            for r in p.results
+        ),
+        failures=tuple(
+            SeqFailure(f.seq_id, _FAILURE_BACK.get(f.reason, "internal"), f.message) for f in p.failures
+        ),
+        num_tokens=p.num_tokens,
+        prepare_ns=p.prepare_ns,
+        forward_ns=p.forward_ns,
+        start_unix_ns=p.start_unix_ns,
+        end_unix_ns=p.end_unix_ns,
+    )
 
 
 def worker_info_to_proto(w: WorkerInfo) -> worker_pb2.WorkerInfo:
@@ -168,8 +290,19 @@ def worker_info_to_proto(w: WorkerInfo) -> worker_pb2.WorkerInfo:
 
 
 def worker_info_from_proto(p: worker_pb2.WorkerInfo) -> WorkerInfo:
-    return WorkerInfo(p.architecture, p.num_pages, p.page_size, p.context_length, p.vocab_size, p.dtype, p.device,
-                      p.tp_rank, p.tp_size, p.kv_cache_bytes, p.attention_backend)
+    return WorkerInfo(
+        p.architecture,
+        p.num_pages,
+        p.page_size,
+        p.context_length,
+        p.vocab_size,
+        p.dtype,
+        p.device,
+        p.tp_rank,
+        p.tp_size,
+        p.kv_cache_bytes,
+        p.attention_backend,
+    )
 
 
 def worker_info_json(w: WorkerInfo) -> str:
@@ -181,5 +314,6 @@ def encoded_from_proto(p: vision_pb2.EncodedItem) -> EncodedItem:
 
 
 def encoded_to_proto(e: EncodedItem) -> vision_pb2.EncodedItem:
-    return vision_pb2.EncodedItem(content_key=e.content_key, num_tokens=e.num_tokens, cache_hit=e.cache_hit,
-                                  encode_ns=e.encode_ns)
+    return vision_pb2.EncodedItem(
+        content_key=e.content_key, num_tokens=e.num_tokens, cache_hit=e.cache_hit, encode_ns=e.encode_ns
+    )

@@ -23,8 +23,11 @@ _COMMON_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
-SERVER_OPTIONS = [*_COMMON_OPTIONS, ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-                  ("grpc.so_reuseport", 0)]
+SERVER_OPTIONS = [
+    *_COMMON_OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.so_reuseport", 0),
+]
 CHANNEL_OPTIONS = [*_COMMON_OPTIONS, ("grpc.enable_retries", 1)]
 
 
@@ -41,13 +44,16 @@ class ServiceHealth:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
     async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", self.service_name):
             await self.servicer.set(name, status)
 
 
-def create_server(service_name: str, register: Callable[[grpc.aio.Server], None], host: str,
-                  port: int) -> tuple[grpc.aio.Server, int, ServiceHealth]:
+def create_server(
+    service_name: str, register: Callable[[grpc.aio.Server], None], host: str, port: int
+) -> tuple[grpc.aio.Server, int, ServiceHealth]:
     """An aio server with the service, health (NOT_SERVING) and reflection, bound to host:port (0 picks one)."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     register(server)
@@ -59,8 +65,13 @@ def create_server(service_name: str, register: Callable[[grpc.aio.Server], None]
     return server, bound, service_health
 
 
-async def serve_until_signal(server: grpc.aio.Server, service_health: ServiceHealth, startup: Callable[[], Awaitable[None]],
-                             grace_s: float = 5.0, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+async def serve_until_signal(
+    server: grpc.aio.Server,
+    service_health: ServiceHealth,
+    startup: Callable[[], Awaitable[None]],
+    grace_s: float = 5.0,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     """Start, run `startup` (load, warm up, then flip health to SERVING), and stop gracefully on SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -14,7 +14,9 @@ from common.log import setup_logging
 logger = logging.getLogger(__name__)
 
 
-def parse_service_args(name: str, description: str, args_cls: type[ArgsBase], argv: Sequence[str] | None) -> ArgsBase:
+def parse_service_args(
+    name: str, description: str, args_cls: type[ArgsBase], argv: Sequence[str] | None
+) -> ArgsBase:
     parser = argparse.ArgumentParser(prog=f"mirador {name}", description=description)
     args_cls.add_cli_args(parser)
     ns = parser.parse_args(argv)
@@ -31,8 +33,13 @@ def parse_service_args(name: str, description: str, args_cls: type[ArgsBase], ar
         parser.error(str(e))
 
 
-def run_grpc_service(name: str, description: str, args_cls: type[ArgsBase],
-                     create_server: Callable, argv: Sequence[str] | None = None) -> None:
+def run_grpc_service(
+    name: str,
+    description: str,
+    args_cls: type[ArgsBase],
+    create_server: Callable,
+    argv: Sequence[str] | None = None,
+) -> None:
     args = parse_service_args(name, description, args_cls, argv)
     setup_logging(name, args.log_level)
     from common.grpc_utils import serve_until_signal
@@ -40,8 +47,9 @@ def run_grpc_service(name: str, description: str, args_cls: type[ArgsBase],
     async def main() -> None:
         server, port, servicer = create_server(args)
         logger.info("%s listening on %s:%d", name, args.host, port)
-        await serve_until_signal(server, servicer.health, servicer.startup,
-                                 on_stop=getattr(servicer, "shutdown", None))
+        await serve_until_signal(
+            server, servicer.health, servicer.startup, on_stop=getattr(servicer, "shutdown", None)
+        )
 
     try:
         asyncio.run(main())

@@ -101,6 +101,7 @@ class GenerateOutput:
 
 # ---- the scheduler <-> worker step protocol ----
 
+
 @dataclass(frozen=True)
 class SeqInit:
     mm_items: tuple[MultimodalItem, ...]

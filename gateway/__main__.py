@@ -26,8 +26,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.getLogger("gateway").error("cannot start: %s", e)
         sys.exit(2)
     logging.getLogger("gateway").info("gateway listening on http://%s:%d", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
-                timeout_graceful_shutdown=5, log_config=None)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        log_config=None,
+    )
 
 
 if __name__ == "__main__":

@@ -36,14 +36,22 @@ class Gateway:
 
     def __init__(self, args: GatewayArgs):
         self.args = args
-        policy = MediaPolicy(fetch_timeout_s=args.media_fetch_timeout_s, max_bytes=args.max_image_bytes,
-                             max_pixels=args.max_image_pixels, allow_private_urls=args.allow_private_media_urls,
-                             allowed_local_media_path=args.allowed_local_media_path or None)
+        policy = MediaPolicy(
+            fetch_timeout_s=args.media_fetch_timeout_s,
+            max_bytes=args.max_image_bytes,
+            max_pixels=args.max_image_pixels,
+            allow_private_urls=args.allow_private_media_urls,
+            allowed_local_media_path=args.allowed_local_media_path or None,
+        )
         self.builder = RequestBuilder(args.model_path, policy)
         cfg = self.builder.config
-        self.card = ModelCard(served_name=args.served_model_name or args.model_path, model_path=args.model_path,
-                              context_length=cfg.context_length, eos_token_ids=load_generation_eos(args.model_path),
-                              generation_defaults=load_generation_defaults(args.model_path))
+        self.card = ModelCard(
+            served_name=args.served_model_name or args.model_path,
+            model_path=args.model_path,
+            context_length=cfg.context_length,
+            eos_token_ids=load_generation_eos(args.model_path),
+            generation_defaults=load_generation_defaults(args.model_path),
+        )
         self.scheduler: SchedulerClient | None = None
         self.serving: OpenAIServing | None = None
         self._synced = False
@@ -53,7 +61,9 @@ class Gateway:
         self.scheduler = SchedulerClient(self.args.scheduler_address, timeout_s=self.args.request_timeout_s)
         self._health_channel = create_channel(self.args.scheduler_address)
         self._health = health_pb2_grpc.HealthStub(self._health_channel)
-        self.serving = OpenAIServing(self.builder, self.scheduler, self.card, self.args.max_images_per_request)
+        self.serving = OpenAIServing(
+            self.builder, self.scheduler, self.card, self.args.max_images_per_request
+        )
 
     async def sync_with_scheduler(self) -> None:
         """Adopt the scheduler's effective limits (e.g. a --context-length override) once it answers."""
@@ -105,8 +115,11 @@ async def _until_disconnect(request: Request, work) -> Any:
 
 
 def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(stream, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def create_app(args: GatewayArgs) -> FastAPI:
@@ -118,8 +131,12 @@ def create_app(args: GatewayArgs) -> FastAPI:
         yield
         await gw.close()
 
-    app = FastAPI(title="Mirador", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible serving of vision-language models")
+    app = FastAPI(
+        title="Mirador",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible serving of vision-language models",
+    )
     app.state.gateway = gw
 
     @app.exception_handler(MiradorError)
@@ -130,12 +147,16 @@ def create_app(args: GatewayArgs) -> FastAPI:
     async def _validation_error(_: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
-        return JSONResponse(error_body(first.get("msg", "invalid request"), "invalid_request_error", param, 400), 400)
+        return JSONResponse(
+            error_body(first.get("msg", "invalid request"), "invalid_request_error", param, 400), 400
+        )
 
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, e: Exception):
         logger.exception("unhandled error")
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "internal_error", None, 500), 500)
+        return JSONResponse(
+            error_body(f"internal error: {type(e).__name__}", "internal_error", None, 500), 500
+        )
 
     async def handle(request: Request, model_cls, method):
         body = await _json_body(request, args.max_request_bytes)
@@ -168,24 +189,47 @@ def create_app(args: GatewayArgs) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": gw.card.served_name, "object": "model", "created": 0,
-                                            "owned_by": "mirador", "root": gw.card.model_path,
-                                            "max_model_len": gw.card.context_length}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": gw.card.served_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "mirador",
+                    "root": gw.card.model_path,
+                    "max_model_len": gw.card.context_length,
+                }
+            ],
+        }
 
     @app.get("/health")
     async def health():
         if await gw.healthy():
             return Response(status_code=200)
-        return JSONResponse(error_body("not ready: the scheduler, worker or vision service is not serving",
-                                       "service_unavailable", None, 503), 503)
+        return JSONResponse(
+            error_body(
+                "not ready: the scheduler, worker or vision service is not serving",
+                "service_unavailable",
+                None,
+                503,
+            ),
+            503,
+        )
 
     @app.get("/model_info")
     @app.get("/get_model_info")
     async def model_info():
         cfg = gw.builder.config
-        return {"model_path": gw.card.model_path, "served_model_name": gw.card.served_name,
-                "architecture": cfg.architecture, "is_generation": True, "is_multimodal": cfg.is_multimodal,
-                "has_image_understanding": cfg.is_multimodal, "context_length": gw.card.context_length}
+        return {
+            "model_path": gw.card.model_path,
+            "served_model_name": gw.card.served_name,
+            "architecture": cfg.architecture,
+            "is_generation": True,
+            "is_multimodal": cfg.is_multimodal,
+            "has_image_understanding": cfg.is_multimodal,
+            "context_length": gw.card.context_length,
+        }
 
     @app.get("/server_info")
     @app.get("/get_server_info")
@@ -196,8 +240,9 @@ def create_app(args: GatewayArgs) -> FastAPI:
         out = MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
         for key in ("scheduler_args_json", "worker_info_json", "vision_info_json"):
             out[key.removesuffix("_json")] = json.loads(out.pop(key) or "{}")
-        out["stats"] = MessageToDict(stats, preserving_proto_field_name=True,
-                                     always_print_fields_with_no_presence=True)
+        out["stats"] = MessageToDict(
+            stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
         out["gateway_args"] = {k: v for k, v in vars(args).items()}
         out["version"] = app.version
         out["model_dir"] = str(Path(args.model_path))

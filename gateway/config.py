@@ -9,16 +9,23 @@ from common.args import ArgsBase, arg
 
 @dataclass(frozen=True)
 class GatewayArgs(ArgsBase):
-    model_path: str = arg("", "Hugging Face model directory (or Hub id): tokenizer, chat template, preprocessor",
-                          aliases=("--model",))
+    model_path: str = arg(
+        "",
+        "Hugging Face model directory (or Hub id): tokenizer, chat template, preprocessor",
+        aliases=("--model",),
+    )
     host: str = arg("127.0.0.1", "HTTP address to listen on")
     port: int = arg(8000, "HTTP port")
     scheduler_address: str = arg("127.0.0.1:50051", "host:port of the scheduler service")
     served_model_name: str = arg("", "model name clients send (default: the model path)")
-    allow_private_media_urls: bool = arg(False, "allow image URLs that resolve to loopback, private, link-local or "
-                                                "reserved addresses (off: such URLs get HTTP 400)")
-    allowed_local_media_path: str = arg("", "directory whose files may be used as image URLs (file:// or a path); "
-                                            "off when empty")
+    allow_private_media_urls: bool = arg(
+        False,
+        "allow image URLs that resolve to loopback, private, link-local or "
+        "reserved addresses (off: such URLs get HTTP 400)",
+    )
+    allowed_local_media_path: str = arg(
+        "", "directory whose files may be used as image URLs (file:// or a path); off when empty"
+    )
     media_fetch_timeout_s: float = arg(10.0, "timeout for fetching one image URL, seconds")
     max_image_bytes: int = arg(20 * 1024 * 1024, "largest image accepted, bytes (HTTP 413 above)")
     max_image_pixels: int = arg(89_478_485, "largest decoded image accepted, width x height (HTTP 413 above)")

@@ -16,14 +16,18 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | i
 
 def error_response(error: MiradorError) -> JSONResponse:
     status = http_status(error)
-    return JSONResponse(error_body(error.message, error.error_type, error.param, error.code or status), status)
+    return JSONResponse(
+        error_body(error.message, error.error_type, error.param, error.code or status), status
+    )
 
 
 def from_validation_error(e: ValidationError) -> InvalidRequestError:
     first = e.errors()[0]
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
-    return InvalidRequestError(f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}", param=param)
+    return InvalidRequestError(
+        f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}", param=param
+    )
 
 
 def sse_error(error: MiradorError) -> str:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.errors import InvalidRequestError
 from common.types import SamplingParams, StoppingCriteria
+from processor import sampling
 
 
 class StreamOptions(BaseModel):
@@ -52,7 +53,9 @@ class SamplingRequest(BaseModel):
         if isinstance(self.stop, list) and not all(isinstance(s, str) for s in self.stop):
             raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
         if self.stream_options is not None and not self.stream:
-            raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+            raise InvalidRequestError(
+                "stream_options is only allowed when stream is true", param="stream_options"
+            )
         for k, v in (self.logit_bias or {}).items():
             if not k.lstrip("-").isdigit():
                 raise InvalidRequestError(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias")
@@ -70,46 +73,23 @@ class SamplingRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    @property
-    def stop_list(self) -> tuple[str, ...]:
-        if self.stop is None:
-            return ()
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-    def to_params(self, *, defaults: dict[str, Any], eos_ids: tuple[int, ...], max_new_tokens: int,
-                  return_logprob: bool, top_logprobs: int) -> tuple[SamplingParams, StoppingCriteria]:
-        """Request fields, falling back to the model's generation_config defaults, then OpenAI's."""
-
-        def pick(name: str, fallback: Any) -> Any:
-            value = getattr(self, name)
-            return value if value is not None else defaults.get(name, fallback)
-
-        stop_ids = tuple(self.stop_token_ids or ())
-        sampling = SamplingParams(
-            temperature=float(pick("temperature", 1.0)),
-            top_p=float(pick("top_p", 1.0)),
-            top_k=int(pick("top_k", 0)),
-            min_p=float(pick("min_p", 0.0)),
-            seed=self.seed,
-            presence_penalty=float(self.presence_penalty or 0.0),
-            frequency_penalty=float(self.frequency_penalty or 0.0),
-            repetition_penalty=float(pick("repetition_penalty", 1.0)),
-            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
+    def to_params(
+        self,
+        *,
+        defaults: dict[str, Any],
+        eos_ids: tuple[int, ...],
+        max_new_tokens: int,
+        return_logprob: bool,
+        top_logprobs: int,
+    ) -> tuple[SamplingParams, StoppingCriteria]:
+        return sampling.build(
+            self.model_dump(),
+            defaults=defaults,
+            eos_ids=eos_ids,
+            max_new_tokens=max_new_tokens,
             return_logprob=return_logprob,
             top_logprobs=top_logprobs,
-            min_tokens_suppress_ids=(() if self.ignore_eos else eos_ids) + stop_ids if self.min_tokens else (),
-            min_tokens=self.min_tokens,
         )
-        stopping = StoppingCriteria(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min(self.min_tokens, max_new_tokens),
-            stop=self.stop_list,
-            stop_token_ids=stop_ids,
-            ignore_eos=self.ignore_eos,
-            no_stop_trim=self.no_stop_trim,
-            skip_special_tokens=self.skip_special_tokens,
-        )
-        return sampling, stopping
 
 
 class ChatCompletionRequest(SamplingRequest):

@@ -16,6 +16,7 @@ from common.errors import InvalidRequestError, MiradorError, NotFoundError
 from common.types import GenerateOutput, GenerateRequest, TokenLogprob
 from gateway.errors import sse_error
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateBody, SamplingRequest
+from processor import sampling
 from processor.request_builder import PreparedPrompt, RequestBuilder
 from scheduler_svc.client import SchedulerClient
 
@@ -43,61 +44,75 @@ class OpenAIServing:
 
     def check_model(self, name: str) -> None:
         if name not in (self.card.served_name, self.card.model_path):
-            raise NotFoundError(f"The model `{name}` does not exist; this server serves `{self.card.served_name}`",
-                                param="model", code="model_not_found")
+            raise NotFoundError(
+                f"The model `{name}` does not exist; this server serves `{self.card.served_name}`",
+                param="model",
+                code="model_not_found",
+            )
 
     def _log_unknown(self, req: SamplingRequest) -> None:
         if req.unknown_fields:
             logger.warning("ignoring unknown request fields: %s", ", ".join(req.unknown_fields))
 
-    def _max_new_tokens(self, requested: int | None, prompt_len: int) -> int:
-        room = self.card.context_length - prompt_len
-        if room <= 0:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self.card.context_length} tokens; the prompt is "
-                f"{prompt_len} tokens (images included)", param="messages", code="context_length_exceeded")
-        if requested is None:
-            return room
-        if requested > room:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {self.card.context_length} tokens. However, you requested "
-                f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion)",
-                param="max_tokens", code="context_length_exceeded")
-        return requested
-
-    def _build(self, req: SamplingRequest, prompt: PreparedPrompt, return_logprob: bool, top_logprobs: int,
-               stream: bool) -> GenerateRequest:
+    def _build(
+        self,
+        req: SamplingRequest,
+        prompt: PreparedPrompt,
+        return_logprob: bool,
+        top_logprobs: int,
+        stream: bool,
+    ) -> GenerateRequest:
         if len(prompt.mm_items) > self.max_images:
             raise InvalidRequestError(f"at most {self.max_images} images per request", param="messages")
-        max_new = self._max_new_tokens(req.requested_max_tokens, len(prompt.input_ids))
-        sampling, stopping = req.to_params(defaults=self.card.generation_defaults, eos_ids=self.card.eos_token_ids,
-                                           max_new_tokens=max_new, return_logprob=return_logprob,
-                                           top_logprobs=top_logprobs)
-        return GenerateRequest(request_id=req.rid or uuid.uuid4().hex, input_ids=tuple(prompt.input_ids),
-                               mm_items=tuple(prompt.mm_items), sampling=sampling, stopping=stopping, n=req.n,
-                               stream=stream)
+        max_new = sampling.max_new_tokens_for(
+            req.requested_max_tokens, len(prompt.input_ids), self.card.context_length
+        )
+        params, stopping = req.to_params(
+            defaults=self.card.generation_defaults,
+            eos_ids=self.card.eos_token_ids,
+            max_new_tokens=max_new,
+            return_logprob=return_logprob,
+            top_logprobs=top_logprobs,
+        )
+        return GenerateRequest(
+            request_id=req.rid or uuid.uuid4().hex,
+            input_ids=tuple(prompt.input_ids),
+            mm_items=tuple(prompt.mm_items),
+            sampling=params,
+            stopping=stopping,
+            n=req.n,
+            stream=stream,
+        )
 
     def _logprobs_chat(self, lps: list[TokenLogprob]) -> list[dict[str, Any]]:
         def entry(tid: int, lp: float) -> dict[str, Any]:
             raw = self.tokenizer.token_bytes(tid)
             return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
 
-        return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top_logprobs]}
-                for lp in lps]
+        return [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top_logprobs]}
+            for lp in lps
+        ]
 
     @staticmethod
     def _usage(prompt_tokens: int, completion: int, cached: int) -> dict[str, Any]:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
     # ---- chat ----
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
         self.check_model(req.model)
         self._log_unknown(req)
-        prompt = await self.builder.from_messages(req.messages, add_generation_prompt=req.add_generation_prompt,
-                                                  chat_template_kwargs=req.chat_template_kwargs)
+        prompt = await self.builder.from_messages(
+            req.messages,
+            add_generation_prompt=req.add_generation_prompt,
+            chat_template_kwargs=req.chat_template_kwargs,
+        )
         greq = self._build(req, prompt, req.logprobs, req.top_logprobs or 0, stream=req.stream)
         rid, created = f"chatcmpl-{greq.request_id}", int(time.time())
         if req.stream:
@@ -106,23 +121,38 @@ class OpenAIServing:
         first = next(iter(choices.values()))
         usage = [first["prompt"], sum(c["completion"] for c in choices.values()), first["cached"]]
         body = {
-            "id": rid, "object": "chat.completion", "created": created, "model": req.model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
-                         "logprobs": {"content": self._logprobs_chat(c["logprobs"])} if req.logprobs else None,
-                         "finish_reason": c["finish"], "matched_stop": c["stop"],
-                         **({"token_ids": c["ids"]} if req.return_token_ids else {})}
-                        for i, c in sorted(choices.items())],
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": req.model,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c["text"]},
+                    "logprobs": {"content": self._logprobs_chat(c["logprobs"])} if req.logprobs else None,
+                    "finish_reason": c["finish"],
+                    "matched_stop": c["stop"],
+                    **({"token_ids": c["ids"]} if req.return_token_ids else {}),
+                }
+                for i, c in sorted(choices.items())
+            ],
             "usage": self._usage(*usage),
         }
         if req.return_token_ids:
             body["prompt_token_ids"] = list(greq.input_ids)
         return body
 
-    async def _chat_stream(self, req: ChatCompletionRequest, greq: GenerateRequest, rid: str,
-                           created: int) -> AsyncIterator[str]:
+    async def _chat_stream(
+        self, req: ChatCompletionRequest, greq: GenerateRequest, rid: str, created: int
+    ) -> AsyncIterator[str]:
         def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "choices": choices}
+            body = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": req.model,
+                "choices": choices,
+            }
             if req.stream_options and req.stream_options.include_usage:
                 body["usage"] = usage
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -134,15 +164,38 @@ class OpenAIServing:
                 i = out.index
                 if i not in started:
                     started.add(i)
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])
+                    yield chunk(
+                        [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ]
+                    )
                 if out.text or out.logprobs:
                     lp = {"content": self._logprobs_chat(out.logprobs)} if req.logprobs else None
-                    yield chunk([{"index": i, "delta": {"content": out.text}, "logprobs": lp, "finish_reason": None}])
+                    yield chunk(
+                        [{"index": i, "delta": {"content": out.text}, "logprobs": lp, "finish_reason": None}]
+                    )
                 if out.finish_reason is not None:
-                    totals = [out.prompt_tokens, totals[1] + out.completion_tokens, max(totals[2], out.cached_tokens)]
-                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason,
-                                  "matched_stop": out.matched_stop}])
+                    totals = [
+                        out.prompt_tokens,
+                        totals[1] + out.completion_tokens,
+                        max(totals[2], out.cached_tokens),
+                    ]
+                    yield chunk(
+                        [
+                            {
+                                "index": i,
+                                "delta": {},
+                                "logprobs": None,
+                                "finish_reason": out.finish_reason,
+                                "matched_stop": out.matched_stop,
+                            }
+                        ]
+                    )
             if req.stream_options and req.stream_options.include_usage:
                 yield chunk([], self._usage(*totals))
         except MiradorError as e:
@@ -157,7 +210,9 @@ class OpenAIServing:
         images = [req.image_data] if isinstance(req.image_data, str) else list(req.image_data or [])
         prompts = req.prompts
         if len(prompts) > 1 and (req.stream or images):
-            raise InvalidRequestError("several prompts in one request cannot stream or carry images", param="prompt")
+            raise InvalidRequestError(
+                "several prompts in one request cannot stream or carry images", param="prompt"
+            )
         built = [await self.builder.from_prompt(p, images) for p in prompts]
         n_lp = req.logprobs or 0
         greqs = [self._build(req, b, req.logprobs is not None, n_lp, stream=req.stream) for b in built]
@@ -168,41 +223,78 @@ class OpenAIServing:
         choices, usage = [], [0, 0, 0]
         for k, per_choice in enumerate(results):
             for i, c in sorted(per_choice.items()):
-                choices.append({"index": k * req.n + i, "text": c["text"],
-                                "logprobs": self._logprobs_text(c["logprobs"]) if req.logprobs is not None else None,
-                                "finish_reason": c["finish"], "matched_stop": c["stop"],
-                                **({"token_ids": c["ids"], "prompt_token_ids": list(greqs[k].input_ids)}
-                                   if req.return_token_ids else {})})
+                choices.append(
+                    {
+                        "index": k * req.n + i,
+                        "text": c["text"],
+                        "logprobs": self._logprobs_text(c["logprobs"]) if req.logprobs is not None else None,
+                        "finish_reason": c["finish"],
+                        "matched_stop": c["stop"],
+                        **(
+                            {"token_ids": c["ids"], "prompt_token_ids": list(greqs[k].input_ids)}
+                            if req.return_token_ids
+                            else {}
+                        ),
+                    }
+                )
                 usage[1] += c["completion"]
             first = next(iter(per_choice.values()))
             usage[0] += first["prompt"]
             usage[2] += first["cached"]
-        return {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": choices,
-                "usage": self._usage(*usage)}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": req.model,
+            "choices": choices,
+            "usage": self._usage(*usage),
+        }
 
     async def _collect(self, greq: GenerateRequest) -> dict[int, dict[str, Any]]:
         choices: dict[int, dict[str, Any]] = {}
         async for out in self.scheduler.generate(greq):
-            c = choices.setdefault(out.index, {"text": "", "logprobs": [], "ids": [], "finish": None, "stop": None})
+            c = choices.setdefault(
+                out.index, {"text": "", "logprobs": [], "ids": [], "finish": None, "stop": None}
+            )
             c["text"] += out.text
             c["ids"].extend(out.token_ids)
             c["logprobs"].extend(out.logprobs)
             if out.finish_reason is not None:
-                c.update(finish=out.finish_reason, stop=out.matched_stop, prompt=out.prompt_tokens,
-                         completion=out.completion_tokens, cached=out.cached_tokens)
+                c.update(
+                    finish=out.finish_reason,
+                    stop=out.matched_stop,
+                    prompt=out.prompt_tokens,
+                    completion=out.completion_tokens,
+                    cached=out.cached_tokens,
+                )
         return choices
 
     def _logprobs_text(self, lps: list[TokenLogprob]) -> dict[str, Any]:
         tokens = [self.tokenizer.token_bytes(lp.token_id).decode("utf-8", errors="replace") for lp in lps]
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{self.tokenizer.token_bytes(t).decode("utf-8", errors="replace"): v
-                                  for t, v in lp.top_logprobs} for lp in lps],
-                "text_offset": [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [
+                {
+                    self.tokenizer.token_bytes(t).decode("utf-8", errors="replace"): v
+                    for t, v in lp.top_logprobs
+                }
+                for lp in lps
+            ],
+            "text_offset": [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))],
+        }
 
-    async def _completion_stream(self, req: CompletionRequest, greq: GenerateRequest, rid: str,
-                                 created: int) -> AsyncIterator[str]:
+    async def _completion_stream(
+        self, req: CompletionRequest, greq: GenerateRequest, rid: str, created: int
+    ) -> AsyncIterator[str]:
         def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-            body = {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": choices}
+            body = {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": req.model,
+                "choices": choices,
+            }
             if req.stream_options and req.stream_options.include_usage:
                 body["usage"] = usage
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -212,10 +304,23 @@ class OpenAIServing:
             async for out in self.scheduler.generate(greq):
                 lp = self._logprobs_text(out.logprobs) if req.logprobs is not None else None
                 if out.text or out.logprobs or out.finish_reason is not None:
-                    yield chunk([{"index": out.index, "text": out.text, "logprobs": lp,
-                                  "finish_reason": out.finish_reason, "matched_stop": out.matched_stop}])
+                    yield chunk(
+                        [
+                            {
+                                "index": out.index,
+                                "text": out.text,
+                                "logprobs": lp,
+                                "finish_reason": out.finish_reason,
+                                "matched_stop": out.matched_stop,
+                            }
+                        ]
+                    )
                 if out.finish_reason is not None:
-                    totals = [out.prompt_tokens, totals[1] + out.completion_tokens, max(totals[2], out.cached_tokens)]
+                    totals = [
+                        out.prompt_tokens,
+                        totals[1] + out.completion_tokens,
+                        max(totals[2], out.cached_tokens),
+                    ]
             if req.stream_options and req.stream_options.include_usage:
                 yield chunk([], self._usage(*totals))
         except MiradorError as e:
@@ -225,29 +330,30 @@ class OpenAIServing:
     # ---- SGLang's native /generate ----
 
     async def generate_native(self, body: GenerateBody) -> dict[str, Any] | AsyncIterator[str]:
-        sp = dict(body.sampling_params)
-        known = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "n",
-                 "presence_penalty", "frequency_penalty", "repetition_penalty", "min_new_tokens", "ignore_eos",
-                 "skip_special_tokens", "no_stop_trim", "seed", "logit_bias", "sampling_seed"}
-        unknown = sorted(set(sp) - known)
-        if unknown:
-            logger.warning("ignoring unknown sampling_params: %s", ", ".join(unknown))
-        fields = {k: v for k, v in sp.items() if k in known}
-        fields["max_tokens"] = fields.pop("max_new_tokens", 128)
-        fields["min_tokens"] = fields.pop("min_new_tokens", 0)
-        if "sampling_seed" in fields:
-            fields["seed"] = fields.pop("sampling_seed")
-        req = CompletionRequest.model_validate({"model": self.card.served_name, "prompt": body.text or body.input_ids,
-                                                "image_data": body.image_data, "stream": body.stream,
-                                                "rid": body.rid, **fields})
+        fields = sampling.from_sglang(body.sampling_params)
+        fields.setdefault("max_tokens", 128)
+        req = CompletionRequest.model_validate(
+            {
+                "model": self.card.served_name,
+                "prompt": body.text or body.input_ids,
+                "image_data": body.image_data,
+                "stream": body.stream,
+                "rid": body.rid,
+                **fields,
+            }
+        )
         images = [req.image_data] if isinstance(req.image_data, str) else list(req.image_data or [])
         prompt = await self.builder.from_prompt(req.prompts[0], images)
         greq = self._build(req, prompt, body.return_logprob, body.top_logprobs_num, stream=body.stream)
 
         def meta(out: GenerateOutput, text_len: int, lps: list[TokenLogprob]) -> dict[str, Any]:
-            m: dict[str, Any] = {"id": greq.request_id, "prompt_tokens": out.prompt_tokens or len(greq.input_ids),
-                                 "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
-                                 "finish_reason": None}
+            m: dict[str, Any] = {
+                "id": greq.request_id,
+                "prompt_tokens": out.prompt_tokens or len(greq.input_ids),
+                "completion_tokens": out.completion_tokens,
+                "cached_tokens": out.cached_tokens,
+                "finish_reason": None,
+            }
             if out.finish_reason is not None:
                 fr: dict[str, Any] = {"type": out.finish_reason}
                 if out.finish_reason == "length":
@@ -261,6 +367,7 @@ class OpenAIServing:
             return m
 
         if body.stream:
+
             async def stream() -> AsyncIterator[str]:
                 texts: dict[int, str] = {}
                 ids: dict[int, list[int]] = {}
@@ -270,8 +377,12 @@ class OpenAIServing:
                         texts[out.index] = texts.get(out.index, "") + out.text
                         ids.setdefault(out.index, []).extend(out.token_ids)
                         lps.setdefault(out.index, []).extend(out.logprobs)
-                        body_ = {"text": texts[out.index], "output_ids": ids[out.index], "index": out.index,
-                                 "meta_info": meta(out, len(texts[out.index]), lps[out.index])}
+                        body_ = {
+                            "text": texts[out.index],
+                            "output_ids": ids[out.index],
+                            "index": out.index,
+                            "meta_info": meta(out, len(texts[out.index]), lps[out.index]),
+                        }
                         yield f"data: {json.dumps(body_, ensure_ascii=False)}\n\n"
                 except MiradorError as e:
                     yield sse_error(e)
@@ -281,8 +392,21 @@ class OpenAIServing:
         results = await self._collect(greq)
         outs = []
         for i, c in sorted(results.items()):
-            fake = GenerateOutput(greq.request_id, i, finish_reason=c["finish"], matched_stop=c["stop"],
-                                  prompt_tokens=c["prompt"], completion_tokens=c["completion"], cached_tokens=c["cached"])
-            outs.append({"text": c["text"], "output_ids": c["ids"], "index": i,
-                         "meta_info": meta(fake, len(c["text"]), c["logprobs"])})
+            fake = GenerateOutput(
+                greq.request_id,
+                i,
+                finish_reason=c["finish"],
+                matched_stop=c["stop"],
+                prompt_tokens=c["prompt"],
+                completion_tokens=c["completion"],
+                cached_tokens=c["cached"],
+            )
+            outs.append(
+                {
+                    "text": c["text"],
+                    "output_ids": c["ids"],
+                    "index": i,
+                    "meta_info": meta(fake, len(c["text"]), c["logprobs"]),
+                }
+            )
         return outs[0] if len(outs) == 1 else outs

@@ -44,14 +44,44 @@ def paged_attention(
         v = v_cache[pages].reshape(-1, num_kv_heads, v_cache.shape[-1])[:kv_len]
         qs = q[start : start + q_len].transpose(0, 1)  # [num_heads, q_len, head_dim]
         ks, vs = k.transpose(0, 1), v.transpose(0, 1)  # [num_kv_heads, kv_len, head_dim]
-        if num_kv_heads != num_heads:
-            ks = ks.repeat_interleave(num_heads // num_kv_heads, dim=0)
-            vs = vs.repeat_interleave(num_heads // num_kv_heads, dim=0)
         mask = None
         if q_len > 1:
             q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
             mask = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]
-        o = F.scaled_dot_product_attention(qs, ks.to(qs.dtype), vs.to(qs.dtype), attn_mask=mask, scale=scale)
+        o = F.scaled_dot_product_attention(
+            qs,
+            ks.to(qs.dtype),
+            vs.to(qs.dtype),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=num_kv_heads != num_heads,
+        )
         out[start : start + q_len] = o.transpose(0, 1)
         start += q_len
     return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [batch, num_heads, head_dim]: one query token per sequence
+    k_cache: torch.Tensor,  # [num_pages, page_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [batch, max_pages] int64, padded with page 0
+    kv_lens: torch.Tensor,  # [batch] int64
+    scale: float,
+) -> torch.Tensor:  # [batch, num_heads, head_dim]
+    """All decode sequences of a step in one masked attention call (what the per-sequence loop costs in Python
+    overhead, this pays in padding). Matches `paged_attention` for query_lens of 1."""
+    batch, max_pages = block_table.shape
+    page_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    k = k_cache[block_table].reshape(batch, max_pages * page_size, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache[block_table].reshape(batch, max_pages * page_size, num_kv_heads, head_dim).transpose(1, 2)
+    mask = torch.arange(max_pages * page_size, device=q.device)[None, :] < kv_lens[:, None]  # [batch, L]
+    o = F.scaled_dot_product_attention(
+        q[:, :, None, :],
+        k.to(q.dtype),
+        v.to(q.dtype),
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=q.shape[1] != num_kv_heads,
+    )
+    return o[:, :, 0, :]

@@ -55,7 +55,9 @@ def _up(argv: list[str]) -> int:
     from common.log import setup_logging
     from mirador.launcher import UpArgs, run_up
 
-    parser = argparse.ArgumentParser(prog="mirador up", description="Start the Mirador cluster on this machine.")
+    parser = argparse.ArgumentParser(
+        prog="mirador up", description="Start the Mirador cluster on this machine."
+    )
     UpArgs.add_cli_args(parser)
     ns = parser.parse_args(argv)
     setup_logging("mirador", ns.log_level)
@@ -77,11 +79,15 @@ def _up(argv: list[str]) -> int:
 
 def _default_model(argv: list[str]) -> int:
     from common.log import setup_logging
-    parser = argparse.ArgumentParser(prog="mirador default-model",
-                                     description="Build (once) the embedded tiny Qwen2.5-VL checkpoint and print its "
-                                                 "directory. MIRADOR_CACHE_DIR moves the cache (~/.cache/mirador).")
-    parser.add_argument("--cache-dir", default=None, help="cache directory (default: $MIRADOR_CACHE_DIR or "
-                                                          "~/.cache/mirador)")
+
+    parser = argparse.ArgumentParser(
+        prog="mirador default-model",
+        description="Build (once) the embedded tiny Qwen2.5-VL checkpoint and print its "
+        "directory. MIRADOR_CACHE_DIR moves the cache (~/.cache/mirador).",
+    )
+    parser.add_argument(
+        "--cache-dir", default=None, help="cache directory (default: $MIRADOR_CACHE_DIR or ~/.cache/mirador)"
+    )
     ns = parser.parse_args(argv)
     setup_logging("mirador", "info")
     from mirador.default_model import default_model_dir

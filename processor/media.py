@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 
-ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP"}
+ALLOWED_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP"}  # MPO: multi-picture JPEGs from phone cameras
 MAX_REDIRECTS = 5
 
 
@@ -40,8 +40,10 @@ def blocked_address(ip: str) -> str | None:
     """Why a resolved address must not be fetched from (None when it may): loopback, private, link-local,
     shared, multicast, reserved or unspecified, IPv4-mapped IPv6 included."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        embedded = addr.ipv4_mapped or addr.sixtofour or (addr.teredo[1] if addr.teredo else None)
+        if embedded is not None:  # an IPv4 address reached through IPv6 is judged as that IPv4 address
+            return blocked_address(str(embedded))
     checks = (
         ("loopback", addr.is_loopback),
         ("private", addr.is_private),
@@ -63,8 +65,9 @@ def blocked_address(ip: str) -> str | None:
 class MediaFetcher:
     def __init__(self, policy: MediaPolicy):
         self.policy = policy
-        self._client = httpx.AsyncClient(trust_env=False, follow_redirects=False,
-                                         timeout=httpx.Timeout(policy.fetch_timeout_s))
+        self._client = httpx.AsyncClient(
+            trust_env=False, follow_redirects=False, timeout=httpx.Timeout(policy.fetch_timeout_s)
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -80,21 +83,27 @@ class MediaFetcher:
                 return await asyncio.wait_for(self._http(url, param), timeout=self.policy.fetch_timeout_s)
             except (TimeoutError, asyncio.TimeoutError, httpx.TimeoutException):
                 raise InvalidRequestError(
-                    f"timed out after {self.policy.fetch_timeout_s:g} s fetching {_short(url)}", param=param,
-                    code="media_fetch_timeout") from None
+                    f"timed out after {self.policy.fetch_timeout_s:g} s fetching {_short(url)}",
+                    param=param,
+                    code="media_fetch_timeout",
+                ) from None
         if scheme == "file" or scheme == "" or url.startswith("/"):
             return self._local(url, param)
-        raise InvalidRequestError(f"unsupported image URL scheme {scheme!r}: use http(s), data: or a local path",
-                                  param=param)
+        raise InvalidRequestError(
+            f"unsupported image URL scheme {scheme!r}: use http(s), data: or a local path", param=param
+        )
 
     def _data_uri(self, url: str, param: str) -> bytes:
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header.lower():
-            raise InvalidRequestError("data: image URLs must be base64 (data:image/png;base64,...)", param=param)
-        if len(payload) * 3 // 4 > self.policy.max_bytes:
+            raise InvalidRequestError(
+                "data: image URLs must be base64 (data:image/png;base64,...)", param=param
+            )
+        payload = payload.strip()
+        if len(payload) * 3 // 4 - (len(payload) - len(payload.rstrip("="))) > self.policy.max_bytes:
             raise PayloadTooLargeError(f"image is larger than {self.policy.max_bytes} bytes", param=param)
         try:
-            return base64.b64decode(payload.strip(), validate=True)
+            return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidRequestError("image data: URI is not valid base64", param=param) from None
 
@@ -103,7 +112,8 @@ class MediaFetcher:
         if not root:
             raise InvalidRequestError(
                 "local image paths are disabled; the operator can allow a directory with --allowed-local-media-path",
-                param=param)
+                param=param,
+            )
         path = urllib.parse.unquote(urllib.parse.urlparse(url).path) if url.startswith("file:") else url
         real = Path(os.path.realpath(path))
         root_real = Path(os.path.realpath(root))
@@ -117,11 +127,14 @@ class MediaFetcher:
 
     async def _http(self, url: str, param: str) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
-            parsed = urllib.parse.urlsplit(url)
-            host = parsed.hostname
+            try:
+                parsed = urllib.parse.urlsplit(url)
+                host = parsed.hostname
+                port = parsed.port or (443 if parsed.scheme == "https" else 80)
+            except ValueError as e:
+                raise InvalidRequestError(f"invalid image URL {_short(url)}: {e}", param=param) from None
             if not host:
                 raise InvalidRequestError(f"image URL has no host: {_short(url)}", param=param)
-            port = parsed.port or (443 if parsed.scheme == "https" else 80)
             request_url, extensions, headers = url, {}, {}
             if not self.policy.allow_private_urls:
                 ip = await self._vetted_ip(host, port, param)
@@ -131,44 +144,59 @@ class MediaFetcher:
                 if parsed.scheme == "https":
                     extensions["sni_hostname"] = host
             try:
-                async with self._client.stream("GET", request_url, headers=headers, extensions=extensions) as resp:
+                async with self._client.stream(
+                    "GET", request_url, headers=headers, extensions=extensions
+                ) as resp:
                     if resp.is_redirect and "location" in resp.headers:
                         url = urllib.parse.urljoin(url, resp.headers["location"])
                         continue
                     if resp.status_code >= 400:
-                        raise InvalidRequestError(f"fetching {_short(url)} returned HTTP {resp.status_code}",
-                                                  param=param, code="media_fetch_failed")
+                        raise InvalidRequestError(
+                            f"fetching {_short(url)} returned HTTP {resp.status_code}",
+                            param=param,
+                            code="media_fetch_failed",
+                        )
                     declared = resp.headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > self.policy.max_bytes:
-                        raise PayloadTooLargeError(f"image is larger than {self.policy.max_bytes} bytes", param=param)
+                        raise PayloadTooLargeError(
+                            f"image is larger than {self.policy.max_bytes} bytes", param=param
+                        )
                     chunks, total = [], 0
                     async for chunk in resp.aiter_bytes():
                         total += len(chunk)
                         if total > self.policy.max_bytes:
-                            raise PayloadTooLargeError(f"image is larger than {self.policy.max_bytes} bytes",
-                                                       param=param)
+                            raise PayloadTooLargeError(
+                                f"image is larger than {self.policy.max_bytes} bytes", param=param
+                            )
                         chunks.append(chunk)
                     return b"".join(chunks)
             except httpx.TimeoutException:
                 raise
             except httpx.HTTPError as e:
-                raise InvalidRequestError(f"could not fetch {_short(url)}: {type(e).__name__}: {e}", param=param,
-                                          code="media_fetch_failed") from None
+                raise InvalidRequestError(
+                    f"could not fetch {_short(url)}: {type(e).__name__}: {e}",
+                    param=param,
+                    code="media_fetch_failed",
+                ) from None
         raise InvalidRequestError(f"too many redirects fetching {_short(url)}", param=param)
 
     async def _vetted_ip(self, host: str, port: int, param: str) -> str:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as e:
-            raise InvalidRequestError(f"cannot resolve image host {host!r}: {e}", param=param,
-                                      code="media_fetch_failed") from None
+            raise InvalidRequestError(
+                f"cannot resolve image host {host!r}: {e}", param=param, code="media_fetch_failed"
+            ) from None
         ips = [info[4][0] for info in infos]
         for ip in ips:
             reason = blocked_address(ip)
             if reason:
                 raise InvalidRequestError(
                     f"image URL host {host!r} resolves to a {reason} address ({ip}); the operator can allow such "
-                    "URLs with --allow-private-media-urls", param=param, code="media_url_blocked")
+                    "URLs with --allow-private-media-urls",
+                    param=param,
+                    code="media_url_blocked",
+                )
         return ips[0]
 
 
@@ -190,17 +218,22 @@ def decode_image(data: bytes, policy: MediaPolicy | None = None, param: str = "i
         img = Image.open(io.BytesIO(data))
         fmt = img.format
         if fmt not in ALLOWED_FORMATS:
-            raise InvalidRequestError(f"unsupported image format {fmt}; send PNG, JPEG, WebP or GIF", param=param)
+            raise InvalidRequestError(
+                f"unsupported image format {fmt}; send PNG, JPEG, WebP or GIF", param=param
+            )
         if img.width * img.height > max_pixels:
-            raise PayloadTooLargeError(f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels}",
-                                       param=param)
+            raise PayloadTooLargeError(
+                f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels}", param=param
+            )
         img.seek(0)
         img = ImageOps.exif_transpose(img)
         img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         if isinstance(e, Image.DecompressionBombError):
             raise PayloadTooLargeError(f"image too large to decode: {e}", param=param) from None
-        raise InvalidRequestError(f"the image bytes are not a valid image ({type(e).__name__})", param=param) from None
+        raise InvalidRequestError(
+            f"the image bytes are not a valid image ({type(e).__name__})", param=param
+        ) from None
     return DecodedImage(to_rgb(img), img.width, img.height)
 
 

@@ -36,14 +36,19 @@ class ImageRef:
 
 
 class RequestBuilder:
-    def __init__(self, model_dir: str | Path, policy: MediaPolicy | None = None, tokenizer: Tokenizer | None = None):
+    def __init__(
+        self, model_dir: str | Path, policy: MediaPolicy | None = None, tokenizer: Tokenizer | None = None
+    ):
         self.model_dir = Path(model_dir)
         self.config: ModelConfig = load_model_config(model_dir)
         self.tokenizer = tokenizer or Tokenizer(model_dir)
         self.policy = policy or MediaPolicy()
         self.fetcher = MediaFetcher(self.policy)
-        self.media_spec = media_spec_class(self.config.model_type).from_model_dir(model_dir) \
-            if self.config.is_multimodal else None
+        self.media_spec = (
+            media_spec_class(self.config.model_type).from_model_dir(model_dir)
+            if self.config.is_multimodal
+            else None
+        )
         self.image_token_id = self.config.image_token_id
         self._settings = self.media_spec.fingerprint() if self.media_spec else ""
 
@@ -52,36 +57,53 @@ class RequestBuilder:
 
     # ---- chat ----
 
-    async def from_messages(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-                            chat_template_kwargs: dict[str, Any] | None = None) -> PreparedPrompt:
+    async def from_messages(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> PreparedPrompt:
         normalized, refs = normalize_messages(messages)
         if refs and self.media_spec is None:
-            raise InvalidRequestError(f"model {self.config.architecture} does not take images", param="messages")
-        text = self.tokenizer.apply_chat_template(normalized, add_generation_prompt=add_generation_prompt,
-                                                  **(chat_template_kwargs or {}))
+            raise InvalidRequestError(
+                f"model {self.config.architecture} does not take images", param="messages"
+            )
+        text = self.tokenizer.apply_chat_template(
+            normalized, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+        )
         ids = self.tokenizer.encode(text)
         images = await self.load_images(refs)
         return self._expand(ids, images, text)
 
     # ---- raw prompts ----
 
-    async def from_prompt(self, prompt: str | list[int], image_urls: list[str] | None = None) -> PreparedPrompt:
+    async def from_prompt(
+        self, prompt: str | list[int], image_urls: list[str] | None = None
+    ) -> PreparedPrompt:
         """A completion prompt (text or ids); each image fills one placeholder of the prompt, in order, or is
         prepended with the model's vision markers when the prompt has none."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         refs = [ImageRef(u, f"image_data[{i}]") for i, u in enumerate(image_urls or [])]
         if refs and self.media_spec is None:
-            raise InvalidRequestError(f"model {self.config.architecture} does not take images", param="image_data")
+            raise InvalidRequestError(
+                f"model {self.config.architecture} does not take images", param="image_data"
+            )
         if refs and ids.count(self.image_token_id) == 0:
             marker = self.tokenizer.encode(
-                "<|vision_start|>" + self.media_spec.image_placeholder + "<|vision_end|>")
+                "<|vision_start|>" + self.media_spec.image_placeholder + "<|vision_end|>"
+            )
             ids = marker * len(refs) + ids
         images = await self.load_images(refs)
         return self._expand(ids, images, prompt if isinstance(prompt, str) else "")
 
-    async def load_images(self, refs: list[ImageRef]) -> list[tuple[ImageRef, bytes, str, tuple[int, int, int]]]:
+    async def load_images(
+        self, refs: list[ImageRef]
+    ) -> list[tuple[ImageRef, bytes, str, tuple[int, int, int]]]:
         datas = await asyncio.gather(*(self.fetcher.fetch(r.url, r.param) for r in refs))
-        return await asyncio.gather(*(asyncio.to_thread(self._describe, r, d) for r, d in zip(refs, datas, strict=True)))
+        return await asyncio.gather(
+            *(asyncio.to_thread(self._describe, r, d) for r, d in zip(refs, datas, strict=True))
+        )
 
     def _describe(self, ref: ImageRef, data: bytes) -> tuple[ImageRef, bytes, str, tuple[int, int, int]]:
         decoded = decode_image(data, self.policy, ref.param)
@@ -89,11 +111,17 @@ class RequestBuilder:
         return ref, data, content_key(decoded.image, self._settings), grid
 
     def _expand(self, ids: list[int], images, text: str) -> PreparedPrompt:
-        pads = [i for i, t in enumerate(ids) if t == self.image_token_id] if self.image_token_id is not None else []
+        pads = (
+            [i for i, t in enumerate(ids) if t == self.image_token_id]
+            if self.image_token_id is not None
+            else []
+        )
         if len(pads) != len(images):
             raise InvalidRequestError(
                 f"the prompt has {len(pads)} image placeholders for {len(images)} images; placeholder tokens "
-                "cannot be typed into text", param="messages")
+                "cannot be typed into text",
+                param="messages",
+            )
         out: list[int] = []
         items: list[MultimodalItem] = []
         prev = 0
@@ -119,8 +147,10 @@ def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], list[ImageR
             raise InvalidRequestError(f"messages[{i}] must be an object", param=f"messages[{i}]")
         role = msg.get("role")
         if role not in ROLES:
-            raise InvalidRequestError(f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}",
-                                      param=f"messages[{i}].role")
+            raise InvalidRequestError(
+                f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}",
+                param=f"messages[{i}].role",
+            )
         content = msg.get("content")
         if content is None:
             content = ""
@@ -128,8 +158,9 @@ def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], list[ImageR
             out.append({**msg, "role": "system" if role == "developer" else role, "content": content})
             continue
         if not isinstance(content, list):
-            raise InvalidRequestError(f"messages[{i}].content must be a string or a list of parts",
-                                      param=f"messages[{i}].content")
+            raise InvalidRequestError(
+                f"messages[{i}].content must be a string or a list of parts", param=f"messages[{i}].content"
+            )
         parts = []
         for j, part in enumerate(content):
             where = f"messages[{i}].content[{j}]"
@@ -144,14 +175,19 @@ def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], list[ImageR
                 spec = part.get("image_url")
                 url = spec.get("url") if isinstance(spec, dict) else spec
                 if not isinstance(url, str) or not url:
-                    raise InvalidRequestError(f"{where}.image_url.url must be a non-empty string",
-                                              param=f"{where}.image_url")
+                    raise InvalidRequestError(
+                        f"{where}.image_url.url must be a non-empty string", param=f"{where}.image_url"
+                    )
                 if role not in ("user", "system"):
-                    raise InvalidRequestError(f"{where}: images are accepted in user messages only", param=where)
+                    raise InvalidRequestError(
+                        f"{where}: images are accepted in user messages only", param=where
+                    )
                 refs.append(ImageRef(url, f"{where}.image_url"))
                 parts.append({"type": "image"})
             else:
-                raise InvalidRequestError(f"{where}.type {kind!r} is not supported; use 'text' or 'image_url'",
-                                          param=f"{where}.type")
+                raise InvalidRequestError(
+                    f"{where}.type {kind!r} is not supported; use 'text' or 'image_url'",
+                    param=f"{where}.type",
+                )
         out.append({**msg, "role": "system" if role == "developer" else role, "content": parts})
     return out, refs

@@ -44,7 +44,9 @@ class IncrementalDetokenizer:
         full = self.tokenizer.decode(self.ids, self.skip)
         done = "".join(self.emitted)
         if not full.startswith(done):
-            logger.warning("incremental detokenization diverged from the full decode; sending the remainder only")
+            logger.warning(
+                "incremental detokenization diverged from the full decode; sending the remainder only"
+            )
             return ""
         self.emitted.append(full[len(done) :])
         return full[len(done) :]
@@ -53,8 +55,14 @@ class IncrementalDetokenizer:
 class TextStream:
     """Detokenizer plus stop-string matching for one choice."""
 
-    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True, stop: Sequence[str] = (),
-                 no_stop_trim: bool = False):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+        no_stop_trim: bool = False,
+    ):
         self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
@@ -66,6 +74,8 @@ class TextStream:
     def push(self, ids: Sequence[int], check_stop: bool = True) -> str:
         """Add ids; return newly released text. After a stop string matches, `matched_stop` is set and the
         text is cut there (or after it with no_stop_trim)."""
+        if self.matched_stop is not None:
+            return ""
         self.text += self.detok.add(ids)
         return self._release(final=False, check_stop=check_stop)
 

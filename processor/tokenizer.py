@@ -19,7 +19,9 @@ class Tokenizer:
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
         if not (model_dir / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{model_dir}/tokenizer.json not found: the model directory needs a fast tokenizer")
+            raise FileNotFoundError(
+                f"{model_dir}/tokenizer.json not found: the model directory needs a fast tokenizer"
+            )
         self.hf = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
         self.chat_template = self.hf.chat_template or _processor_chat_template(model_dir)
         self.vocab_size = len(self.hf)
@@ -55,14 +57,20 @@ class Tokenizer:
         tid = self.hf.convert_tokens_to_ids(token)
         return None if tid is None or tid == self.hf.unk_token_id else int(tid)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         if not self.chat_template:
             raise InvalidRequestError(
                 "this model has no chat template; use /v1/completions with a raw prompt", param="messages"
             )
-        return self.hf.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                           add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.hf.apply_chat_template(
+            messages,
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
 
 
 def _processor_chat_template(model_dir: Path) -> str | None:
@@ -82,7 +90,11 @@ def _is_byte_level(hf: PreTrainedTokenizerFast) -> bool:
 
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's reversible byte <-> printable character table, inverted."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

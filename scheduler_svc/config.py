@@ -9,22 +9,31 @@ from common.args import ArgsBase, arg
 
 @dataclass(frozen=True)
 class SchedulerArgs(ArgsBase):
-    model_path: str = arg("", "Hugging Face model directory (or Hub id): tokenizer and config", aliases=("--model",))
+    model_path: str = arg(
+        "", "Hugging Face model directory (or Hub id): tokenizer and config", aliases=("--model",)
+    )
     host: str = arg("127.0.0.1", "address to listen on")
     port: int = arg(50051, "gRPC port (0 picks a free one)")
     worker_address: str = arg("127.0.0.1:50052", "host:port of the worker service")
     vision_address: str = arg("127.0.0.1:50053", "host:port of the vision service ('' for text-only models)")
     served_model_name: str = arg("", "model name clients send (default: the model path)")
     context_length: int | None = arg(None, "override the model's context length (must not exceed it)")
-    max_running_requests: int | None = arg(None, "max sequences in the running batch (default: 256 on GPU, 64 on CPU)")
-    chunked_prefill_size: int | None = arg(None, "max prompt tokens of one sequence per step; -1 disables chunking "
-                                                 "(default: 8192 on GPU, 2048 on CPU)")
+    max_running_requests: int | None = arg(
+        None, "max sequences in the running batch (default: 256 on GPU, 64 on CPU)"
+    )
+    chunked_prefill_size: int | None = arg(
+        None,
+        "max prompt tokens of one sequence per step; -1 disables chunking "
+        "(default: 8192 on GPU, 2048 on CPU)",
+    )
     max_prefill_tokens: int = arg(16384, "max prompt tokens of all sequences in one step")
     disable_radix_cache: bool = arg(False, "turn the prefix cache off")
     disable_overlap_schedule: bool = arg(False, "plan each step only after the previous one returned")
     decode_log_interval: int = arg(40, "log a decode batch line every N steps")
     step_timeout_s: float = arg(600.0, "fail running requests when the worker does not answer a step in time")
-    connect_timeout_s: float = arg(900.0, "how long to wait for the worker and vision services to become ready")
+    connect_timeout_s: float = arg(
+        900.0, "how long to wait for the worker and vision services to become ready"
+    )
     log_level: str = arg("info", "logging level")
 
     def __post_init__(self):

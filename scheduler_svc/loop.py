@@ -7,6 +7,7 @@ Backends are duck-typed: the gRPC clients in a cluster, in-process adapters in t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -29,8 +30,15 @@ class VisionBackend(Protocol):
 
 
 class SchedulerLoop:
-    def __init__(self, core: Scheduler, worker: WorkerBackend, vision: VisionBackend | None, *, overlap: bool = True,
-                 step_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        core: Scheduler,
+        worker: WorkerBackend,
+        vision: VisionBackend | None,
+        *,
+        overlap: bool = True,
+        step_timeout_s: float = 600.0,
+    ):
         self.core = core
         self.worker = worker
         self.vision = vision
@@ -51,10 +59,8 @@ class SchedulerLoop:
         self._wake.set()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
 
     # ---- callers ----
 
@@ -184,8 +190,11 @@ class SchedulerLoop:
 
 def _code(e: BaseException) -> str:
     if isinstance(e, MiradorError):
-        return {"INVALID_ARGUMENT": "invalid_argument", "UNAVAILABLE": "unavailable",
-                "RESOURCE_EXHAUSTED": "resource_exhausted"}.get(e.grpc_code.name, "internal")
+        return {
+            "INVALID_ARGUMENT": "invalid_argument",
+            "UNAVAILABLE": "unavailable",
+            "RESOURCE_EXHAUSTED": "resource_exhausted",
+        }.get(e.grpc_code.name, "internal")
     return "internal"
 
 
@@ -193,6 +202,9 @@ def _error(out: GenerateOutput) -> MiradorError:
     from common.errors import InvalidRequestError as Invalid
     from common.errors import ResourceExhaustedError
 
-    cls = {"invalid_argument": Invalid, "unavailable": UnavailableError,
-           "resource_exhausted": ResourceExhaustedError}.get(out.error_code, MiradorError)
+    cls = {
+        "invalid_argument": Invalid,
+        "unavailable": UnavailableError,
+        "resource_exhausted": ResourceExhaustedError,
+    }.get(out.error_code, MiradorError)
     return cls(out.error or "request failed")

@@ -29,8 +29,11 @@ class PageAllocator:
         return pages
 
     def free(self, pages: list[int]) -> None:
+        """Return pages; all or nothing: a double free or an invalid id raises before any page is taken back."""
+        if len(set(pages)) != len(pages) or any(
+            p <= 0 or p >= self.num_pages or self._is_free[p] for p in pages
+        ):
+            raise ValueError(f"double free or invalid page among {pages}")
         for p in pages:
-            if p <= 0 or p >= self.num_pages or self._is_free[p]:
-                raise ValueError(f"double free or invalid page {p}")
             self._is_free[p] = True
             self._free.append(p)

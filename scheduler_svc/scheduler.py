@@ -6,6 +6,7 @@ preemption and stop conditions. Plain Python, no I/O: `schedule()` returns the n
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from processor.text_stream import TextStream
 from processor.tokenizer import Tokenizer
 from scheduler_svc.page_allocator import PageAllocator
 from scheduler_svc.radix_cache import RadixCache
-from scheduler_svc.sequence import RequestState, Sequence, SeqStatus, cache_key
+from scheduler_svc.sequence import RequestState, SeqStatus, Sequence, cache_key
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ class SchedulerPolicy:
     context_length: int
     max_running_requests: int
     chunked_prefill_size: int  # max prompt tokens of one sequence in one step; <= 0: prompts are never split
-    max_prefill_tokens: int  # max prompt tokens of all sequences in one step (one unsplit prompt may exceed it)
+    max_prefill_tokens: (
+        int  # max prompt tokens of all sequences in one step (one unsplit prompt may exceed it)
+    )
     enable_prefix_cache: bool = True
     eos_token_ids: tuple[int, ...] = ()
     decode_log_interval: int = 40
@@ -91,7 +94,9 @@ def validate_request(req: GenerateRequest, vocab_size: int) -> None:
         raise InvalidRequestError(f"input_ids must be in [0, {vocab_size})", param="input_ids")
     for m in req.mm_items:
         if m.offset < 0 or m.end > len(req.input_ids) or m.num_tokens < 1 or not m.content_key:
-            raise InvalidRequestError("multimodal item outside the prompt or without a content key", param="mm_items")
+            raise InvalidRequestError(
+                "multimodal item outside the prompt or without a content key", param="mm_items"
+            )
     checks = [
         (s.temperature >= 0, "temperature", "must be >= 0"),
         (0 < s.top_p <= 1, "top_p", "must be in (0, 1]"),
@@ -137,15 +142,25 @@ class Scheduler:
         if n_prompt >= self.policy.context_length:
             raise InvalidRequestError(
                 f"the prompt is {n_prompt} tokens (images included); this model's context length is "
-                f"{self.policy.context_length}", param="messages", code="context_length_exceeded")
+                f"{self.policy.context_length}",
+                param="messages",
+                code="context_length_exceeded",
+            )
         if n_prompt > self.policy.num_pages * self.policy.page_size - self.policy.page_size:
-            raise InvalidRequestError(f"the prompt is {n_prompt} tokens, more than the KV cache holds", param="messages")
-        state = RequestState(req, now if now is not None else time.monotonic(), cache_key(list(req.input_ids),
-                                                                                         req.mm_items))
+            raise InvalidRequestError(
+                f"the prompt is {n_prompt} tokens, more than the KV cache holds", param="messages"
+            )
+        state = RequestState(
+            req, now if now is not None else time.monotonic(), cache_key(list(req.input_ids), req.mm_items)
+        )
         stop = req.stopping
         for i in range(max(1, req.n)):
-            stream = TextStream(self.tokenizer, skip_special_tokens=stop.skip_special_tokens, stop=stop.stop,
-                                no_stop_trim=stop.no_stop_trim)
+            stream = TextStream(
+                self.tokenizer,
+                skip_special_tokens=stop.skip_special_tokens,
+                stop=stop.stop,
+                no_stop_trim=stop.no_stop_trim,
+            )
             seq = Sequence(state, i, stream)
             state.seqs.append(seq)
             self._enqueue(seq)
@@ -180,8 +195,9 @@ class Scheduler:
         self._inflight.clear()
         self._free_worker.clear()
 
-    def on_encoded(self, request_id: str, keys: Seq[str], num_calls: int = 0, num_sent: int = 0,
-                   num_hits: int = 0) -> None:
+    def on_encoded(
+        self, request_id: str, keys: Seq[str], num_calls: int = 0, num_sent: int = 0, num_hits: int = 0
+    ) -> None:
         """The request's images are in the vision cache; counts are of the RPCs this request made itself (images
         another request was already encoding were awaited, not sent again)."""
         self.stats.vision_encode_calls += num_calls
@@ -212,8 +228,10 @@ class Scheduler:
                 continue  # preempted for an older sequence in this loop
             if seq.prefill_done:
                 out = len(seq.output_ids) + seq.num_pending_samples
-                if out >= seq.req.request.stopping.max_new_tokens or len(seq.token_ids) + seq.num_pending_samples \
-                        >= p.context_length:
+                if (
+                    out >= seq.req.request.stopping.max_new_tokens
+                    or len(seq.token_ids) + seq.num_pending_samples >= p.context_length
+                ):
                     continue  # its last token is in flight; it finishes when that arrives
                 n = 1
             else:
@@ -274,7 +292,9 @@ class Scheduler:
         pages, node = self.cache.match_prefix(seq.key[: total - 1])
         matched = len(pages) * self.policy.page_size
         req = seq.req
-        needed = [m for m in req.request.mm_items if m.end > matched and m.content_key not in req.images_ready]
+        needed = [
+            m for m in req.request.mm_items if m.end > matched and m.content_key not in req.images_ready
+        ]
         if needed:
             req.encoding = True
             self.encode_requests.append((req.request_id, needed))
@@ -302,8 +322,9 @@ class Scheduler:
         self.stats.prefix_cache_hit_tokens += matched
         return n, matched
 
-    def _reserve(self, seq: Sequence, num_tokens: int, step_id: int, protect: set[int],
-                 may_preempt: bool = True) -> bool:
+    def _reserve(
+        self, seq: Sequence, num_tokens: int, step_id: int, protect: set[int], may_preempt: bool = True
+    ) -> bool:
         """Make seq.page_ids cover num_tokens, evicting cache and then preempting the newest running sequences
         (never one already in this step). False if it could not (seq itself may have been preempted)."""
         need = -(-num_tokens // self.policy.page_size) - len(seq.page_ids)
@@ -333,9 +354,15 @@ class Scheduler:
         init = None
         if not seq.worker_has_state:
             req = seq.req.request
+            sampling = req.sampling
+            if sampling.seed is not None and seq.index:
+                # each choice of a seeded request draws its own stream, reproducibly
+                sampling = dataclasses.replace(
+                    sampling, seed=(sampling.seed + seq.index * 0x9E3779B97F4A7C15) % (1 << 63)
+                )
             init = SeqInit(
                 mm_items=tuple(m.without_data() for m in req.mm_items),
-                sampling=req.sampling,
+                sampling=sampling,
                 num_prompt_tokens=len(req.input_ids),
                 prompt_token_ids=tuple(req.input_ids) if req.sampling.needs_prompt_ids else (),
                 output_token_ids=tuple(seq.output_ids),
@@ -442,8 +469,13 @@ class Scheduler:
             if not seq.output_ids:
                 self._cache_unfinished(seq, s.computed_after)
             tokens += 1
-            self._on_token(seq, result.token_id, TokenLogprob(result.token_id, result.logprob, result.top_logprobs)
-                           if seq.req.request.sampling.return_logprob else None)
+            self._on_token(
+                seq,
+                result.token_id,
+                TokenLogprob(result.token_id, result.logprob, result.top_logprobs)
+                if seq.req.request.sampling.return_logprob
+                else None,
+            )
         self.stats.generated_tokens_total += tokens
         self.stats.recent_tokens.append((time.time(), tokens))
 
@@ -464,8 +496,9 @@ class Scheduler:
         n_out = len(seq.output_ids)
         reason: str | None = None
         check = n_out >= stop.min_new_tokens
-        is_stop_token = check and ((not stop.ignore_eos and token in self.policy.eos_token_ids)
-                                   or token in stop.stop_token_ids)
+        is_stop_token = check and (
+            (not stop.ignore_eos and token in self.policy.eos_token_ids) or token in stop.stop_token_ids
+        )
         text = ""
         if is_stop_token:
             reason, seq.matched_stop = "stop", token
@@ -475,7 +508,9 @@ class Scheduler:
             text = seq.stream.push([token], check_stop=check)
             if seq.stream.matched_stop is not None:
                 reason, seq.matched_stop = "stop", seq.stream.matched_stop
-        if reason is None and (n_out >= stop.max_new_tokens or len(seq.token_ids) >= self.policy.context_length):
+        if reason is None and (
+            n_out >= stop.max_new_tokens or len(seq.token_ids) >= self.policy.context_length
+        ):
             reason = "length"
         seq.pending_text += text
         seq.pending_ids.append(token)
@@ -498,8 +533,11 @@ class Scheduler:
         seq.finish_reason = reason
         if seq.stream.matched_stop is None:
             seq.pending_text += seq.stream.finish(
-                check_stop=len(seq.output_ids) >= seq.req.request.stopping.min_new_tokens)
-            if seq.stream.matched_stop is not None and reason != "abort":  # a stop string in the held-back text
+                check_stop=len(seq.output_ids) >= seq.req.request.stopping.min_new_tokens
+            )
+            if (
+                seq.stream.matched_stop is not None and reason != "abort"
+            ):  # a stop string in the held-back text
                 seq.finish_reason, seq.matched_stop = "stop", seq.stream.matched_stop
         if emit:
             self._emit(seq, final=True, error=error)
@@ -512,8 +550,13 @@ class Scheduler:
 
     def _emit(self, seq: Sequence, final: bool = False, error: tuple[str, str] | None = None) -> None:
         req = seq.req
-        out = GenerateOutput(request_id=req.request_id, index=seq.index, text=seq.pending_text,
-                             token_ids=seq.pending_ids, logprobs=seq.pending_logprobs)
+        out = GenerateOutput(
+            request_id=req.request_id,
+            index=seq.index,
+            text=seq.pending_text,
+            token_ids=seq.pending_ids,
+            logprobs=seq.pending_logprobs,
+        )
         if error is not None:
             out.error, out.error_code = error
         if final:
@@ -542,10 +585,23 @@ class Scheduler:
         snap = self.snapshot()
         usage = snap["kv_pages_used"] / max(1, snap["kv_pages_total"])
         if new_seqs:
-            logger.info("Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
-                        "#running-req: %d, #queue-req: %d", new_seqs, new_tokens, cached, usage,
-                        snap["num_running"], snap["num_queued"])
+            logger.info(
+                "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
+                "#running-req: %d, #queue-req: %d",
+                new_seqs,
+                new_tokens,
+                cached,
+                usage,
+                snap["num_running"],
+                snap["num_queued"],
+            )
         elif decodes and self.stats.num_steps % self.policy.decode_log_interval == 0:
-            logger.info("Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): "
-                        "%.2f, #queue-req: %d", snap["num_running"], snap["kv_pages_used"] * self.policy.page_size,
-                        usage, self.stats.gen_throughput(), snap["num_queued"])
+            logger.info(
+                "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): "
+                "%.2f, #queue-req: %d",
+                snap["num_running"],
+                snap["kv_pages_used"] * self.policy.page_size,
+                usage,
+                self.stats.gen_throughput(),
+                snap["num_queued"],
+            )

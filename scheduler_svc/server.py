@@ -11,7 +11,8 @@ import grpc
 
 from common.convert import output_to_proto, request_from_proto, worker_info_json
 from common.errors import UnavailableError, abort_with
-from common.grpc_utils import ServiceHealth, create_server as _create_server, wait_serving
+from common.grpc_utils import ServiceHealth, wait_serving
+from common.grpc_utils import create_server as _create_server
 from common.types import WorkerInfo
 from processor.model_config import load_generation_eos, load_model_config
 from processor.tokenizer import Tokenizer
@@ -74,18 +75,36 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             vision = VisionClient(a.vision_address)
             self._clients.append(vision)
             info = await vision.info()
-            self.vision_info_json = json.dumps({"architecture": info.architecture, "hidden_size": info.hidden_size,
-                                                "dtype": info.dtype, "device": info.device,
-                                                "cache_budget_bytes": info.cache_budget_bytes})
+            self.vision_info_json = json.dumps(
+                {
+                    "architecture": info.architecture,
+                    "hidden_size": info.hidden_size,
+                    "dtype": info.dtype,
+                    "device": info.device,
+                    "cache_budget_bytes": info.cache_budget_bytes,
+                }
+            )
         policy = resolve_policy(a, self.worker_info, load_generation_eos(a.model_path))
         self.policy = policy
-        self.loop = SchedulerLoop(Scheduler(policy, tokenizer), worker, vision,
-                                  overlap=not a.disable_overlap_schedule, step_timeout_s=a.step_timeout_s)
+        self.loop = SchedulerLoop(
+            Scheduler(policy, tokenizer),
+            worker,
+            vision,
+            overlap=not a.disable_overlap_schedule,
+            step_timeout_s=a.step_timeout_s,
+        )
         self.loop.start()
-        logger.info("scheduler ready: %d KV pages x %d tokens, context %d, max running %d, chunked prefill %d, "
-                    "prefix cache %s, overlap %s", policy.num_pages, policy.page_size, policy.context_length,
-                    policy.max_running_requests, policy.chunked_prefill_size,
-                    "on" if policy.enable_prefix_cache else "off", "on" if self.loop.depth else "off")
+        logger.info(
+            "scheduler ready: %d KV pages x %d tokens, context %d, max running %d, chunked prefill %d, "
+            "prefix cache %s, overlap %s",
+            policy.num_pages,
+            policy.page_size,
+            policy.context_length,
+            policy.max_running_requests,
+            policy.chunked_prefill_size,
+            "on" if policy.enable_prefix_cache else "off",
+            "on" if self.loop.depth else "off",
+        )
         await self.health.set_serving(True)
 
     async def shutdown(self) -> None:
@@ -119,14 +138,24 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         core = self.loop.core
         s = core.stats
         return scheduler_pb2.SchedulerStats(
-            **core.snapshot(), num_preemptions=s.num_preemptions, prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
-            prompt_tokens_total=s.prompt_tokens_total, vision_encode_calls=s.vision_encode_calls,
-            vision_images_requested=s.vision_images_requested, vision_cache_hits=s.vision_cache_hits,
-            vision_skipped_images=s.vision_skipped_images, num_steps=s.num_steps,
-            generated_tokens_total=s.generated_tokens_total, requests_finished=s.requests_finished,
-            requests_aborted=s.requests_aborted, scheduler_ns_total=s.scheduler_ns_total,
-            scheduler_ns_overlapped=s.scheduler_ns_overlapped, worker_forward_ns_total=s.worker_forward_ns_total,
-            gen_throughput=s.gen_throughput(), steps_overlapped=s.steps_overlapped)
+            **core.snapshot(),
+            num_preemptions=s.num_preemptions,
+            prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
+            prompt_tokens_total=s.prompt_tokens_total,
+            vision_encode_calls=s.vision_encode_calls,
+            vision_images_requested=s.vision_images_requested,
+            vision_cache_hits=s.vision_cache_hits,
+            vision_skipped_images=s.vision_skipped_images,
+            num_steps=s.num_steps,
+            generated_tokens_total=s.generated_tokens_total,
+            requests_finished=s.requests_finished,
+            requests_aborted=s.requests_aborted,
+            scheduler_ns_total=s.scheduler_ns_total,
+            scheduler_ns_overlapped=s.scheduler_ns_overlapped,
+            worker_forward_ns_total=s.worker_forward_ns_total,
+            gen_throughput=s.gen_throughput(),
+            steps_overlapped=s.steps_overlapped,
+        )
 
     async def GetServerInfo(self, request, context):
         try:
@@ -136,18 +165,32 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         a, p = self.args, self.policy
         config = load_model_config(a.model_path)
         return scheduler_pb2.ServerInfo(
-            model_path=str(Path(a.model_path)), served_model_name=a.served_model_name or a.model_path,
-            architecture=config.architecture, is_multimodal=config.is_multimodal, context_length=p.context_length,
-            page_size=p.page_size, num_pages=p.num_pages, max_running_requests=p.max_running_requests,
-            chunked_prefill_size=p.chunked_prefill_size, max_prefill_tokens=p.max_prefill_tokens,
-            enable_prefix_cache=p.enable_prefix_cache, scheduler_args_json=json.dumps(dataclasses.asdict(a)),
-            worker_info_json=worker_info_json(self.worker_info), vision_info_json=self.vision_info_json,
-            enable_overlap=bool(self.loop.depth), eos_token_ids=list(p.eos_token_ids))
+            model_path=str(Path(a.model_path)),
+            served_model_name=a.served_model_name or a.model_path,
+            architecture=config.architecture,
+            is_multimodal=config.is_multimodal,
+            context_length=p.context_length,
+            page_size=p.page_size,
+            num_pages=p.num_pages,
+            max_running_requests=p.max_running_requests,
+            chunked_prefill_size=p.chunked_prefill_size,
+            max_prefill_tokens=p.max_prefill_tokens,
+            enable_prefix_cache=p.enable_prefix_cache,
+            scheduler_args_json=json.dumps(dataclasses.asdict(a)),
+            worker_info_json=worker_info_json(self.worker_info),
+            vision_info_json=self.vision_info_json,
+            enable_overlap=bool(self.loop.depth),
+            eos_token_ids=list(p.eos_token_ids),
+        )
 
 
 def create_server(args: SchedulerArgs) -> tuple[grpc.aio.Server, int, SchedulerServicer]:
     servicer = SchedulerServicer(args)
     server, port, health = _create_server(
-        SERVICE_NAME, lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s), args.host, args.port)
+        SERVICE_NAME,
+        lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s),
+        args.host,
+        args.port,
+    )
     servicer.health = health
     return server, port, servicer

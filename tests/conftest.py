@@ -10,9 +10,19 @@ from mirador.default_model import cache_root, config_with, default_model_dir, en
 
 # A second shape: more layers, GQA 3:1, wider hidden, a 3-block vision tower, and a small max_pixels so that
 # images above it (downscaled) stay cheap.
-SECOND_CONFIG = config_with(hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
-                            num_key_value_heads=2, vision_depth=3, vision_hidden_size=48, vision_num_heads=3,
-                            vision_intermediate_size=96, vision_out_hidden_size=96, vision_fullatt_block_indexes=[2])
+SECOND_CONFIG = config_with(
+    hidden_size=96,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    vision_depth=3,
+    vision_hidden_size=48,
+    vision_num_heads=3,
+    vision_intermediate_size=96,
+    vision_out_hidden_size=96,
+    vision_fullatt_block_indexes=[2],
+)
 SECOND_MAX_PIXELS = 160 * 28 * 28
 
 
@@ -23,8 +33,13 @@ def default_model() -> Path:
 
 @pytest.fixture(scope="session")
 def second_model() -> Path:
-    return ensure_model(cache_root() / "models", "qwen2.5-vl-tiny-b", SECOND_CONFIG,
-                        preprocessor={"max_pixels": SECOND_MAX_PIXELS}, seed=7)
+    return ensure_model(
+        cache_root() / "models",
+        "qwen2.5-vl-tiny-b",
+        SECOND_CONFIG,
+        preprocessor={"max_pixels": SECOND_MAX_PIXELS},
+        seed=7,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -33,18 +33,41 @@ def free_port() -> int:
 class Cluster:
     """`mirador up` in a subprocess on loopback with explicit ports, so tests can reach every service."""
 
-    def __init__(self, model_dir: Path, *flags: str, log_dir: Path, name: str = "cluster", startup_s: float = 180):
+    def __init__(
+        self, model_dir: Path, *flags: str, log_dir: Path, name: str = "cluster", startup_s: float = 180
+    ):
         self.port = free_port()
         self.scheduler_port, self.worker_port, self.vision_port = free_port(), free_port(), free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.scheduler_address = f"127.0.0.1:{self.scheduler_port}"
         self.log_path = log_dir / f"{name}-{self.port}.log"
-        cmd = [sys.executable, "-m", "mirador", "up", "--model", str(model_dir), "--port", str(self.port),
-               "--scheduler-port", str(self.scheduler_port), "--worker-port", str(self.worker_port),
-               "--vision-port", str(self.vision_port), "--served-model-name", SERVED, *flags]
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "mirador",
+            "up",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(self.port),
+            "--scheduler-port",
+            str(self.scheduler_port),
+            "--worker-port",
+            str(self.worker_port),
+            "--vision-port",
+            str(self.vision_port),
+            "--served-model-name",
+            SERVED,
+            *flags,
+        ]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the cluster
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.http = httpx.Client(base_url=self.base_url, timeout=120, trust_env=False)
         deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
@@ -138,7 +161,9 @@ class HFReference:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         self.torch = torch
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            str(model_dir), dtype=torch.float32
+        ).eval()
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(model_dir))
         self.image_token_id = self.model.config.image_token_id
@@ -153,11 +178,16 @@ class HFReference:
             counts = [int(g.prod()) // merge**2 for g in feats["image_grid_thw"]]
             pieces = text.split("<|image_pad|>")
             assert len(pieces) == len(counts) + 1
-            text = pieces[0] + "".join("<|image_pad|>" * n + p for n, p in zip(counts, pieces[1:], strict=True))
+            text = pieces[0] + "".join(
+                "<|image_pad|>" * n + p for n, p in zip(counts, pieces[1:], strict=True)
+            )
             out.update(pixel_values=feats["pixel_values"], image_grid_thw=feats["image_grid_thw"])
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        out.update(input_ids=ids, attention_mask=self.torch.ones_like(ids),
-                   mm_token_type_ids=(ids == self.image_token_id).int())
+        out.update(
+            input_ids=ids,
+            attention_mask=self.torch.ones_like(ids),
+            mm_token_type_ids=(ids == self.image_token_id).int(),
+        )
         return out
 
     def generate(self, messages, images, max_new_tokens: int) -> tuple[list[int], list[int]]:
@@ -165,7 +195,7 @@ class HFReference:
         with self.torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         prompt = inputs["input_ids"][0].tolist()
-        return prompt, out[0, len(prompt):].tolist()
+        return prompt, out[0, len(prompt) :].tolist()
 
     def last_logits(self, messages, images):
         inputs = self.inputs(messages, images)

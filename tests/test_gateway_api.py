@@ -16,7 +16,16 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import SERVED, Cluster, data_uri, free_port, image_part, noise_image, png_bytes, sample_photo
+from tests.helpers import (
+    SERVED,
+    Cluster,
+    data_uri,
+    free_port,
+    image_part,
+    noise_image,
+    png_bytes,
+    sample_photo,
+)
 
 JPEG = sample_photo("grace_hopper.jpg").read_bytes()
 PNG = sample_photo("logo2.png").read_bytes()
@@ -64,9 +73,20 @@ def local_media(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(default_model, log_dir, local_media):
-    c = Cluster(default_model, "--page-size", "8", "--allow-private-media-urls", "--allowed-local-media-path",
-                str(local_media), "--media-fetch-timeout-s", "1", "--context-length", "2048", log_dir=log_dir,
-                name="api")
+    c = Cluster(
+        default_model,
+        "--page-size",
+        "8",
+        "--allow-private-media-urls",
+        "--allowed-local-media-path",
+        str(local_media),
+        "--media-fetch-timeout-s",
+        "1",
+        "--context-length",
+        "2048",
+        log_dir=log_dir,
+        name="api",
+    )
     yield c
     c.stop()
 
@@ -76,10 +96,27 @@ def strict_gateway(cluster, default_model, log_dir):
     """A second gateway on the same scheduler with default media policy (private URLs refused) and a tiny
     image byte cap."""
     port = free_port()
-    log = open(log_dir / "strict-gateway.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mirador", "gateway", "--model", str(default_model), "--port",
-                             str(port), "--scheduler-address", cluster.scheduler_address, "--served-model-name", SERVED,
-                             "--max-image-bytes", "100000"], stdout=log, stderr=subprocess.STDOUT)
+    log = open(log_dir / "strict-gateway.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mirador",
+            "gateway",
+            "--model",
+            str(default_model),
+            "--port",
+            str(port),
+            "--scheduler-address",
+            cluster.scheduler_address,
+            "--served-model-name",
+            SERVED,
+            "--max-image-bytes",
+            "100000",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -108,10 +145,15 @@ TEXT = {"type": "text", "text": "What do you see?"}
 
 # ---- the official client ----
 
+
 def test_openai_client_non_streaming(client):
-    r = client.chat.completions.create(model=SERVED, messages=_user({"type": "image_url", "image_url": {
-        "url": data_uri(JPEG, "image/jpeg")}}, TEXT), max_tokens=6, temperature=0,
-        extra_body={"return_token_ids": True})
+    r = client.chat.completions.create(
+        model=SERVED,
+        messages=_user({"type": "image_url", "image_url": {"url": data_uri(JPEG, "image/jpeg")}}, TEXT),
+        max_tokens=6,
+        temperature=0,
+        extra_body={"return_token_ids": True},
+    )
     assert r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].finish_reason in ("stop", "length")
@@ -124,8 +166,16 @@ def test_openai_client_non_streaming(client):
 def test_openai_client_streaming_equals_non_streaming(client):
     msgs = _user(image_part(noise_image(100, 80, 4)), TEXT)
     full = client.chat.completions.create(model=SERVED, messages=msgs, max_tokens=12, temperature=0)
-    chunks = list(client.chat.completions.create(model=SERVED, messages=msgs, max_tokens=12, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=SERVED,
+            messages=msgs,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert content == full.choices[0].message.content
@@ -135,8 +185,16 @@ def test_openai_client_streaming_equals_non_streaming(client):
 
 
 def test_raw_sse_shape(cluster):
-    with cluster.http.stream("POST", "/v1/chat/completions", json={
-            "model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True}) as r:
+    with cluster.http.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": SERVED,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5,
+            "stream": True,
+        },
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in r.iter_lines() if ln]
@@ -154,26 +212,40 @@ def test_models_health_info(cluster):
     info = cluster.http.get("/server_info").json()
     assert info["architecture"] == "Qwen2_5_VLForConditionalGeneration"
     assert info["context_length"] == 2048
-    assert {"num_running", "num_queued", "kv_pages_used", "kv_pages_total", "num_preemptions",
-            "prefix_cache_hit_tokens", "vision_encode_calls", "vision_cache_hits"} <= set(info["stats"])
+    assert {
+        "num_running",
+        "num_queued",
+        "kv_pages_used",
+        "kv_pages_total",
+        "num_preemptions",
+        "prefix_cache_hit_tokens",
+        "vision_encode_calls",
+        "vision_cache_hits",
+    } <= set(info["stats"])
     assert info["worker_info"]["page_size"] == 8
     assert cluster.http.get("/get_server_info").status_code == 200
 
 
 # ---- media sources ----
 
+
 def test_http_url_on_loopback(cluster, media_server):
     for path in ("/photo.jpg", "/logo.png", "/redirect"):
-        body = cluster.chat_ok(_user({"type": "image_url", "image_url": {"url": media_server + path}}, TEXT),
-                               max_tokens=3)
+        body = cluster.chat_ok(
+            _user({"type": "image_url", "image_url": {"url": media_server + path}}, TEXT), max_tokens=3
+        )
         assert body["usage"]["prompt_tokens"] > 100
 
 
 def test_same_image_by_url_and_data_uri_share_cache(cluster, media_server):
-    by_url = cluster.chat_ok(_user({"type": "image_url", "image_url": {"url": media_server + "/logo.png"}}, TEXT),
-                             max_tokens=4, temperature=0)
-    by_data = cluster.chat_ok(_user({"type": "image_url", "image_url": {"url": data_uri(PNG)}}, TEXT), max_tokens=4,
-                              temperature=0)
+    by_url = cluster.chat_ok(
+        _user({"type": "image_url", "image_url": {"url": media_server + "/logo.png"}}, TEXT),
+        max_tokens=4,
+        temperature=0,
+    )
+    by_data = cluster.chat_ok(
+        _user({"type": "image_url", "image_url": {"url": data_uri(PNG)}}, TEXT), max_tokens=4, temperature=0
+    )
     assert by_data["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert by_data["choices"][0]["message"]["content"] == by_url["choices"][0]["message"]["content"]
 
@@ -185,6 +257,7 @@ def test_local_file_allowed(cluster, local_media):
 
 # ---- bad input: 4xx in OpenAI's shape, and the cluster still serves ----
 
+
 def _assert_error(r: httpx.Response, status: int, param_part: str | None = None):
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -195,36 +268,102 @@ def _assert_error(r: httpx.Response, status: int, param_part: str | None = None)
 
 
 BAD = {
-    "malformed_json": (lambda c, m, d: c.http.post("/v1/chat/completions", content=b"{not json",
-                                                   headers={"content-type": "application/json"}), 400, None),
-    "missing_messages": (lambda c, m, d: c.http.post("/v1/chat/completions", json={"model": SERVED}), 400, "messages"),
+    "malformed_json": (
+        lambda c, m, d: c.http.post(
+            "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+        ),
+        400,
+        None,
+    ),
+    "missing_messages": (
+        lambda c, m, d: c.http.post("/v1/chat/completions", json={"model": SERVED}),
+        400,
+        "messages",
+    ),
     "empty_messages": (lambda c, m, d: c.chat([]), 400, "messages"),
-    "unknown_part": (lambda c, m, d: c.chat(_user({"type": "audio", "audio": "x"})), 400, "messages[0].content[0]"),
-    "not_an_image": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {
-        "url": data_uri(b"definitely not an image")}}, TEXT)), 400, "image_url"),
-    "bad_base64": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {
-        "url": "data:image/png;base64,@@@notbase64@@@"}}, TEXT)), 400, "image_url"),
-    "url_not_image": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {
-        "url": m + "/notimage.bin"}}, TEXT)), 400, "image_url"),
-    "url_404": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {"url": m + "/missing.png"}}, TEXT)),
-                400, "image_url"),
-    "unreachable_url": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {
-        "url": f"http://127.0.0.1:{free_port()}/x.png"}}, TEXT)), 400, "image_url"),
-    "slow_url": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {"url": m + "/slow.png"}}, TEXT)),
-                 400, "image_url"),
-    "path_outside_allowed": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {
-        "url": str(sample_photo("grace_hopper.jpg"))}}, TEXT)), 400, "image_url"),
-    "path_traversal": (lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {
-        "url": str(d / ".." / "etc-passwd")}}, TEXT)), 400, "image_url"),
-    "too_long_after_images": (lambda c, m, d: c.chat(_user(image_part(noise_image(1400, 1400, 9)), TEXT)), 400,
-                              "messages"),
-    "max_tokens_over_context": (lambda c, m, d: c.chat([{"role": "user", "content": "hi"}], max_tokens=5000), 400,
-                                "max_tokens"),
-    "unknown_model": (lambda c, m, d: c.http.post("/v1/chat/completions", json={
-        "model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}), 404, "model"),
-    "negative_temperature": (lambda c, m, d: c.chat([{"role": "user", "content": "hi"}], temperature=-1), 400,
-                             "temperature"),
-    "typed_placeholder": (lambda c, m, d: c.chat([{"role": "user", "content": "<|image_pad|> hi"}]), 400, "messages"),
+    "unknown_part": (
+        lambda c, m, d: c.chat(_user({"type": "audio", "audio": "x"})),
+        400,
+        "messages[0].content[0]",
+    ),
+    "not_an_image": (
+        lambda c, m, d: c.chat(
+            _user({"type": "image_url", "image_url": {"url": data_uri(b"definitely not an image")}}, TEXT)
+        ),
+        400,
+        "image_url",
+    ),
+    "bad_base64": (
+        lambda c, m, d: c.chat(
+            _user({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@notbase64@@@"}}, TEXT)
+        ),
+        400,
+        "image_url",
+    ),
+    "url_not_image": (
+        lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {"url": m + "/notimage.bin"}}, TEXT)),
+        400,
+        "image_url",
+    ),
+    "url_404": (
+        lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {"url": m + "/missing.png"}}, TEXT)),
+        400,
+        "image_url",
+    ),
+    "unreachable_url": (
+        lambda c, m, d: c.chat(
+            _user({"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{free_port()}/x.png"}}, TEXT)
+        ),
+        400,
+        "image_url",
+    ),
+    "slow_url": (
+        lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {"url": m + "/slow.png"}}, TEXT)),
+        400,
+        "image_url",
+    ),
+    "path_outside_allowed": (
+        lambda c, m, d: c.chat(
+            _user({"type": "image_url", "image_url": {"url": str(sample_photo("grace_hopper.jpg"))}}, TEXT)
+        ),
+        400,
+        "image_url",
+    ),
+    "path_traversal": (
+        lambda c, m, d: c.chat(
+            _user({"type": "image_url", "image_url": {"url": str(d / ".." / "etc-passwd")}}, TEXT)
+        ),
+        400,
+        "image_url",
+    ),
+    "too_long_after_images": (
+        lambda c, m, d: c.chat(_user(image_part(noise_image(1400, 1400, 9)), TEXT)),
+        400,
+        "messages",
+    ),
+    "max_tokens_over_context": (
+        lambda c, m, d: c.chat([{"role": "user", "content": "hi"}], max_tokens=5000),
+        400,
+        "max_tokens",
+    ),
+    "unknown_model": (
+        lambda c, m, d: c.http.post(
+            "/v1/chat/completions",
+            json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]},
+        ),
+        404,
+        "model",
+    ),
+    "negative_temperature": (
+        lambda c, m, d: c.chat([{"role": "user", "content": "hi"}], temperature=-1),
+        400,
+        "temperature",
+    ),
+    "typed_placeholder": (
+        lambda c, m, d: c.chat([{"role": "user", "content": "<|image_pad|> hi"}]),
+        400,
+        "messages",
+    ),
 }
 
 
@@ -239,26 +378,48 @@ def test_bad_input_is_4xx_and_cluster_still_serves(cluster, media_server, local_
 
 
 def test_loopback_url_refused_without_flag(strict_gateway, media_server):
-    r = strict_gateway.post("/v1/chat/completions", json={"model": SERVED, "messages": _user(
-        {"type": "image_url", "image_url": {"url": media_server + "/photo.jpg"}}, TEXT)})
+    r = strict_gateway.post(
+        "/v1/chat/completions",
+        json={
+            "model": SERVED,
+            "messages": _user({"type": "image_url", "image_url": {"url": media_server + "/photo.jpg"}}, TEXT),
+        },
+    )
     _assert_error(r, 400, "image_url")
     assert "allow-private-media-urls" in r.json()["error"]["message"]
-    r = strict_gateway.post("/v1/chat/completions", json={"model": SERVED, "messages": _user(
-        {"type": "image_url", "image_url": {"url": "http://localhost:9/x.png"}}, TEXT)})
+    r = strict_gateway.post(
+        "/v1/chat/completions",
+        json={
+            "model": SERVED,
+            "messages": _user({"type": "image_url", "image_url": {"url": "http://localhost:9/x.png"}}, TEXT),
+        },
+    )
     _assert_error(r, 400, "image_url")
 
 
 def test_image_over_byte_cap_is_413(strict_gateway):
     big = png_bytes(noise_image(400, 400, 1))
     assert len(big) > 100000
-    r = strict_gateway.post("/v1/chat/completions", json={"model": SERVED, "messages": _user(
-        {"type": "image_url", "image_url": {"url": data_uri(big)}}, TEXT)})
+    r = strict_gateway.post(
+        "/v1/chat/completions",
+        json={
+            "model": SERVED,
+            "messages": _user({"type": "image_url", "image_url": {"url": data_uri(big)}}, TEXT),
+        },
+    )
     _assert_error(r, 413)
 
 
 def test_local_paths_disabled_by_default(strict_gateway, local_media):
-    r = strict_gateway.post("/v1/chat/completions", json={"model": SERVED, "messages": _user(
-        {"type": "image_url", "image_url": {"url": str(local_media / "photo.jpg")}}, TEXT)})
+    r = strict_gateway.post(
+        "/v1/chat/completions",
+        json={
+            "model": SERVED,
+            "messages": _user(
+                {"type": "image_url", "image_url": {"url": str(local_media / "photo.jpg")}}, TEXT
+            ),
+        },
+    )
     _assert_error(r, 400, "image_url")
 
 

@@ -27,8 +27,12 @@ def setup(request, default_model, second_model):
 def _images():
     from PIL import Image
 
-    return [noise_image(28, 28, 1), noise_image(150, 100, 2), noise_image(900, 60, 3),
-            Image.open(sample_photo("grace_hopper.jpg")).convert("RGB")]
+    return [
+        noise_image(28, 28, 1),
+        noise_image(150, 100, 2),
+        noise_image(900, 60, 3),
+        Image.open(sample_photo("grace_hopper.jpg")).convert("RGB"),
+    ]
 
 
 def test_pixel_values_equal_hf(setup):
@@ -79,7 +83,9 @@ def _runner_logits(model_dir, vision, pre, hf, messages_ref, images, chunk: int)
         pos = off + n
     runner = ModelRunner(RunnerConfig(str(model_dir), page_size=4, max_total_tokens=4096), _Embeddings(table))
     pages = tuple(range(1, (len(ids) + 3) // 4 + 1))
-    init = SeqInit(tuple(items), SamplingParams(temperature=0.0, return_logprob=True, top_logprobs=5), len(ids))
+    init = SeqInit(
+        tuple(items), SamplingParams(temperature=0.0, return_logprob=True, top_logprobs=5), len(ids)
+    )
     captured = {}
     original = runner.model.compute_logits
 
@@ -91,8 +97,15 @@ def _runner_logits(model_dir, vision, pre, hf, messages_ref, images, chunk: int)
     start = 0
     while start < len(ids):
         n = min(chunk, len(ids) - start)
-        step = SeqStep("s", start, tuple(ids[start : start + n]), start + n == len(ids), 0, pages if start == 0 else (),
-                       init if start == 0 else None)
+        step = SeqStep(
+            "s",
+            start,
+            tuple(ids[start : start + n]),
+            start + n == len(ids),
+            0,
+            pages if start == 0 else (),
+            init if start == 0 else None,
+        )
         runner.step(StepPlan(start, (step,)))
         start += n
     return captured["logits"][0]
@@ -102,7 +115,12 @@ def _runner_logits(model_dir, vision, pre, hf, messages_ref, images, chunk: int)
 def test_prefill_logits_equal_hf(setup, chunk):
     model_dir, hf, vision, pre = setup
     images = [noise_image(150, 100, 5), noise_image(60, 300, 6)]
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"}],
+        }
+    ]
     ref = hf.last_logits(msgs, images)
     ours = _runner_logits(model_dir, vision, pre, hf, msgs, images, chunk)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-3)

@@ -17,24 +17,42 @@ def case_messages(case: str, max_side_img: tuple[int, int] | None = None):
     if case == "text":
         m = [{"role": "user", "content": "Write one sentence about the sea."}]
         return m, m, []
-    sizes = {"img_28": (28, 28), "img_odd": (150, 100), "img_wide": (1000, 60), "img_tall": (56, 700),
-             "img_big": max_side_img}
+    sizes = {
+        "img_28": (28, 28),
+        "img_odd": (150, 100),
+        "img_wide": (1000, 60),
+        "img_tall": (56, 700),
+        "img_big": max_side_img,
+    }
     if case in sizes:
         w, h = sizes[case]
         im = noise_image(w, h, seed=w * 7 + h)
-        return ([{"role": "user", "content": [image_part(im), text]}], [{"role": "user", "content": [img, text]}], [im])
+        return (
+            [{"role": "user", "content": [image_part(im), text]}],
+            [{"role": "user", "content": [img, text]}],
+            [im],
+        )
     if case == "two_images":
         a, b = noise_image(84, 56, 1), noise_image(60, 90, 2)
-        ours = [{"role": "user", "content": [text, image_part(a), {"type": "text", "text": "and"}, image_part(b)]}]
+        ours = [
+            {"role": "user", "content": [text, image_part(a), {"type": "text", "text": "and"}, image_part(b)]}
+        ]
         ref = [{"role": "user", "content": [text, img, {"type": "text", "text": "and"}, img]}]
         return ours, ref, [a, b]
     if case == "earlier_turn":
         a = noise_image(70, 70, 3)
-        ours = [{"role": "system", "content": "You are terse."},
-                {"role": "user", "content": [image_part(a), {"type": "text", "text": "What is this?"}]},
-                {"role": "assistant", "content": "A square of noise."},
-                {"role": "user", "content": "What colour dominates it?"}]
-        ref = [ours[0], {"role": "user", "content": [img, {"type": "text", "text": "What is this?"}]}, ours[2], ours[3]]
+        ours = [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": [image_part(a), {"type": "text", "text": "What is this?"}]},
+            {"role": "assistant", "content": "A square of noise."},
+            {"role": "user", "content": "What colour dominates it?"},
+        ]
+        ref = [
+            ours[0],
+            {"role": "user", "content": [img, {"type": "text", "text": "What is this?"}]},
+            ours[2],
+            ours[3],
+        ]
         return ours, ref, [a]
     raise KeyError(case)
 
@@ -51,8 +69,15 @@ def default_cluster(default_model, log_dir):
 
 @pytest.fixture(scope="module")
 def second_cluster(second_model, log_dir):
-    c = Cluster(second_model, "--page-size", "8", "--chunked-prefill-size", "64", log_dir=log_dir,
-                name="parity-second")
+    c = Cluster(
+        second_model,
+        "--page-size",
+        "8",
+        "--chunked-prefill-size",
+        "64",
+        log_dir=log_dir,
+        name="parity-second",
+    )
     yield c
     c.stop()
 
@@ -103,8 +128,13 @@ def test_images_change_the_answer(default_cluster):
     text = {"type": "text", "text": "Describe."}
     lps = []
     for seed in (11, 12):
-        body = default_cluster.chat_ok([{"role": "user", "content": [image_part(noise_image(56, 56, seed)), text]}],
-                                       max_tokens=1, temperature=0, logprobs=True, top_logprobs=5)
+        body = default_cluster.chat_ok(
+            [{"role": "user", "content": [image_part(noise_image(56, 56, seed)), text]}],
+            max_tokens=1,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=5,
+        )
         lps.append(body["choices"][0]["logprobs"]["content"][0]["top_logprobs"])
     assert lps[0] != lps[1]
 
@@ -118,9 +148,21 @@ def test_real_photos_png_and_jpeg(default_cluster, hf_default):
         from processor.media import decode_image
 
         img = decode_image(data).image
-        ours = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(data, mime)}},
-                                             {"type": "text", "text": "What is in this photo?"}]}]
-        ref = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this photo?"}]}]
+        ours = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_uri(data, mime)}},
+                    {"type": "text", "text": "What is in this photo?"},
+                ],
+            }
+        ]
+        ref = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "What is in this photo?"}],
+            }
+        ]
         prompt_ref, out_ref = hf_default.generate(ref, [img], 8)
         body = default_cluster.chat_ok(ours, max_tokens=8, temperature=0, return_token_ids=True)
         assert body["prompt_token_ids"] == prompt_ref

@@ -71,13 +71,16 @@ class FakeWorker:
                 for m in s.init.mm_items:
                     for j in range(m.num_tokens):
                         spans[m.offset + j] = ("img", m.content_key, j)
-                self.seqs[s.seq_id] = {"table": [], "spans": spans,
-                                       "last": s.init.output_token_ids[-1] if s.init.output_token_ids else None}
+                self.seqs[s.seq_id] = {
+                    "table": [],
+                    "spans": spans,
+                    "last": s.init.output_token_ids[-1] if s.init.output_token_ids else None,
+                }
             st = self.seqs[s.seq_id]  # KeyError: a step for a sequence the worker does not hold
             if s.page_ids:
                 end = s.page_table_start + len(s.page_ids)
                 st["table"].extend([0] * max(0, end - len(st["table"])))
-                st["table"][s.page_table_start:end] = s.page_ids
+                st["table"][s.page_table_start : end] = s.page_ids
             tokens = list(s.input_ids) or [st["last"]]
             assert tokens[0] is not None, "decode before any sample"
             covers_image = any(s.start_pos <= p < s.start_pos + len(tokens) for p in st["spans"])
@@ -94,7 +97,9 @@ class FakeWorker:
                 content.append(value)
             for j, tok in enumerate(tokens):
                 i = s.start_pos + j
-                assert i // self.page_size < len(st["table"]) and st["table"][i // self.page_size] > 0, "no page"
+                assert i // self.page_size < len(st["table"]) and st["table"][i // self.page_size] > 0, (
+                    "no page"
+                )
                 assert slot(i) not in written, f"two sequences write slot {slot(i)} in one step"
                 written[slot(i)] = s.seq_id
                 value = st["spans"].get(i, tok)
@@ -134,7 +139,9 @@ def make_workload(rng: random.Random, n: int, image_keys: int = 3) -> Workload:
     system = [rng.randrange(10, VOCAB) for _ in range(rng.randrange(5, 30))]
     reqs, abort_at = [], {}
     for k in range(n):
-        prompt = (system if rng.random() < 0.6 else []) + [rng.randrange(10, VOCAB) for _ in range(rng.randrange(1, 40))]
+        prompt = (system if rng.random() < 0.6 else []) + [
+            rng.randrange(10, VOCAB) for _ in range(rng.randrange(1, 40))
+        ]
         items = []
         if rng.random() < 0.5:
             for _ in range(rng.randrange(1, 3)):
@@ -144,22 +151,43 @@ def make_workload(rng: random.Random, n: int, image_keys: int = 3) -> Workload:
                 items.append(MultimodalItem(f"key{rng.randrange(image_keys)}", off, size, (1, 2, 2 * size)))
                 prompt += [rng.randrange(10, VOCAB) for _ in range(rng.randrange(0, 5))]
         req = GenerateRequest(
-            request_id=f"r{k}", input_ids=tuple(prompt), mm_items=tuple(items),
+            request_id=f"r{k}",
+            input_ids=tuple(prompt),
+            mm_items=tuple(items),
             sampling=SamplingParams(temperature=0.0),
             stopping=StoppingCriteria(max_new_tokens=rng.randrange(1, 25), ignore_eos=rng.random() < 0.3),
-            n=1 if rng.random() < 0.8 else rng.randrange(2, 4))
+            n=1 if rng.random() < 0.8 else rng.randrange(2, 4),
+        )
         reqs.append(req)
         if rng.random() < 0.1:
             abort_at[req.request_id] = rng.randrange(1, 30)
     return Workload(reqs, abort_at)
 
 
-def run(workload: Workload, *, num_pages: int, page_size: int, chunk: int, cache: bool, overlap: bool,
-        fail_rate: float = 0.0, max_running: int = 16, arrival_steps: int = 5, seed: int = 0):
+def run(
+    workload: Workload,
+    *,
+    num_pages: int,
+    page_size: int,
+    chunk: int,
+    cache: bool,
+    overlap: bool,
+    fail_rate: float = 0.0,
+    max_running: int = 16,
+    arrival_steps: int = 5,
+    seed: int = 0,
+):
     rng = random.Random(seed)
-    policy = SchedulerPolicy(page_size=page_size, num_pages=num_pages, context_length=4096,
-                             max_running_requests=max_running, chunked_prefill_size=chunk, max_prefill_tokens=64,
-                             enable_prefix_cache=cache, eos_token_ids=(EOS,))
+    policy = SchedulerPolicy(
+        page_size=page_size,
+        num_pages=num_pages,
+        context_length=4096,
+        max_running_requests=max_running,
+        chunked_prefill_size=chunk,
+        max_prefill_tokens=64,
+        enable_prefix_cache=cache,
+        eos_token_ids=(EOS,),
+    )
     core = Scheduler(policy, FakeTokenizer())
     worker = FakeWorker(page_size, fail_rate, rng)
     pending = list(workload.requests)
@@ -219,12 +247,16 @@ def test_batched_equals_alone(cfg, seed):
             if req.request_id in workload.abort_at and finish.get(key) == "abort":
                 continue
             assert outputs.get(key) == reference(req), f"{key} differs from the request run alone"
-            assert finish[key] == ("stop" if outputs[key][-1] == EOS and not req.stopping.ignore_eos else "length")
+            assert finish[key] == (
+                "stop" if outputs[key][-1] == EOS and not req.stopping.ignore_eos else "length"
+            )
 
 
 def test_tiny_pool_preempts_and_still_matches():
     workload = make_workload(random.Random(99), n=30)
-    outputs, _, core = run(workload, num_pages=24, page_size=4, chunk=8, cache=True, overlap=True, arrival_steps=30)
+    outputs, _, core = run(
+        workload, num_pages=24, page_size=4, chunk=8, cache=True, overlap=True, arrival_steps=30
+    )
     assert core.stats.num_preemptions > 0
     for req in workload.requests:
         if req.request_id not in workload.abort_at:
@@ -234,10 +266,20 @@ def test_tiny_pool_preempts_and_still_matches():
 def test_prefix_cache_hits_and_never_mixes_images():
     base = list(range(100, 140))
     img = lambda key: MultimodalItem(key, 40, 8, (1, 4, 8))  # noqa: E731
-    reqs = [GenerateRequest(f"r{k}", tuple(base + [9] * 8 + [200, 201]), (img(key),), SamplingParams(0.0),
-                            StoppingCriteria(max_new_tokens=5, ignore_eos=True)) for k, key in enumerate("aab")]
+    reqs = [
+        GenerateRequest(
+            f"r{k}",
+            tuple(base + [9] * 8 + [200, 201]),
+            (img(key),),
+            SamplingParams(0.0),
+            StoppingCriteria(max_new_tokens=5, ignore_eos=True),
+        )
+        for k, key in enumerate("aab")
+    ]
     wl = Workload(reqs, {})
-    outputs, _, core = run(wl, num_pages=200, page_size=4, chunk=64, cache=True, overlap=True, arrival_steps=1)
+    outputs, _, core = run(
+        wl, num_pages=200, page_size=4, chunk=64, cache=True, overlap=True, arrival_steps=1
+    )
     for r in reqs:
         assert outputs[(r.request_id, 0)] == reference(r)
     assert outputs[("r0", 0)] == outputs[("r1", 0)] != outputs[("r2", 0)]
@@ -245,13 +287,27 @@ def test_prefix_cache_hits_and_never_mixes_images():
 
 
 def test_abort_frees_pages_within_a_step():
-    policy = SchedulerPolicy(page_size=4, num_pages=100, context_length=4096, max_running_requests=8,
-                             chunked_prefill_size=64, max_prefill_tokens=64, enable_prefix_cache=False,
-                             eos_token_ids=(EOS,))
+    policy = SchedulerPolicy(
+        page_size=4,
+        num_pages=100,
+        context_length=4096,
+        max_running_requests=8,
+        chunked_prefill_size=64,
+        max_prefill_tokens=64,
+        enable_prefix_cache=False,
+        eos_token_ids=(EOS,),
+    )
     core = Scheduler(policy, FakeTokenizer())
     worker = FakeWorker(4)
-    core.add_request(GenerateRequest("x", tuple(range(10, 30)), (), SamplingParams(0.0),
-                                     StoppingCriteria(max_new_tokens=1000, ignore_eos=True)))
+    core.add_request(
+        GenerateRequest(
+            "x",
+            tuple(range(10, 30)),
+            (),
+            SamplingParams(0.0),
+            StoppingCriteria(max_new_tokens=1000, ignore_eos=True),
+        )
+    )
     for _ in range(5):
         core.process_output(worker.step(core.schedule()))
     assert core.allocator.num_free < core.allocator.num_usable
@@ -264,15 +320,26 @@ def test_abort_frees_pages_within_a_step():
 
 def test_n_choices_share_the_prompt_pages():
     prompt = tuple(range(10, 50))
-    req = GenerateRequest("n", prompt, (), SamplingParams(0.0), StoppingCriteria(max_new_tokens=3, ignore_eos=True), n=3)
-    outputs, _, core = run(Workload([req], {}), num_pages=100, page_size=4, chunk=64, cache=True, overlap=True)
+    req = GenerateRequest(
+        "n", prompt, (), SamplingParams(0.0), StoppingCriteria(max_new_tokens=3, ignore_eos=True), n=3
+    )
+    outputs, _, core = run(
+        Workload([req], {}), num_pages=100, page_size=4, chunk=64, cache=True, overlap=True
+    )
     assert [outputs[("n", i)] for i in range(3)] == [reference(req)] * 3
     assert core.stats.prefix_cache_hit_tokens >= 2 * 36  # choices 1 and 2 reuse choice 0's full prompt pages
 
 
 def test_chunking_off_runs_each_prompt_whole():
-    policy = SchedulerPolicy(page_size=4, num_pages=200, context_length=4096, max_running_requests=8,
-                             chunked_prefill_size=-1, max_prefill_tokens=16, enable_prefix_cache=False)
+    policy = SchedulerPolicy(
+        page_size=4,
+        num_pages=200,
+        context_length=4096,
+        max_running_requests=8,
+        chunked_prefill_size=-1,
+        max_prefill_tokens=16,
+        enable_prefix_cache=False,
+    )
     core = Scheduler(policy, FakeTokenizer())
     core.add_request(GenerateRequest("a", tuple(range(10, 50)), (), SamplingParams(0.0), StoppingCriteria(2)))
     plan = core.schedule()
@@ -280,9 +347,16 @@ def test_chunking_off_runs_each_prompt_whole():
 
 
 def test_sequence_that_outgrows_the_pool_ends_with_length():
-    req = GenerateRequest("big", tuple(range(10, 40)), (), SamplingParams(0.0),
-                          StoppingCriteria(max_new_tokens=100, ignore_eos=True))
-    outputs, finish, _ = run(Workload([req], {}), num_pages=21, page_size=2, chunk=8, cache=True, overlap=True)
+    req = GenerateRequest(
+        "big",
+        tuple(range(10, 40)),
+        (),
+        SamplingParams(0.0),
+        StoppingCriteria(max_new_tokens=100, ignore_eos=True),
+    )
+    outputs, finish, _ = run(
+        Workload([req], {}), num_pages=21, page_size=2, chunk=8, cache=True, overlap=True
+    )
     out = outputs[("big", 0)]
     assert finish[("big", 0)] == "length"
     assert 0 < len(out) < 100 and out == reference(req)[: len(out)]

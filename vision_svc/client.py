@@ -26,8 +26,9 @@ class VisionClient:
 
     async def encode(self, items: Sequence[MultimodalItem]) -> list[EncodedItem]:
         try:
-            resp = await self._stub.Encode(vision_pb2.EncodeRequest(items=[mm_item_to_proto(m) for m in items]),
-                                           timeout=self.timeout_s)
+            resp = await self._stub.Encode(
+                vision_pb2.EncodeRequest(items=[mm_item_to_proto(m) for m in items]), timeout=self.timeout_s
+            )
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e, f"vision service at {self.address}") from None
         return [encoded_from_proto(e) for e in resp.items]
@@ -58,8 +59,9 @@ class VisionEmbeddingSource:
         from common.tensors import tensor_from_proto
 
         try:
-            resp = self._stub.GetEmbeddings(vision_pb2.GetEmbeddingsRequest(content_keys=list(keys)),
-                                            timeout=self.timeout_s)
+            resp = self._stub.GetEmbeddings(
+                vision_pb2.GetEmbeddingsRequest(content_keys=list(keys)), timeout=self.timeout_s
+            )
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise UnavailableError(f"vision service at {self.address} is unavailable") from None

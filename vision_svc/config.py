@@ -12,7 +12,9 @@ class VisionArgs(ArgsBase):
     model_path: str = arg("", "Hugging Face model directory (or Hub id)", aliases=("--model",))
     host: str = arg("127.0.0.1", "address to listen on")
     port: int = arg(50053, "gRPC port (0 picks a free one)")
-    dtype: str = arg("auto", "encoder dtype: auto (the checkpoint's on GPU, float32 on CPU), bfloat16, float16, float32")
+    dtype: str = arg(
+        "auto", "encoder dtype: auto (the checkpoint's on GPU, float32 on CPU), bfloat16, float16, float32"
+    )
     device: str = arg("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
     embedding_cache_mb: int = arg(1024, "byte budget of the embedding LRU cache, MiB")
     max_batch_patches: int = arg(16384, "patches per encoder forward when several images arrive together")

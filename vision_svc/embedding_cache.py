@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -13,6 +14,9 @@ class EmbeddingCache:
         self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.num_bytes = 0
         self.evictions = 0
+        self._lock = (
+            threading.Lock()
+        )  # the encoder thread puts while a worker thread (in-process engine) gets
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -21,12 +25,17 @@ class EmbeddingCache:
         return key in self._entries
 
     def get(self, key: str) -> torch.Tensor | None:
-        t = self._entries.get(key)
-        if t is not None:
-            self._entries.move_to_end(key)
-        return t
+        with self._lock:
+            t = self._entries.get(key)
+            if t is not None:
+                self._entries.move_to_end(key)
+            return t
 
     def put(self, key: str, t: torch.Tensor) -> None:
+        with self._lock:
+            self._put(key, t)
+
+    def _put(self, key: str, t: torch.Tensor) -> None:
         size = t.numel() * t.element_size()
         if key in self._entries:
             self.num_bytes -= self._size(self._entries.pop(key))

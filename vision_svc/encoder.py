@@ -50,7 +50,9 @@ class VisionEncoder:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.model_config, self.device)
         arch = self.model_config.architecture
-        self.model = load_model(vision_model_class(arch), self.model_config, cfg.model_path, self.dtype, self.device)
+        self.model = load_model(
+            vision_model_class(arch), self.model_config, cfg.model_path, self.dtype, self.device
+        )
         self.spec = media_spec_class(self.model_config.model_type).from_model_dir(cfg.model_path)
         self.preprocess = image_preprocessor_class(arch)(self.spec)
         self.cache = EmbeddingCache(cfg.cache_bytes)
@@ -119,12 +121,17 @@ class VisionEncoder:
             patches, grid = self.preprocess(image)
             n = grid[0] * grid[1] * grid[2] // self.spec.merge_size**2
             if tuple(grid) != tuple(item.grid_thw) or n != item.num_tokens:
-                raise InvalidRequestError(f"image {item.content_key[:12]}: grid {grid} / {n} tokens disagree with the "
-                                          f"request's {tuple(item.grid_thw)} / {item.num_tokens}")
+                raise InvalidRequestError(
+                    f"image {item.content_key[:12]}: grid {grid} / {n} tokens disagree with the "
+                    f"request's {tuple(item.grid_thw)} / {item.num_tokens}"
+                )
             prepared.append((item, patches, grid, time.perf_counter_ns() - t0))
         batch: list = []
         for entry in prepared:
-            if batch and sum(p.shape[0] for _, p, _, _ in batch) + entry[1].shape[0] > self.cfg.max_batch_patches:
+            if (
+                batch
+                and sum(p.shape[0] for _, p, _, _ in batch) + entry[1].shape[0] > self.cfg.max_batch_patches
+            ):
                 out.update(self._run(batch))
                 batch = []
             batch.append(entry)

@@ -9,7 +9,8 @@ import grpc
 
 from common.convert import encoded_to_proto, mm_item_from_proto
 from common.errors import UnavailableError, abort_with
-from common.grpc_utils import ServiceHealth, create_server as _create_server
+from common.grpc_utils import ServiceHealth
+from common.grpc_utils import create_server as _create_server
 from common.tensors import tensor_to_proto
 from protos import vision_pb2, vision_pb2_grpc
 from vision_svc.config import VisionArgs
@@ -29,8 +30,12 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
         a = self.args
         cfg = EncoderConfig(a.model_path, a.dtype, a.device, a.embedding_cache_mb << 20, a.max_batch_patches)
         self.encoder = await asyncio.to_thread(VisionEncoder, cfg)
-        logger.info("vision encoder ready (%s, %s, cache %d MiB)", self.encoder.device, self.encoder.dtype,
-                    a.embedding_cache_mb)
+        logger.info(
+            "vision encoder ready (%s, %s, cache %d MiB)",
+            self.encoder.device,
+            self.encoder.dtype,
+            a.embedding_cache_mb,
+        )
         await self.health.set_serving(True)
 
     def _ready(self) -> VisionEncoder:
@@ -51,32 +56,48 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)
         return vision_pb2.GetEmbeddingsResponse(
-            embeddings=[vision_pb2.Embedding(content_key=k, data=tensor_to_proto(t)) for k, t in found.items()],
-            missing_keys=missing)
+            embeddings=[
+                vision_pb2.Embedding(content_key=k, data=tensor_to_proto(t)) for k, t in found.items()
+            ],
+            missing_keys=missing,
+        )
 
     async def GetInfo(self, request, context):
         try:
             enc = self._ready()
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)
-        return vision_pb2.VisionInfo(architecture=enc.model_config.architecture, hidden_size=enc.hidden_size,
-                                     dtype=str(enc.dtype).removeprefix("torch."), device=str(enc.device),
-                                     cache_budget_bytes=enc.cache.budget_bytes)
+        return vision_pb2.VisionInfo(
+            architecture=enc.model_config.architecture,
+            hidden_size=enc.hidden_size,
+            dtype=str(enc.dtype).removeprefix("torch."),
+            device=str(enc.device),
+            cache_budget_bytes=enc.cache.budget_bytes,
+        )
 
     async def GetStats(self, request, context):
         enc = self.encoder
         if enc is None:
             return vision_pb2.VisionStats()
         s = enc.stats
-        return vision_pb2.VisionStats(encode_calls=s.encode_calls, images_encoded=s.images_encoded,
-                                      cache_hits=s.cache_hits, cache_entries=len(enc.cache),
-                                      cache_bytes=enc.cache.num_bytes, evictions=enc.cache.evictions,
-                                      encode_ns_total=s.encode_ns_total)
+        return vision_pb2.VisionStats(
+            encode_calls=s.encode_calls,
+            images_encoded=s.images_encoded,
+            cache_hits=s.cache_hits,
+            cache_entries=len(enc.cache),
+            cache_bytes=enc.cache.num_bytes,
+            evictions=enc.cache.evictions,
+            encode_ns_total=s.encode_ns_total,
+        )
 
 
 def create_server(args: VisionArgs) -> tuple[grpc.aio.Server, int, VisionServicer]:
     servicer = VisionServicer(args)
     server, port, health = _create_server(
-        SERVICE_NAME, lambda s: vision_pb2_grpc.add_VisionServicer_to_server(servicer, s), args.host, args.port)
+        SERVICE_NAME,
+        lambda s: vision_pb2_grpc.add_VisionServicer_to_server(servicer, s),
+        args.host,
+        args.port,
+    )
     servicer.health = health
     return server, port, servicer

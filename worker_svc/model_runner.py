@@ -65,26 +65,49 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         t0 = time.perf_counter()
-        self.model = load_model(language_model_class(self.model_config.architecture), self.model_config,
-                                cfg.model_path, self.dtype, self.device)
-        logger.info("loaded %s (%s, %s) in %.1f s", self.model_config.architecture, self.dtype, self.device,
-                    time.perf_counter() - t0)
+        self.model = load_model(
+            language_model_class(self.model_config.architecture),
+            self.model_config,
+            cfg.model_path,
+            self.dtype,
+            self.device,
+        )
+        logger.info(
+            "loaded %s (%s, %s) in %.1f s",
+            self.model_config.architecture,
+            self.dtype,
+            self.device,
+            time.perf_counter() - t0,
+        )
         text = self.model_config.text
         num_pages = self._num_pages(text)
-        self.kv_cache = KVCache(text.num_hidden_layers, num_pages, cfg.page_size, text.num_key_value_heads,
-                                text.head_dim, self.dtype, self.device)
+        self.kv_cache = KVCache(
+            text.num_hidden_layers,
+            num_pages,
+            cfg.page_size,
+            text.num_key_value_heads,
+            text.head_dim,
+            self.dtype,
+            self.device,
+        )
         self.model.attn = create_attention_backend(cfg.attention_backend, self.kv_cache, text.head_dim**-0.5)
         self.sampler = Sampler(self.device)
         if cfg.seed is not None:
             self.sampler.generator.manual_seed(cfg.seed)
         self.seqs: dict[str, _SeqState] = {}
         self.failed: dict[str, str] = {}  # seq id -> reason, until the scheduler frees or re-inits it
-        logger.info("KV cache: %d pages x %d tokens (%.1f MB), attention backend %s", num_pages, cfg.page_size,
-                    self.kv_cache.nbytes / 1e6, cfg.attention_backend)
+        logger.info(
+            "KV cache: %d pages x %d tokens (%.1f MB), attention backend %s",
+            num_pages,
+            cfg.page_size,
+            self.kv_cache.nbytes / 1e6,
+            cfg.attention_backend,
+        )
 
     def _num_pages(self, text) -> int:
-        per_page = KVCache.bytes_per_page(text.num_hidden_layers, self.cfg.page_size, text.num_key_value_heads,
-                                          text.head_dim, self.dtype)
+        per_page = KVCache.bytes_per_page(
+            text.num_hidden_layers, self.cfg.page_size, text.num_key_value_heads, text.head_dim, self.dtype
+        )
         if self.cfg.max_total_tokens is not None:
             tokens = self.cfg.max_total_tokens
         elif self.device.type == "cuda":
@@ -92,8 +115,10 @@ class ModelRunner:
             used = total - free
             budget = total * self.cfg.mem_fraction_static - used
             if budget <= per_page * 2:
-                raise ValueError(f"--mem-fraction-static {self.cfg.mem_fraction_static} leaves no room for the KV cache "
-                                 f"({used / 1e9:.1f} GB already used of {total / 1e9:.1f} GB)")
+                raise ValueError(
+                    f"--mem-fraction-static {self.cfg.mem_fraction_static} leaves no room for the KV cache "
+                    f"({used / 1e9:.1f} GB already used of {total / 1e9:.1f} GB)"
+                )
             return int(budget // per_page)
         else:
             # CPU: a token budget that fits the machine, at most a quarter of the RAM
@@ -131,7 +156,9 @@ class ModelRunner:
         for s in plan.seqs:
             if s.seq_id in self.failed and s.init is None:
                 # its KV has a hole since a failed step: skip until the scheduler re-initializes it
-                failures.append(SeqFailure(s.seq_id, self.failed[s.seq_id], "sequence failed in an earlier step"))
+                failures.append(
+                    SeqFailure(s.seq_id, self.failed[s.seq_id], "sequence failed in an earlier step")
+                )
                 continue
             self.failed.pop(s.seq_id, None)
             try:
@@ -144,8 +171,9 @@ class ModelRunner:
         for f in failures:
             self.failed[f.seq_id] = f.reason
         if not seqs:
-            return StepOutput(plan.step_id, (), tuple(failures), 0, time.perf_counter_ns() - t0, 0, start_ns,
-                              time.time_ns())
+            return StepOutput(
+                plan.step_id, (), tuple(failures), 0, time.perf_counter_ns() - t0, 0, start_ns, time.time_ns()
+            )
         embeds, positions, meta, sample_rows = self._prepare(seqs)
         t1 = time.perf_counter_ns()
         hidden = self.model(embeds, positions, meta)
@@ -159,13 +187,27 @@ class ModelRunner:
                 token = out.token_ids[i]
                 st.last_token = token
                 st.ctx.output_ids.append(token)
-                results.append(SeqResult(s.seq_id, token, out.logprobs[i] if out.logprobs else 0.0,
-                                         tuple(out.top_logprobs[i]) if out.top_logprobs else ()))
+                results.append(
+                    SeqResult(
+                        s.seq_id,
+                        token,
+                        out.logprobs[i] if out.logprobs else 0.0,
+                        tuple(out.top_logprobs[i]) if out.top_logprobs else (),
+                    )
+                )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter_ns()
-        return StepOutput(plan.step_id, tuple(results), tuple(failures), meta.num_tokens, t1 - t0, t2 - t1,
-                          start_ns, time.time_ns())
+        return StepOutput(
+            plan.step_id,
+            tuple(results),
+            tuple(failures),
+            meta.num_tokens,
+            t1 - t0,
+            t2 - t1,
+            start_ns,
+            time.time_ns(),
+        )
 
     def _apply_init_and_pages(self, s: SeqStep) -> None:
         if s.init is not None:
@@ -173,22 +215,30 @@ class ModelRunner:
             spans = [(m.offset, m.num_tokens, tuple(m.grid_thw)) for m in init.mm_items]
             ctx = SamplingContext(init.sampling, list(init.prompt_token_ids), list(init.output_token_ids))
             self.seqs[s.seq_id] = _SeqState(
-                page_table=[], spans=spans, keys=[m.content_key for m in init.mm_items],
-                delta=self.model.position_delta(spans), ctx=ctx, num_prompt_tokens=init.num_prompt_tokens,
+                page_table=[],
+                spans=spans,
+                keys=[m.content_key for m in init.mm_items],
+                delta=self.model.position_delta(spans),
+                ctx=ctx,
+                num_prompt_tokens=init.num_prompt_tokens,
                 last_token=init.output_token_ids[-1] if init.output_token_ids else None,
             )
         st = self.seqs.get(s.seq_id)
         if st is None:
-            raise InvalidRequestError(f"sequence {s.seq_id} is unknown to the worker and the step carries no init")
+            raise InvalidRequestError(
+                f"sequence {s.seq_id} is unknown to the worker and the step carries no init"
+            )
         if s.page_ids:
             end = s.page_table_start + len(s.page_ids)
             if len(st.page_table) < end:
                 st.page_table.extend([0] * (end - len(st.page_table)))
-            st.page_table[s.page_table_start:end] = s.page_ids
+            st.page_table[s.page_table_start : end] = s.page_ids
         if not s.input_ids and st.last_token is None:
             raise InvalidRequestError(f"decode step for {s.seq_id} before any token was sampled")
         if (s.start_pos + s.num_tokens + self.cfg.page_size - 1) // self.cfg.page_size > len(st.page_table):
-            raise InvalidRequestError(f"sequence {s.seq_id}: page table too short for {s.start_pos + s.num_tokens} tokens")
+            raise InvalidRequestError(
+                f"sequence {s.seq_id}: page table too short for {s.start_pos + s.num_tokens} tokens"
+            )
 
     def _fetch_embeddings(self, seqs: list[SeqStep]) -> tuple[list[SeqStep], list[SeqFailure]]:
         """Pull the embeddings of spans this step computes (once per sequence) and drop the ones it has passed."""
@@ -215,7 +265,9 @@ class ModelRunner:
             for seq_id in wanted[key]:
                 if seq_id not in failed:
                     self.seqs[seq_id].embeds[key] = tensor.to(self.device, self.dtype)
-        failures = [SeqFailure(sid, "embedding_missing", "vision embedding not cached") for sid in sorted(failed)]
+        failures = [
+            SeqFailure(sid, "embedding_missing", "vision embedding not cached") for sid in sorted(failed)
+        ]
         return [s for s in seqs if s.seq_id not in failed], failures
 
     def _prepare(self, seqs: list[SeqStep]):
@@ -245,7 +297,7 @@ class ModelRunner:
             slots.extend(table[i // page_size] * page_size + i % page_size for i in range(lo, hi))
             query_lens.append(n)
             kv_lens.append(hi)
-            tables.append(torch.tensor(table[: (hi + page_size - 1) // page_size], dtype=torch.long))
+            tables.append(table[: (hi + page_size - 1) // page_size])
             if s.sample:
                 sample_rows.append((len(ids) - 1, s))
         dev = self.device
@@ -254,6 +306,7 @@ class ModelRunner:
         for row, rows in overrides:
             embeds[row : row + rows.shape[0]] = rows
         positions = torch.cat(pos_parts, dim=1).to(dev)
-        meta = AttentionMetadata(query_lens=query_lens, kv_lens=kv_lens, page_tables=[t.to(dev) for t in tables],
-                                 slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev))
+        meta = AttentionMetadata.build(
+            query_lens, kv_lens, tables, page_size, torch.tensor(slots, dtype=torch.long, device=dev), dev
+        )
         return embeds, positions, meta, sample_rows

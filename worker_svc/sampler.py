@@ -49,7 +49,9 @@ class Sampler:
         self._apply_bias_and_suppression(logits, contexts)
         self._apply_penalties(logits, contexts, vocab)
 
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
+        temps = torch.tensor(
+            [p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device
+        )
         scaled = logits / temps[:, None]
         logprobs_all = None
         want_lp = any(p.return_logprob or p.top_logprobs for p in params)
@@ -74,8 +76,10 @@ class Sampler:
             if k > 0:
                 top_v, top_i = logprobs_all.topk(k, dim=-1)
                 top_v, top_i = top_v.tolist(), top_i.tolist()
-                out_top = [list(zip(top_i[b][: p.top_logprobs], top_v[b][: p.top_logprobs], strict=True))
-                           for b, p in enumerate(params)]
+                out_top = [
+                    list(zip(top_i[b][: p.top_logprobs], top_v[b][: p.top_logprobs], strict=True))
+                    for b, p in enumerate(params)
+                ]
         return SampleOutput(token_list, out_lp, out_top)
 
     @staticmethod
@@ -88,8 +92,11 @@ class Sampler:
                     cols.append(tid)
                     vals.append(bias)
         if rows:
-            logits.index_put_((torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
-                              torch.tensor(vals, device=logits.device, dtype=logits.dtype), accumulate=True)
+            logits.index_put_(
+                (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
+                torch.tensor(vals, device=logits.device, dtype=logits.dtype),
+                accumulate=True,
+            )
         rows, cols = [], []
         for b, c in enumerate(contexts):
             if len(c.output_ids) < c.params.min_tokens:
@@ -97,7 +104,9 @@ class Sampler:
                 rows.extend([b] * len(ids))
                 cols.extend(ids)
         if rows:
-            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = (
+                float("-inf")
+            )
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, contexts: Sequence[SamplingContext], vocab: int) -> None:
@@ -105,15 +114,21 @@ class Sampler:
         rep = [b for b, c in enumerate(contexts) if c.params.repetition_penalty != 1.0]
         if rep:
             for b in rep:  # one scatter per penalized sequence, over its distinct tokens only
-                ids = torch.tensor(sorted(set(contexts[b].prompt_ids) | set(contexts[b].output_ids)), device=device,
-                                   dtype=torch.long)
+                ids = torch.tensor(
+                    sorted(set(contexts[b].prompt_ids) | set(contexts[b].output_ids)),
+                    device=device,
+                    dtype=torch.long,
+                )
                 ids = ids[ids < vocab]
                 if ids.numel():
                     row = logits[b, ids]
                     penalty = contexts[b].params.repetition_penalty
                     logits[b, ids] = torch.where(row > 0, row / penalty, row * penalty)
-        freq = [b for b, c in enumerate(contexts)
-                if (c.params.frequency_penalty or c.params.presence_penalty) and c.output_ids]
+        freq = [
+            b
+            for b, c in enumerate(contexts)
+            if (c.params.frequency_penalty or c.params.presence_penalty) and c.output_ids
+        ]
         if freq:
             counts = torch.zeros(len(freq), vocab, device=device)
             for i, b in enumerate(freq):
@@ -152,8 +167,9 @@ class Sampler:
             out = out.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
         return out
 
-    def _exponential_noise(self, contexts: Sequence[SamplingContext], batch: int, vocab: int,
-                           device: torch.device) -> torch.Tensor:
+    def _exponential_noise(
+        self, contexts: Sequence[SamplingContext], batch: int, vocab: int, device: torch.device
+    ) -> torch.Tensor:
         noise = torch.empty(batch, vocab, device=device).exponential_(generator=self.generator)
         for b, c in enumerate(contexts):
             if c.params.seed is not None:

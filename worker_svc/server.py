@@ -10,7 +10,8 @@ import grpc
 
 from common.convert import plan_from_proto, step_output_to_proto, worker_info_to_proto
 from common.errors import UnavailableError, abort_with
-from common.grpc_utils import ServiceHealth, create_server as _create_server
+from common.grpc_utils import ServiceHealth
+from common.grpc_utils import create_server as _create_server
 from common.types import SeqInit, SeqStep, StepPlan
 from protos import worker_pb2, worker_pb2_grpc
 from worker_svc.config import WorkerArgs
@@ -25,7 +26,9 @@ def warmup(runner: ModelRunner) -> None:
     from common.types import SamplingParams
 
     init = SeqInit((), SamplingParams(temperature=0.0), 1)
-    runner.step(StepPlan(0, (SeqStep("warmup", 0, (1,), True, 0, (1, 1), init),)))  # its KV is garbage: unused
+    runner.step(
+        StepPlan(0, (SeqStep("warmup", 0, (1,), True, 0, (1, 1), init),))
+    )  # its KV is garbage: unused
     runner.step(StepPlan(0, (SeqStep("warmup", 1, (), True),)))
     runner.seqs.clear()
 
@@ -45,8 +48,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             from vision_svc.client import VisionEmbeddingSource
 
             source = VisionEmbeddingSource(a.vision_address)
-        cfg = RunnerConfig(a.model_path, a.dtype, a.device, a.page_size, a.max_total_tokens, a.mem_fraction_static,
-                           a.attention_backend, a.random_seed)
+        cfg = RunnerConfig(
+            a.model_path,
+            a.dtype,
+            a.device,
+            a.page_size,
+            a.max_total_tokens,
+            a.mem_fraction_static,
+            a.attention_backend,
+            a.random_seed,
+        )
         loop = asyncio.get_running_loop()
         runner = await loop.run_in_executor(self._executor, ModelRunner, cfg, source)
         await loop.run_in_executor(self._executor, warmup, runner)
@@ -70,10 +81,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)
         if self._stream_lock.locked():
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "another scheduler already drives this worker")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "another scheduler already drives this worker"
+            )
         loop = asyncio.get_running_loop()
         async with self._stream_lock:
-            await loop.run_in_executor(self._executor, runner.seqs.clear)  # a new scheduler starts from scratch
+            await loop.run_in_executor(
+                self._executor, runner.seqs.clear
+            )  # a new scheduler starts from scratch
             logger.info("scheduler connected: step stream open")
             async for req in request_iterator:
                 plan = plan_from_proto(req)
@@ -89,6 +104,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 def create_server(args: WorkerArgs) -> tuple[grpc.aio.Server, int, WorkerServicer]:
     servicer = WorkerServicer(args)
     server, port, health = _create_server(
-        SERVICE_NAME, lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s), args.host, args.port)
+        SERVICE_NAME,
+        lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
+        args.host,
+        args.port,
+    )
     servicer.health = health
     return server, port, servicer

@@ -71,7 +71,9 @@ class Qwen2VLMediaSpec:
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after smart resize."""
-        h, w = smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels)
+        h, w = smart_resize(
+            height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels
+        )
         return w, h
 
     def image_grid(self, width: int, height: int) -> tuple[int, int, int]:
@@ -86,7 +88,16 @@ class Qwen2VLMediaSpec:
     def fingerprint(self) -> str:
         """Everything that changes pixel values or geometry: part of each image's content key."""
         return json.dumps(
-            [self.min_pixels, self.max_pixels, self.patch_size, self.temporal_patch_size, self.merge_size,
-             list(self.image_mean), list(self.image_std), self.rescale_factor, self.resample],
+            [
+                self.min_pixels,
+                self.max_pixels,
+                self.patch_size,
+                self.temporal_patch_size,
+                self.merge_size,
+                list(self.image_mean),
+                list(self.image_std),
+                self.rescale_factor,
+                self.resample,
+            ],
             separators=(",", ":"),
         )

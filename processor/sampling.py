@@ -1,0 +1,133 @@
+"""Request parameters -> SamplingParams and StoppingCriteria, shared by the gateway and the in-process engine.
+
+Two vocabularies map here: OpenAI's (max_tokens, stop, logit_bias with string keys, ...) and SGLang's
+`sampling_params` (max_new_tokens, min_new_tokens, ...). Defaults come from the request, then the model's
+generation_config.json, then OpenAI's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from common.errors import InvalidRequestError
+from common.types import SamplingParams, StoppingCriteria
+
+logger = logging.getLogger(__name__)
+
+SGLANG_KEYS = {
+    "max_new_tokens",
+    "min_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "stop",
+    "stop_token_ids",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "skip_special_tokens",
+    "no_stop_trim",
+    "seed",
+    "sampling_seed",
+    "logit_bias",
+}
+
+
+def from_sglang(sampling_params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """SGLang's sampling_params -> the OpenAI field names `build` takes (unknown keys are logged and dropped)."""
+    sp = dict(sampling_params or {})
+    unknown = sorted(set(sp) - SGLANG_KEYS)
+    if unknown:
+        logger.warning("ignoring unknown sampling_params: %s", ", ".join(unknown))
+    fields = {k: v for k, v in sp.items() if k in SGLANG_KEYS}
+    if "max_new_tokens" in fields:
+        fields["max_tokens"] = fields.pop("max_new_tokens")
+    if "min_new_tokens" in fields:
+        fields["min_tokens"] = fields.pop("min_new_tokens")
+    if "sampling_seed" in fields:
+        fields["seed"] = fields.pop("sampling_seed")
+    return fields
+
+
+def build(
+    fields: Mapping[str, Any],
+    *,
+    defaults: Mapping[str, Any],
+    eos_ids: tuple[int, ...],
+    max_new_tokens: int,
+    return_logprob: bool = False,
+    top_logprobs: int = 0,
+) -> tuple[SamplingParams, StoppingCriteria]:
+    """OpenAI-named fields (None = not given) -> the worker's and the scheduler's parameters."""
+
+    def pick(name: str, fallback: Any) -> Any:
+        value = fields.get(name)
+        return value if value is not None else defaults.get(name, fallback)
+
+    stop = fields.get("stop")
+    stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stops) > 4:
+        raise InvalidRequestError("stop takes at most 4 sequences", param="stop")
+    stop_ids = tuple(int(t) for t in (fields.get("stop_token_ids") or ()))
+    min_tokens = int(fields.get("min_tokens") or 0)
+    ignore_eos = bool(fields.get("ignore_eos") or False)
+    try:
+        bias = {int(k): float(v) for k, v in (fields.get("logit_bias") or {}).items()}
+    except (TypeError, ValueError):
+        raise InvalidRequestError("logit_bias must map token ids to numbers", param="logit_bias") from None
+    sampling = SamplingParams(
+        temperature=float(pick("temperature", 1.0)),
+        top_p=float(pick("top_p", 1.0)),
+        top_k=int(pick("top_k", 0)),
+        min_p=float(pick("min_p", 0.0)),
+        seed=fields.get("seed"),
+        presence_penalty=float(fields.get("presence_penalty") or 0.0),
+        frequency_penalty=float(fields.get("frequency_penalty") or 0.0),
+        repetition_penalty=float(pick("repetition_penalty", 1.0)),
+        logit_bias=bias,
+        return_logprob=return_logprob,
+        top_logprobs=top_logprobs,
+        min_tokens_suppress_ids=((() if ignore_eos else eos_ids) + stop_ids) if min_tokens else (),
+        min_tokens=min_tokens,
+    )
+    stopping = StoppingCriteria(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min(min_tokens, max_new_tokens),
+        stop=stops,
+        stop_token_ids=stop_ids,
+        ignore_eos=ignore_eos,
+        no_stop_trim=bool(fields.get("no_stop_trim") or False),
+        skip_special_tokens=fields.get("skip_special_tokens", True) is not False,
+    )
+    return sampling, stopping
+
+
+def max_new_tokens_for(
+    requested: int | None, prompt_len: int, context_length: int, param: str = "max_tokens"
+) -> int:
+    """The generation budget: what was asked if it fits the context, else an OpenAI-style 400."""
+    room = context_length - prompt_len
+    if room <= 0:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {context_length} tokens; the prompt is {prompt_len} tokens "
+            "(images included)",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if requested is None:
+        return room
+    if requested < 1:
+        raise InvalidRequestError(f"{param} must be >= 1", param=param)
+    if requested > room:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the completion)",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return requested
