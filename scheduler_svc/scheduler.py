@@ -65,6 +65,7 @@ class Stats:
     requests_finished: int = 0
     requests_aborted: int = 0
     scheduler_ns_total: int = 0
+    scheduler_ns_off_path: int = 0
     scheduler_ns_overlapped: int = 0
     worker_forward_ns_total: int = 0
     steps_overlapped: int = 0

@@ -155,6 +155,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             worker_forward_ns_total=s.worker_forward_ns_total,
             gen_throughput=s.gen_throughput(),
             steps_overlapped=s.steps_overlapped,
+            scheduler_ns_off_path=s.scheduler_ns_off_path,
         )
 
     async def GetServerInfo(self, request, context):

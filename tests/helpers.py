@@ -190,10 +190,14 @@ class HFReference:
         )
         return out
 
-    def generate(self, messages, images, max_new_tokens: int) -> tuple[list[int], list[int]]:
+    def generate(
+        self, messages, images, max_new_tokens: int, min_new_tokens: int = 0
+    ) -> tuple[list[int], list[int]]:
         inputs = self.inputs(messages, images)
         with self.torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False
+            )
         prompt = inputs["input_ids"][0].tolist()
         return prompt, out[0, len(prompt) :].tolist()
 

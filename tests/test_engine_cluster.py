@@ -176,4 +176,5 @@ def test_scheduler_overlaps_planning_with_worker_steps(cluster):
     s = cluster.stats()
     assert s.steps_overlapped > 0
     assert 0 < s.scheduler_ns_overlapped <= s.scheduler_ns_total
+    assert 0 < s.scheduler_ns_off_path <= s.scheduler_ns_total
     assert "Decode batch." in cluster.log()
