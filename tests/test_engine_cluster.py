@@ -178,3 +178,40 @@ def test_scheduler_overlaps_planning_with_worker_steps(cluster):
     assert 0 < s.scheduler_ns_overlapped <= s.scheduler_ns_total
     assert 0 < s.scheduler_ns_off_path <= s.scheduler_ns_total
     assert "Decode batch." in cluster.log()
+
+
+def test_grpcurl_reflection_and_health(cluster):
+    """Operators debug the services with grpcurl: reflection lists them, health answers, stats are readable."""
+    import json as _json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+    if grpcurl is None:
+        pytest.skip("grpcurl is not installed")
+    expected = {
+        cluster.scheduler_port: "mirador.scheduler.v1.Scheduler",
+        cluster.worker_port: "mirador.worker.v1.Worker",
+        cluster.vision_port: "mirador.vision.v1.Vision",
+    }
+    for port, service in expected.items():
+        listed = subprocess.run(
+            [grpcurl, "-plaintext", f"127.0.0.1:{port}", "list"], capture_output=True, text=True, timeout=30
+        )
+        assert service in listed.stdout.split() and "grpc.health.v1.Health" in listed.stdout.split(), listed
+        health = subprocess.run(
+            [grpcurl, "-plaintext", f"127.0.0.1:{port}", "grpc.health.v1.Health/Check"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert _json.loads(health.stdout)["status"] == "SERVING"
+    stats = subprocess.run(
+        [grpcurl, "-plaintext", cluster.scheduler_address, "mirador.scheduler.v1.Scheduler/GetStats"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert _json.loads(stats.stdout)["kv_pages_total"] > 0

@@ -1,0 +1,64 @@
+"""The model code on CUDA: our worker and vision encoder against Hugging Face transformers (skipped without a GPU;
+run on the GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import HFReference, noise_image, runner_generate
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+MSGS = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"}, {"type": "image"}]}
+]
+
+
+def _images():
+    return [noise_image(150, 100, 5), noise_image(60, 300, 6)]
+
+
+@pytest.mark.parametrize("which", ["default", "second"])
+@pytest.mark.parametrize("chunk", [10_000, 13])
+def test_cuda_float32_greedy_equals_hf_cpu(which, chunk, default_model, second_model):
+    model_dir = default_model if which == "default" else second_model
+    hf = HFReference(model_dir)
+    _, ref = hf.generate(MSGS, _images(), 20)
+    ours, _ = runner_generate(model_dir, hf, MSGS, _images(), 20, "cuda", "float32", chunk)
+    assert ours == ref
+
+
+def test_cuda_bfloat16_tracks_hf_bfloat16(default_model):
+    hf = HFReference(default_model)
+    hf.model.to("cuda", torch.bfloat16)
+    inputs = {k: v.to("cuda") for k, v in hf.inputs(MSGS, _images()).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        ref = hf.model(**inputs).logits[0, -1].float().cpu()
+    hf.model.to("cpu", torch.float32)
+    _, ours = runner_generate(default_model, hf, MSGS, _images(), 1, "cuda", "bfloat16")
+    assert ours.argmax() == ref.argmax()
+    assert (ours - ref).abs().max() / ref.abs().max() < 0.05
+
+
+def test_vision_tower_on_cuda_matches_hf(default_model):
+    from models.loader import load_model
+    from models.qwen2_5_vl_vision import Qwen2_5_VisionTransformer
+    from models.qwen2_vl_image import Qwen2VLImagePreprocessor
+    from processor.model_config import load_model_config
+    from processor.models.qwen2_vl import Qwen2VLMediaSpec
+
+    hf = HFReference(default_model)
+    cfg = load_model_config(default_model)
+    vision = load_model(Qwen2_5_VisionTransformer, cfg, default_model, torch.float32, torch.device("cuda"))
+    pre = Qwen2VLImagePreprocessor(Qwen2VLMediaSpec.from_model_dir(default_model))
+    feats = hf.image_processor(images=_images(), return_tensors="pt")
+    with torch.no_grad():
+        ref = hf.model.model.visual(feats["pixel_values"], grid_thw=feats["image_grid_thw"]).pooler_output
+        patches = [pre(img) for img in _images()]
+        ours = vision(torch.cat([torch.from_numpy(p) for p, _ in patches]).cuda(), [g for _, g in patches])
+    torch.testing.assert_close(ours.cpu(), ref, rtol=1e-3, atol=1e-3)
