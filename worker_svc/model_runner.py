@@ -24,6 +24,8 @@ from worker_svc.sampler import Sampler, SamplingContext
 
 logger = logging.getLogger(__name__)
 
+MAX_PAGES = 1 << 20  # cap of the memory-fraction sizing (16M tokens at 16 tokens a page)
+
 
 class EmbeddingSource(Protocol):
     def get_embeddings(self, keys: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -119,7 +121,8 @@ class ModelRunner:
                     f"--mem-fraction-static {self.cfg.mem_fraction_static} leaves no room for the KV cache "
                     f"({used / 1e9:.1f} GB already used of {total / 1e9:.1f} GB)"
                 )
-            return int(budget // per_page)
+            # the scheduler keeps a free list of page ids: a tiny model on a big GPU needs no millions of pages
+            return min(int(budget // per_page), MAX_PAGES)
         else:
             # CPU: a token budget that fits the machine, at most a quarter of the RAM
             import os
