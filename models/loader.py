@@ -37,9 +37,11 @@ def resolve_dtype(name: str, config: ModelConfig, device: torch.device) -> torch
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """ "auto" is the current CUDA device when there is one, else the CPU; "cuda" gets its index filled in."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:

@@ -108,7 +108,7 @@ def _runner_logits(model_dir, vision, pre, hf, messages_ref, images, chunk: int)
         )
         runner.step(StepPlan(start, (step,)))
         start += n
-    return captured["logits"][0]
+    return captured["logits"][0].cpu()
 
 
 @pytest.mark.parametrize("chunk", [10_000, 7])
