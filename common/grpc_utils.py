@@ -52,17 +52,18 @@ class ServiceHealth:
 
 
 def create_server(
-    service_name: str, register: Callable[[grpc.aio.Server], None], host: str, port: int
-) -> tuple[grpc.aio.Server, int, ServiceHealth]:
-    """An aio server with the service, health (NOT_SERVING) and reflection, bound to host:port (0 picks one)."""
+    servicer, add_to_server: Callable, service_name: str, host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
+    """An aio server with the servicer, health (NOT_SERVING, set on `servicer.health`) and reflection, bound to
+    host:port (0 picks one)."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    register(server)
-    service_health = ServiceHealth(server, service_name)
+    add_to_server(servicer, server)
+    servicer.health = ServiceHealth(server, service_name)
     reflection.enable_server_reflection([service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
-    return server, bound, service_health
+    return server, bound
 
 
 async def serve_until_signal(

@@ -23,6 +23,19 @@ from scheduler_svc.client import SchedulerClient
 logger = logging.getLogger(__name__)
 
 
+def _chunker(rid: str, obj: str, created: int, req: SamplingRequest):
+    """Formats one SSE event of a stream; usage is carried (null until the end) only with include_usage."""
+    with_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        body = {"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices}
+        if with_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    return chunk
+
+
 @dataclass
 class ModelCard:
     served_name: str
@@ -145,17 +158,7 @@ class OpenAIServing:
     async def _chat_stream(
         self, req: ChatCompletionRequest, greq: GenerateRequest, rid: str, created: int
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-            body = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": req.model,
-                "choices": choices,
-            }
-            if req.stream_options and req.stream_options.include_usage:
-                body["usage"] = usage
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        chunk = _chunker(rid, "chat.completion.chunk", created, req)
 
         started: set[int] = set()
         totals = [0, 0, 0]
@@ -287,17 +290,7 @@ class OpenAIServing:
     async def _completion_stream(
         self, req: CompletionRequest, greq: GenerateRequest, rid: str, created: int
     ) -> AsyncIterator[str]:
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-            body = {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": req.model,
-                "choices": choices,
-            }
-            if req.stream_options and req.stream_options.include_usage:
-                body["usage"] = usage
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        chunk = _chunker(rid, "text_completion", created, req)
 
         totals = [0, 0, 0]
         try:

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass
 
 import httpx
@@ -28,7 +29,7 @@ logger = logging.getLogger("mirador.up")
 
 
 @dataclass(frozen=True)
-class UpArgs(ArgsBase):
+class _UpOnly(ArgsBase):
     model_path: str = arg(
         "",
         "model directory or Hugging Face Hub id (default: the embedded tiny Qwen2.5-VL)",
@@ -40,29 +41,40 @@ class UpArgs(ArgsBase):
     scheduler_port: int = arg(0, "scheduler gRPC port (0 picks a free one)")
     worker_port: int = arg(0, "worker gRPC port (0 picks a free one)")
     vision_port: int = arg(0, "vision gRPC port (0 picks a free one)")
-    served_model_name: str = arg("", "model name clients send (default: the model path)")
-    dtype: str = arg("auto", "weight dtype: auto, bfloat16, float16, float32")
-    device: str = arg("auto", "torch device for worker and vision: auto, cpu, cuda, cuda:1")
-    page_size: int = arg(16, "tokens per KV page")
-    max_total_tokens: int | None = arg(None, "KV cache capacity in tokens (CPU default: up to 64k)")
-    mem_fraction_static: float = arg(0.85, "GPU memory fraction for weights plus KV cache")
-    attention_backend: str = arg("torch_native", "attention backend", choices=("torch_native",))
-    random_seed: int | None = arg(None, "sampler seed for unseeded requests")
-    embedding_cache_mb: int = arg(1024, "vision embedding cache budget, MiB")
-    context_length: int | None = arg(None, "override the model's context length")
-    max_running_requests: int | None = arg(None, "max sequences in the running batch")
-    chunked_prefill_size: int | None = arg(None, "max prompt tokens per sequence per step (-1: no chunking)")
-    max_prefill_tokens: int = arg(16384, "max prompt tokens per step")
-    disable_radix_cache: bool = arg(False, "turn the prefix cache off")
-    disable_overlap_schedule: bool = arg(False, "plan each step only after the previous one returned")
-    decode_log_interval: int = arg(40, "log a decode batch line every N steps")
-    allow_private_media_urls: bool = arg(False, "allow image URLs on loopback/private/link-local addresses")
-    allowed_local_media_path: str = arg("", "directory whose files may be used as image URLs")
-    media_fetch_timeout_s: float = arg(10.0, "image fetch timeout, seconds")
-    max_image_bytes: int = arg(20 * 1024 * 1024, "largest image accepted, bytes")
-    max_images_per_request: int = arg(32, "most images in one request")
     startup_timeout_s: float = arg(900.0, "how long to wait for every service to be ready")
-    log_level: str = arg("info", "logging level of every service")
+
+
+# Set by `up` itself for each service, so not flags of `up`.
+_WIRED = {"host", "port", "scheduler_address", "worker_address", "vision_address", "connect_timeout_s"}
+SERVICE_ARGS = {
+    "vision": VisionArgs,
+    "worker": WorkerArgs,
+    "scheduler": SchedulerArgs,
+    "gateway": GatewayArgs,
+}
+
+
+def _up_fields() -> list[tuple[str, type, dataclasses.Field]]:
+    """`up` takes its own flags plus every service flag (first definition wins), so each new service flag is
+    forwarded without being declared twice."""
+    out, seen = [], set()
+    for cls in (_UpOnly, *SERVICE_ARGS.values()):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen or (cls is not _UpOnly and f.name in _WIRED):
+                continue
+            seen.add(f.name)
+            field = dataclasses.field(
+                default=f.default, default_factory=f.default_factory, metadata=f.metadata
+            )
+            out.append((f.name, hints[f.name], field))
+    return out
+
+
+UpArgs = dataclasses.make_dataclass("UpArgs", _up_fields(), bases=(ArgsBase,), frozen=True)
+UpArgs.__doc__ = (
+    "`mirador up`: its own flags plus the four services' flags, forwarded to each that takes them."
+)
 
 
 def _free_port(host: str) -> int:

@@ -187,11 +187,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
 def create_server(args: SchedulerArgs) -> tuple[grpc.aio.Server, int, SchedulerServicer]:
     servicer = SchedulerServicer(args)
-    server, port, health = _create_server(
-        SERVICE_NAME,
-        lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s),
-        args.host,
-        args.port,
+    server, port = _create_server(
+        servicer, scheduler_pb2_grpc.add_SchedulerServicer_to_server, SERVICE_NAME, args.host, args.port
     )
-    servicer.health = health
     return server, port, servicer

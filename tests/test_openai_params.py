@@ -70,6 +70,48 @@ def test_max_tokens_and_max_completion_tokens(client, stream):
         assert finish == "length" and usage.completion_tokens == 7
 
 
+def test_seed_streaming_equals_non_streaming(client):
+    text = ask(client, max_tokens=12, temperature=HOT, seed=77)[0]
+    assert ask(client, stream=True, max_tokens=12, temperature=HOT, seed=77)[0] == text
+    assert ask(client, stream=True, max_tokens=12, temperature=HOT, seed=78)[0] != text
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"extra_body": {"repetition_penalty": 1000.0}}],
+)
+def test_penalties_streaming_equals_non_streaming(client, kw):
+    forced = {"logit_bias": {"1000": 60}}
+    text = ask(client, max_tokens=8, temperature=0, **forced, **kw)[0]
+    assert ask(client, stream=True, max_tokens=8, temperature=0, **forced, **kw)[0] == text
+
+
+def test_generation_config_defaults_apply_unless_the_request_sets_them(tmp_path, default_model):
+    from processor import sampling
+    from processor.model_config import load_generation_defaults
+
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token_id": [151645],
+                "temperature": 0.3,
+                "top_k": 5,
+                "top_p": 0.9,
+                "repetition_penalty": 1.05,
+                "do_sample": True,
+            }
+        )
+    )
+    defaults = load_generation_defaults(tmp_path)
+    assert defaults == {"temperature": 0.3, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.05}
+    sp, _ = sampling.build({}, defaults=defaults, eos_ids=(151645,), max_new_tokens=8)
+    assert (sp.temperature, sp.top_k, sp.top_p, sp.repetition_penalty) == (0.3, 5, 0.9, 1.05)
+    sp, _ = sampling.build(
+        {"temperature": 0.0, "top_k": 0}, defaults=defaults, eos_ids=(151645,), max_new_tokens=8
+    )
+    assert (sp.temperature, sp.top_k, sp.top_p) == (0.0, 0, 0.9)
+
+
 def test_seed_reproducible_even_with_batch_companions(client):
     alone = ids(client, max_tokens=16, temperature=HOT, seed=1234)
     assert ids(client, max_tokens=16, temperature=HOT, seed=1234) == alone
@@ -112,11 +154,15 @@ def test_n_choices(client, cluster, stream):
     assert sorted(texts) == [0, 1, 2]
     assert len(set(texts.values())) > 1  # seeded choices draw different streams
     assert usage.completion_tokens == 24
+    before = cluster.stats().prefix_cache_hit_tokens
+    prompt = f"Pick three ({stream}) " + "and explain why " * 6
     greedy = client.chat.completions.create(
-        model=SERVED, messages=[{"role": "user", "content": "Pick three"}], max_tokens=8, temperature=0, n=2
+        model=SERVED, messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0, n=3
     )
-    assert greedy.choices[0].message.content == greedy.choices[1].message.content
-    assert greedy.usage.prompt_tokens_details.cached_tokens >= 0
+    assert len({c.message.content for c in greedy.choices}) == 1
+    # choices 1 and 2 start from choice 0's prompt pages (all but the last partial page)
+    full_pages = (greedy.usage.prompt_tokens - 1) // 8 * 8
+    assert cluster.stats().prefix_cache_hit_tokens - before >= 2 * full_pages > 0
 
 
 def _reference(client, content="Write a long answer.", n=40):

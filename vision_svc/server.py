@@ -93,11 +93,7 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
 
 def create_server(args: VisionArgs) -> tuple[grpc.aio.Server, int, VisionServicer]:
     servicer = VisionServicer(args)
-    server, port, health = _create_server(
-        SERVICE_NAME,
-        lambda s: vision_pb2_grpc.add_VisionServicer_to_server(servicer, s),
-        args.host,
-        args.port,
+    server, port = _create_server(
+        servicer, vision_pb2_grpc.add_VisionServicer_to_server, SERVICE_NAME, args.host, args.port
     )
-    servicer.health = health
     return server, port, servicer

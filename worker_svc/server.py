@@ -103,11 +103,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 def create_server(args: WorkerArgs) -> tuple[grpc.aio.Server, int, WorkerServicer]:
     servicer = WorkerServicer(args)
-    server, port, health = _create_server(
-        SERVICE_NAME,
-        lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
-        args.host,
-        args.port,
+    server, port = _create_server(
+        servicer, worker_pb2_grpc.add_WorkerServicer_to_server, SERVICE_NAME, args.host, args.port
     )
-    servicer.health = health
     return server, port, servicer
