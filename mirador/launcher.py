@@ -129,12 +129,16 @@ class Cluster:
         self.args = service_args(up)
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self) -> None:
+    def start(self, output=None) -> None:
+        """Start the four processes (their logs go to `output`, a file object, or inherit ours)."""
         for name, args in self.args.items():
             cmd = [sys.executable, "-m", "mirador", name, *args.to_cli()]
             logger.info("starting %s", name)
             self.procs[name] = subprocess.Popen(
-                cmd, preexec_fn=_die_with_parent if os.name == "posix" else None
+                cmd,
+                stdout=output,
+                stderr=subprocess.STDOUT if output is not None else None,
+                preexec_fn=_die_with_parent if os.name == "posix" else None,
             )
 
     def exited(self) -> tuple[str, int] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -106,8 +107,45 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             "on" if self.loop.depth else "off",
         )
         await self.health.set_serving(True)
+        self._monitor = asyncio.create_task(
+            self._watch_backends(a.worker_address, a.vision_address if vision else "")
+        )
+
+    async def _watch_backends(self, worker_address: str, vision_address: str, period_s: float = 2.0) -> None:
+        """The scheduler is SERVING only while its worker (and vision service, for image models) are: the
+        gateway's /health and Kubernetes readiness see a backend outage through it."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from common.grpc_utils import create_channel
+
+        channels = [create_channel(a) for a in (worker_address, vision_address) if a]
+        stubs = [health_pb2_grpc.HealthStub(c) for c in channels]
+        serving = True
+        try:
+            while True:
+                await asyncio.sleep(period_s)
+                ok = True
+                for stub in stubs:
+                    try:
+                        resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=period_s)
+                        ok &= resp.status == health_pb2.HealthCheckResponse.SERVING
+                    except grpc.aio.AioRpcError:
+                        ok = False
+                if ok != serving:
+                    logger.warning(
+                        "backends %s: scheduler now %s",
+                        "back" if ok else "unavailable",
+                        "SERVING" if ok else "NOT_SERVING",
+                    )
+                    await self.health.set_serving(ok)
+                    serving = ok
+        finally:
+            for c in channels:
+                await c.close()
 
     async def shutdown(self) -> None:
+        if getattr(self, "_monitor", None) is not None:
+            self._monitor.cancel()
         if self.loop is not None:
             await self.loop.stop()
         for c in self._clients:

@@ -1,0 +1,82 @@
+"""A fault in one service never hangs a client: requests fail fast with 503 in OpenAI's shape and /health says
+so (issue 2's promise; fault tolerance proper comes later)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import image_part, noise_image
+
+
+def _wait_health(c, status: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if c.http.get("/health").status_code == status:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"/health never returned {status}")
+
+
+class Services:
+    """The four services started without `mirador up`'s supervision (which stops everything when one dies, as
+    SGLang's launcher does), so a test can kill one and watch the others."""
+
+    def __init__(self, model_dir, log_path):
+        from mirador.launcher import Cluster as Launcher
+        from mirador.launcher import UpArgs
+        from tests.helpers import SERVED, free_port
+
+        up = UpArgs(model_path=str(model_dir), port=free_port(), served_model_name=SERVED, page_size=8)
+        self.launcher = Launcher(up)
+        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the services
+        self.launcher.start(self._log)
+        asyncio.run(self.launcher.wait_ready())
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{up.port}", timeout=60, trust_env=False)
+        self.pids = {name: p.pid for name, p in self.launcher.procs.items()}
+
+    def chat(self, messages, **body):
+        from tests.helpers import SERVED
+
+        return self.http.post("/v1/chat/completions", json={"model": SERVED, "messages": messages, **body})
+
+    def stop(self):
+        self.launcher.stop()
+        self.http.close()
+        self._log.close()
+
+
+@pytest.fixture
+def cluster(default_model, log_dir, request):
+    c = Services(default_model, log_dir / f"fault-{request.node.name}.log")
+    yield c
+    c.stop()
+
+
+def test_vision_down_fails_image_requests_fast_and_text_still_works(cluster):
+    os.kill(cluster.pids["vision"], signal.SIGKILL)
+    _wait_health(cluster, 503)
+    t0 = time.monotonic()
+    r = cluster.chat(
+        [{"role": "user", "content": [image_part(noise_image(64, 64, 1)), {"type": "text", "text": "?"}]}],
+        max_tokens=4,
+    )
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["type"] == "service_unavailable"
+    assert time.monotonic() - t0 < 30
+    ok = cluster.chat([{"role": "user", "content": "text only"}], max_tokens=3)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_worker_down_fails_requests_fast(cluster):
+    os.kill(cluster.pids["worker"], signal.SIGKILL)
+    t0 = time.monotonic()
+    r = cluster.chat([{"role": "user", "content": "hello"}], max_tokens=4)
+    assert r.status_code == 503, r.text
+    assert time.monotonic() - t0 < 30
+    _wait_health(cluster, 503)
