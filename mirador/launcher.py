@@ -38,9 +38,11 @@ class _UpOnly(ArgsBase):
     host: str = arg("127.0.0.1", "HTTP address of the gateway")
     port: int = arg(8000, "HTTP port of the gateway")
     grpc_host: str = arg("127.0.0.1", "address the internal gRPC services listen on")
-    scheduler_port: int = arg(0, "scheduler gRPC port (0 picks a free one)")
-    worker_port: int = arg(0, "worker gRPC port (0 picks a free one)")
-    vision_port: int = arg(0, "vision gRPC port (0 picks a free one)")
+    scheduler_port: int = arg(
+        50051, "scheduler gRPC port (a free one is picked if it is taken; 0: always pick)"
+    )
+    worker_port: int = arg(50052, "worker gRPC port (a free one is picked if it is taken; 0: always pick)")
+    vision_port: int = arg(50053, "vision gRPC port (a free one is picked if it is taken; 0: always pick)")
     startup_timeout_s: float = arg(900.0, "how long to wait for every service to be ready")
 
 
@@ -77,10 +79,17 @@ UpArgs.__doc__ = (
 )
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def _port(host: str, preferred: int) -> int:
+    """`preferred` if it can be bound now, else a free one (so a second `mirador up` does not collide)."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                logger.info("port %d is taken; picking a free one", port)
+                continue
+            return s.getsockname()[1]
+    raise OSError(f"no free port on {host}")
 
 
 def _pick(cls: type[ArgsBase], up: UpArgs, **overrides) -> ArgsBase:
@@ -93,7 +102,7 @@ def _pick(cls: type[ArgsBase], up: UpArgs, **overrides) -> ArgsBase:
 def service_args(up: UpArgs) -> dict[str, ArgsBase]:
     gh = up.grpc_host
     ports = {
-        name: p or _free_port(gh)
+        name: _port(gh, p)
         for name, p in (
             ("scheduler", up.scheduler_port),
             ("worker", up.worker_port),
@@ -215,8 +224,10 @@ def run_up(up: UpArgs) -> int:
         if stop["signal"] is None:
             base = f"http://{_http_host(up.host)}:{up.port}"
             name = cluster.args["gateway"].served_model_name or cluster.args["gateway"].model_path
+            grpc = ", ".join(f"{n} {a.host}:{a.port}" for n, a in cluster.args.items() if n != "gateway")
             print(
                 f"\nMirador is ready in {time.monotonic() - t0:.0f} s: {base}/v1 (model {name})\n"
+                f"  gRPC (grpcurl -plaintext ADDRESS list): {grpc}\n"
                 f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
                 f'\'{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'\n'
                 "  Ctrl-C stops every service.",
