@@ -54,9 +54,18 @@ def test_vision_embeddings_equal_hf(setup):
         ours = vision(torch.cat([torch.from_numpy(p) for p, _ in patches]), [g for _, g in patches])
         one = vision(torch.from_numpy(patches[1][0]), [patches[1][1]])  # alone equals within the batch
     assert ours.shape == ref.shape
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert_fp32_close(ours, ref)
     start = patches[0][0].shape[0] // 4
-    torch.testing.assert_close(one, ours[start : start + one.shape[0]], rtol=1e-4, atol=1e-4)
+    assert_fp32_close(one, ours[start : start + one.shape[0]])
+
+
+def assert_fp32_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """Float32 through a network: the relative error norm far under 1e-3 (measured ~1e-6 here; a wrong window,
+    rotary angle or merge order gives ~1e-1), and no element off by more than 1e-3 of the largest magnitude (a
+    rare ~3e-4 wobble was seen on busy CPUs, from the BLAS's thread-dependent blocking)."""
+    rel = float((ours - ref).norm() / ref.norm())
+    assert rel < 1e-4, rel
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-3 * float(ref.abs().max()))
 
 
 class _Embeddings:
