@@ -132,7 +132,7 @@ def test_prefill_logits_equal_hf(setup, chunk):
     ]
     ref = hf.last_logits(msgs, images)
     ours = _runner_logits(model_dir, vision, pre, hf, msgs, images, chunk)
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-3)
+    assert_fp32_close(ours, ref)
     assert ours.argmax() == ref.argmax()
 
 
