@@ -331,15 +331,9 @@ class Engine:
             yield item
 
     def stats(self) -> dict[str, Any]:
-        s = self._sched.core.stats
-        return {
-            **self._sched.core.snapshot(),
-            "num_preemptions": s.num_preemptions,
-            "prefix_cache_hit_tokens": s.prefix_cache_hit_tokens,
-            "vision_encode_calls": s.vision_encode_calls,
-            "num_steps": s.num_steps,
-            "generated_tokens_total": s.generated_tokens_total,
-        }
+        """The scheduler's gauges and counters, as its Stats RPC reports them."""
+        core = self._sched.core
+        return {**core.snapshot(), **core.stats.counters()}
 
     def shutdown(self) -> None:
         if self._loop.is_closed():

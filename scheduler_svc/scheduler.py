@@ -71,6 +71,12 @@ class Stats:
     steps_overlapped: int = 0
     recent_tokens: deque = field(default_factory=lambda: deque(maxlen=256))  # (unix time, tokens)
 
+    def counters(self) -> dict[str, int | float]:
+        """Every counter by name (the names of SchedulerStats' fields), plus the recent generation throughput."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "recent_tokens"}
+        out["gen_throughput"] = self.gen_throughput()
+        return out
+
     def gen_throughput(self) -> float:
         if len(self.recent_tokens) < 2:
             return 0.0

@@ -62,7 +62,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         from worker_svc.client import WorkerClient
 
         a = self.args
-        model_config = load_model_config(a.model_path)
+        self.model_config = model_config = load_model_config(a.model_path)
         tokenizer = Tokenizer(a.model_path)
         logger.info("waiting for the worker at %s", a.worker_address)
         await wait_serving(a.worker_address, a.connect_timeout_s)
@@ -174,27 +174,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if self.loop is None:
             return scheduler_pb2.SchedulerStats()
         core = self.loop.core
-        s = core.stats
-        return scheduler_pb2.SchedulerStats(
-            **core.snapshot(),
-            num_preemptions=s.num_preemptions,
-            prefix_cache_hit_tokens=s.prefix_cache_hit_tokens,
-            prompt_tokens_total=s.prompt_tokens_total,
-            vision_encode_calls=s.vision_encode_calls,
-            vision_images_requested=s.vision_images_requested,
-            vision_cache_hits=s.vision_cache_hits,
-            vision_skipped_images=s.vision_skipped_images,
-            num_steps=s.num_steps,
-            generated_tokens_total=s.generated_tokens_total,
-            requests_finished=s.requests_finished,
-            requests_aborted=s.requests_aborted,
-            scheduler_ns_total=s.scheduler_ns_total,
-            scheduler_ns_overlapped=s.scheduler_ns_overlapped,
-            worker_forward_ns_total=s.worker_forward_ns_total,
-            gen_throughput=s.gen_throughput(),
-            steps_overlapped=s.steps_overlapped,
-            scheduler_ns_off_path=s.scheduler_ns_off_path,
-        )
+        return scheduler_pb2.SchedulerStats(**core.snapshot(), **core.stats.counters())
 
     async def GetServerInfo(self, request, context):
         try:
@@ -202,7 +182,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)
         a, p = self.args, self.policy
-        config = load_model_config(a.model_path)
+        config = self.model_config
         return scheduler_pb2.ServerInfo(
             model_path=str(Path(a.model_path)),
             served_model_name=a.served_model_name or a.model_path,
