@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
+import torch
 
-from mirador.default_model import cache_root, config_with, default_model_dir, ensure_model
+# Without a GPU, Triton kernels run through Triton's interpreter on CPU tensors (set before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from mirador.default_model import cache_root, config_with, default_model_dir, ensure_model  # noqa: E402
 
 # A second shape: more layers, GQA 3:1, wider hidden, a 3-block vision tower, and a small max_pixels so that
 # images above it (downscaled) stay cheap.
