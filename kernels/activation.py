@@ -1,0 +1,58 @@
+"""SiLU-and-multiply over a merged gate-up projection: the Triton kernel and the torch reference (HF's
+act(gate_proj(x)) * up_proj(x) in the activations' dtype)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels._triton import HAS_TRITON, triton_enabled
+
+BLOCK = 1024
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2 * inter] -> [num_tokens, inter]
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _silu_and_mul_kernel(x_ptr, o_ptr, stride_xt, stride_ot, inter, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < inter
+        x_row = x_ptr + row * stride_xt
+        gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
+        dtype = o_ptr.dtype.element_ty
+        # the reference rounds silu(gate) to the dtype before the product; so do we
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        tl.store(o_ptr + row * stride_ot + cols, (act * up).to(dtype), mask=mask)
+
+
+def silu_and_mul_triton(
+    x: torch.Tensor,  # [num_tokens, 2 * inter]
+    out: torch.Tensor
+    | None = None,  # [num_tokens, inter] with contiguous rows: written instead of a new tensor
+) -> torch.Tensor:  # [num_tokens, inter]
+    num_tokens, inter = x.shape[0], x.shape[1] // 2
+    if out is None:
+        out = torch.empty(num_tokens, inter, dtype=x.dtype, device=x.device)
+    if num_tokens == 0:
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    grid = (num_tokens, triton.cdiv(inter, BLOCK))
+    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), inter, BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[:, :inter]) * x[:, inter:]: [num_tokens, 2 * inter] -> [num_tokens, inter]."""
+    if triton_enabled(x):
+        return silu_and_mul_triton(x)
+    return silu_and_mul_ref(x)
