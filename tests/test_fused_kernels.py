@@ -9,7 +9,6 @@ Without a GPU the kernels run on CPU tensors through Triton's interpreter, so th
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
@@ -17,33 +16,13 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTe
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding, apply_rotary_pos_emb
 
 from kernels import activation, kv_store, norm, rotary
-from kernels._triton import INTERPRET, triton_testable
+from kernels._triton import triton_testable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 over_dtypes = pytest.mark.parametrize(
     "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
 )
 needs_triton = pytest.mark.skipif(not triton_testable(), reason="needs triton (a GPU or TRITON_INTERPRET=1)")
-
-
-@pytest.fixture(autouse=True)
-def _gpu_bf16_rounding(monkeypatch):
-    """Triton 3.6's interpreter truncates float32 -> bfloat16 where a GPU rounds to nearest even; give it the
-    GPU's rounding so that bfloat16 results are compared bit for bit on the CPU too."""
-    if not (INTERPRET and triton_testable()):
-        return
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    convert = interpreter._convert_float
-
-    def round_nearest_even(data, src, dst, rounding_mode):
-        if src == tl.float32 and dst == tl.bfloat16:
-            as_bf16 = torch.from_numpy(np.array(data, dtype=np.float32)).to(torch.bfloat16)
-            return as_bf16.view(torch.int16).numpy().view(np.uint16)
-        return convert(data, src, dst, rounding_mode)
-
-    monkeypatch.setattr(interpreter, "_convert_float", round_nearest_even)
 
 
 def _randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
