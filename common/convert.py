@@ -302,6 +302,7 @@ def worker_info_from_proto(p: worker_pb2.WorkerInfo) -> WorkerInfo:
         p.tp_size,
         p.kv_cache_bytes,
         p.attention_backend,
+        p.max_running_requests,
     )
 
 

@@ -24,7 +24,7 @@ def parse_service_args(
         from processor.hub import resolve_model_path
 
         try:
-            ns.model_path = str(resolve_model_path(ns.model_path))
+            ns.model_path = str(resolve_model_path(ns.model_path, getattr(ns, "load_format", "auto")))
         except (FileNotFoundError, ValueError) as e:
             parser.error(str(e))
     try:

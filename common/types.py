@@ -178,6 +178,7 @@ class WorkerInfo:
     tp_size: int = 1
     kv_cache_bytes: int = 0
     attention_backend: str = ""
+    max_running_requests: int = 0  # 0: no limit of the worker's own
 
 
 @dataclass(frozen=True)

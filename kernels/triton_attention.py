@@ -34,12 +34,16 @@ def decode_num_splits(
     block_n: int = DECODE_BLOCK_N,
     max_splits: int = MAX_DECODE_SPLITS,
 ) -> int:
-    """Splits per sequence for `decode_attention`, fixed for a captured graph: enough (sequence, kv head, split)
-    programs to give every SM two (small batches, long contexts), never more splits than the longest context has
+    """Splits per sequence for `decode_attention`, fixed for a captured graph: one when the batch's (sequence, kv
+    head) programs already cover the SMs; otherwise enough splits to give every SM two programs, never more splits than the longest context has
     KV blocks (every split can hold one block of `block_n` tokens), at most `max_splits`, at least 1. Each split
     covers ceil(seq_len / num_splits) tokens of the live length, so a short context leaves most splits empty and
     they cost a launch slot, not bandwidth."""
     programs = max(1, batch_size * num_kv_heads)
+    if (
+        programs >= num_sms
+    ):  # the batch alone fills the SMs: splitting only adds the merge (measured on an H100)
+        return 1
     wanted = -(-2 * num_sms // programs)
     max_blocks = -(-max(1, max_context_len) // block_n)
     return max(1, min(wanted, max_blocks, max_splits))

@@ -17,6 +17,13 @@ SERVICES = {
     "vision": ("vision_svc.__main__", "vision gRPC service (image preprocessing and encoder)"),
 }
 
+TOOLS = {
+    "bench": (
+        "mirador.bench",
+        "serving benchmark against a running gateway, or Hugging Face on the same workload",
+    ),
+}
+
 USAGE = """mirador <command> [options]
 
 commands:
@@ -26,6 +33,7 @@ commands:
   worker          run the worker service alone
   vision          run the vision service alone
   default-model   build (if needed) and print the embedded default model's directory
+  bench           benchmark a running gateway (like SGLang's bench_serving) or HF transformers
 
 Without --model, `up` serves the embedded tiny Qwen2.5-VL (random weights) built offline on first use, under
 the name "qwen2.5-vl-tiny".
@@ -43,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         importlib.import_module(SERVICES[cmd][0]).main(rest)
         return
+    if cmd in TOOLS:
+        import importlib
+
+        sys.exit(importlib.import_module(TOOLS[cmd][0]).main(rest))
     if cmd == "up":
         sys.exit(_up(rest))
     if cmd == "default-model":
@@ -70,7 +82,7 @@ def _up(argv: list[str]) -> int:
     from processor.hub import resolve_model_path
 
     try:
-        ns.model_path = str(resolve_model_path(ns.model_path))
+        ns.model_path = str(resolve_model_path(ns.model_path, ns.load_format))
         up = UpArgs.from_cli_args(ns)
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))

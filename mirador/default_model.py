@@ -144,6 +144,55 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     return ensure_model(cache_root(cache_dir) / "models", "qwen2.5-vl-tiny", TINY_CONFIG)
 
 
+# Hub ids whose configs ship with Mirador (dimensions only: serve them with --load-format dummy)
+BUNDLED_CONFIGS = {
+    "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2.5-vl-3b-instruct.json",
+    "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b-instruct.json",
+    "Qwen/Qwen2.5-VL-72B-Instruct": "qwen2.5-vl-72b-instruct.json",
+}
+
+
+def bundled_model_dir(name: str, cache_dir: str | Path | None = None) -> Path | None:
+    """A model directory (config, preprocessor and generation configs, the Qwen2.5 tokenizer; no weights) for a
+    bundled Hub id such as "Qwen/Qwen2.5-VL-7B-Instruct" (case-insensitive, the org optional); None for others."""
+    key = name.lower().removeprefix("qwen/")
+    match = next(
+        (f for hub_id, f in BUNDLED_CONFIGS.items() if hub_id.lower().removeprefix("qwen/") == key), None
+    )
+    if match is None:
+        return None
+    stem = match.removesuffix(".json")
+    config = json.loads(resources.files("mirador").joinpath("configs", match).read_text())
+    digest = hashlib.sha256(json.dumps([BUILDER_VERSION, config], sort_keys=True).encode()).hexdigest()[:10]
+    parent = cache_root(cache_dir) / "models"
+    target = parent / f"{stem}-config-{digest}"
+    if (target / "tokenizer.json").is_file():
+        return target
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=parent))
+    try:
+        _progress(f"writing the bundled {name} config (no weights: use --load-format dummy) to {target}")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+        # eos only: the published checkpoint's sampling defaults (top_k 1, repetition penalty) would turn every
+        # benchmark request into a penalised one
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": [151645, 151643], "pad_token_id": 151643}, indent=2) + "\n"
+        )
+        build_tokenizer(tmp, cache=cache_root(cache_dir) / "tokenizer")
+        tmp.chmod(0o755)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def ensure_model(
     parent: Path,
     name: str,
@@ -290,6 +339,7 @@ def _write_weights(path: Path, config: dict[str, Any], *, seed: int, head_scale:
     import torch
     from safetensors.torch import save_file
 
+    from models.loader import checkpoint_shapes, dummy_tensor
     from models.registry import get_entry, load_class
     from processor.model_config import parse_config
 
@@ -299,30 +349,10 @@ def _write_weights(path: Path, config: dict[str, Any], *, seed: int, head_scale:
     with torch.device("meta"):
         for cls_path, prefix in ((entry.language_model, ""), (entry.vision_model, "visual.")):
             if cls_path:
-                for name, t in load_class(cls_path)(cfg).state_dict().items():
-                    shapes[prefix + name] = tuple(t.shape)
+                for name, shape in checkpoint_shapes(load_class(cls_path)(cfg)).items():
+                    shapes[prefix + name] = shape
     g = torch.Generator().manual_seed(seed)
-    tensors = {}
     if cfg.text.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)  # tied checkpoints ship only the embedding
-    for name in sorted(shapes):
-        shape = shapes[name]
-        if (
-            name.endswith("norm.weight")
-            or name.endswith("layernorm.weight")
-            or name.endswith("ln_q.weight")
-            or ".norm1." in name
-            or ".norm2." in name
-        ):
-            t = torch.ones(shape)
-        elif name.endswith(".bias"):
-            t = torch.randn(shape, generator=g) * 0.02
-        elif name == "model.embed_tokens.weight":
-            t = torch.randn(shape, generator=g)
-        elif name == "lm_head.weight":
-            t = torch.randn(shape, generator=g) * (head_scale / shape[1] ** 0.5)
-        else:
-            fan_in = int(torch.tensor(shape[1:]).prod())
-            t = torch.randn(shape, generator=g) / fan_in**0.5
-        tensors[name] = t.contiguous()
+    tensors = {name: dummy_tensor(name, shapes[name], g, head_scale).contiguous() for name in sorted(shapes)}
     save_file(tensors, str(path), metadata={"format": "pt"})

@@ -29,17 +29,26 @@ _END = object()
 
 
 class _InProcessWorker:
-    """WorkerBackend over a ModelRunner: steps run in order on one thread, off the event loop."""
+    """WorkerBackend over a ModelRunner, pipelined as the worker service is: steps launch in order on one thread
+    and their results are awaited on another, so step N+1 is queued on the device while step N runs."""
 
     def __init__(self, runner):
         self.runner = runner
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
+        self._collector = ThreadPoolExecutor(1, thread_name_prefix="engine-collect")
 
     def submit(self, plan: StepPlan) -> asyncio.Future:
-        return asyncio.get_running_loop().run_in_executor(self._executor, self.runner.step, plan)
+        loop = asyncio.get_running_loop()
+        launched = loop.run_in_executor(self._executor, self.runner.launch, plan)
+
+        async def result():
+            return await loop.run_in_executor(self._collector, self.runner.collect, await launched)
+
+        return asyncio.ensure_future(result())
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self._collector.shutdown(wait=True)
 
 
 class Engine:
@@ -52,6 +61,10 @@ class Engine:
         page_size: int = 16,
         max_total_tokens: int | None = None,
         mem_fraction_static: float = 0.85,
+        load_format: str = "auto",
+        attention_backend: str = "auto",
+        disable_cuda_graph: bool = False,
+        cuda_graph_max_bs: int | None = None,
         max_running_requests: int | None = None,
         chunked_prefill_size: int | None = None,
         max_prefill_tokens: int = 16384,
@@ -59,6 +72,7 @@ class Engine:
         disable_radix_cache: bool = False,
         disable_overlap_schedule: bool = False,
         embedding_cache_mb: int = 1024,
+        vision_mem_fraction: float = 0.08,
         random_seed: int | None = None,
         media_policy: MediaPolicy | None = None,
     ):
@@ -74,23 +88,38 @@ class Engine:
         self.tokenizer = self.builder.tokenizer
         config = self.builder.config
         self.encoder = (
-            VisionEncoder(EncoderConfig(self.model_path, dtype, device, embedding_cache_mb << 20))
+            VisionEncoder(
+                EncoderConfig(
+                    self.model_path,
+                    dtype,
+                    device,
+                    embedding_cache_mb << 20,
+                    load_format=load_format,  # one process: no per-process cap, the runner leaves the share
+                )
+            )
             if config.is_multimodal
             else None
         )
         self.runner = ModelRunner(
             RunnerConfig(
-                self.model_path,
-                dtype,
-                device,
-                page_size,
-                max_total_tokens,
-                mem_fraction_static,
-                "torch_native",
-                random_seed,
+                model_path=self.model_path,
+                dtype=dtype,
+                device=device,
+                page_size=page_size,
+                max_total_tokens=max_total_tokens,
+                mem_fraction_static=mem_fraction_static,
+                attention_backend=attention_backend,
+                seed=random_seed,
+                load_format=load_format,
+                max_running_requests=max_running_requests,
+                disable_cuda_graph=disable_cuda_graph,
+                cuda_graph_max_bs=cuda_graph_max_bs,
+                max_prefill_tokens=max_prefill_tokens,
+                vision_mem_fraction=vision_mem_fraction if config.is_multimodal else 0.0,
             ),
             self.encoder,
         )
+        self.runner.warmup()
         args = SchedulerArgs(
             model_path=self.model_path,
             max_running_requests=max_running_requests,
@@ -344,6 +373,15 @@ class Engine:
         self._thread.join(10)
         self._worker.close()
         self._loop.close()
+        # the weights, KV cache and graphs go with the last references: free the device memory now
+        self.runner = self.encoder = self._worker = self._sched = None
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def __enter__(self) -> Engine:
         return self

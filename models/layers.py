@@ -1,9 +1,13 @@
-"""Small building blocks shared by model families."""
+"""Building blocks shared by model families; the element-wise work goes through kernels/ (Triton on a GPU, the
+plain-torch references on the CPU)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kernels.activation import silu_and_mul
+from kernels.norm import fused_add_rms_norm, rms_norm
 
 ACTIVATIONS = {
     "silu": nn.functional.silu,
@@ -13,18 +17,29 @@ ACTIVATIONS = {
 
 
 class RMSNorm(nn.Module):
-    """Computes in float32 and casts back before the weight, as the HF Qwen2 reference does."""
+    """HF Qwen2's RMSNorm (float32 statistics, cast back before the weight). With a residual, adds it first and
+    returns (normed, new residual) in one kernel."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return rms_norm(x, self.weight, self.variance_epsilon)
+        return fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+
+
+class MergedLinear(nn.Linear):
+    """One GEMM for several projections of the same input (q/k/v, gate/up). `output_sizes` tells the loader
+    where each checkpoint tensor goes along the output dimension."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool):
+        super().__init__(in_features, sum(output_sizes), bias=bias)
+        self.output_sizes = list(output_sizes)
 
 
 class GatedMLP(nn.Module):
@@ -39,6 +54,25 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MergedGatedMLP(nn.Module):
+    """GatedMLP with gate and up in one GEMM (`gate_up_proj`, loaded from the checkpoint's gate_proj/up_proj) and
+    the activation fused with the product."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_name = act
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        if self.act_name == "silu":
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

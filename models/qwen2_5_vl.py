@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.attention import AttentionMetadata
-from models.layers import GatedMLP, RMSNorm, rotate_half
+from kernels.rotary import apply_mrope
+from models.layers import MergedGatedMLP, MergedLinear, RMSNorm
 from processor.model_config import ModelConfig, TextConfig
 
 # (offset, num_tokens, (t, h, w)) of one media span in a sequence
@@ -59,29 +59,26 @@ def _fill_text(out: torch.Tensor, start: int, end: int, lo: int, hi: int, delta:
 
 
 class MRotaryEmbedding(nn.Module):
-    """cos/sin for 3-axis positions: each frequency band takes its position from one axis (mrope_section)."""
+    """Multimodal rotary embedding: each frequency band takes its position from one axis (mrope_section), applied
+    to q and k in place by one kernel (kernels/rotary.py)."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         dim = cfg.head_dim
-        # a plain attribute on the CPU, not a buffer: the model is built on the meta device before loading
+        # a plain attribute, not a buffer: the model is built on the meta device before loading; moved to the
+        # model's device by the first forward (the worker's warm-up, before any CUDA graph is captured)
         self.inv_freq = 1.0 / (
             cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim)
         )
-        self.mrope_section = list(cfg.mrope_section) or [dim // 2, 0, 0]
+        self.mrope_section = tuple(cfg.mrope_section) or (dim // 2, 0, 0)
         if sum(self.mrope_section) != dim // 2:
             raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {dim // 2}")
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [3, num_tokens] -> cos, sin: [num_tokens, head_dim]
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions[..., None].float() * self.inv_freq  # [3, T, dim/2]
-        freqs = torch.cat(
-            [part[i % 3] for i, part in enumerate(freqs.split(self.mrope_section, dim=-1))], dim=-1
-        )
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
+        # q: [T, heads, head_dim], k: [T, kv_heads, head_dim] (views of the fused projection); positions: [3, T]
+        if self.inv_freq.device != q.device:
+            self.inv_freq = self.inv_freq.to(q.device)
+        apply_mrope(q, k, positions, self.inv_freq, self.mrope_section)
 
 
 class Qwen2_5_VLAttention(nn.Module):
@@ -91,35 +88,41 @@ class Qwen2_5_VLAttention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=True)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn, meta: AttentionMetadata):
-        # x: [T, hidden]; cos, sin: [T, head_dim]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: MRotaryEmbedding, attn, meta):
+        # x: [T, hidden]; positions: [3, T]
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        rotary(q, k, positions)
         o = attn.forward(self.layer_idx, q, k, v, meta)  # [T, heads, head_dim]
-        return self.o_proj(o.reshape(n, -1))
+        return self.o_proj(o.reshape(n, self.q_size))
 
 
 class Qwen2_5_VLDecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Qwen2_5_VLAttention(cfg, layer_idx)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False)
+        self.mlp = MergedGatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=False)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary, attn, meta):
+        # the residual stream is carried apart from the layer output so that each add fuses with the next norm
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rotary, attn, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class Qwen2_5_VLTextModel(nn.Module):
@@ -142,7 +145,11 @@ class Qwen2_5_VLForCausalLM(nn.Module):
         ("model.", "model."),
         ("lm_head.", "lm_head."),
     )
-    packed_modules_mapping: dict[str, list[str]] = {}
+    # fused parameters and the checkpoint tensors stacked into them (along the output dimension, in this order)
+    packed_modules_mapping: dict[str, tuple[str, ...]] = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "gate_up_proj": ("gate_proj", "up_proj"),
+    }
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -165,16 +172,19 @@ class Qwen2_5_VLForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
-    def forward(
-        self, inputs_embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        # inputs_embeds: [T, hidden]; positions: [3, T] -> hidden states [T, hidden]
-        cos, sin = self.model.rotary_emb(positions, inputs_embeds.dtype)
-        x = inputs_embeds
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+        # inputs_embeds: [T, hidden]; positions: [3, T] -> final hidden states [T, hidden]
+        x, residual = inputs_embeds, None
+        rotary = self.model.rotary_emb
         for layer in self.model.layers:
-            x = layer(x, cos, sin, self.attn, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, positions, rotary, self.attn, meta)
+        out, _ = self.model.norm(x, residual)
+        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [B, hidden] -> logits [B, vocab] in float32
+        if hidden.is_cuda and hidden.dtype != torch.float32:
+            # float32 straight out of the GEMM's accumulator: bf16 logits near 30 are 0.125 apart, so top choices
+            # would tie exactly and greedy decoding would turn on rounding
+            return torch.mm(hidden, self.lm_head.weight.t(), out_dtype=torch.float32)
         return self.lm_head(hidden).float()

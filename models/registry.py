@@ -15,6 +15,10 @@ class ModelEntry:
     image_processor: str | None = None
 
 
+# How weights are obtained: the checkpoint's safetensors ("auto" and "safetensors"), or random ones made from
+# config.json alone ("dummy", for benchmarks without a checkpoint, as SGLang's --load-format dummy).
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
 _REGISTRY: dict[str, ModelEntry] = {
     "Qwen2_5_VLForConditionalGeneration": ModelEntry(
         language_model="models.qwen2_5_vl:Qwen2_5_VLForCausalLM",

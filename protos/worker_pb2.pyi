@@ -22,7 +22,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("architecture", "num_pages", "page_size", "context_length", "vocab_size", "dtype", "device", "tp_rank", "tp_size", "kv_cache_bytes", "attention_backend")
+    __slots__ = ("architecture", "num_pages", "page_size", "context_length", "vocab_size", "dtype", "device", "tp_rank", "tp_size", "kv_cache_bytes", "attention_backend", "max_running_requests")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class WorkerInfo(_message.Message):
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     num_pages: int
     page_size: int
@@ -45,7 +46,8 @@ class WorkerInfo(_message.Message):
     tp_size: int
     kv_cache_bytes: int
     attention_backend: str
-    def __init__(self, architecture: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., attention_backend: _Optional[str] = ...) -> None: ...
+    max_running_requests: int
+    def __init__(self, architecture: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., attention_backend: _Optional[str] = ..., max_running_requests: _Optional[int] = ...) -> None: ...
 
 class SequenceInit(_message.Message):
     __slots__ = ("mm_items", "sampling", "num_prompt_tokens", "prompt_token_ids", "output_token_ids")

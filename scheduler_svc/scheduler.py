@@ -455,7 +455,7 @@ class Scheduler:
         sent = self._inflight.pop(out.step_id, [])
         failed = {f.seq_id: f for f in out.failures}
         results = {r.seq_id: r for r in out.results}
-        self.stats.worker_forward_ns_total += out.forward_ns + out.prepare_ns
+        self.stats.worker_forward_ns_total += out.forward_ns
         tokens = 0
         for s in sent:
             seq = s.seq

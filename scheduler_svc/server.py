@@ -38,7 +38,9 @@ def resolve_policy(args: SchedulerArgs, worker: WorkerInfo, eos: tuple[int, ...]
         page_size=worker.page_size,
         num_pages=worker.num_pages,
         context_length=context,
-        max_running_requests=args.max_running_requests or (256 if gpu else 64),
+        max_running_requests=min(
+            args.max_running_requests or (256 if gpu else 64), worker.max_running_requests or 1 << 30
+        ),
         chunked_prefill_size=chunk,
         max_prefill_tokens=args.max_prefill_tokens,
         enable_prefix_cache=not args.disable_radix_cache,

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from kernels import paged_attention as pa
-from models.attention import AttentionMetadata, KVCache, TorchNativeAttention
+from tests.test_attention_backends import _meta
+from worker_svc.attention.base import KVCache
+from worker_svc.attention.torch_native import TorchNativeAttention
 
 
 def _random_layout(rng: random.Random, num_seqs: int, page_size: int, num_pages: int, decode_only: bool):
@@ -57,11 +59,10 @@ def test_backend_mixed_batch_matches_reference(seed):
         slots += [t[i // page_size] * page_size + i % page_size for i in range(kv - q, kv)]
     q = torch.randn(n, heads, head_dim)
     k, v = torch.randn(n, kv_heads, head_dim), torch.randn(n, kv_heads, head_dim)
-    meta = AttentionMetadata.build(
-        query_lens, kv_lens, tables, page_size, torch.tensor(slots), torch.device("cpu")
-    )
+    rows = list(range(len(tables)))
+    meta = _meta(query_lens, kv_lens, tables, page_size, rows, len(rows), max(map(len, tables)), "cpu")
     k_ref, v_ref = cache.k[0].clone(), cache.v[0].clone()
-    out = TorchNativeAttention(cache, 0.3).forward(0, q, k, v, meta)
+    out = TorchNativeAttention(cache, heads, 0.3, len(rows), torch.device("cpu")).forward(0, q, k, v, meta)
     pa.store_kv(k, v, k_ref, v_ref, torch.tensor(slots))
     ref = pa.paged_attention(q, k_ref, v_ref, [torch.tensor(t) for t in tables], query_lens, kv_lens, 0.3)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -236,7 +236,7 @@ def test_decode_num_splits_policy():
     # batch 1 of a 7B model (4 kv heads) on 132 SMs: split long contexts 64 ways, short ones only per token block
     assert ta.decode_num_splits(32768, 1, 4, 132) == 64
     assert ta.decode_num_splits(100, 1, 4, 132) == 2
-    assert ta.decode_num_splits(32768, 64, 4, 132) == 2  # 256 programs already cover the SMs about twice
+    assert ta.decode_num_splits(32768, 64, 4, 132) == 1  # 256 programs already cover the SMs
     assert ta.decode_num_splits(32768, 256, 4, 132) == 1
     assert ta.decode_num_splits(0, 1, 4, 132) == 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.args import ArgsBase, arg
+from models.registry import LOAD_FORMATS
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,17 @@ class VisionArgs(ArgsBase):
         "auto", "encoder dtype: auto (the checkpoint's on GPU, float32 on CPU), bfloat16, float16, float32"
     )
     device: str = arg("auto", "torch device: auto, cpu, cuda, cuda:1, ...")
+    load_format: str = arg(
+        "auto",
+        "auto/safetensors: the checkpoint's weights; dummy: random weights from config.json alone (for "
+        "benchmarks without a checkpoint, like SGLang's flag)",
+        choices=LOAD_FORMATS,
+    )
+    vision_mem_fraction: float = arg(
+        0.08,
+        "GPU memory fraction the vision service may use (weights, activations, embedding cache) when it shares "
+        "the worker's GPU; the worker leaves it free. 0 when vision runs on another device",
+    )
     embedding_cache_mb: int = arg(1024, "byte budget of the embedding LRU cache, MiB")
     max_batch_patches: int = arg(16384, "patches per encoder forward when several images arrive together")
     log_level: str = arg("info", "logging level")
@@ -23,5 +35,7 @@ class VisionArgs(ArgsBase):
     def __post_init__(self):
         if not self.model_path:
             raise ValueError("--model-path is required")
+        if not 0.0 <= self.vision_mem_fraction < 1.0:
+            raise ValueError("--vision-mem-fraction must be in [0, 1)")
         if self.embedding_cache_mb < 1:
             raise ValueError("--embedding-cache-mb must be >= 1")

@@ -31,6 +31,8 @@ class EncoderConfig:
     device: str = "auto"
     cache_bytes: int = 1 << 30
     max_batch_patches: int = 16384  # patches per encoder forward when several images are encoded together
+    load_format: str = "auto"
+    mem_fraction: float = 0.0  # cap of this process's share of the GPU (0: none)
 
 
 @dataclass
@@ -49,9 +51,17 @@ class VisionEncoder:
             raise ValueError(f"{cfg.model_path} has no vision tower")
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.model_config, self.device)
+        if self.device.type == "cuda" and cfg.mem_fraction > 0:
+            # the worker sizes its KV cache leaving this share free, so the two never race for memory
+            torch.cuda.set_per_process_memory_fraction(cfg.mem_fraction, self.device)
         arch = self.model_config.architecture
         self.model = load_model(
-            vision_model_class(arch), self.model_config, cfg.model_path, self.dtype, self.device
+            vision_model_class(arch),
+            self.model_config,
+            cfg.model_path,
+            self.dtype,
+            self.device,
+            cfg.load_format,
         )
         self.spec = media_spec_class(self.model_config.model_type).from_model_dir(cfg.model_path)
         self.preprocess = image_preprocessor_class(arch)(self.spec)

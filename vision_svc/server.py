@@ -28,7 +28,15 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
 
     async def startup(self) -> None:
         a = self.args
-        cfg = EncoderConfig(a.model_path, a.dtype, a.device, a.embedding_cache_mb << 20, a.max_batch_patches)
+        cfg = EncoderConfig(
+            a.model_path,
+            a.dtype,
+            a.device,
+            a.embedding_cache_mb << 20,
+            a.max_batch_patches,
+            a.load_format,
+            a.vision_mem_fraction,
+        )
         self.encoder = await asyncio.to_thread(VisionEncoder, cfg)
         logger.info(
             "vision encoder ready (%s, %s, cache %d MiB)",

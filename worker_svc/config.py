@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.args import ArgsBase, arg
+from models.registry import LOAD_FORMATS
+from worker_svc.attention import ATTENTION_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -23,8 +25,36 @@ class WorkerArgs(ArgsBase):
         "KV cache capacity in tokens (default: on GPU what "
         "--mem-fraction-static leaves, on CPU up to 64k tokens within 1/4 of RAM)",
     )
-    mem_fraction_static: float = arg(0.85, "GPU memory fraction for weights plus KV cache")
-    attention_backend: str = arg("torch_native", "attention backend", choices=("torch_native",))
+    mem_fraction_static: float = arg(
+        0.85, "GPU memory fraction for weights plus KV cache (activations and CUDA graphs live outside it)"
+    )
+    load_format: str = arg(
+        "auto",
+        "auto/safetensors: the checkpoint's weights; dummy: random weights from config.json alone (for "
+        "benchmarks without a checkpoint, like SGLang's flag)",
+        choices=LOAD_FORMATS,
+    )
+    attention_backend: str = arg(
+        "auto",
+        "attention kernels: auto (the fastest installed: triton, then flashinfer, on a GPU; torch_native on the "
+        "CPU), triton, flashinfer (pip install mirador[gpu]) or torch_native (the reference)",
+        choices=("auto", *ATTENTION_BACKENDS),
+    )
+    max_running_requests: int | None = arg(
+        None, "max sequences in the running batch (default: 256 on GPU, 64 on CPU)"
+    )
+    max_prefill_tokens: int = arg(16384, "max prompt tokens of all sequences in one step")
+    disable_cuda_graph: bool = arg(
+        False, "run decode steps kernel by kernel instead of replaying CUDA graphs"
+    )
+    cuda_graph_max_bs: int | None = arg(
+        None, "largest decode batch captured as a CUDA graph (default: --max-running-requests)"
+    )
+    vision_mem_fraction: float = arg(
+        0.08,
+        "GPU memory fraction the vision service may use (weights, activations, embedding cache) when it shares "
+        "the worker's GPU; the worker leaves it free. 0 when vision runs on another device",
+    )
     random_seed: int | None = arg(None, "seed of the sampler's generator for unseeded requests")
     log_level: str = arg("info", "logging level")
 
@@ -37,3 +67,9 @@ class WorkerArgs(ArgsBase):
             raise ValueError("--max-total-tokens must hold at least one page")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1)")
+        if not 0.0 <= self.vision_mem_fraction < 1.0 - self.mem_fraction_static:
+            raise ValueError("--vision-mem-fraction must be in [0, 1 - --mem-fraction-static)")
+        if self.max_running_requests is not None and self.max_running_requests < 1:
+            raise ValueError("--max-running-requests must be >= 1")
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
+            raise ValueError("--cuda-graph-max-bs must be >= 1")

@@ -1,7 +1,11 @@
 """The worker core: loads the language model, owns the paged KV tensors and per-sequence state, runs steps.
 
-Free of protobuf and gRPC: the servicer converts StepRequest <-> StepPlan, the in-process engine calls `step`
-directly. Image embeddings come from an `EmbeddingSource` (the vision service, or the engine's encoder).
+Per-sequence state lives in fixed rows on the device (page table, last sampled token, sampling parameters), so a
+step sends only what changed. `launch` queues a step on the GPU without waiting for it (decode steps replay a CUDA
+graph; the tokens a decode consumes never leave the device) and `collect` waits for its results; the servicer
+launches step N+1 while step N runs. Free of protobuf and gRPC: the servicer converts StepRequest <-> StepPlan, the
+in-process engine calls these directly. Image embeddings come from an `EmbeddingSource` (the vision service, or
+the engine's encoder).
 """
 
 from __future__ import annotations
@@ -12,19 +16,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from common.errors import InvalidRequestError
-from common.types import SeqFailure, SeqResult, SeqStep, StepOutput, StepPlan, WorkerInfo
-from models.attention import AttentionMetadata, KVCache, create_attention_backend
+from common.types import SamplingParams, SeqFailure, SeqResult, SeqStep, StepOutput, StepPlan, WorkerInfo
 from models.loader import load_model, resolve_device, resolve_dtype
 from models.registry import language_model_class
 from processor.model_config import load_model_config
-from worker_svc.sampler import Sampler, SamplingContext
+from worker_svc import memory
+from worker_svc.attention import create_attention_backend, resolve_backend
+from worker_svc.attention.base import AttentionMetadata, KVCache
+from worker_svc.sampler import PendingSample, Sampler
+from worker_svc.step_inputs import SeqInputs, StepInputs, Updates
 
 logger = logging.getLogger(__name__)
-
-MAX_PAGES = 1 << 20  # cap of the memory-fraction sizing (16M tokens at 16 tokens a page)
 
 
 class EmbeddingSource(Protocol):
@@ -41,20 +47,41 @@ class RunnerConfig:
     page_size: int = 16
     max_total_tokens: int | None = None
     mem_fraction_static: float = 0.85
-    attention_backend: str = "torch_native"
+    attention_backend: str = "auto"
     seed: int | None = None
+    load_format: str = "auto"
+    max_running_requests: int | None = None  # rows of per-sequence state (default: 256 on GPU, 64 on CPU)
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int | None = None  # default: max_running_requests
+    max_prefill_tokens: int = 16384  # the largest prefill a step carries: sizes the activation warm-up
+    vision_mem_fraction: float = 0.0  # GPU share a vision service on the same card keeps
 
 
 @dataclass
 class _SeqState:
+    row: int
     page_table: list[int]
     spans: list[tuple[int, int, tuple[int, int, int]]]
     keys: list[str]
     delta: int
-    ctx: SamplingContext
-    num_prompt_tokens: int
-    last_token: int | None = None
+    sampled: bool  # a token of this sequence is on the device (decode steps may follow)
     embeds: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class InflightStep:
+    """A launched step: its results arrive in `pending`'s pinned buffers once `done` has fired."""
+
+    step_id: int
+    start_ns: int
+    prepare_ns: int
+    seq_ids: list[str]  # sampled sequences, in result order
+    failures: list[SeqFailure]
+    num_tokens: int = 0
+    pending: PendingSample | None = None
+    started: torch.cuda.Event | None = None
+    done: torch.cuda.Event | None = None
+    host_forward_ns: int = 0  # without a GPU the forward runs inside launch: its wall time
 
 
 class ModelRunner:
@@ -64,7 +91,8 @@ class ModelRunner:
         self.model_config = load_model_config(cfg.model_path)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.model_config, self.device)
-        if self.device.type == "cuda":
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
             torch.cuda.set_device(self.device)
         t0 = time.perf_counter()
         self.model = load_model(
@@ -73,87 +101,165 @@ class ModelRunner:
             cfg.model_path,
             self.dtype,
             self.device,
+            cfg.load_format,
         )
         logger.info(
-            "loaded %s (%s, %s) in %.1f s",
+            "loaded %s (%s, %s, %s weights) in %.1f s",
             self.model_config.architecture,
             self.dtype,
             self.device,
+            cfg.load_format,
             time.perf_counter() - t0,
         )
         text = self.model_config.text
-        num_pages = self._num_pages(text)
-        self.kv_cache = KVCache(
-            text.num_hidden_layers,
+        self.page_size = cfg.page_size
+        self.max_rows = cfg.max_running_requests or (256 if self.cuda else 64)
+        self.max_pages_per_seq = -(-self.model_config.context_length // cfg.page_size)
+        self.block_table = torch.zeros(
+            self.max_rows, self.max_pages_per_seq, dtype=torch.int32, device=self.device
+        )
+        self.token_buf = torch.zeros(self.max_rows, dtype=torch.int64, device=self.device)
+        self.free_rows = list(range(self.max_rows - 1, -1, -1))
+        self.sampler = Sampler(self.device, text.vocab_size, self.max_rows, cfg.seed)
+        self.backend_name = resolve_backend(cfg.attention_backend, self.device)
+        self.scale = text.head_dim**-0.5
+        self.graphs = None
+        graph_bs = min(cfg.cuda_graph_max_bs or self.max_rows, self.max_rows)
+        per_page = KVCache.bytes_per_page(
+            text.num_hidden_layers, cfg.page_size, text.num_key_value_heads, text.head_dim, self.dtype
+        )
+        if self.cuda and cfg.max_total_tokens is None:
+            budget = self._profile(graph_bs)
+            num_pages = memory.gpu_num_pages(budget, cfg.mem_fraction_static, per_page)
+            logger.info("%s -> %d KV pages", budget.describe(), num_pages)
+        elif self.cuda:
+            num_pages = -(-cfg.max_total_tokens // cfg.page_size) + 1
+        else:
+            num_pages = memory.cpu_num_pages(cfg.max_total_tokens, cfg.page_size, per_page)
+        self.kv_cache = self._new_kv_cache(num_pages)
+        self.attn = self._new_backend(self.kv_cache)
+        self.model.attn = self.attn
+        self.seqs: dict[str, _SeqState] = {}
+        self.failed: dict[str, str] = {}  # seq id -> reason, until the scheduler frees or re-inits it
+        logger.info(
+            "KV cache: %d pages x %d tokens (%.1f GB), attention backend %s, %d sequence rows",
             num_pages,
             cfg.page_size,
+            self.kv_cache.nbytes / 1e9,
+            self.backend_name,
+            self.max_rows,
+        )
+        if self.cuda and not cfg.disable_cuda_graph and self.attn.supports_cuda_graph:
+            self._capture_graphs(graph_bs)
+
+    # ---- construction ----
+
+    def _new_kv_cache(self, num_pages: int) -> KVCache:
+        text = self.model_config.text
+        return KVCache(
+            text.num_hidden_layers,
+            num_pages,
+            self.page_size,
             text.num_key_value_heads,
             text.head_dim,
             self.dtype,
             self.device,
         )
-        self.model.attn = create_attention_backend(cfg.attention_backend, self.kv_cache, text.head_dim**-0.5)
-        self.sampler = Sampler(self.device)
-        if cfg.seed is not None:
-            self.sampler.generator.manual_seed(cfg.seed)
-        self.seqs: dict[str, _SeqState] = {}
-        self.failed: dict[str, str] = {}  # seq id -> reason, until the scheduler frees or re-inits it
-        logger.info(
-            "KV cache: %d pages x %d tokens (%.1f MB), attention backend %s",
-            num_pages,
-            cfg.page_size,
-            self.kv_cache.nbytes / 1e6,
-            cfg.attention_backend,
+
+    def _new_backend(self, kv_cache: KVCache):
+        heads = self.model_config.text.num_attention_heads
+        return create_attention_backend(
+            self.backend_name, kv_cache, heads, self.scale, self.max_rows, self.device
         )
 
-    def _num_pages(self, text) -> int:
-        per_page = KVCache.bytes_per_page(
-            text.num_hidden_layers, self.cfg.page_size, text.num_key_value_heads, text.head_dim, self.dtype
-        )
-        if self.cfg.max_total_tokens is not None:
-            tokens = self.cfg.max_total_tokens
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = total * self.cfg.mem_fraction_static - used
-            if budget <= per_page * 2:
-                raise ValueError(
-                    f"--mem-fraction-static {self.cfg.mem_fraction_static} leaves no room for the KV cache "
-                    f"({used / 1e9:.1f} GB already used of {total / 1e9:.1f} GB)"
-                )
-            # the scheduler keeps a free list of page ids: a tiny model on a big GPU needs no millions of pages
-            return min(int(budget // per_page), MAX_PAGES)
-        else:
-            # CPU: a token budget that fits the machine, at most a quarter of the RAM
-            import os
+    def _profile(self, graph_bs: int) -> memory.GpuBudget:
+        """Peak memory of the largest eager step and of the largest decode batch, measured before the KV cache
+        exists (with a two-page stand-in: every token reads and writes page 0)."""
+        torch.cuda.synchronize(self.device)
+        weights = torch.cuda.memory_allocated(self.device)
+        self.attn = self._new_backend(self._new_kv_cache(2))
+        self.model.attn = self.attn
+        self.seqs, self.failed = {}, {}
+        text = self.model_config.text
 
-            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            tokens = min(65536, int(ram * 0.25 // (per_page / self.cfg.page_size)))
-        return -(-tokens // self.cfg.page_size) + 1  # + page 0, never handed out
+        def peak_of(seqs: list[SeqInputs]) -> int:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            with torch.inference_mode():
+                logits, _ = self._forward_eager(StepInputs(seqs, Updates()), [])
+                del logits
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
+
+        n = max(1, self.cfg.max_prefill_tokens)
+        prefill = SeqInputs(0, [0] * n, np.tile(np.arange(n), (3, 1)), np.zeros(n, np.int64), n, True)
+        activations = peak_of([prefill])
+        decode = [
+            SeqInputs(i % self.max_rows, [0], np.zeros((3, 1), np.int64), np.zeros(1, np.int64), 1, True)
+            for i in range(graph_bs)
+        ]
+        sampler_space = 4 * graph_bs * text.vocab_size * 4  # its [B, vocab] float32 temporaries
+        graphs = peak_of(decode) + sampler_space if not self.cfg.disable_cuda_graph else sampler_space
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return memory.GpuBudget(
+            total=total,
+            weights=weights,
+            activations=activations,
+            graphs=graphs,
+            vision=int(total * self.cfg.vision_mem_fraction),
+            free=free,
+        )
+
+    def _capture_graphs(self, graph_bs: int) -> None:
+        from kernels.triton_attention import decode_num_splits
+        from worker_svc.cuda_graphs import DecodeGraphs
+
+        text = self.model_config.text
+        num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        max_len = self.model_config.context_length
+
+        def splits(g: int) -> int:
+            return decode_num_splits(max_len, g, text.num_key_value_heads, num_sms)
+
+        self.graphs = DecodeGraphs(
+            self._decode_body, self.attn, self.block_table, graph_bs, max_len, splits, self.device
+        )
+        self.graphs.capture()
 
     def info(self) -> WorkerInfo:
         text = self.model_config.text
         return WorkerInfo(
             architecture=self.model_config.architecture,
             num_pages=self.kv_cache.num_pages,
-            page_size=self.cfg.page_size,
+            page_size=self.page_size,
             context_length=self.model_config.context_length,
             vocab_size=text.vocab_size,
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),
             kv_cache_bytes=self.kv_cache.nbytes,
-            attention_backend=self.cfg.attention_backend,
+            attention_backend=self.backend_name,
+            max_running_requests=self.max_rows,
         )
+
+    def warmup(self) -> None:
+        """Run every kernel variant serving will meet (see `warmup_plans`) before the first request does."""
+        for plan in warmup_plans(self.page_size, self.kv_cache.num_pages):
+            self.step(plan)
 
     # ---- the step ----
 
-    @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepOutput:
-        start_ns = time.time_ns()
-        t0 = time.perf_counter_ns()
+        """Launch and wait: the unpipelined form (tests, warm-up)."""
+        return self.collect(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> InflightStep:
+        start_ns, t0 = time.time_ns(), time.perf_counter_ns()
         for seq_id in plan.free_seq_ids:
-            self.seqs.pop(seq_id, None)
-            self.failed.pop(seq_id, None)
+            self._free(seq_id)
+        updates = Updates()
         failures: list[SeqFailure] = []
         seqs: list[SeqStep] = []
         for s in plan.seqs:
@@ -165,7 +271,7 @@ class ModelRunner:
                 continue
             self.failed.pop(s.seq_id, None)
             try:
-                self._apply_init_and_pages(s)
+                self._apply_init_and_pages(s, updates)
                 seqs.append(s)
             except InvalidRequestError as e:
                 failures.append(SeqFailure(s.seq_id, "internal", e.message))
@@ -173,59 +279,101 @@ class ModelRunner:
         failures.extend(fetch_failures)
         for f in failures:
             self.failed[f.seq_id] = f.reason
+        step = InflightStep(plan.step_id, start_ns, 0, [s.seq_id for s in seqs if s.sample], failures)
         if not seqs:
-            return StepOutput(
-                plan.step_id, (), tuple(failures), 0, time.perf_counter_ns() - t0, 0, start_ns, time.time_ns()
-            )
-        embeds, positions, meta, sample_rows = self._prepare(seqs)
+            if updates:
+                self._apply_updates(StepInputs([], updates).to_device(self.device))
+            step.prepare_ns = time.perf_counter_ns() - t0
+            return step
+        step_inputs, overrides = self._step_inputs(seqs, updates)
+        step.num_tokens = step_inputs.num_tokens
         t1 = time.perf_counter_ns()
-        hidden = self.model(embeds, positions, meta)
+        step.prepare_ns = t1 - t0
+        if self.cuda:
+            step.started = torch.cuda.Event(enable_timing=True)
+            step.done = torch.cuda.Event(enable_timing=True)
+            step.started.record()
+        if step_inputs.graph_size:
+            views = self.graphs.stage(step_inputs)
+            self._apply_updates(views)
+            logits = self.graphs.replay(step_inputs.graph_size, step_inputs.num_seqs)
+            sample_rows = views["src_rows"][: step_inputs.num_seqs]
+        else:
+            logits, views = self._forward_eager(step_inputs, overrides)
+            sample_rows = views["sample_rows"]
+        if step_inputs.sample_rows:
+            step.pending = self.sampler.sample(logits, step_inputs.sample_rows)
+            self.token_buf.index_copy_(0, sample_rows.long(), step.pending.token_ids.to(self.token_buf.dtype))
+        if step.done is not None:
+            step.done.record()
+        else:
+            step.host_forward_ns = time.perf_counter_ns() - t1
+        return step
+
+    def collect(self, step: InflightStep) -> StepOutput:
+        """Wait for a launched step and read its tokens (touches only the step's own buffers: any thread)."""
+        if step.done is not None:
+            step.done.synchronize()
+            forward_ns = int(step.started.elapsed_time(step.done) * 1e6)
+        else:
+            forward_ns = step.host_forward_ns
         results: list[SeqResult] = []
-        if sample_rows:
-            rows = torch.tensor([r for r, _ in sample_rows], device=self.device)
-            logits = self.model.compute_logits(hidden[rows])
-            states = [self.seqs[s.seq_id] for _, s in sample_rows]
-            out = self.sampler(logits, [st.ctx for st in states])
-            for i, ((_, s), st) in enumerate(zip(sample_rows, states, strict=True)):
-                token = out.token_ids[i]
-                st.last_token = token
-                st.ctx.output_ids.append(token)
+        if step.pending is not None:
+            out = step.pending.result()
+            for i, seq_id in enumerate(step.seq_ids):
                 results.append(
                     SeqResult(
-                        s.seq_id,
-                        token,
+                        seq_id,
+                        out.token_ids[i],
                         out.logprobs[i] if out.logprobs else 0.0,
                         tuple(out.top_logprobs[i]) if out.top_logprobs else (),
                     )
                 )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t2 = time.perf_counter_ns()
         return StepOutput(
-            plan.step_id,
+            step.step_id,
             tuple(results),
-            tuple(failures),
-            meta.num_tokens,
-            t1 - t0,
-            t2 - t1,
-            start_ns,
+            tuple(step.failures),
+            step.num_tokens,
+            step.prepare_ns,
+            forward_ns,
+            step.start_ns,
             time.time_ns(),
         )
 
-    def _apply_init_and_pages(self, s: SeqStep) -> None:
+    # ---- per-sequence state ----
+
+    def _free(self, seq_id: str) -> None:
+        self.failed.pop(seq_id, None)
+        st = self.seqs.pop(seq_id, None)
+        if st is not None:
+            self.sampler.remove_row(st.row)
+            self.free_rows.append(st.row)
+
+    def _apply_init_and_pages(self, s: SeqStep, updates: Updates) -> None:
         if s.init is not None:
             init = s.init
+            old = self.seqs.pop(s.seq_id, None)
+            if old is not None:
+                self.sampler.remove_row(old.row)
+                self.free_rows.append(old.row)
+            if not self.free_rows:
+                raise InvalidRequestError(
+                    f"the worker holds {self.max_rows} sequences already (--max-running-requests)"
+                )
+            row = self.free_rows.pop()
             spans = [(m.offset, m.num_tokens, tuple(m.grid_thw)) for m in init.mm_items]
-            ctx = SamplingContext(init.sampling, list(init.prompt_token_ids), list(init.output_token_ids))
             self.seqs[s.seq_id] = _SeqState(
+                row=row,
                 page_table=[],
                 spans=spans,
                 keys=[m.content_key for m in init.mm_items],
                 delta=self.model.position_delta(spans),
-                ctx=ctx,
-                num_prompt_tokens=init.num_prompt_tokens,
-                last_token=init.output_token_ids[-1] if init.output_token_ids else None,
+                sampled=bool(init.output_token_ids),
             )
+            self.sampler.add_row(row, init.sampling, init.prompt_token_ids, init.output_token_ids)
+            if init.output_token_ids:
+                updates.token_rows.append(row)
+                updates.token_ids.append(init.output_token_ids[-1])
         st = self.seqs.get(s.seq_id)
         if st is None:
             raise InvalidRequestError(
@@ -233,21 +381,30 @@ class ModelRunner:
             )
         if s.page_ids:
             end = s.page_table_start + len(s.page_ids)
+            if end > self.max_pages_per_seq:
+                raise InvalidRequestError(f"sequence {s.seq_id}: {end} pages exceed the context length")
             if len(st.page_table) < end:
                 st.page_table.extend([0] * (end - len(st.page_table)))
             st.page_table[s.page_table_start : end] = s.page_ids
-        if not s.input_ids and st.last_token is None:
+            base = st.row * self.max_pages_per_seq + s.page_table_start
+            updates.table_cells.extend(range(base, base + len(s.page_ids)))
+            updates.table_pages.extend(s.page_ids)
+        if not s.input_ids and not st.sampled:
             raise InvalidRequestError(f"decode step for {s.seq_id} before any token was sampled")
-        if (s.start_pos + s.num_tokens + self.cfg.page_size - 1) // self.cfg.page_size > len(st.page_table):
+        if (s.start_pos + s.num_tokens + self.page_size - 1) // self.page_size > len(st.page_table):
             raise InvalidRequestError(
                 f"sequence {s.seq_id}: page table too short for {s.start_pos + s.num_tokens} tokens"
             )
+        if s.sample:
+            st.sampled = True
 
     def _fetch_embeddings(self, seqs: list[SeqStep]) -> tuple[list[SeqStep], list[SeqFailure]]:
         """Pull the embeddings of spans this step computes (once per sequence) and drop the ones it has passed."""
         wanted: dict[str, list[str]] = {}
         for s in seqs:
             st = self.seqs[s.seq_id]
+            if not st.spans:
+                continue
             lo, hi = s.start_pos, s.start_pos + s.num_tokens
             for (off, n, _), key in zip(st.spans, st.keys, strict=True):
                 if off < hi and off + n > lo and key not in st.embeds:
@@ -273,43 +430,136 @@ class ModelRunner:
         ]
         return [s for s in seqs if s.seq_id not in failed], failures
 
-    def _prepare(self, seqs: list[SeqStep]):
-        page_size = self.cfg.page_size
-        ids: list[int] = []
-        pos_parts: list[torch.Tensor] = []
-        slots: list[int] = []
-        query_lens, kv_lens, tables = [], [], []
+    # ---- inputs and forward ----
+
+    def _step_inputs(
+        self, seqs: list[SeqStep], updates: Updates
+    ) -> tuple[StepInputs, list[tuple[int, torch.Tensor]]]:
+        page_size = self.page_size
+        items: list[SeqInputs] = []
         overrides: list[tuple[int, torch.Tensor]] = []  # (row in the packed batch, embedding rows)
-        sample_rows: list[tuple[int, SeqStep]] = []
+        row0 = 0
         for s in seqs:
             st = self.seqs[s.seq_id]
-            tokens = list(s.input_ids) or [st.last_token]
-            lo, n = s.start_pos, len(tokens)
+            lo, n = s.start_pos, s.num_tokens
             hi = lo + n
-            row0 = len(ids)
-            ids.extend(tokens)
             if st.spans and lo < st.spans[-1][0] + st.spans[-1][1]:
-                pos_parts.append(self.model.positions(st.spans, lo, hi))
+                positions = self.model.positions(st.spans, lo, hi).numpy()
+                for (off, cnt, _), key in zip(st.spans, st.keys, strict=True):
+                    a, b = max(lo, off), min(hi, off + cnt)
+                    if a < b:
+                        overrides.append((row0 + a - lo, st.embeds[key][a - off : b - off]))
             else:
-                pos_parts.append(torch.arange(lo + st.delta, hi + st.delta).expand(3, n))
-            for (off, cnt, _), key in zip(st.spans, st.keys, strict=True):
-                a, b = max(lo, off), min(hi, off + cnt)
-                if a < b:
-                    overrides.append((row0 + a - lo, st.embeds[key][a - off : b - off]))
-            table = st.page_table
-            slots.extend(table[i // page_size] * page_size + i % page_size for i in range(lo, hi))
-            query_lens.append(n)
-            kv_lens.append(hi)
-            tables.append(table[: (hi + page_size - 1) // page_size])
-            if s.sample:
-                sample_rows.append((len(ids) - 1, s))
-        dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        embeds = self.model.embed(input_ids)
+                positions = np.broadcast_to(np.arange(lo + st.delta, hi + st.delta), (3, n))
+            if n == 1:
+                slots = np.array([st.page_table[lo // page_size] * page_size + lo % page_size])
+            else:
+                idx = np.arange(lo, hi)
+                slots = np.asarray(st.page_table)[idx // page_size] * page_size + idx % page_size
+            items.append(SeqInputs(st.row, list(s.input_ids), positions, slots, hi, s.sample))
+            row0 += n
+        graph_size = None
+        if self.graphs is not None and all(not s.input_ids and s.sample for s in seqs):
+            graph_size = self.graphs.size_for(len(seqs))
+        tables = [self.seqs[s.seq_id].page_table for s in seqs]
+        return StepInputs(items, updates, graph_size, tables), overrides
+
+    def _apply_updates(self, views: dict[str, torch.Tensor]) -> None:
+        cells = views["table_cells"]
+        if cells.numel():
+            self.block_table.view(-1).index_copy_(0, cells.long(), views["table_pages"])
+        rows = views["token_rows"]
+        if rows.numel():
+            self.token_buf.index_copy_(0, rows.long(), views["token_ids"].long())
+
+    def _forward_eager(
+        self, inputs: StepInputs, overrides: list[tuple[int, torch.Tensor]]
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Logits [num sampled, vocab] of a step run kernel by kernel (None if it samples nothing), and its
+        device sections."""
+        views = inputs.to_device(self.device)
+        self._apply_updates(views)
+        ids = views["ids"]
+        if inputs.has_device_ids:
+            src = views["src_rows"]
+            ids = torch.where(src >= 0, self.token_buf.index_select(0, src.clamp(min=0)), ids)
+        embeds = self.model.embed(ids)
         for row, rows in overrides:
             embeds[row : row + rows.shape[0]] = rows
-        positions = torch.cat(pos_parts, dim=1).to(dev)
-        meta = AttentionMetadata.build(
-            query_lens, kv_lens, tables, page_size, torch.tensor(slots, dtype=torch.long, device=dev), dev
+        n = inputs.num_tokens
+        meta = AttentionMetadata(
+            num_tokens=n,
+            is_decode=n == inputs.num_seqs,
+            max_q_len=int(inputs.q_lens.max()),
+            max_seq_len=int(inputs.seq_lens.max()),
+            slot_mapping=views["slots"],
+            rows=views["rows"],
+            seq_lens=views["seq_lens"],
+            q_start=views["q_start"],
+            q_lens=views["q_lens"],
+            block_table=self.block_table,
+            rows_host=inputs.rows,
+            seq_lens_host=inputs.seq_lens,
+            q_lens_host=inputs.q_lens,
+            page_tables_host=inputs.page_tables,
         )
-        return embeds, positions, meta, sample_rows
+        self.attn.prepare(meta)
+        hidden = self.model(embeds, views["positions"].view(3, n), meta)
+        if not inputs.sample_rows:  # prefill chunks that do not end a prompt: no logits
+            return None, views
+        if len(inputs.sample_rows) != n:
+            hidden = hidden.index_select(0, views["sample_idx"])
+        return self.model.compute_logits(hidden), views
+
+    def _decode_body(self, src_rows: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
+        """What a decode CUDA graph holds: each row's last token, through the model, to logits [G, vocab]."""
+        ids = self.token_buf.index_select(0, src_rows)
+        hidden = self.model(self.model.embed(ids), positions, meta)
+        return self.model.compute_logits(hidden)
+
+
+def warmup_plans(page_size: int, num_pages: int) -> list[StepPlan]:
+    """Steps that run every kernel variant serving will meet before the first request does (Triton compiles a
+    variant the first time it sees a new specialisation, which would stall a live step for a second): prefills of
+    awkward and aligned lengths, several sequences at once, a step mixing decodes with a prefill chunk, decodes of
+    the whole batch, the sampler's greedy, truncated, penalised and log-prob paths; then frees everything."""
+    from common.types import SeqInit
+
+    lengths = (17, 16, 32, 5)
+    params = (
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7, top_p=0.9, top_k=50, seed=1),
+        SamplingParams(temperature=0.0, repetition_penalty=1.1, frequency_penalty=0.1, return_logprob=True,
+                       top_logprobs=2),
+        SamplingParams(temperature=1.0, min_p=0.05),
+    )  # fmt: skip
+    need = [-(-(n + 4) // page_size) for n in lengths]
+    if sum(need) >= num_pages:  # a tiny KV cache: one short sequence
+        lengths, params, need = lengths[:1], params[:1], need[:1]
+    pages, first = [], 1
+    for n in need:
+        pages.append(tuple(range(first, first + n)))
+        first += n
+    ids = [tuple(range(100, 100 + n)) for n in lengths]
+
+    def init(i: int) -> SeqInit:
+        return SeqInit((), params[i], lengths[i], ids[i] if params[i].needs_prompt_ids else ())
+
+    def prefill(i: int, sample: bool = True, upto: int | None = None) -> SeqStep:
+        return SeqStep(f"warmup-{i}", 0, ids[i][:upto], sample, 0, pages[i], init(i))
+
+    def decode(i: int, extra: int) -> SeqStep:
+        return SeqStep(f"warmup-{i}", lengths[i] + extra, (), True)
+
+    if len(lengths) == 1:
+        return [StepPlan(0, (prefill(0),)), StepPlan(0, (decode(0, 0),)), StepPlan(0, (), ("warmup-0",))]
+    last = len(lengths) - 1
+    return [
+        StepPlan(0, (prefill(0),)),
+        StepPlan(0, (prefill(1), prefill(2))),
+        StepPlan(0, (decode(0, 0), decode(1, 0), decode(2, 0), prefill(last, False, 2))),
+        StepPlan(0, (decode(0, 1), decode(1, 1), decode(2, 1),
+                     SeqStep(f"warmup-{last}", 2, ids[last][2:], True))),
+        StepPlan(0, tuple(decode(i, 2 if i < last else 0) for i in range(len(lengths)))),
+        StepPlan(0, (), tuple(f"warmup-{i}" for i in range(len(lengths)))),
+    ]  # fmt: skip

@@ -12,7 +12,7 @@ from common.convert import plan_from_proto, step_output_to_proto, worker_info_to
 from common.errors import UnavailableError, abort_with
 from common.grpc_utils import ServiceHealth
 from common.grpc_utils import create_server as _create_server
-from common.types import SeqInit, SeqStep, StepPlan
+from common.types import StepPlan
 from protos import worker_pb2, worker_pb2_grpc
 from worker_svc.config import WorkerArgs
 from worker_svc.model_runner import ModelRunner, RunnerConfig
@@ -21,24 +21,15 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 
 
-def warmup(runner: ModelRunner) -> None:
-    """One tiny prefill and decode, so the first request does not pay for lazy initialization."""
-    from common.types import SamplingParams
-
-    init = SeqInit((), SamplingParams(temperature=0.0), 1)
-    runner.step(
-        StepPlan(0, (SeqStep("warmup", 0, (1,), True, 0, (1, 1), init),))
-    )  # its KV is garbage: unused
-    runner.step(StepPlan(0, (SeqStep("warmup", 1, (), True),)))
-    runner.seqs.clear()
-
-
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, args: WorkerArgs):
         self.args = args
         self.runner: ModelRunner | None = None
         self.health: ServiceHealth | None = None
+        # steps launch in order on one thread; their results are awaited on another, so step N+1 is prepared
+        # and queued on the GPU while step N runs
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="worker-step")
+        self._collector = ThreadPoolExecutor(1, thread_name_prefix="worker-collect")
         self._stream_lock = asyncio.Lock()
 
     async def startup(self) -> None:
@@ -49,18 +40,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
             source = VisionEmbeddingSource(a.vision_address)
         cfg = RunnerConfig(
-            a.model_path,
-            a.dtype,
-            a.device,
-            a.page_size,
-            a.max_total_tokens,
-            a.mem_fraction_static,
-            a.attention_backend,
-            a.random_seed,
+            model_path=a.model_path,
+            dtype=a.dtype,
+            device=a.device,
+            page_size=a.page_size,
+            max_total_tokens=a.max_total_tokens,
+            mem_fraction_static=a.mem_fraction_static,
+            attention_backend=a.attention_backend,
+            seed=a.random_seed,
+            load_format=a.load_format,
+            max_running_requests=a.max_running_requests,
+            disable_cuda_graph=a.disable_cuda_graph,
+            cuda_graph_max_bs=a.cuda_graph_max_bs,
+            max_prefill_tokens=a.max_prefill_tokens,
+            vision_mem_fraction=a.vision_mem_fraction if a.vision_address else 0.0,
         )
         loop = asyncio.get_running_loop()
         runner = await loop.run_in_executor(self._executor, ModelRunner, cfg, source)
-        await loop.run_in_executor(self._executor, warmup, runner)
+        await loop.run_in_executor(self._executor, runner.warmup)
         self.runner = runner
         await self.health.set_serving(True)
 
@@ -86,19 +83,39 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             )
         loop = asyncio.get_running_loop()
         async with self._stream_lock:
-            await loop.run_in_executor(
-                self._executor, runner.seqs.clear
-            )  # a new scheduler starts from scratch
+            # a new scheduler starts from scratch: free what an earlier one left
+            await loop.run_in_executor(self._executor, runner.step, StepPlan(0, (), tuple(runner.seqs)))
             logger.info("scheduler connected: step stream open")
+            launched: asyncio.Queue = asyncio.Queue()
+            reader = asyncio.create_task(self._launch_all(request_iterator, runner, launched))
+            try:
+                while (item := await launched.get()) is not None:
+                    if isinstance(item, BaseException):
+                        await abort_with(context, item)
+                    out = await loop.run_in_executor(self._collector, runner.collect, item)
+                    yield step_output_to_proto(out)
+            finally:
+                reader.cancel()
+            logger.info("step stream closed")
+
+    async def _launch_all(self, request_iterator, runner: ModelRunner, launched: asyncio.Queue) -> None:
+        """Launch each step as it arrives, without waiting for the results of earlier ones."""
+        loop = asyncio.get_running_loop()
+        try:
             async for req in request_iterator:
                 plan = plan_from_proto(req)
                 try:
-                    out = await loop.run_in_executor(self._executor, runner.step, plan)
+                    launched.put_nowait(await loop.run_in_executor(self._executor, runner.launch, plan))
                 except Exception as e:  # noqa: BLE001
                     logger.exception("step %d failed", plan.step_id)
-                    await abort_with(context, e)
-                yield step_output_to_proto(out)
-            logger.info("step stream closed")
+                    launched.put_nowait(e)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the stream broke: end it
+            launched.put_nowait(e)
+            return
+        launched.put_nowait(None)
 
 
 def create_server(args: WorkerArgs) -> tuple[grpc.aio.Server, int, WorkerServicer]:

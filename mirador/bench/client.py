@@ -1,0 +1,179 @@
+"""The mirador backend: concurrent OpenAI streaming requests against a running gateway, timed per chunk.
+
+TTFT is the time from sending a request to its first chunk with text. ITL is the gap between consecutive
+chunks with text: when a chunk says how many tokens it carries (servers that honour
+stream_options.continuous_usage_stats), the gap is split evenly over them; otherwise (Mirador's gateway) it is
+recorded once, so a chunk that carries several tokens (a detokenizer holding back an incomplete character)
+gives one longer gap. Token counts come from the usage of the last chunk (stream_options.include_usage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+
+from mirador.bench.args import BenchArgs
+from mirador.bench.progress import Progress
+from mirador.bench.report import RequestResult
+from mirador.bench.workload import BenchRequest
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+class RequestFailed(Exception):
+    pass
+
+
+async def run_server(
+    args: BenchArgs, model: str, requests: list[BenchRequest], warmup: list[BenchRequest]
+) -> tuple[list[RequestResult], float, dict[str, Any] | None]:
+    """Runs the warm-up, then the timed requests; returns their results, the timed run's duration and the
+    server's counters just before it (None when /server_info has none)."""
+    extra = json.loads(args.extra_request_body) if args.extra_request_body else {}
+    limits = httpx.Limits(
+        max_connections=args.max_concurrency, max_keepalive_connections=args.max_concurrency
+    )
+    timeout = httpx.Timeout(args.timeout_s, connect=min(args.timeout_s, 60.0))
+    async with httpx.AsyncClient(
+        base_url=args.base_url, timeout=timeout, limits=limits, trust_env=False
+    ) as http:
+        if warmup:
+            warm = await _run_all(http, args, model, extra, warmup, math.inf, None)
+            failed = [r for r in warm if not r.success]
+            if len(failed) == len(warm):
+                print(f"warning: every warm-up request failed, e.g. {failed[0].error}", flush=True)
+        stats_before = await _server_stats(http)
+        progress = Progress(len(requests), "requests", disabled=args.disable_progress)
+        t0 = time.perf_counter()
+        results = await _run_all(http, args, model, extra, requests, args.request_rate, progress, t0)
+        duration = time.perf_counter() - t0
+        progress.close()
+    return results, duration, stats_before
+
+
+async def _server_stats(http: httpx.AsyncClient) -> dict[str, Any] | None:
+    try:
+        r = await http.get("/server_info")
+        return r.json().get("stats") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+async def _run_all(
+    http: httpx.AsyncClient,
+    args: BenchArgs,
+    model: str,
+    extra: dict[str, Any],
+    requests: list[BenchRequest],
+    rate: float,
+    progress: Progress | None,
+    t0: float | None = None,
+) -> list[RequestResult]:
+    t0 = time.perf_counter() if t0 is None else t0
+    limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+    arrivals = np.random.default_rng([args.seed, 2])
+
+    async def one(req: BenchRequest) -> RequestResult:
+        if limit is None:
+            result = await send(http, req, model, extra, t0)
+        else:
+            async with limit:
+                result = await send(http, req, model, extra, t0)
+        if progress is not None:
+            progress.update()
+        return result
+
+    tasks = []
+    for req in requests:
+        tasks.append(asyncio.create_task(one(req)))
+        if math.isfinite(rate):  # Poisson arrivals: exponential gaps of mean 1 / rate
+            await asyncio.sleep(float(arrivals.exponential(1.0 / rate)))
+    return list(await asyncio.gather(*tasks))
+
+
+async def send(
+    http: httpx.AsyncClient, req: BenchRequest, model: str, extra: dict[str, Any], t0: float
+) -> RequestResult:
+    """One streamed request; any failure is recorded in the result, never raised."""
+    path, body = req.openai_request(model, extra)
+    content = json.dumps(body).encode()  # before the clock starts: megabytes of images take milliseconds
+    result = RequestResult(req.index, len(req.image_urls), req.output_len)
+    sent = time.perf_counter()
+    result.start_s = sent - t0
+    try:
+        async with http.stream("POST", path, content=content, headers=JSON_HEADERS) as resp:
+            if resp.status_code != 200:
+                raise RequestFailed(f"HTTP {resp.status_code}: {_error_message(await resp.aread())}")
+            await _read_stream(resp, result, sent)
+        result.e2e_s = time.perf_counter() - sent
+        if result.num_chunks == 0:
+            raise RequestFailed("the stream ended without any text")
+        if not result.output_tokens:  # a server without include_usage: count chunks, and the prompt we sent
+            result.output_tokens = result.num_chunks
+            result.input_tokens = len(req.prompt_ids)
+        result.success = True
+    except Exception as e:  # noqa: BLE001 - a failed request is a figure of the run, not the end of it
+        result.error = str(e) if isinstance(e, RequestFailed) else f"{type(e).__name__}: {e}"
+    return result
+
+
+async def _read_stream(resp: httpx.Response, result: RequestResult, sent: float) -> None:
+    last = 0.0
+    tokens_seen = 0
+    async for line in resp.aiter_lines():
+        now = time.perf_counter()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            raise RequestFailed(f"error in the stream: {_error_message(chunk)}")
+        usage = chunk.get("usage")
+        new_tokens = 0
+        if usage:
+            result.input_tokens = usage.get("prompt_tokens", 0)
+            result.output_tokens = usage.get("completion_tokens", 0)
+            new_tokens, tokens_seen = result.output_tokens - tokens_seen, result.output_tokens
+        if not _has_text(chunk):
+            continue
+        if result.num_chunks == 0:
+            result.ttft_s = now - sent
+        else:
+            k = max(new_tokens, 1)
+            result.itls_s.extend([(now - last) / k] * k)
+        last = now
+        result.num_chunks += 1
+
+
+def _has_text(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or ():
+        if choice.get("text") or (choice.get("delta") or {}).get("content"):
+            return True
+    return False
+
+
+def _error_message(raw: bytes | dict[str, Any]) -> str:
+    try:
+        body = json.loads(raw) if isinstance(raw, bytes) else raw
+        return str(body["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        return text[:300]
+
+
+async def fetch_json(base_url: str, path: str, timeout_s: float = 30.0) -> dict[str, Any] | None:
+    """GET a JSON endpoint of the server; None when it is not there."""
+    try:
+        async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, trust_env=False) as http:
+            resp = await http.get(path)
+        return resp.json() if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None

@@ -1,0 +1,43 @@
+"""The reference backend (and the CPU path): K/V written with index_copy_, attention by SDPA over gathered pages
+(kernels/paged_attention.py). Not capturable in CUDA graphs."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import paged_attention as ref
+from worker_svc.attention.base import AttentionMetadata, KVCache
+
+
+class TorchNativeAttention:
+    name = "torch_native"
+    supports_cuda_graph = False
+
+    def __init__(self, kv_cache: KVCache, num_heads: int, scale: float, max_batch: int, device: torch.device):
+        self.kv_cache = kv_cache
+        self.scale = scale
+
+    def prepare(self, meta: AttentionMetadata) -> None:
+        pass
+
+    def forward(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        # q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] -> [T, heads, head_dim]
+        k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
+        ref.store_kv(k, v, k_cache, v_cache, meta.slot_mapping.long())
+        page_size = self.kv_cache.page_size
+        if meta.is_decode:
+            width = max(1, -(-meta.max_seq_len // page_size))
+            table = meta.block_table[meta.rows.long(), :width].long()
+            return ref.paged_decode_attention(q, k_cache, v_cache, table, meta.seq_lens.long(), self.scale)
+        out = torch.empty_like(q)
+        start = 0
+        for row, q_len, kv_len in zip(meta.rows_host, meta.q_lens_host, meta.seq_lens_host, strict=True):
+            q_len, kv_len = int(q_len), int(kv_len)
+            table = meta.block_table[int(row), : -(-kv_len // page_size)].long()
+            out[start : start + q_len] = ref.paged_attention(
+                q[start : start + q_len], k_cache, v_cache, [table], [q_len], [kv_len], self.scale
+            )
+            start += q_len
+        return out
