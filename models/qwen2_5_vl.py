@@ -15,6 +15,9 @@ from kernels.rotary import apply_mrope
 from models.layers import MergedGatedMLP, MergedLinear, RMSNorm
 from processor.model_config import ModelConfig, TextConfig
 
+# torch.mm(..., out_dtype=) exists from torch 2.8 (CUDA only)
+_MM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
+
 # (offset, num_tokens, (t, h, w)) of one media span in a sequence
 Span = tuple[int, int, tuple[int, int, int]]
 
@@ -183,8 +186,8 @@ class Qwen2_5_VLForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [B, hidden] -> logits [B, vocab] in float32
-        if hidden.is_cuda and hidden.dtype != torch.float32:
+        if hidden.is_cuda and hidden.dtype != torch.float32 and _MM_OUT_DTYPE:
             # float32 straight out of the GEMM's accumulator: bf16 logits near 30 are 0.125 apart, so top choices
-            # would tie exactly and greedy decoding would turn on rounding
+            # would tie exactly and greedy decoding would turn on rounding (torch >= 2.8 on CUDA)
             return torch.mm(hidden, self.lm_head.weight.t(), out_dtype=torch.float32)
         return self.lm_head(hidden).float()
