@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from common.errors import InvalidRequestError
-from common.types import SamplingParams, SeqFailure, SeqResult, SeqStep, StepOutput, StepPlan, WorkerInfo
+from common.types import SeqFailure, SeqResult, SeqStep, StepOutput, StepPlan, WorkerInfo
 from models.loader import load_model, resolve_device, resolve_dtype
 from models.registry import language_model_class
 from processor.model_config import load_model_config
@@ -245,6 +245,8 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Run every kernel variant serving will meet (see `warmup_plans`) before the first request does."""
+        from worker_svc.warmup import warmup_plans
+
         for plan in warmup_plans(self.page_size, self.kv_cache.num_pages):
             self.step(plan)
 
@@ -516,50 +518,3 @@ class ModelRunner:
         ids = self.token_buf.index_select(0, src_rows)
         hidden = self.model(self.model.embed(ids), positions, meta)
         return self.model.compute_logits(hidden)
-
-
-def warmup_plans(page_size: int, num_pages: int) -> list[StepPlan]:
-    """Steps that run every kernel variant serving will meet before the first request does (Triton compiles a
-    variant the first time it sees a new specialisation, which would stall a live step for a second): prefills of
-    awkward and aligned lengths, several sequences at once, a step mixing decodes with a prefill chunk, decodes of
-    the whole batch, the sampler's greedy, truncated, penalised and log-prob paths; then frees everything."""
-    from common.types import SeqInit
-
-    lengths = (17, 16, 32, 5)
-    params = (
-        SamplingParams(temperature=0.0),
-        SamplingParams(temperature=0.7, top_p=0.9, top_k=50, seed=1),
-        SamplingParams(temperature=0.0, repetition_penalty=1.1, frequency_penalty=0.1, return_logprob=True,
-                       top_logprobs=2),
-        SamplingParams(temperature=1.0, min_p=0.05),
-    )  # fmt: skip
-    need = [-(-(n + 4) // page_size) for n in lengths]
-    if sum(need) >= num_pages:  # a tiny KV cache: one short sequence
-        lengths, params, need = lengths[:1], params[:1], need[:1]
-    pages, first = [], 1
-    for n in need:
-        pages.append(tuple(range(first, first + n)))
-        first += n
-    ids = [tuple(range(100, 100 + n)) for n in lengths]
-
-    def init(i: int) -> SeqInit:
-        return SeqInit((), params[i], lengths[i], ids[i] if params[i].needs_prompt_ids else ())
-
-    def prefill(i: int, sample: bool = True, upto: int | None = None) -> SeqStep:
-        return SeqStep(f"warmup-{i}", 0, ids[i][:upto], sample, 0, pages[i], init(i))
-
-    def decode(i: int, extra: int) -> SeqStep:
-        return SeqStep(f"warmup-{i}", lengths[i] + extra, (), True)
-
-    if len(lengths) == 1:
-        return [StepPlan(0, (prefill(0),)), StepPlan(0, (decode(0, 0),)), StepPlan(0, (), ("warmup-0",))]
-    last = len(lengths) - 1
-    return [
-        StepPlan(0, (prefill(0),)),
-        StepPlan(0, (prefill(1), prefill(2))),
-        StepPlan(0, (decode(0, 0), decode(1, 0), decode(2, 0), prefill(last, False, 2))),
-        StepPlan(0, (decode(0, 1), decode(1, 1), decode(2, 1),
-                     SeqStep(f"warmup-{last}", 2, ids[last][2:], True))),
-        StepPlan(0, tuple(decode(i, 2 if i < last else 0) for i in range(len(lengths)))),
-        StepPlan(0, (), tuple(f"warmup-{i}" for i in range(len(lengths)))),
-    ]  # fmt: skip
