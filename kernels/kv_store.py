@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import paged_attention
 from kernels._triton import HAS_TRITON, triton_enabled
 
 # Elements of one token's heads a program copies at most (per cache).
@@ -19,10 +20,7 @@ def store_kv_ref(
     v_cache: torch.Tensor,  # [num_pages, page_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int32 or int64
 ) -> None:
-    num_pages, page_size = k_cache.shape[:2]
-    slots = slot_mapping.long()
-    k_cache.view(num_pages * page_size, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(num_pages * page_size, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+    paged_attention.store_kv(k, v, k_cache, v_cache, slot_mapping.long())  # index_copy_ wants int64 slots
 
 
 if HAS_TRITON:

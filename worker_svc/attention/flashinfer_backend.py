@@ -58,44 +58,29 @@ class FlashInferAttention:
             torch.tensor(last, dtype=torch.int32),
         )
 
-    def _plan_decode(self, wrapper, meta: AttentionMetadata, pad_to: int = 0) -> None:
-        indptr, indices, last = self._pages(meta, pad_to)
+    def _shape(self) -> tuple[int, int, int, int]:
         c = self.kv_cache
-        wrapper.plan(
-            indptr,
-            indices,
-            last,
-            self.num_heads,
-            c.num_kv_heads,
-            c.head_dim,
-            c.page_size,
-            q_data_type=c.k.dtype,
-            kv_data_type=c.k.dtype,
-            sm_scale=self.scale,
-        )
+        return self.num_heads, c.num_kv_heads, c.head_dim, c.page_size
+
+    def _types(self) -> dict:
+        return {
+            "q_data_type": self.kv_cache.k.dtype,
+            "kv_data_type": self.kv_cache.k.dtype,
+            "sm_scale": self.scale,
+        }
+
+    def _plan_decode(self, wrapper, meta: AttentionMetadata, pad_to: int = 0) -> None:
+        wrapper.plan(*self._pages(meta, pad_to), *self._shape(), **self._types())
 
     def prepare(self, meta: AttentionMetadata) -> None:
         if meta.is_decode:
             self._plan_decode(self.decode, meta)
             self.active = self.decode
             return
-        indptr, indices, last = self._pages(meta)
         qo = np.zeros(len(meta.q_lens_host) + 1, np.int32)
         np.cumsum(meta.q_lens_host, out=qo[1:])
-        c = self.kv_cache
         self.prefill.plan(
-            torch.from_numpy(qo),
-            indptr,
-            indices,
-            last,
-            self.num_heads,
-            c.num_kv_heads,
-            c.head_dim,
-            c.page_size,
-            causal=True,
-            sm_scale=self.scale,
-            q_data_type=c.k.dtype,
-            kv_data_type=c.k.dtype,
+            torch.from_numpy(qo), *self._pages(meta), *self._shape(), causal=True, **self._types()
         )
         self.active = self.prefill
 
