@@ -35,6 +35,7 @@ _FINISH_BACK = {v: k for k, v in _FINISH.items()}
 _FAILURE = {
     "embedding_missing": worker_pb2.FAILURE_REASON_EMBEDDING_MISSING,
     "internal": worker_pb2.FAILURE_REASON_INTERNAL,
+    "embedding_pending": worker_pb2.FAILURE_REASON_EMBEDDING_PENDING,
 }
 _FAILURE_BACK = {v: k for k, v in _FAILURE.items()}
 
@@ -212,7 +213,11 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
             )
         seqs.append(msg)
     return worker_pb2.StepRequest(
-        step_id=plan.step_id, free_seq_ids=plan.free_seq_ids, seqs=seqs, sent_unix_ns=plan.sent_unix_ns
+        step_id=plan.step_id,
+        free_seq_ids=plan.free_seq_ids,
+        seqs=seqs,
+        sent_unix_ns=plan.sent_unix_ns,
+        prefetch_keys=plan.prefetch_keys,
     )
 
 
@@ -240,7 +245,7 @@ def plan_from_proto(p: worker_pb2.StepRequest) -> StepPlan:
                 init,
             )
         )
-    return StepPlan(p.step_id, tuple(seqs), tuple(p.free_seq_ids), p.sent_unix_ns)
+    return StepPlan(p.step_id, tuple(seqs), tuple(p.free_seq_ids), p.sent_unix_ns, tuple(p.prefetch_keys))
 
 
 def step_output_to_proto(o: StepOutput) -> worker_pb2.StepResult:
@@ -303,6 +308,7 @@ def worker_info_from_proto(p: worker_pb2.WorkerInfo) -> WorkerInfo:
         p.kv_cache_bytes,
         p.attention_backend,
         p.max_running_requests,
+        p.embedding_transport,
     )
 
 

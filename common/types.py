@@ -132,6 +132,7 @@ class StepPlan:
     seqs: tuple[SeqStep, ...]
     free_seq_ids: tuple[str, ...] = ()
     sent_unix_ns: int = 0
+    prefetch_keys: tuple[str, ...] = ()  # images whose embeddings the worker starts pulling now
 
     @property
     def num_tokens(self) -> int:
@@ -179,6 +180,7 @@ class WorkerInfo:
     kv_cache_bytes: int = 0
     attention_backend: str = ""
     max_running_requests: int = 0  # 0: no limit of the worker's own
+    embedding_transport: str = ""  # cuda_ipc, shared_memory, grpc, in_process; "" without images
 
 
 @dataclass(frozen=True)

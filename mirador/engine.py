@@ -95,6 +95,7 @@ class Engine:
                     device,
                     embedding_cache_mb << 20,
                     load_format=load_format,  # one process: no per-process cap, the runner leaves the share
+                    share_embeddings=False,  # the runner reads the pool in this process
                 )
             )
             if config.is_multimodal

@@ -44,6 +44,12 @@ class _UpOnly(ArgsBase):
     worker_port: int = arg(50052, "worker gRPC port (a free one is picked if it is taken; 0: always pick)")
     vision_port: int = arg(50053, "vision gRPC port (a free one is picked if it is taken; 0: always pick)")
     startup_timeout_s: float = arg(900.0, "how long to wait for every service to be ready")
+    vision_device: str = arg(
+        "",
+        "device of the vision encoder (default: --device). Another GPU, e.g. cuda:1, gives the encoder a card of "
+        "its own (no memory share is then kept on the worker's card); on the same GPU it keeps "
+        "--vision-mem-fraction of it",
+    )
 
 
 # Set by `up` itself for each service, so not flags of `up`.
@@ -99,6 +105,16 @@ def _pick(cls: type[ArgsBase], up: UpArgs, **overrides) -> ArgsBase:
     return cls(**values)
 
 
+def same_device(a: str, b: str) -> bool:
+    """Whether two device flags name one device ("auto" and "cuda" mean the first GPU, or the CPU on both)."""
+
+    def norm(d: str) -> str:
+        d = d.strip().lower()
+        return "cuda:0" if d in ("auto", "cuda", "") else d
+
+    return norm(a) == norm(b)
+
+
 def service_args(up: UpArgs) -> dict[str, ArgsBase]:
     gh = up.grpc_host
     ports = {
@@ -110,9 +126,20 @@ def service_args(up: UpArgs) -> dict[str, ArgsBase]:
         )
     }
     addr = {name: f"{gh}:{p}" for name, p in ports.items()}
+    vision_device = up.vision_device or up.device
+    share = up.vision_mem_fraction if same_device(vision_device, up.device) else 0.0
     return {
-        "vision": _pick(VisionArgs, up, host=gh, port=ports["vision"]),
-        "worker": _pick(WorkerArgs, up, host=gh, port=ports["worker"], vision_address=addr["vision"]),
+        "vision": _pick(
+            VisionArgs, up, host=gh, port=ports["vision"], device=vision_device, vision_mem_fraction=share
+        ),
+        "worker": _pick(
+            WorkerArgs,
+            up,
+            host=gh,
+            port=ports["worker"],
+            vision_address=addr["vision"],
+            vision_mem_fraction=share,
+        ),
         "scheduler": _pick(
             SchedulerArgs,
             up,

@@ -32,10 +32,12 @@ class EncodeResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[EncodedItem, _Mapping]]] = ...) -> None: ...
 
 class GetEmbeddingsRequest(_message.Message):
-    __slots__ = ("content_keys",)
+    __slots__ = ("content_keys", "by_reference")
     CONTENT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    BY_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     content_keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, content_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    by_reference: bool
+    def __init__(self, content_keys: _Optional[_Iterable[str]] = ..., by_reference: _Optional[bool] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("content_key", "data")
@@ -46,12 +48,78 @@ class Embedding(_message.Message):
     def __init__(self, content_key: _Optional[str] = ..., data: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class GetEmbeddingsResponse(_message.Message):
-    __slots__ = ("embeddings", "missing_keys")
+    __slots__ = ("embeddings", "missing_keys", "locations", "lease_id", "pool_id")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     MISSING_KEYS_FIELD_NUMBER: _ClassVar[int]
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     missing_keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., missing_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    locations: _containers.RepeatedCompositeFieldContainer[EmbeddingLocation]
+    lease_id: int
+    pool_id: str
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., missing_keys: _Optional[_Iterable[str]] = ..., locations: _Optional[_Iterable[_Union[EmbeddingLocation, _Mapping]]] = ..., lease_id: _Optional[int] = ..., pool_id: _Optional[str] = ...) -> None: ...
+
+class EmbeddingLocation(_message.Message):
+    __slots__ = ("content_key", "page_ids", "num_rows")
+    CONTENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
+    content_key: str
+    page_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_rows: int
+    def __init__(self, content_key: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., num_rows: _Optional[int] = ...) -> None: ...
+
+class GetSharedPoolRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SharedPool(_message.Message):
+    __slots__ = ("pool_id", "kind", "num_pages", "page_rows", "hidden_size", "dtype", "device", "shm_name", "cuda_handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "probe_scale")
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
+    CUDA_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    PROBE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    pool_id: str
+    kind: str
+    num_pages: int
+    page_rows: int
+    hidden_size: int
+    dtype: str
+    device: str
+    shm_name: str
+    cuda_handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    probe_scale: float
+    def __init__(self, pool_id: _Optional[str] = ..., kind: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., shm_name: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., probe_scale: _Optional[float] = ...) -> None: ...
+
+class ReleaseEmbeddingsRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: int
+    def __init__(self, lease_id: _Optional[int] = ...) -> None: ...
+
+class ReleaseEmbeddingsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
@@ -76,7 +144,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VisionStats(_message.Message):
-    __slots__ = ("encode_calls", "images_encoded", "cache_hits", "cache_entries", "cache_bytes", "evictions", "encode_ns_total")
+    __slots__ = ("encode_calls", "images_encoded", "cache_hits", "cache_entries", "cache_bytes", "evictions", "encode_ns_total", "pulls_by_reference", "pulls_by_value", "open_leases")
     ENCODE_CALLS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_ENCODED_FIELD_NUMBER: _ClassVar[int]
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +152,9 @@ class VisionStats(_message.Message):
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_NS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PULLS_BY_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    PULLS_BY_VALUE_FIELD_NUMBER: _ClassVar[int]
+    OPEN_LEASES_FIELD_NUMBER: _ClassVar[int]
     encode_calls: int
     images_encoded: int
     cache_hits: int
@@ -91,4 +162,7 @@ class VisionStats(_message.Message):
     cache_bytes: int
     evictions: int
     encode_ns_total: int
-    def __init__(self, encode_calls: _Optional[int] = ..., images_encoded: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_entries: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., encode_ns_total: _Optional[int] = ...) -> None: ...
+    pulls_by_reference: int
+    pulls_by_value: int
+    open_leases: int
+    def __init__(self, encode_calls: _Optional[int] = ..., images_encoded: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_entries: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., encode_ns_total: _Optional[int] = ..., pulls_by_reference: _Optional[int] = ..., pulls_by_value: _Optional[int] = ..., open_leases: _Optional[int] = ...) -> None: ...

@@ -44,6 +44,16 @@ class VisionStub:
                 request_serializer=protos_dot_vision__pb2.GetEmbeddingsRequest.SerializeToString,
                 response_deserializer=protos_dot_vision__pb2.GetEmbeddingsResponse.FromString,
                 _registered_method=True)
+        self.GetSharedPool = channel.unary_unary(
+                '/mirador.vision.v1.Vision/GetSharedPool',
+                request_serializer=protos_dot_vision__pb2.GetSharedPoolRequest.SerializeToString,
+                response_deserializer=protos_dot_vision__pb2.SharedPool.FromString,
+                _registered_method=True)
+        self.ReleaseEmbeddings = channel.unary_unary(
+                '/mirador.vision.v1.Vision/ReleaseEmbeddings',
+                request_serializer=protos_dot_vision__pb2.ReleaseEmbeddingsRequest.SerializeToString,
+                response_deserializer=protos_dot_vision__pb2.ReleaseEmbeddingsResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/mirador.vision.v1.Vision/GetInfo',
                 request_serializer=protos_dot_vision__pb2.GetInfoRequest.SerializeToString,
@@ -68,7 +78,24 @@ class VisionServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetEmbeddings(self, request, context):
-        """/ Cached embeddings by content key; keys no longer cached are listed in missing_keys.
+        """/ Cached embeddings by content key; keys no longer cached are listed in missing_keys. By value (bytes), or by
+        / reference into the shared embedding pool (see GetSharedPool): then the entries stay pinned under a lease
+        / until ReleaseEmbeddings (or the lease's expiry).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSharedPool(self, request, context):
+        """/ How a client on the same host can map the embedding pool: a CUDA IPC handle or a shared-memory name. A
+        / client that cannot map it (another host, another IPC namespace) pulls bytes instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseEmbeddings(self, request, context):
+        """/ Unpin the entries of a lease once the client has copied them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,6 +127,16 @@ def add_VisionServicer_to_server(servicer, server):
                     servicer.GetEmbeddings,
                     request_deserializer=protos_dot_vision__pb2.GetEmbeddingsRequest.FromString,
                     response_serializer=protos_dot_vision__pb2.GetEmbeddingsResponse.SerializeToString,
+            ),
+            'GetSharedPool': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSharedPool,
+                    request_deserializer=protos_dot_vision__pb2.GetSharedPoolRequest.FromString,
+                    response_serializer=protos_dot_vision__pb2.SharedPool.SerializeToString,
+            ),
+            'ReleaseEmbeddings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseEmbeddings,
+                    request_deserializer=protos_dot_vision__pb2.ReleaseEmbeddingsRequest.FromString,
+                    response_serializer=protos_dot_vision__pb2.ReleaseEmbeddingsResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -166,6 +203,60 @@ class Vision:
             '/mirador.vision.v1.Vision/GetEmbeddings',
             protos_dot_vision__pb2.GetEmbeddingsRequest.SerializeToString,
             protos_dot_vision__pb2.GetEmbeddingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSharedPool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mirador.vision.v1.Vision/GetSharedPool',
+            protos_dot_vision__pb2.GetSharedPoolRequest.SerializeToString,
+            protos_dot_vision__pb2.SharedPool.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseEmbeddings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mirador.vision.v1.Vision/ReleaseEmbeddings',
+            protos_dot_vision__pb2.ReleaseEmbeddingsRequest.SerializeToString,
+            protos_dot_vision__pb2.ReleaseEmbeddingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,16 +13,18 @@ class FailureReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILURE_REASON_UNSPECIFIED: _ClassVar[FailureReason]
     FAILURE_REASON_EMBEDDING_MISSING: _ClassVar[FailureReason]
     FAILURE_REASON_INTERNAL: _ClassVar[FailureReason]
+    FAILURE_REASON_EMBEDDING_PENDING: _ClassVar[FailureReason]
 FAILURE_REASON_UNSPECIFIED: FailureReason
 FAILURE_REASON_EMBEDDING_MISSING: FailureReason
 FAILURE_REASON_INTERNAL: FailureReason
+FAILURE_REASON_EMBEDDING_PENDING: FailureReason
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("architecture", "num_pages", "page_size", "context_length", "vocab_size", "dtype", "device", "tp_rank", "tp_size", "kv_cache_bytes", "attention_backend", "max_running_requests")
+    __slots__ = ("architecture", "num_pages", "page_size", "context_length", "vocab_size", "dtype", "device", "tp_rank", "tp_size", "kv_cache_bytes", "attention_backend", "max_running_requests", "embedding_transport")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +37,7 @@ class WorkerInfo(_message.Message):
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     num_pages: int
     page_size: int
@@ -47,7 +50,8 @@ class WorkerInfo(_message.Message):
     kv_cache_bytes: int
     attention_backend: str
     max_running_requests: int
-    def __init__(self, architecture: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., attention_backend: _Optional[str] = ..., max_running_requests: _Optional[int] = ...) -> None: ...
+    embedding_transport: str
+    def __init__(self, architecture: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., attention_backend: _Optional[str] = ..., max_running_requests: _Optional[int] = ..., embedding_transport: _Optional[str] = ...) -> None: ...
 
 class SequenceInit(_message.Message):
     __slots__ = ("mm_items", "sampling", "num_prompt_tokens", "prompt_token_ids", "output_token_ids")
@@ -82,16 +86,18 @@ class SequenceStep(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., init: _Optional[_Union[SequenceInit, _Mapping]] = ..., page_table_start: _Optional[int] = ..., page_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "free_seq_ids", "seqs", "sent_unix_ns")
+    __slots__ = ("step_id", "free_seq_ids", "seqs", "sent_unix_ns", "prefetch_keys")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     FREE_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_KEYS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     free_seq_ids: _containers.RepeatedScalarFieldContainer[str]
     seqs: _containers.RepeatedCompositeFieldContainer[SequenceStep]
     sent_unix_ns: int
-    def __init__(self, step_id: _Optional[int] = ..., free_seq_ids: _Optional[_Iterable[str]] = ..., seqs: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., sent_unix_ns: _Optional[int] = ...) -> None: ...
+    prefetch_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step_id: _Optional[int] = ..., free_seq_ids: _Optional[_Iterable[str]] = ..., seqs: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., sent_unix_ns: _Optional[int] = ..., prefetch_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SequenceResult(_message.Message):
     __slots__ = ("seq_id", "token_id", "logprob", "top_logprobs")

@@ -60,6 +60,8 @@ class Stats:
     vision_images_requested: int = 0
     vision_cache_hits: int = 0
     vision_skipped_images: int = 0
+    embedding_prefetches: int = 0
+    embedding_deferrals: int = 0
     num_steps: int = 0
     generated_tokens_total: int = 0
     requests_finished: int = 0
@@ -131,6 +133,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order
         self.outputs: list[GenerateOutput] = []
         self.encode_requests: list[tuple[str, list[MultimodalItem]]] = []
+        self._prefetch: dict[str, None] = {}  # encoded keys the next step tells the worker to pull
         self.stats = Stats()
         self._free_worker: list[str] = []
         self._inflight: dict[int, list[_Sent]] = {}
@@ -214,10 +217,17 @@ class Scheduler:
         if state is not None:
             state.images_ready.update(keys)
             state.encoding = False
+            self._prefetch.update(dict.fromkeys(keys))
+            state.prefetch_step = self._step_id + 1  # the next plan carries them
 
     @property
     def has_work(self) -> bool:
-        return bool(self.running) or any(self._admissible(s) for s in self.waiting) or bool(self._free_worker)
+        return (
+            bool(self.running)
+            or any(self._admissible(s) for s in self.waiting)
+            or bool(self._free_worker)
+            or bool(self._prefetch)
+        )
 
     # ---- planning ----
 
@@ -274,11 +284,16 @@ class Scheduler:
             steps.append(self._seq_step(seq, n, sent))
             scheduled.add(id(seq))
 
-        if not steps and not self._free_worker:
+        if not steps and not self._free_worker and not self._prefetch:
             return None
         self._step_id = step_id
-        plan = StepPlan(step_id, tuple(steps), tuple(self._free_worker), time.time_ns())
+        plan = StepPlan(
+            step_id, tuple(steps), tuple(self._free_worker), time.time_ns(), tuple(self._prefetch)
+        )
         self._free_worker = []
+        if self._prefetch:
+            self.stats.embedding_prefetches += len(self._prefetch)
+            self._prefetch = {}
         self._inflight[step_id] = sent
         self.stats.num_steps += 1
         self._log_step(new_seqs, new_tokens, cached, len(steps) - new_seqs)
@@ -286,6 +301,11 @@ class Scheduler:
 
     def _admissible(self, seq: Sequence) -> bool:
         if seq.num_pending_samples or seq.req.encoding:
+            return False
+        if self.running and seq.req.prefetch_step is not None and self._step_id <= seq.req.prefetch_step:
+            # the worker starts pulling this request's embeddings in that step: give the pull one more step
+            # before the prefill, so running decodes never wait on it (an idle batch admits at once; the worker
+            # then waits for the pull itself)
             return False
         if seq.index > 0 and self.policy.enable_prefix_cache:
             first = seq.req.seqs[0]  # siblings wait for the first choice's prompt to be cached, then share it
@@ -487,6 +507,14 @@ class Scheduler:
         self.stats.recent_tokens.append((time.time(), tokens))
 
     def _on_failure(self, seq: Sequence, reason: str, message: str) -> None:
+        if reason == "embedding_pending" and seq.status is SeqStatus.RUNNING:
+            # the worker left it out of a step rather than stall the others: run it again once the pull is done
+            self.stats.embedding_deferrals += 1
+            self._release(seq, cache=True)
+            self.running.remove(seq)
+            seq.status = SeqStatus.WAITING
+            self._enqueue(seq)
+            return
         if reason == "embedding_missing" and seq.status is SeqStatus.RUNNING:
             logger.warning("%s: %s; re-encoding its images and recomputing", seq.seq_id, message)
             self._release(seq, cache=False)

@@ -39,6 +39,7 @@ class RequestState:
     seqs: list[Sequence] = field(default_factory=list)
     images_ready: set[str] = field(default_factory=set)
     encoding: bool = False
+    prefetch_step: int | None = None  # the step that told the worker to pull this request's embeddings
     num_unfinished: int = 0
     error: str | None = None
 

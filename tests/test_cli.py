@@ -141,3 +141,17 @@ def test_up_reports_a_service_that_cannot_start(tmp_path, log_dir):
     )
     assert out.returncode != 0
     assert "config.json" in out.stderr
+
+
+def test_up_places_the_encoder_on_its_own_device():
+    from mirador.launcher import UpArgs, same_device, service_args
+
+    assert same_device("auto", "cuda:0") and same_device("cpu", "cpu") and not same_device("cuda:1", "auto")
+    shared = service_args(UpArgs(model_path="m", vision_port=0, worker_port=0, scheduler_port=0))
+    assert shared["vision"].vision_mem_fraction == shared["worker"].vision_mem_fraction > 0
+    own = service_args(
+        UpArgs(model_path="m", vision_device="cuda:1", vision_port=0, worker_port=0, scheduler_port=0)
+    )
+    assert own["vision"].device == "cuda:1" and own["worker"].device == "auto"
+    assert own["vision"].vision_mem_fraction == own["worker"].vision_mem_fraction == 0.0
+    assert "--vision-device" not in own["vision"].to_cli()  # `up`'s own flag, not a service flag

@@ -72,8 +72,11 @@ class _Embeddings:
     def __init__(self, table):
         self.table = table
 
-    def get_embeddings(self, keys):
-        return {k: self.table[k] for k in keys if k in self.table}, [k for k in keys if k not in self.table]
+    transport = "in_process"
+
+    def fetch(self, keys, device, dtype):
+        found = {k: self.table[k].to(device, dtype) for k in keys if k in self.table}
+        return found, [k for k in keys if k not in self.table]
 
 
 def _runner_logits(model_dir, vision, pre, hf, messages_ref, images, chunk: int):

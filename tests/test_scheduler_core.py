@@ -44,8 +44,16 @@ class FakeTokenizer:
 
 
 class FakeWorker:
-    def __init__(self, page_size: int, fail_rate: float = 0.0, rng: random.Random | None = None):
+    def __init__(
+        self,
+        page_size: int,
+        fail_rate: float = 0.0,
+        rng: random.Random | None = None,
+        defer_rate: float = 0.0,
+    ):
         self.page_size = page_size
+        self.defer_rate = defer_rate  # sequences left out while their embeddings are "still being pulled"
+        self.prefetched: set[str] = set()
         self.kv: dict[int, tuple] = {}
         self.seqs: dict[str, dict] = {}
         self.failed: set[str] = set()
@@ -55,6 +63,7 @@ class FakeWorker:
 
     def step(self, plan: StepPlan) -> StepOutput:
         self.steps += 1
+        self.prefetched.update(plan.prefetch_keys)
         for sid in plan.free_seq_ids:
             self.seqs.pop(sid, None)
             self.failed.discard(sid)
@@ -88,6 +97,15 @@ class FakeWorker:
                 failures.append(SeqFailure(s.seq_id, "embedding_missing", "evicted"))
                 self.failed.add(s.seq_id)
                 continue
+            if covers_image:
+                keys = {
+                    st["spans"][p][1] for p in st["spans"] if s.start_pos <= p < s.start_pos + len(tokens)
+                }
+                assert keys <= self.prefetched, "a prefill of an image the worker was never told to pull"
+                if len(plan.seqs) > 1 and self.rng.random() < self.defer_rate:
+                    failures.append(SeqFailure(s.seq_id, "embedding_pending", "still pulling"))
+                    self.failed.add(s.seq_id)
+                    continue
             slot = lambda i, t=st["table"]: t[i // self.page_size] * self.page_size + i % self.page_size  # noqa: E731
             content = []
             for i in range(s.start_pos):
@@ -173,6 +191,7 @@ def run(
     cache: bool,
     overlap: bool,
     fail_rate: float = 0.0,
+    defer_rate: float = 0.0,
     max_running: int = 16,
     arrival_steps: int = 5,
     seed: int = 0,
@@ -189,7 +208,7 @@ def run(
         eos_token_ids=(EOS,),
     )
     core = Scheduler(policy, FakeTokenizer())
-    worker = FakeWorker(page_size, fail_rate, rng)
+    worker = FakeWorker(page_size, fail_rate, rng, defer_rate)
     pending = list(workload.requests)
     outputs: dict[tuple[str, int], list[int]] = {}
     finish: dict[tuple[str, int], str] = {}
@@ -233,6 +252,7 @@ CONFIGS = [
     dict(num_pages=40, page_size=4, chunk=16, cache=True, overlap=True),  # tiny pool: preemption
     dict(num_pages=80, page_size=2, chunk=7, cache=False, overlap=False),  # small pool, no cache
     dict(num_pages=60, page_size=4, chunk=9, cache=True, overlap=True, fail_rate=0.2),  # re-encode path
+    dict(num_pages=400, page_size=4, chunk=9, cache=True, overlap=True, defer_rate=0.3),  # pulls still coming
 ]
 
 
@@ -360,3 +380,49 @@ def test_sequence_that_outgrows_the_pool_ends_with_length():
     out = outputs[("big", 0)]
     assert finish[("big", 0)] == "length"
     assert 0 < len(out) < 100 and out == reference(req)[: len(out)]
+
+
+def test_image_prefill_waits_one_step_after_its_prefetch_while_others_run():
+    policy = SchedulerPolicy(
+        page_size=4,
+        num_pages=100,
+        context_length=4096,
+        max_running_requests=8,
+        chunked_prefill_size=64,
+        max_prefill_tokens=64,
+        eos_token_ids=(EOS,),
+    )
+    core = Scheduler(policy, FakeTokenizer())
+    worker = FakeWorker(4)
+    stopping = StoppingCriteria(max_new_tokens=50, ignore_eos=True)
+    core.add_request(GenerateRequest("text", (11, 12, 13), stopping=stopping))
+    core.process_output(worker.step(core.schedule()))  # running
+    item = MultimodalItem("img", 1, 4, (1, 2, 8))
+    core.add_request(GenerateRequest("image", (11, 9, 9, 9, 9, 12), (item,), stopping=stopping))
+    plan = core.schedule()
+    assert {s.seq_id for s in plan.seqs} == {"text#0"} and core.encode_requests
+    core.process_output(worker.step(plan))
+    core.on_encoded("image", ["img"])
+    carried = core.schedule()  # tells the worker to pull; the prefill is not in it
+    assert carried.prefetch_keys == ("img",) and len(carried.seqs) == 1
+    core.process_output(worker.step(carried))
+    plan = core.schedule()  # the pull has had this step
+    assert len(plan.seqs) == 1 and not plan.prefetch_keys
+    core.process_output(worker.step(plan))
+    plan = core.schedule()
+    assert {s.seq_id for s in plan.seqs} == {"text#0", "image#0"}
+    assert core.stats.embedding_prefetches == 1
+
+
+def test_idle_batch_admits_an_image_with_its_prefetch():
+    policy = SchedulerPolicy(
+        page_size=4, num_pages=100, context_length=4096, max_running_requests=8,
+        chunked_prefill_size=64, max_prefill_tokens=64,
+    )  # fmt: skip
+    core = Scheduler(policy, FakeTokenizer())
+    item = MultimodalItem("img", 1, 4, (1, 2, 8))
+    core.add_request(GenerateRequest("image", (11, 9, 9, 9, 9, 12), (item,)))
+    assert core.schedule() is None and core.encode_requests
+    core.on_encoded("image", ["img"])
+    plan = core.schedule()
+    assert plan.prefetch_keys == ("img",) and [s.seq_id for s in plan.seqs] == ["image#0"]

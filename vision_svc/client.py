@@ -3,7 +3,9 @@ made from its model thread)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 
@@ -12,6 +14,8 @@ from common.errors import UnavailableError, from_rpc_error
 from common.grpc_utils import CHANNEL_OPTIONS, create_channel
 from common.types import EncodedItem, MultimodalItem
 from protos import vision_pb2, vision_pb2_grpc
+
+logger = logging.getLogger(__name__)
 
 
 class VisionClient:
@@ -47,26 +51,155 @@ class VisionClient:
 
 
 class VisionEmbeddingSource:
-    """The worker's EmbeddingSource: pulls cached embeddings by content key over a blocking channel."""
+    """The worker's EmbeddingSource: pulls cached embeddings by content key over a blocking channel.
 
-    def __init__(self, address: str, timeout_s: float = 60.0):
+    At connect time it tries to map the vision service's embedding pool (CUDA IPC, or shared memory on the CPU)
+    and checks the pool's probe page; on success an embedding costs one copy from the pool into the worker's
+    buffer under a lease, otherwise its rows come as bytes over gRPC. `transport` says which.
+    """
+
+    def __init__(self, address: str, timeout_s: float = 60.0, share: bool = True):
         self.address = address
         self.timeout_s = timeout_s
+        self.share = share
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = vision_pb2_grpc.VisionStub(self._channel)
+        self.transport = "grpc"
+        self.pool_id = ""
+        self._pool = None
+        self._keep = None
+        self._streams: dict = {}
+        self.stats = TransferStats()
 
-    def get_embeddings(self, keys: Sequence[str]):
-        from common.tensors import tensor_from_proto
-
-        try:
-            resp = self._stub.GetEmbeddings(
-                vision_pb2.GetEmbeddingsRequest(content_keys=list(keys)), timeout=self.timeout_s
+    def connect(self) -> str:
+        """Choose the transport (logged); returns it."""
+        self.transport, self.pool_id, self._pool, self._keep = "grpc", "", None, None
+        why = "sharing disabled (--no-share-embeddings)"
+        if self.share:
+            try:
+                info = self._call(self._stub.GetSharedPool, vision_pb2.GetSharedPoolRequest())
+                why = self._map(info)
+            except Exception as e:  # noqa: BLE001 - any failure means: pull bytes
+                why = f"{type(e).__name__}: {e}"
+        if self._pool is not None:
+            logger.info(
+                "embeddings from %s by %s: one copy per image from its pool", self.address, self.transport
             )
+        else:
+            logger.info("embeddings from %s as gRPC bytes (%s)", self.address, why)
+        return self.transport
+
+    def _map(self, info) -> str:
+        from vision_svc.embedding_pool import SharedPoolInfo, map_shared_pool
+
+        if not info.kind:
+            return "the vision service does not share its pool"
+        fields = {f: getattr(info, f) for f in SharedPoolInfo.__dataclass_fields__}
+        pool_info = SharedPoolInfo(**fields)
+        try:
+            self._pool, self._keep = map_shared_pool(pool_info)
+        except Exception as e:  # noqa: BLE001 - another host, another IPC namespace, no CUDA here
+            return f"cannot map its {info.kind} pool: {type(e).__name__}: {e}"
+        self.transport, self.pool_id = info.kind, info.pool_id
+        return ""
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout_s)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise UnavailableError(f"vision service at {self.address} is unavailable") from None
             raise from_rpc_error(e, f"vision service at {self.address}") from None
-        return {e.content_key: tensor_from_proto(e.data) for e in resp.embeddings}, list(resp.missing_keys)
+
+    def fetch(self, keys: Sequence[str], device, dtype) -> tuple[dict, list[str]]:
+        """Embeddings [num_tokens, hidden] on `device` in `dtype` by content key (copies owned by the caller and
+        complete on return), and the keys the vision service no longer holds."""
+        if self._pool is not None:
+            resp = self._call(
+                self._stub.GetEmbeddings,
+                vision_pb2.GetEmbeddingsRequest(content_keys=list(keys), by_reference=True),
+            )
+            if resp.pool_id != self.pool_id:  # the vision service restarted: map its new pool, then retry
+                if resp.lease_id:
+                    self._call(
+                        self._stub.ReleaseEmbeddings,
+                        vision_pb2.ReleaseEmbeddingsRequest(lease_id=resp.lease_id),
+                    )
+                self.connect()
+                return self.fetch(keys, device, dtype)
+            try:
+                found = {
+                    loc.content_key: self._copy(loc.page_ids, loc.num_rows, device, dtype)
+                    for loc in resp.locations
+                }
+                self._sync(device, found.values())
+            finally:
+                if resp.lease_id:
+                    self._call(
+                        self._stub.ReleaseEmbeddings,
+                        vision_pb2.ReleaseEmbeddingsRequest(lease_id=resp.lease_id),
+                    )
+            return found, list(resp.missing_keys)
+        from common.tensors import tensor_from_proto
+
+        resp = self._call(self._stub.GetEmbeddings, vision_pb2.GetEmbeddingsRequest(content_keys=list(keys)))
+        found = {}
+        for e in resp.embeddings:
+            self.stats.bytes_by_value += len(e.data.data)
+            found[e.content_key] = tensor_from_proto(e.data).to(device, dtype)
+        self.stats.images_by_value += len(found)
+        return found, list(resp.missing_keys)
+
+    def _copy(self, page_ids, num_rows: int, device, dtype):
+        """One copy per run of pages from the mapped pool into a fresh buffer on the worker's device (a side
+        stream on a GPU, so the copy never waits behind a running step)."""
+        import torch
+
+        from vision_svc.embedding_pool import copy_rows
+
+        pool = self._pool
+        with self._stream(device):
+            out = torch.empty((num_rows, pool.shape[2]), dtype=pool.dtype, device=device)
+            self.stats.copy_ops += copy_rows(pool, page_ids, num_rows, out)
+            if dtype != pool.dtype:
+                out = out.to(dtype)
+                self.stats.copy_ops += 1
+        self.stats.images_by_reference += 1
+        return out
+
+    def _stream(self, device):
+        import contextlib
+
+        import torch
+
+        if torch.device(device).type != "cuda":
+            return contextlib.nullcontext()
+        key = str(device)
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device)
+        return torch.cuda.stream(self._streams[key])
+
+    def _sync(self, device, tensors) -> None:
+        """Wait for the copies; the buffers, made on the side stream, are then used on the default stream."""
+        import torch
+
+        s = self._streams.get(str(device))
+        if s is not None:
+            s.synchronize()
+            main = torch.cuda.default_stream(device)
+            for t in tensors:
+                t.record_stream(main)
 
     def close(self) -> None:
+        self._pool = self._keep = None
         self._channel.close()
+
+
+@dataclass
+class TransferStats:
+    """What embedding pulls cost: copies from a mapped pool, or bytes through gRPC."""
+
+    images_by_reference: int = 0
+    copy_ops: int = 0  # copy operations into worker buffers (one per run of consecutive pages)
+    images_by_value: int = 0
+    bytes_by_value: int = 0

@@ -28,7 +28,14 @@ class VisionArgs(ArgsBase):
         "GPU memory fraction the vision service may use (weights, activations, embedding cache) when it shares "
         "the worker's GPU; the worker leaves it free. 0 when vision runs on another device",
     )
-    embedding_cache_mb: int = arg(1024, "byte budget of the embedding LRU cache, MiB")
+    embedding_cache_mb: int = arg(
+        1024, "byte budget of the embedding cache, MiB (allocated up front on the encoder's device)"
+    )
+    share_embeddings: bool = arg(
+        True,
+        "let workers on this host map the embedding cache (CUDA IPC on a GPU, shared memory on the CPU) and copy "
+        "embeddings without gRPC; workers elsewhere pull bytes either way",
+    )
     max_batch_patches: int = arg(16384, "patches per encoder forward when several images arrive together")
     log_level: str = arg("info", "logging level")
 

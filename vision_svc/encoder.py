@@ -19,7 +19,7 @@ from models.registry import image_preprocessor_class, vision_model_class
 from processor.media import decode_image
 from processor.model_config import load_model_config
 from processor.models import media_spec_class
-from vision_svc.embedding_cache import EmbeddingCache
+from vision_svc.embedding_pool import EmbeddingPool, Location
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ class EncoderConfig:
     max_batch_patches: int = 16384  # patches per encoder forward when several images are encoded together
     load_format: str = "auto"
     mem_fraction: float = 0.0  # cap of this process's share of the GPU (0: none)
+    share_embeddings: bool = (
+        True  # map the embedding pool for workers on this host (CUDA IPC / shared memory)
+    )
 
 
 @dataclass
@@ -65,11 +68,13 @@ class VisionEncoder:
         )
         self.spec = media_spec_class(self.model_config.model_type).from_model_dir(cfg.model_path)
         self.preprocess = image_preprocessor_class(arch)(self.spec)
-        self.cache = EmbeddingCache(cfg.cache_bytes)
+        self.hidden_size = self.model_config.vision.out_hidden_size
+        self.cache = EmbeddingPool(
+            cfg.cache_bytes, self.hidden_size, self.dtype, self.device, shareable=cfg.share_embeddings
+        )
         self.stats = VisionStats()
         self._inflight: dict[str, asyncio.Future] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="vision-encode")
-        self.hidden_size = self.model_config.vision.out_hidden_size
 
     # ---- async API (dedupes concurrent requests for the same key) ----
 
@@ -82,8 +87,7 @@ class VisionEncoder:
         for item in items:
             if item.content_key in results or any(t.content_key == item.content_key for t in todo):
                 continue
-            if item.content_key in self.cache:
-                self.cache.get(item.content_key)
+            if self.cache.touch(item.content_key):
                 results[item.content_key] = EncodedItem(item.content_key, item.num_tokens, True)
             elif item.content_key in self._inflight:
                 waits.append((item, self._inflight[item.content_key]))
@@ -109,15 +113,40 @@ class VisionEncoder:
         self.stats.cache_hits += sum(1 for r in results.values() if r.cache_hit)
         return [results[i.content_key] for i in items]
 
-    def get_embeddings(self, keys: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    def get_embeddings(
+        self, keys: Sequence[str], device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Copies of the cached rows (on `device`, the encoder's by default), and the keys not cached."""
         found, missing = {}, []
         for k in keys:
-            t = self.cache.get(k)
+            t = self.cache.get(k, device, dtype)
             if t is None:
                 missing.append(k)
             else:
                 found[k] = t
         return found, missing
+
+    transport = "in_process"  # as the in-process engine's EmbeddingSource
+
+    def fetch(
+        self, keys: Sequence[str], device: torch.device, dtype: torch.dtype
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """EmbeddingSource for a worker in this process: one copy per image from the pool, complete on return."""
+        found, missing = self.get_embeddings(keys, device, dtype)
+        for d in {t.device for t in found.values()}:
+            if d.type == "cuda":
+                torch.cuda.current_stream(d).synchronize()
+        return found, missing
+
+    def lease_embeddings(self, keys: Sequence[str]) -> tuple[int, list[Location], list[str]]:
+        return self.cache.lease(keys)
+
+    def release_embeddings(self, lease_id: int) -> bool:
+        return self.cache.release(lease_id)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.cache.close()
 
     # ---- sync work (runs on the encoder thread) ----
 
@@ -154,16 +183,16 @@ class VisionEncoder:
         pixels = torch.cat([torch.from_numpy(p) for _, p, _, _ in batch]).to(self.device, self.dtype)
         grids = [g for _, _, g, _ in batch]
         emb = self.model(pixels, grids)
-        if self.device.type == "cuda":
+        start = 0
+        for item, *_ in batch:
+            self.cache.put(item.content_key, emb[start : start + item.num_tokens])
+            start += item.num_tokens
+        if self.device.type == "cuda":  # the rows are in the pool before anyone hears they are cached
             torch.cuda.synchronize(self.device)
         forward_ns = time.perf_counter_ns() - t0
         out = {}
-        start = 0
         total_patches = sum(p.shape[0] for _, p, _, _ in batch)
         for item, patches, _, pre_ns in batch:
-            rows = emb[start : start + item.num_tokens].to("cpu").clone()
-            start += item.num_tokens
-            self.cache.put(item.content_key, rows)
             ns = pre_ns + forward_ns * patches.shape[0] // max(1, total_patches)
             self.stats.images_encoded += 1
             self.stats.encode_ns_total += ns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import grpc
@@ -36,6 +37,7 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             a.max_batch_patches,
             a.load_format,
             a.vision_mem_fraction,
+            a.share_embeddings,
         )
         self.encoder = await asyncio.to_thread(VisionEncoder, cfg)
         logger.info(
@@ -60,7 +62,22 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
 
     async def GetEmbeddings(self, request, context):
         try:
-            found, missing = self._ready().get_embeddings(list(request.content_keys))
+            enc = self._ready()
+            if request.by_reference:
+                lease_id, found, missing = enc.lease_embeddings(list(request.content_keys))
+                return vision_pb2.GetEmbeddingsResponse(
+                    locations=[
+                        vision_pb2.EmbeddingLocation(
+                            content_key=loc.content_key, page_ids=loc.page_ids, num_rows=loc.num_rows
+                        )
+                        for loc in found
+                    ],
+                    missing_keys=missing,
+                    lease_id=lease_id,
+                    pool_id=enc.cache.pool_id,
+                )
+            found, missing = await asyncio.to_thread(enc.get_embeddings, list(request.content_keys))
+            enc.cache.count_value_pulls(len(found))
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)
         return vision_pb2.GetEmbeddingsResponse(
@@ -69,6 +86,20 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             ],
             missing_keys=missing,
         )
+
+    async def GetSharedPool(self, request, context):
+        try:
+            info = self._ready().cache.shared_info()
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+        return vision_pb2.SharedPool(**dataclasses.asdict(info))
+
+    async def ReleaseEmbeddings(self, request, context):
+        try:
+            self._ready().release_embeddings(request.lease_id)
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+        return vision_pb2.ReleaseEmbeddingsResponse()
 
     async def GetInfo(self, request, context):
         try:
@@ -96,6 +127,9 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             cache_bytes=enc.cache.num_bytes,
             evictions=enc.cache.evictions,
             encode_ns_total=s.encode_ns_total,
+            pulls_by_reference=enc.cache.pulls_by_reference,
+            pulls_by_value=enc.cache.pulls_by_value,
+            open_leases=enc.cache.open_leases,
         )
 
 

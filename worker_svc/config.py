@@ -55,6 +55,16 @@ class WorkerArgs(ArgsBase):
         "GPU memory fraction the vision service may use (weights, activations, embedding cache) when it shares "
         "the worker's GPU; the worker leaves it free. 0 when vision runs on another device",
     )
+    embedding_transport: str = arg(
+        "auto",
+        "how image embeddings come from the vision service: auto (map its embedding pool when it is on this "
+        "host: CUDA IPC or shared memory, one copy per image; else gRPC bytes), grpc (always bytes)",
+        choices=("auto", "grpc"),
+    )
+    embedding_buffer_mb: int = arg(
+        256, "image embeddings kept on the worker's device after the sequences using them moved on, MiB"
+    )
+    connect_timeout_s: float = arg(900.0, "how long to wait for the vision service to become ready")
     random_seed: int | None = arg(None, "seed of the sampler's generator for unseeded requests")
     log_level: str = arg("info", "logging level")
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,16 +25,11 @@ from processor.model_config import load_model_config
 from worker_svc import memory
 from worker_svc.attention import create_attention_backend, resolve_backend
 from worker_svc.attention.base import AttentionMetadata, KVCache
+from worker_svc.embeddings import EmbeddingSource, ResidentEmbeddings
 from worker_svc.sampler import PendingSample, Sampler
 from worker_svc.step_inputs import SeqInputs, StepInputs, Updates
 
 logger = logging.getLogger(__name__)
-
-
-class EmbeddingSource(Protocol):
-    def get_embeddings(self, keys: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """Embeddings [num_tokens, hidden] by content key, and the keys not found."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -55,6 +48,8 @@ class RunnerConfig:
     cuda_graph_max_bs: int | None = None  # default: max_running_requests
     max_prefill_tokens: int = 16384  # the largest prefill a step carries: sizes the activation warm-up
     vision_mem_fraction: float = 0.0  # GPU share a vision service on the same card keeps
+    embedding_buffer_bytes: int = 256 << 20  # image embeddings kept on the device when no sequence holds them
+    embedding_timeout_s: float = 60.0  # how long a step with nothing else to run waits for a pull
 
 
 @dataclass
@@ -87,13 +82,13 @@ class InflightStep:
 class ModelRunner:
     def __init__(self, cfg: RunnerConfig, embeddings: EmbeddingSource | None):
         self.cfg = cfg
-        self.embeddings = embeddings
         self.model_config = load_model_config(cfg.model_path)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.model_config, self.device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             torch.cuda.set_device(self.device)
+        self.embeddings = ResidentEmbeddings(embeddings, self.device, self.dtype, cfg.embedding_buffer_bytes)
         t0 = time.perf_counter()
         self.model = load_model(
             language_model_class(self.model_config.architecture),
@@ -241,14 +236,24 @@ class ModelRunner:
             kv_cache_bytes=self.kv_cache.nbytes,
             attention_backend=self.backend_name,
             max_running_requests=self.max_rows,
+            embedding_transport=self.embeddings.transport if self.model_config.is_multimodal else "",
         )
 
     def warmup(self) -> None:
         """Run every kernel variant serving will meet (see `warmup_plans`) before the first request does."""
-        from worker_svc.warmup import warmup_plans
+        from worker_svc.warmup import WARMUP_IMAGE_KEY, image_warmup_plans, warmup_plans
 
         for plan in warmup_plans(self.page_size, self.kv_cache.num_pages):
             self.step(plan)
+        vision = self.model_config.vision
+        if vision is not None:  # an image prompt: embedding rows merged into the prefill, grid positions
+            m = vision.spatial_merge_size
+            grid = (1, 8 * m, 8 * m)
+            rows = torch.zeros(64, self.model_config.text.hidden_size, dtype=self.dtype, device=self.device)
+            self.embeddings.put(WARMUP_IMAGE_KEY, rows)
+            for plan in image_warmup_plans(self.page_size, self.kv_cache.num_pages, grid, m):
+                self.step(plan)
+            self.embeddings.discard(WARMUP_IMAGE_KEY)
 
     # ---- the step ----
 
@@ -259,6 +264,8 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> InflightStep:
         start_ns, t0 = time.time_ns(), time.perf_counter_ns()
+        if plan.prefetch_keys:
+            self.embeddings.prefetch(plan.prefetch_keys)
         for seq_id in plan.free_seq_ids:
             self._free(seq_id)
         updates = Updates()
@@ -348,16 +355,21 @@ class ModelRunner:
         self.failed.pop(seq_id, None)
         st = self.seqs.pop(seq_id, None)
         if st is not None:
-            self.sampler.remove_row(st.row)
-            self.free_rows.append(st.row)
+            self._drop(st)
+
+    def _drop(self, st: _SeqState) -> None:
+        self.sampler.remove_row(st.row)
+        self.free_rows.append(st.row)
+        for key in st.embeds:
+            self.embeddings.release(key)
+        st.embeds.clear()
 
     def _apply_init_and_pages(self, s: SeqStep, updates: Updates) -> None:
         if s.init is not None:
             init = s.init
             old = self.seqs.pop(s.seq_id, None)
             if old is not None:
-                self.sampler.remove_row(old.row)
-                self.free_rows.append(old.row)
+                self._drop(old)
             if not self.free_rows:
                 raise InvalidRequestError(
                     f"the worker holds {self.max_rows} sequences already (--max-running-requests)"
@@ -401,36 +413,52 @@ class ModelRunner:
             st.sampled = True
 
     def _fetch_embeddings(self, seqs: list[SeqStep]) -> tuple[list[SeqStep], list[SeqFailure]]:
-        """Pull the embeddings of spans this step computes (once per sequence) and drop the ones it has passed."""
-        wanted: dict[str, list[str]] = {}
+        """Attach the embeddings of the spans this step computes (resident once per image, shared by sequences)
+        and let go of the ones it has passed. A sequence whose embeddings are still being pulled is left out when
+        others in the step can run; a step with nothing else waits for them."""
+        res = self.embeddings
+        needs: dict[str, list[str]] = {}
         for s in seqs:
             st = self.seqs[s.seq_id]
-            if not st.spans:
-                continue
             lo, hi = s.start_pos, s.start_pos + s.num_tokens
             for (off, n, _), key in zip(st.spans, st.keys, strict=True):
-                if off < hi and off + n > lo and key not in st.embeds:
-                    wanted.setdefault(key, []).append(s.seq_id)
-            for (off, n, _), key in zip(st.spans, st.keys, strict=True):
-                if off + n <= lo:
-                    st.embeds.pop(key, None)
-        if not wanted:
+                if off + n <= lo and key in st.embeds:
+                    del st.embeds[key]
+                    res.release(key)
+                elif off < hi and off + n > lo and key not in st.embeds:
+                    needs.setdefault(s.seq_id, []).append(key)
+        if not needs:
             return seqs, []
-        if self.embeddings is None:
-            found, missing = {}, list(wanted)
-        else:
-            found, missing = self.embeddings.get_embeddings(list(wanted))
-        failed: set[str] = set()
-        for key in missing:
-            failed.update(wanted[key])
-        for key, tensor in found.items():
-            for seq_id in wanted[key]:
-                if seq_id not in failed:
-                    self.seqs[seq_id].embeds[key] = tensor.to(self.device, self.dtype)
-        failures = [
-            SeqFailure(sid, "embedding_missing", "vision embedding not cached") for sid in sorted(failed)
+        res.request(k for keys in needs.values() for k in keys)
+        blocked = {sid for sid, keys in needs.items() if any(res.status(k) == "pending" for k in keys)}
+        failures: list[SeqFailure] = []
+        if blocked and len(blocked) < len(seqs):
+            res.stats.deferred += len(blocked)
+            failures += [
+                SeqFailure(sid, "embedding_pending", "image embeddings still on their way; scheduled again")
+                for sid in sorted(blocked)
+            ]
+        elif blocked:
+            try:
+                res.wait((k for sid in blocked for k in needs[sid]), self.cfg.embedding_timeout_s)
+            except TimeoutError:
+                logger.warning("embedding pull timed out after %.0f s", self.cfg.embedding_timeout_s)
+            blocked = set()
+        missing: set[str] = set()
+        for sid, keys in needs.items():
+            if sid in blocked:
+                continue
+            if any(res.status(k) != "ready" for k in keys):
+                missing.add(sid)
+                continue
+            st = self.seqs[sid]
+            for k in keys:
+                st.embeds[k] = res.acquire(k)
+        failures += [
+            SeqFailure(sid, "embedding_missing", "vision embedding not cached") for sid in sorted(missing)
         ]
-        return [s for s in seqs if s.seq_id not in failed], failures
+        left_out = blocked | missing
+        return [s for s in seqs if s.seq_id not in left_out], failures
 
     # ---- inputs and forward ----
 

@@ -10,7 +10,7 @@ import grpc
 
 from common.convert import plan_from_proto, step_output_to_proto, worker_info_to_proto
 from common.errors import UnavailableError, abort_with
-from common.grpc_utils import ServiceHealth
+from common.grpc_utils import ServiceHealth, wait_serving
 from common.grpc_utils import create_server as _create_server
 from common.types import StepPlan
 from protos import worker_pb2, worker_pb2_grpc
@@ -38,7 +38,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if a.vision_address:
             from vision_svc.client import VisionEmbeddingSource
 
-            source = VisionEmbeddingSource(a.vision_address)
+            source = VisionEmbeddingSource(a.vision_address, share=a.embedding_transport == "auto")
         cfg = RunnerConfig(
             model_path=a.model_path,
             dtype=a.dtype,
@@ -54,10 +54,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             cuda_graph_max_bs=a.cuda_graph_max_bs,
             max_prefill_tokens=a.max_prefill_tokens,
             vision_mem_fraction=a.vision_mem_fraction if a.vision_address else 0.0,
+            embedding_buffer_bytes=a.embedding_buffer_mb << 20,
         )
         loop = asyncio.get_running_loop()
         runner = await loop.run_in_executor(self._executor, ModelRunner, cfg, source)
         await loop.run_in_executor(self._executor, runner.warmup)
+        if source is not None and runner.model_config.is_multimodal:
+            # the transport is chosen once the vision service is up (it maps the pool only then)
+            logger.info("waiting for the vision service at %s", a.vision_address)
+            await wait_serving(a.vision_address, a.connect_timeout_s)
+            await asyncio.to_thread(source.connect)
         self.runner = runner
         await self.health.set_serving(True)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.types import SamplingParams, SeqInit, SeqStep, StepPlan
+from common.types import MultimodalItem, SamplingParams, SeqInit, SeqStep, StepPlan
 
 
 def warmup_plans(page_size: int, num_pages: int) -> list[StepPlan]:
@@ -48,3 +48,27 @@ def warmup_plans(page_size: int, num_pages: int) -> list[StepPlan]:
         StepPlan(0, tuple(decode(i, 2 if i < last else 0) for i in range(len(lengths)))),
         StepPlan(0, (), tuple(f"warmup-{i}" for i in range(len(lengths)))),
     ]  # fmt: skip
+
+
+WARMUP_IMAGE_KEY = "warmup-image"
+
+
+def image_warmup_plans(
+    page_size: int, num_pages: int, grid: tuple[int, int, int], merge: int
+) -> list[StepPlan]:
+    """A prompt with an image span in its middle (embedding rows replace token embeddings, M-RoPE positions
+    follow the image grid), alone and beside a decode; then frees it. The caller makes the embedding of
+    WARMUP_IMAGE_KEY resident first."""
+    n_img = grid[0] * grid[1] * grid[2] // (merge * merge)
+    ids = (100,) * 3 + (0,) * n_img + (101,) * 5
+    need = -(-(len(ids) + 4) // page_size)
+    if need + 1 >= num_pages:
+        return []
+    item = MultimodalItem(WARMUP_IMAGE_KEY, 3, n_img, grid)
+    init = SeqInit((item,), SamplingParams(temperature=0.0), len(ids))
+    pages = tuple(range(1, need + 1))
+    return [
+        StepPlan(0, (SeqStep("warmup-image", 0, ids, True, 0, pages, init),)),
+        StepPlan(0, (SeqStep("warmup-image", len(ids), (), True),)),
+        StepPlan(0, (), ("warmup-image",)),
+    ]

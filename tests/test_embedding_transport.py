@@ -1,0 +1,317 @@
+"""Embeddings from the vision service to the worker: the pool (pages, LRU, leases), the mapped transport across
+processes (shared memory here, CUDA IPC on a GPU: bit-equal to bytes, no gRPC bytes, one copy per image), the
+worker's resident store (one upload per image, prefetch), and that a slow pull never stalls a running decode."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from common.errors import ResourceExhaustedError
+from common.grpc_utils import wait_serving
+from common.types import MultimodalItem, SamplingParams, SeqInit, SeqStep, StepPlan
+from processor.media import content_key
+from protos import vision_pb2, vision_pb2_grpc
+from tests.helpers import REPO, free_port, noise_image, png_bytes
+from vision_svc.embedding_pool import EmbeddingPool, copy_rows, map_shared_pool, page_runs
+from worker_svc.embeddings import ResidentEmbeddings
+
+# ---- the pool ----
+
+
+def _pool(pages: int = 6, rows: int = 4, hidden: int = 8, **kw) -> EmbeddingPool:
+    row_bytes = hidden * 4
+    return EmbeddingPool(pages * rows * row_bytes, hidden, torch.float32, torch.device("cpu"), rows, **kw)
+
+
+def _rows(n: int, hidden: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, hidden, generator=torch.Generator().manual_seed(seed))
+
+
+def test_pool_round_trip_and_page_runs():
+    pool = _pool(shareable=False)
+    a, b = _rows(5), _rows(3, seed=1)
+    pool.put("a", a)
+    pool.put("b", b)
+    assert torch.equal(pool.get("a"), a) and torch.equal(pool.get("b"), b)
+    assert pool.get("nope") is None
+    _, locs, missing = pool.lease(["a", "nope"])
+    assert missing == ["nope"] and locs[0].num_rows == 5 and len(locs[0].page_ids) == 2
+    assert page_runs([3, 4, 5, 9, 10, 2]) == [(3, 3), (9, 2), (2, 1)]
+    out = torch.empty(5, 8)
+    assert copy_rows(pool.data, locs[0].page_ids, 5, out) == 1  # consecutive pages: one copy
+    assert torch.equal(out, a)
+
+
+def test_pool_evicts_lru_but_never_a_leased_entry():
+    pool = _pool(pages=4, shareable=False)  # 4 usable pages of 4 rows
+    pool.put("a", _rows(8))  # 2 pages
+    pool.put("b", _rows(8, seed=1))  # 2 pages: full
+    lease_id, _, _ = pool.lease(["a"])
+    pool.put("c", _rows(4, seed=2))  # must evict b (a is pinned although older)
+    assert "a" in pool and "b" not in pool and "c" in pool and pool.evictions == 1
+    with pytest.raises(ResourceExhaustedError):
+        pool.put("d", _rows(12, seed=3))  # needs 3 pages; only c's page can go
+    assert pool.release(lease_id) and pool.open_leases == 0
+    pool.put("d", _rows(12, seed=3))
+    assert "a" not in pool and torch.equal(pool.get("d"), _rows(12, seed=3))
+    with pytest.raises(ResourceExhaustedError, match="embedding-cache-mb"):
+        pool.put("huge", _rows(40))
+
+
+def test_expired_leases_stop_pinning():
+    pool = _pool(pages=2, shareable=False, lease_ttl_s=0.0)
+    pool.put("a", _rows(8))
+    pool.lease(["a"])  # never released: expires at once
+    time.sleep(0.01)
+    pool.put("b", _rows(8, seed=1))
+    assert "b" in pool and "a" not in pool and pool.open_leases == 0
+
+
+def test_shared_memory_pool_maps_in_place_and_checks_the_probe():
+    pool = _pool()
+    try:
+        assert pool.kind == "shared_memory"
+        info = pool.shared_info()
+        view, keep = map_shared_pool(info)
+        pool.put("a", _rows(6))
+        loc = pool.lease(["a"])[1][0]
+        out = torch.empty(6, 8)
+        copy_rows(view, loc.page_ids, 6, out)
+        assert torch.equal(out, _rows(6))
+        assert view.data_ptr() != pool.data.data_ptr() or True  # another mapping of the same segment
+        import dataclasses
+
+        with pytest.raises(ValueError, match="probe"):
+            map_shared_pool(dataclasses.replace(info, probe_scale=info.probe_scale + 1))
+        del view, keep
+    finally:
+        pool.close()
+
+
+# ---- across processes: the real vision service ----
+
+
+@pytest.fixture(scope="module")
+def vision_service(default_model, log_dir):
+    port = free_port()
+    log = open(log_dir / f"vision-transport-{port}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mirador", "vision", "--model", str(default_model), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        asyncio.run(wait_serving(address, 120))
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def _encode(address: str, default_model, seed: int) -> tuple[str, int]:
+    from processor.models.qwen2_vl import Qwen2VLMediaSpec
+    from vision_svc.client import VisionClient
+
+    spec = Qwen2VLMediaSpec.from_model_dir(str(default_model))
+    img = noise_image(56, 84, seed)
+    grid = spec.image_grid(*img.size)
+    n = spec.num_image_tokens(grid)
+    key = content_key(img, spec.fingerprint())
+
+    async def go():
+        client = VisionClient(address)
+        try:
+            await client.encode([MultimodalItem(key, 0, n, grid, "image", png_bytes(img))])
+        finally:
+            await client.close()
+
+    asyncio.run(go())
+    return key, n
+
+
+def _vision_stats(address: str) -> vision_pb2.VisionStats:
+    with grpc.insecure_channel(address) as ch:
+        return vision_pb2_grpc.VisionStub(ch).GetStats(vision_pb2.GetStatsRequest(), timeout=10)
+
+
+def test_mapped_pool_is_bit_equal_to_bytes_with_no_bytes_and_one_copy(vision_service, default_model):
+    from vision_svc.client import VisionEmbeddingSource
+
+    keys = [_encode(vision_service, default_model, seed)[0] for seed in (1, 2)]
+    shared = VisionEmbeddingSource(vision_service)
+    by_value = VisionEmbeddingSource(vision_service, share=False)
+    try:
+        assert shared.connect() == "shared_memory"
+        assert by_value.connect() == "grpc"
+        before = _vision_stats(vision_service)
+        got, missing = shared.fetch(keys + ["absent"], torch.device("cpu"), torch.float32)
+        assert missing == ["absent"] and set(got) == set(keys)
+        after = _vision_stats(vision_service)
+        # nothing crossed gRPC as bytes and nothing was copied on the way: one copy per image into our buffer
+        assert shared.stats.images_by_value == 0 and shared.stats.bytes_by_value == 0
+        assert shared.stats.images_by_reference == 2 and shared.stats.copy_ops == 2
+        assert after.pulls_by_reference - before.pulls_by_reference == 2
+        assert after.pulls_by_value == before.pulls_by_value
+        assert after.open_leases == 0
+        ref, _ = by_value.fetch(keys, torch.device("cpu"), torch.float32)
+        assert by_value.stats.bytes_by_value > 0
+        for k in keys:
+            assert torch.equal(got[k], ref[k])  # bit-equal
+    finally:
+        shared.close()
+        by_value.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_ipc_pool_is_bit_equal_to_bytes(default_model, log_dir):
+    from vision_svc.client import VisionEmbeddingSource
+
+    port = free_port()
+    log = open(log_dir / f"vision-ipc-{port}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mirador",
+            "vision",
+            "--model",
+            str(default_model),
+            "--port",
+            str(port),
+            "--device",
+            "cuda",
+            "--dtype",
+            "bfloat16",
+            "--vision-mem-fraction",
+            "0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        asyncio.run(wait_serving(address, 300))
+        keys = [_encode(address, default_model, seed)[0] for seed in (1, 2)]
+        shared = VisionEmbeddingSource(address)
+        by_value = VisionEmbeddingSource(address, share=False)
+        assert shared.connect() == "cuda_ipc"
+        by_value.connect()
+        got, _ = shared.fetch(keys, torch.device("cuda"), torch.bfloat16)
+        ref, _ = by_value.fetch(keys, torch.device("cuda"), torch.bfloat16)
+        assert shared.stats.bytes_by_value == 0 and shared.stats.copy_ops == 2
+        assert _vision_stats(address).open_leases == 0
+        for k in keys:
+            assert got[k].device.type == "cuda" and torch.equal(got[k], ref[k])
+        shared.close()
+        by_value.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+# ---- the worker's resident store ----
+
+
+class _Source:
+    transport = "in_process"
+
+    def __init__(self, table: dict[str, torch.Tensor], delay_s: float = 0.0):
+        self.table, self.delay_s, self.calls = table, delay_s, []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def fetch(self, keys, device, dtype):
+        self.calls.append(list(keys))
+        self.gate.wait(30)
+        time.sleep(self.delay_s)
+        return {k: self.table[k].to(device, dtype) for k in keys if k in self.table}, [
+            k for k in keys if k not in self.table
+        ]
+
+
+def test_resident_store_uploads_once_and_keeps_idle_entries_under_budget():
+    src = _Source({"a": _rows(4), "b": _rows(4, seed=1), "c": _rows(4, seed=2)})
+    res = ResidentEmbeddings(src, torch.device("cpu"), torch.float32, budget_bytes=2 * 4 * 8 * 4)
+    res.prefetch(["a", "a", "b"])
+    res.wait(["a", "b"])
+    assert src.calls == [["a", "b"]] and res.status("a") == res.status("b") == "ready"
+    t1, t2 = res.acquire("a"), res.acquire("a")  # two sequences, one tensor
+    assert t1 is t2
+    res.prefetch(["a"])
+    assert len(src.calls) == 1
+    res.release("a")
+    res.release("a")
+    res.prefetch(["c"])
+    res.wait(["c"])  # a, b, c idle: over budget, the longest idle (b) goes
+    assert res.status("b") == "absent" and res.status("a") == res.status("c") == "ready"
+    assert res.stats.evictions == 1
+    res.wait(["zzz"])
+    assert res.status("zzz") == "missing"
+    res.prefetch(["zzz"])  # re-encoded: tried again
+    res.wait(["zzz"])
+    assert len(src.calls) == 4
+    res.close()
+
+
+# ---- a slow pull never delays a running decode ----
+
+
+def _runner(default_model, source):
+    from worker_svc.model_runner import ModelRunner, RunnerConfig
+
+    return ModelRunner(RunnerConfig(str(default_model), page_size=4, max_total_tokens=2048), source)
+
+
+def test_worker_leaves_out_a_sequence_whose_embedding_is_still_coming(default_model):
+    from processor.model_config import load_model_config
+
+    hidden = load_model_config(str(default_model)).text.hidden_size
+    src = _Source({"img": torch.randn(4, hidden)})
+    runner = _runner(default_model, src)
+    greedy = SamplingParams(temperature=0.0)
+    runner.step(StepPlan(1, (SeqStep("a", 0, (1, 2, 3), True, 0, (1,), SeqInit((), greedy, 3)),)))
+    item = MultimodalItem("img", 1, 4, (1, 4, 4))
+    b = SeqStep("b", 0, (5, 9, 9, 9, 9, 6), True, 0, (2, 3), SeqInit((item,), greedy, 6))
+
+    src.gate.clear()  # the vision service hangs (for up to 30 s)
+    t0 = time.perf_counter()
+    out = runner.step(StepPlan(2, (SeqStep("a", 3), b)))
+    assert time.perf_counter() - t0 < 5.0  # the decode did not wait for the pull
+    assert [r.seq_id for r in out.results] == ["a"]
+    assert [(f.seq_id, f.reason) for f in out.failures] == [("b", "embedding_pending")]
+    assert runner.embeddings.stats.deferred == 1
+
+    src.gate.set()
+    runner.embeddings.wait(["img"])
+    out = runner.step(StepPlan(3, (SeqStep("a", 4, (), True, 1, (4,)), b)))  # b re-initialized
+    assert {r.seq_id for r in out.results} == {"a", "b"} and not out.failures
+    assert src.calls == [["img"]]  # pulled once
+
+
+def test_a_step_with_nothing_else_waits_for_the_pull(default_model):
+    from processor.model_config import load_model_config
+
+    hidden = load_model_config(str(default_model)).text.hidden_size
+    src = _Source({"img": torch.randn(4, hidden)}, delay_s=0.3)
+    runner = _runner(default_model, src)
+    item = MultimodalItem("img", 1, 4, (1, 4, 4))
+    b = SeqStep(
+        "b", 0, (5, 9, 9, 9, 9, 6), True, 0, (2, 3), SeqInit((item,), SamplingParams(temperature=0.0), 6)
+    )
+    out = runner.step(StepPlan(1, (b,)))
+    assert [r.seq_id for r in out.results] == ["b"] and not out.failures
+    assert runner.embeddings.stats.waited == 1
