@@ -315,3 +315,50 @@ def test_a_step_with_nothing_else_waits_for_the_pull(default_model):
     out = runner.step(StepPlan(1, (b,)))
     assert [r.seq_id for r in out.results] == ["b"] and not out.failures
     assert runner.embeddings.stats.waited == 1
+
+
+class _SlowVision:
+    """The engine's encoder as an embedding source that takes `delay_s` per pull (a slow vision service)."""
+
+    transport = "in_process"
+
+    def __init__(self, encoder, delay_s: float):
+        self.encoder, self.delay_s = encoder, delay_s
+
+    def fetch(self, keys, device, dtype):
+        time.sleep(self.delay_s)
+        return self.encoder.fetch(keys, device, dtype)
+
+
+def test_slow_embedding_pull_never_delays_a_running_decode(default_model):
+    from mirador.engine import Engine
+    from tests.helpers import data_uri
+
+    delay = 2.0
+    with Engine(str(default_model), page_size=4) as engine:
+        engine.runner.embeddings.source = _SlowVision(engine.encoder, delay)
+        image = data_uri(png_bytes(noise_image(56, 56, 3)))
+
+        async def scenario():
+            text = await engine.async_generate(
+                "count", {"max_new_tokens": 400, "ignore_eos": True, "temperature": 0}, stream=True
+            )
+            stamps, image_task = [], None
+            async for _out in text:
+                stamps.append(time.perf_counter())
+                if len(stamps) == 5:  # the decode is running: now an image request arrives
+                    image_task = asyncio.ensure_future(
+                        engine.async_generate("what is it", {"max_new_tokens": 4}, image_data=image)
+                    )
+                    t_image = time.perf_counter()
+                if image_task is not None and image_task.done() and len(stamps) > 5:
+                    break
+            await text.aclose()
+            return stamps, t_image, await image_task
+
+        stamps, t_image, image_out = engine._call(scenario())
+        during = [b - a for a, b in zip(stamps, stamps[1:], strict=False) if b > t_image]
+        assert image_out["meta_info"]["completion_tokens"] == 4
+        assert stamps[-1] - t_image >= delay  # the text stream ran all through the slow pull...
+        assert max(during) < delay / 2, max(during)  # ...without a gap anywhere near it
+        assert engine.runner.embeddings.stats.pulls >= 1
