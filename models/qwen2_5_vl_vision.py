@@ -1,88 +1,196 @@
-"""Qwen2.5-VL vision tower: patch embedding, window- and full-attention blocks with 2D rotary, 2x2 patch merger.
+"""Qwen2.5-VL vision tower: patch embedding, window- and full-attention blocks with 2D rotary, 2x2 patch merger;
+and its per-forward metadata (window order, segments, positions), built once on the host and copied in one piece.
 
-Runs in the vision service. Parameter names match the Hub checkpoint's `visual.*` keys.
+Runs in the vision service. Parameter names match the Hub checkpoint's `visual.*` keys (gate/up fused on load).
+`forward_padded` takes static shapes and does no host work, so a fixed padded size can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import GatedMLP, RMSNorm, rotate_half
+from kernels.vision import (
+    ATTN_BLOCK_M,
+    VISION_ATTENTION_BACKENDS,
+    Segments,
+    apply_vision_rotary,
+    resolve_vision_attention,
+    tile_table,
+)
+from models.layers import MergedGatedMLP, RMSNorm
 from processor.model_config import ModelConfig, VisionConfig
 
 Grid = tuple[int, int, int]
 
 
-def window_index(
-    grids: Sequence[Grid], merge: int, window_size: int, patch_size: int
-) -> tuple[torch.Tensor, list[int]]:
-    """Order of merged patch groups that makes each attention window contiguous, and the window boundaries in
-    patches (cumulative)."""
-    side = window_size // merge // patch_size  # merged units per window side
-    unit = merge * merge
-    order: list[torch.Tensor] = []
-    cu = [0]
-    base = 0
-    for t, h, w in grids:
-        gh, gw = h // merge, w // merge
-        nh, nw = -(-gh // side), -(-gw // side)
-        idx = torch.arange(t * gh * gw).reshape(t, gh, gw)
-        padded = F.pad(idx, (0, nw * side - gw, 0, nh * side - gh), value=-1)
-        windows = (
-            padded.reshape(t, nh, side, nw, side).permute(0, 1, 3, 2, 4).reshape(t, nh * nw, side * side)
-        )
-        valid = windows >= 0
-        order.append(windows[valid] + base)
-        for n in valid.sum(-1).reshape(-1).tolist():
-            if n:
-                cu.append(cu[-1] + n * unit)
-        base += t * gh * gw
-    return torch.cat(order), cu
+# ---- metadata (host) -------------------------------------------------------------------------------------------
 
 
-def full_attention_bounds(grids: Sequence[Grid]) -> list[int]:
-    """Each frame of each image attends within itself."""
-    cu = [0]
-    for t, h, w in grids:
-        cu.extend(cu[-1] + h * w * (i + 1) for i in range(t))
+def _window_side(cfg: VisionConfig) -> int:
+    side = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size  # merged units per window side
+    if side < 1:
+        raise ValueError(f"window_size {cfg.window_size} is smaller than one merged patch")
+    return side
+
+
+@dataclass(frozen=True)
+class PaddedShape:
+    """Static sizes of a padded forward (what a CUDA graph fixes): rows = real patches then padding, and the
+    capacities of the segment lists. Padding rows form their own segments: windows of at most `max_window` rows
+    and one full-attention segment."""
+
+    num_rows: int
+    max_frames: int  # frames (images, video frames) a batch may hold
+    max_window: int  # rows of the largest window
+    window_segments: int
+    full_segments: int
+
+    @classmethod
+    def for_rows(cls, cfg: VisionConfig, num_rows: int, max_frames: int) -> PaddedShape:
+        unit, side = cfg.spatial_merge_size**2, _window_side(cfg)
+        if num_rows <= 0 or num_rows % unit or max_frames < 1:
+            raise ValueError(f"padded rows {num_rows} must be a positive multiple of {unit}; max_frames >= 1")
+        max_window = side * side * unit
+        # a frame of gh x gw merged units makes ceil(gh/side)*ceil(gw/side) < gh*gw/side + 1 windows
+        real = num_rows // (unit * side) + max_frames + 1
+        return cls(num_rows, max_frames, max_window, real + -(-num_rows // max_window), max_frames + 1)
+
+
+def _image_windows(t: int, h: int, w: int, merge: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image: its merged units in window order, and the units in each non-empty window."""
+    gh, gw = h // merge, w // merge
+    nh, nw = -(-gh // side), -(-gw // side)
+    padded = np.full((t, nh * side, nw * side), -1, dtype=np.int64)
+    padded[:, :gh, :gw] = np.arange(t * gh * gw).reshape(t, gh, gw)
+    windows = padded.reshape(t, nh, side, nw, side).transpose(0, 1, 3, 2, 4).reshape(t * nh * nw, side * side)
+    valid = windows >= 0
+    counts = valid.sum(-1)
+    return windows[valid], counts[counts > 0]
+
+
+def _image_positions(t: int, h: int, w: int, merge: int) -> np.ndarray:
+    """(row, column) of every patch in the merged-block-major order the image processor emits: [t*h*w, 2]."""
+    shape = (h // merge, merge, w // merge, merge)
+    rows = np.broadcast_to(np.arange(h)[:, None], (h, w)).reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+    cols = np.broadcast_to(np.arange(w)[None, :], (h, w)).reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+    return np.tile(np.stack([rows, cols], axis=-1), (t, 1))
+
+
+def _bounds(lengths: list[int], capacity: int | None) -> np.ndarray:
+    """cu_seqlens of `lengths`, padded to capacity + 1 entries by repeating the total (empty segments)."""
+    if capacity is not None and len(lengths) > capacity:
+        raise ValueError(f"{len(lengths)} attention segments exceed the capacity {capacity}")
+    cu = np.zeros((len(lengths) if capacity is None else capacity) + 1, dtype=np.int64)
+    cu[1 : len(lengths) + 1] = np.cumsum(lengths, dtype=np.int64)
+    cu[len(lengths) + 1 :] = cu[len(lengths)]
     return cu
 
 
-def patch_positions(grids: Sequence[Grid], merge: int) -> torch.Tensor:
-    """(row, column) of every patch in the merged-block-major order the image processor emits: [N, 2]."""
-    out = []
+@dataclass(frozen=True)
+class VisionMetadata:
+    """Everything a forward needs besides the pixels; device tensors are views of one int32 buffer (`packed`)."""
+
+    num_patches: int  # real patches; rows past them are padding
+    num_rows: int
+    num_tokens: int  # merged embeddings of the real patches
+    unit_order: torch.Tensor  # [num_rows / unit] int32: source merged unit of each unit in window order
+    unit_inverse: torch.Tensor  # [num_rows / unit] int32: window-order position of each source unit
+    positions: torch.Tensor  # [num_rows, 2] int32: (row, column) of each patch, in window order
+    window: Segments  # windowed-attention blocks
+    full: Segments  # full-attention blocks: each frame attends within itself
+    packed: torch.Tensor  # [size] int32
+
+
+def _segment_lengths(
+    grids: Sequence[Grid], cfg: VisionConfig, pad: PaddedShape | None
+) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    """Merged units in window order [num_rows / unit], patch positions in that order [num_rows, 2], and the
+    lengths of the windowed and of the full-attention segments (padding rows in segments of their own)."""
+    merge, side = cfg.spatial_merge_size, _window_side(cfg)
+    unit = merge * merge
+    orders, window_lengths, full_lengths, positions = [], [], [], []
+    base = 0
     for t, h, w in grids:
-        rows = torch.arange(h)[:, None].expand(h, w)
-        cols = torch.arange(w)[None, :].expand(h, w)
-        shape = (h // merge, merge, w // merge, merge)
-        rows = rows.reshape(shape).transpose(1, 2).flatten()
-        cols = cols.reshape(shape).transpose(1, 2).flatten()
-        out.append(torch.stack([rows, cols], dim=-1).repeat(t, 1))
-    return torch.cat(out)
+        order, counts = _image_windows(t, h, w, merge, side)
+        orders.append(order + base)
+        window_lengths.extend((counts * unit).tolist())
+        full_lengths.extend([h * w] * t)
+        positions.append(_image_positions(t, h, w, merge))
+        base += t * (h // merge) * (w // merge)
+    num_rows = base * unit if pad is None else pad.num_rows
+    if num_rows < base * unit or (pad is not None and len(full_lengths) > pad.max_frames):
+        raise ValueError(f"{base * unit} patches in {len(full_lengths)} frames do not fit {pad}")
+    padding = num_rows - base * unit
+    if pad is not None and padding:
+        window_lengths.extend([pad.max_window] * (padding // pad.max_window))
+        window_lengths.extend([padding % pad.max_window] if padding % pad.max_window else [])
+        full_lengths.append(padding)
+    order = np.concatenate([*orders, np.arange(base, num_rows // unit)])
+    pos = np.zeros((num_rows, 2), dtype=np.int64)
+    if positions:
+        pos[: base * unit] = np.concatenate(positions).reshape(base, unit, 2)[order[:base]].reshape(-1, 2)
+    return order, pos, window_lengths, full_lengths
 
 
-def varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int], scale: float
-) -> torch.Tensor:
-    """Non-causal attention within each [bounds[i], bounds[i+1]) segment; segments of equal length run as one
-    batch. q, k, v: [N, heads, head_dim] -> [N, heads, head_dim]."""
-    out = torch.empty_like(q)
-    by_len: dict[int, list[int]] = {}
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        by_len.setdefault(hi - lo, []).append(lo)
-    for length, starts in by_len.items():
-        idx = (
-            torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
-        ).reshape(-1)
-        shape = (len(starts), length, q.shape[1], q.shape[2])
-        qs, ks, vs = (x[idx].reshape(shape).transpose(1, 2) for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
-        out[idx] = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])
-    return out
+def build_vision_metadata(
+    grids: Sequence[Grid],
+    cfg: VisionConfig,
+    device: torch.device | str,
+    pad: PaddedShape | None = None,
+    out: torch.Tensor | None = None,
+) -> VisionMetadata:
+    """Metadata of the patches of `grids` (concatenated in order), exact or padded to `pad`, built on the host and
+    copied in one piece: into `out` (a previous metadata's `packed` of the same PaddedShape, e.g. a CUDA graph's
+    static buffer) when given, else to a new tensor on `device`."""
+    order, pos, window_lengths, full_lengths = _segment_lengths(grids, cfg, pad)
+    unit = cfg.spatial_merge_size**2
+    num_tokens = sum(t * h * w for t, h, w in grids) // unit
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    cu_window = _bounds(window_lengths, None if pad is None else pad.window_segments)
+    cu_full = _bounds(full_lengths, None if pad is None else pad.full_segments)
+    if pad is None:
+        window_cap = full_cap = None
+        max_window, max_full = max(window_lengths, default=0), max(full_lengths, default=0)
+    else:
+        window_cap = pad.window_segments * -(-pad.max_window // ATTN_BLOCK_M)
+        full_cap = pad.num_rows // ATTN_BLOCK_M + pad.full_segments
+        max_window, max_full = pad.max_window, pad.num_rows
+    tiles_window = tile_table(cu_window, ATTN_BLOCK_M, window_cap)
+    tiles_full = tile_table(cu_full, ATTN_BLOCK_M, full_cap)
+
+    sections = [order, inverse, pos.ravel(), cu_window, cu_full, tiles_window.ravel(), tiles_full.ravel()]
+    host = torch.from_numpy(np.concatenate(sections).astype(np.int32))
+    device = torch.device(device) if out is None else out.device
+    if device.type == "cuda":
+        host = host.pin_memory()  # an asynchronous copy, ordered before the forward on the same stream
+    if out is None:
+        packed = host.to(device, non_blocking=True)
+    elif out.shape != host.shape:
+        raise ValueError(f"metadata buffer {tuple(out.shape)} != {tuple(host.shape)}: another PaddedShape")
+    else:
+        packed = out.copy_(host, non_blocking=True)
+    o, inv, p, cw, cf, tw, tf = packed.split([len(s) for s in sections])
+    return VisionMetadata(
+        num_patches=num_tokens * unit,
+        num_rows=len(pos),
+        num_tokens=num_tokens,
+        unit_order=o,
+        unit_inverse=inv,
+        positions=p.view(-1, 2),
+        window=Segments(cw, max_window, tuple(cu_window.tolist()), tw.view(-1, 2)),
+        full=Segments(cf, max_full, tuple(cu_full.tolist()), tf.view(-1, 2)),
+        packed=packed,
+    )
+
+
+# ---- modules ---------------------------------------------------------------------------------------------------
 
 
 class Qwen2_5_VisionPatchEmbed(nn.Module):
@@ -92,9 +200,16 @@ class Qwen2_5_VisionPatchEmbed(nn.Module):
         self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [N, C*T*P*P]; a stride-equals-kernel conv on one patch is a matmul with the flattened kernel
-        w = self.proj.weight
-        return F.linear(x.to(w.dtype), w.reshape(w.shape[0], -1))
+        # x: [N, C*T*P*P], or [N, C*P*P] for still images -> [N, hidden]. A stride-equals-kernel conv on one patch
+        # is a matmul with the flattened kernel; over T identical frames, with the kernel summed over T.
+        w = self.proj.weight  # [hidden, C, T, P, P]
+        if x.shape[1] == w[0].numel():
+            return F.linear(x.to(w.dtype), w.reshape(w.shape[0], -1))
+        if x.shape[1] == w[0, :, 0].numel():
+            return F.linear(x.to(w.dtype), w.float().sum(2).to(w.dtype).reshape(w.shape[0], -1))
+        raise ValueError(
+            f"pixel patches of {x.shape[1]} values; expected {w[0].numel()} or {w[0, :, 0].numel()}"
+        )
 
 
 class Qwen2_5_VLVisionAttention(nn.Module):
@@ -105,16 +220,12 @@ class Qwen2_5_VLVisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(
-        self, x: torch.Tensor, bounds: list[int], cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x, seg: Segments, cos: torch.Tensor, sin: torch.Tensor, attention) -> torch.Tensor:
+        # x: [N, hidden]; cos, sin: [N, head_dim] float32 -> [N, hidden]
         n = x.shape[0]
-        q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim).unbind(1)
-        dtype = q.dtype
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
-        k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
-        o = varlen_attention(q, k, v, bounds, self.head_dim**-0.5)
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        apply_vision_rotary(q, k, cos, sin)
+        o = attention(q, k, v, seg, self.head_dim**-0.5)  # [N, heads, head_dim]
         return self.proj(o.reshape(n, -1))
 
 
@@ -124,11 +235,18 @@ class Qwen2_5_VLVisionBlock(nn.Module):
         self.norm1 = RMSNorm(cfg.hidden_size, 1e-6)
         self.norm2 = RMSNorm(cfg.hidden_size, 1e-6)
         self.attn = Qwen2_5_VLVisionAttention(cfg)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True)
+        self.mlp = MergedGatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True)
 
-    def forward(self, x, bounds, cos, sin):
-        x = x + self.attn(self.norm1(x), bounds, cos, sin)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, residual, seg, cos, sin, attention):
+        # the residual stream is carried apart from the block output so that each add fuses with the next norm
+        if residual is None:
+            residual = x
+            h = self.norm1(x)
+        else:
+            h, residual = self.norm1(x, residual)
+        h = self.attn(h, seg, cos, sin, attention)
+        h, residual = self.norm2(h, residual)
+        return self.mlp(h), residual
 
 
 class Qwen2_5_VLPatchMerger(nn.Module):
@@ -140,16 +258,18 @@ class Qwen2_5_VLPatchMerger(nn.Module):
             nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, cfg.out_hidden_size)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.ln_q(x).view(-1, self.hidden))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        # x (+ residual): [N, hidden] -> [N / merge^2, out_hidden]; the normed rows are viewed, not copied
+        h = self.ln_q(x) if residual is None else self.ln_q(x, residual)[0]
+        return self.mlp(h.view(-1, self.hidden))
 
 
 class Qwen2_5_VisionTransformer(nn.Module):
-    """pixel patches [N, C*T*P*P] + grids -> merged embeddings [N / merge^2, out_hidden_size], image by image in
-    the order given."""
+    """pixel patches [N, C*T*P*P] (or [N, C*P*P] for still images) + grids -> merged embeddings
+    [N / merge^2, out_hidden_size], image by image in the order given."""
 
     checkpoint_prefixes = (("model.visual.", ""), ("visual.", ""))
-    packed_modules_mapping: dict[str, list[str]] = {}
+    packed_modules_mapping: dict[str, tuple[str, ...]] = {"gate_up_proj": ("gate_proj", "up_proj")}
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -159,12 +279,15 @@ class Qwen2_5_VisionTransformer(nn.Module):
         self.patch_embed = Qwen2_5_VisionPatchEmbed(cfg)
         head_dim = cfg.hidden_size // cfg.num_heads
         spatial = head_dim // 2
-        # a plain attribute on the CPU, not a buffer: the model is built on the meta device before loading
+        # a plain attribute on the CPU, not a buffer: the model is built on the meta device before loading; moved
+        # by the first forward (before any CUDA graph is captured)
         self.inv_freq = 1.0 / (
             10000.0 ** (torch.arange(0, spatial, 2, dtype=torch.float, device="cpu") / spatial)
         )
         self.blocks = nn.ModuleList([Qwen2_5_VLVisionBlock(cfg) for _ in range(cfg.depth)])
         self.merger = Qwen2_5_VLPatchMerger(cfg)
+        self.full_blocks = frozenset(cfg.fullatt_block_indexes)
+        self.attention_backend = "auto"
 
     def tie_weights(self) -> None:
         pass
@@ -173,28 +296,41 @@ class Qwen2_5_VisionTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embed.proj.weight.dtype
 
-    def forward(self, pixel_values: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
-        cfg = self.cfg
-        unit = cfg.spatial_merge_size**2
-        device = pixel_values.device
-        order, window_bounds = window_index(grids, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
-        order = order.to(device)
-        full_bounds = full_attention_bounds(grids)
+    def set_attention_backend(self, name: str) -> str:
+        """Chooses the attention backend ("auto" or a kernels.vision.VISION_ATTENTION_BACKENDS name) for the
+        weights' device and dtype; raises ValueError where it cannot run. Returns the resolved name."""
+        w = self.patch_embed.proj.weight
+        self.attention_backend = resolve_vision_attention(name, w.device, w.dtype)
+        return self.attention_backend
 
-        x = self.patch_embed(pixel_values)  # [N, hidden]
-        n = x.shape[0]
-        x = x.reshape(n // unit, unit, -1)[order].reshape(n, -1)
-
-        pos = patch_positions(grids, cfg.spatial_merge_size).to(device)  # [N, 2]
-        if self.inv_freq.device != device:
-            self.inv_freq = self.inv_freq.to(device)
-        freqs = (pos[..., None].float() * self.inv_freq).flatten(1)  # [N, head_dim/2]: h then w bands
-        freqs = freqs.reshape(n // unit, unit, -1)[order].reshape(n, -1)
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [N, 2] -> cos, sin: [N, head_dim] float32 (row bands, then column bands, twice)
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = (positions[..., None].float() * self.inv_freq).flatten(1)  # [N, head_dim / 2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos(), emb.sin()
+        return emb.cos(), emb.sin()
 
-        full = set(cfg.fullatt_block_indexes)
+    def forward(self, pixel_values: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
+        meta = build_vision_metadata(grids, self.cfg, pixel_values.device)
+        if pixel_values.shape[0] != meta.num_rows:
+            raise ValueError(f"{pixel_values.shape[0]} pixel patches for grids of {meta.num_rows}")
+        return self.forward_padded(pixel_values, meta)
+
+    def forward_padded(self, pixel_values: torch.Tensor, meta: VisionMetadata) -> torch.Tensor:
+        """pixel patches [meta.num_rows, ...] -> [meta.num_rows / merge^2, out_hidden]: the images' embeddings
+        in the first meta.num_tokens rows, padding after. No host work: capturable for a fixed PaddedShape."""
+        attention = VISION_ATTENTION_BACKENDS[
+            resolve_vision_attention(self.attention_backend, pixel_values.device, self.dtype)
+        ].forward
+        x = self.patch_embed(pixel_values)  # [R, hidden]
+        rows, hidden = x.shape
+        units = meta.unit_order.shape[0]
+        x = x.view(units, -1).index_select(0, meta.unit_order).view(rows, hidden)  # window order
+        cos, sin = self.rotary(meta.positions)
+        residual = None
         for i, block in enumerate(self.blocks):
-            x = block(x, full_bounds if i in full else window_bounds, cos, sin)
-        merged = self.merger(x)
-        return merged[torch.argsort(order)]
+            seg = meta.full if i in self.full_blocks else meta.window
+            x, residual = block(x, residual, seg, cos, sin, attention)
+        merged = self.merger(x, residual)  # [R / unit, out_hidden], window order
+        return merged.index_select(0, meta.unit_inverse)

@@ -12,7 +12,10 @@ class ModelEntry:
 
     language_model: str
     vision_model: str | None = None
-    image_processor: str | None = None
+    image_processor: str | None = None  # the exact path: HF's processor step for step, float32 on the host
+    fast_image_processor: str | None = (
+        None  # host decodes to uint8, the vision device normalizes and patchifies
+    )
 
 
 # How weights are obtained: the checkpoint's safetensors ("auto" and "safetensors"), or random ones made from
@@ -24,6 +27,7 @@ _REGISTRY: dict[str, ModelEntry] = {
         language_model="models.qwen2_5_vl:Qwen2_5_VLForCausalLM",
         vision_model="models.qwen2_5_vl_vision:Qwen2_5_VisionTransformer",
         image_processor="models.qwen2_vl_image:Qwen2VLImagePreprocessor",
+        fast_image_processor="models.qwen2_vl_image:FastQwen2VLImagePreprocessor",
     ),
 }
 
@@ -62,3 +66,8 @@ def image_preprocessor_class(architecture: str) -> type:
     if entry.image_processor is None:
         raise ValueError(f"{architecture} has no image processor")
     return load_class(entry.image_processor)
+
+
+def fast_image_preprocessor_class(architecture: str) -> type | None:
+    entry = get_entry(architecture)
+    return load_class(entry.fast_image_processor) if entry.fast_image_processor else None

@@ -15,11 +15,13 @@ import ipaddress
 import os
 import socket
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from common.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 
@@ -213,28 +215,63 @@ class DecodedImage:
 
 def decode_image(data: bytes, policy: MediaPolicy | None = None, param: str = "image_url") -> DecodedImage:
     """Bytes -> RGB image as the model sees it (transparency composited on white, as HF's processors do)."""
-    max_pixels = policy.max_pixels if policy else MediaPolicy.max_pixels
-    try:
-        img = Image.open(io.BytesIO(data))
-        fmt = img.format
-        if fmt not in ALLOWED_FORMATS:
-            raise InvalidRequestError(
-                f"unsupported image format {fmt}; send PNG, JPEG, WebP or GIF", param=param
-            )
-        if img.width * img.height > max_pixels:
-            raise PayloadTooLargeError(
-                f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels}", param=param
-            )
-        img.seek(0)
+    with decode_errors(param):
+        img = open_image(data, policy, param)
         img = ImageOps.exif_transpose(img)
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        if isinstance(e, Image.DecompressionBombError):
-            raise PayloadTooLargeError(f"image too large to decode: {e}", param=param) from None
+    return DecodedImage(to_rgb(img), img.width, img.height)
+
+
+def open_image(data: bytes, policy: MediaPolicy | None = None, param: str = "image_url") -> Image.Image:
+    """Bytes -> a not yet decoded image at its first frame, format and pixel count checked against the policy.
+    Call it, and whatever decodes the image afterwards, inside `decode_errors`."""
+    max_pixels = policy.max_pixels if policy else MediaPolicy.max_pixels
+    img = Image.open(io.BytesIO(data))
+    fmt = img.format
+    if fmt not in ALLOWED_FORMATS:
+        raise InvalidRequestError(f"unsupported image format {fmt}; send PNG, JPEG, WebP or GIF", param=param)
+    if img.width * img.height > max_pixels:
+        raise PayloadTooLargeError(
+            f"image of {img.width}x{img.height} pixels exceeds the limit of {max_pixels}", param=param
+        )
+    img.seek(0)
+    return img
+
+
+@contextmanager
+def decode_errors(param: str) -> Iterator[None]:
+    """Pillow's failures on bad or hostile bytes, raised as request errors."""
+    try:
+        yield
+    except Image.DecompressionBombError as e:
+        raise PayloadTooLargeError(f"image too large to decode: {e}", param=param) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InvalidRequestError(
             f"the image bytes are not a valid image ({type(e).__name__})", param=param
         ) from None
-    return DecodedImage(to_rgb(img), img.width, img.height)
+
+
+# EXIF orientation -> the transpose that displays the image upright (the table of ImageOps.exif_transpose)
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+SWAPS_AXES = {
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSVERSE,
+    Image.Transpose.ROTATE_90,
+}
+
+
+def exif_transpose_method(img: Image.Image) -> Image.Transpose | None:
+    """The transpose `ImageOps.exif_transpose` would apply, read from the header without decoding or copying."""
+    return EXIF_TRANSPOSE.get(img.getexif().get(ExifTags.Base.Orientation, 1))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

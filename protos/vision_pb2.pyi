@@ -126,25 +126,33 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VisionInfo(_message.Message):
-    __slots__ = ("architecture", "hidden_size", "dtype", "device", "cache_budget_bytes")
+    __slots__ = ("architecture", "hidden_size", "dtype", "device", "cache_budget_bytes", "attention_backend", "image_processor", "cuda_graphs", "embedding_sharing")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_PROCESSOR_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_SHARING_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     hidden_size: int
     dtype: str
     device: str
     cache_budget_bytes: int
-    def __init__(self, architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., cache_budget_bytes: _Optional[int] = ...) -> None: ...
+    attention_backend: str
+    image_processor: str
+    cuda_graphs: bool
+    embedding_sharing: str
+    def __init__(self, architecture: _Optional[str] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., cache_budget_bytes: _Optional[int] = ..., attention_backend: _Optional[str] = ..., image_processor: _Optional[str] = ..., cuda_graphs: _Optional[bool] = ..., embedding_sharing: _Optional[str] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class VisionStats(_message.Message):
-    __slots__ = ("encode_calls", "images_encoded", "cache_hits", "cache_entries", "cache_bytes", "evictions", "encode_ns_total", "pulls_by_reference", "pulls_by_value", "open_leases")
+    __slots__ = ("encode_calls", "images_encoded", "cache_hits", "cache_entries", "cache_bytes", "evictions", "encode_ns_total", "pulls_by_reference", "pulls_by_value", "open_leases", "batches", "graph_batches")
     ENCODE_CALLS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_ENCODED_FIELD_NUMBER: _ClassVar[int]
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +163,8 @@ class VisionStats(_message.Message):
     PULLS_BY_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     PULLS_BY_VALUE_FIELD_NUMBER: _ClassVar[int]
     OPEN_LEASES_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_BATCHES_FIELD_NUMBER: _ClassVar[int]
     encode_calls: int
     images_encoded: int
     cache_hits: int
@@ -165,4 +175,6 @@ class VisionStats(_message.Message):
     pulls_by_reference: int
     pulls_by_value: int
     open_leases: int
-    def __init__(self, encode_calls: _Optional[int] = ..., images_encoded: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_entries: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., encode_ns_total: _Optional[int] = ..., pulls_by_reference: _Optional[int] = ..., pulls_by_value: _Optional[int] = ..., open_leases: _Optional[int] = ...) -> None: ...
+    batches: int
+    graph_batches: int
+    def __init__(self, encode_calls: _Optional[int] = ..., images_encoded: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_entries: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., encode_ns_total: _Optional[int] = ..., pulls_by_reference: _Optional[int] = ..., pulls_by_value: _Optional[int] = ..., open_leases: _Optional[int] = ..., batches: _Optional[int] = ..., graph_batches: _Optional[int] = ...) -> None: ...

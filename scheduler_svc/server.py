@@ -79,13 +79,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self._clients.append(vision)
             info = await vision.info()
             self.vision_info_json = json.dumps(
-                {
-                    "architecture": info.architecture,
-                    "hidden_size": info.hidden_size,
-                    "dtype": info.dtype,
-                    "device": info.device,
-                    "cache_budget_bytes": info.cache_budget_bytes,
-                }
+                {f.name: getattr(info, f.name) for f in info.DESCRIPTOR.fields}
             )
         policy = resolve_policy(a, self.worker_info, load_generation_eos(a.model_path))
         self.policy = policy

@@ -341,7 +341,7 @@ def test_slow_embedding_pull_never_delays_a_running_decode(default_model):
 
         async def scenario():
             text = await engine.async_generate(
-                "count", {"max_new_tokens": 400, "ignore_eos": True, "temperature": 0}, stream=True
+                "count", {"max_new_tokens": 3000, "ignore_eos": True, "temperature": 0}, stream=True
             )
             stamps, image_task = [], None
             async for _out in text:

@@ -36,7 +36,27 @@ class VisionArgs(ArgsBase):
         "let workers on this host map the embedding cache (CUDA IPC on a GPU, shared memory on the CPU) and copy "
         "embeddings without gRPC; workers elsewhere pull bytes either way",
     )
-    max_batch_patches: int = arg(16384, "patches per encoder forward when several images arrive together")
+    max_batch_patches: int = arg(
+        16384,
+        "patches per encoder forward: every image ready while the encoder was busy joins the next batch",
+    )
+    disable_fast_image_processor: bool = arg(
+        False,
+        "preprocess images exactly as transformers' PIL processor does, in float32 on the host, instead of the "
+        "fast path (decode and resize to uint8 on the host, normalize and patchify on the vision device)",
+    )
+    vision_attention_backend: str = arg(
+        "auto",
+        "attention of the vision tower: auto (varlen flash attention on a GPU, else torch_native), varlen, "
+        "triton (ours), torch_native (SDPA per group of equal windows; the reference)",
+        choices=("auto", "varlen", "triton", "torch_native"),
+    )
+    disable_cuda_graph: bool = arg(
+        False,
+        "run kernel by kernel instead of replaying CUDA graphs (the worker's decode steps, the vision tower's "
+        "small batches)",
+    )
+    preprocess_threads: int = arg(0, "threads decoding and resizing images on the host (0: half the cores)")
     log_level: str = arg("info", "logging level")
 
     def __post_init__(self):

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from common.errors import InvalidRequestError
 from common.types import EncodedItem, MultimodalItem
 from models.loader import load_model, resolve_device, resolve_dtype
-from models.registry import image_preprocessor_class, vision_model_class
+from models.registry import fast_image_preprocessor_class, image_preprocessor_class, vision_model_class
 from processor.media import decode_image
 from processor.model_config import load_model_config
 from processor.models import media_spec_class
@@ -36,6 +38,14 @@ class EncoderConfig:
     share_embeddings: bool = (
         True  # map the embedding pool for workers on this host (CUDA IPC / shared memory)
     )
+    fast_image_processor: bool = True  # uint8 off the host, normalize + patchify on the device
+    attention_backend: str = "auto"  # of the vision tower: auto, varlen, triton, torch_native
+    cuda_graph: bool = True  # replay the tower from CUDA graphs for batches up to the largest bucket
+    graph_buckets: tuple[
+        int, ...
+    ] = ()  # padded patch counts with a graph (empty: vision_svc.graphs' default)
+    preprocess_threads: int = 0  # host decode/resize threads (0: half the cores, at least 1)
+    warmup: bool = True  # run representative image shapes before serving
 
 
 @dataclass
@@ -44,6 +54,18 @@ class VisionStats:
     images_encoded: int = 0
     cache_hits: int = 0
     encode_ns_total: int = 0
+    batches: int = 0  # encoder forwards (each holds every image that was ready when it started)
+    graph_batches: int = 0  # of them replayed from a CUDA graph
+
+
+@dataclass
+class _Prepared:
+    """An image after its host half: what the device half needs, and the host time it took."""
+
+    item: MultimodalItem
+    payload: Any  # fast path: uint8 [H, W, 3] pixels; exact path: float32 patches [N, C*T*P*P]
+    grid: tuple[int, int, int]
+    host_ns: int
 
 
 class VisionEncoder:
@@ -54,9 +76,11 @@ class VisionEncoder:
             raise ValueError(f"{cfg.model_path} has no vision tower")
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.model_config, self.device)
-        if self.device.type == "cuda" and cfg.mem_fraction > 0:
-            # the worker sizes its KV cache leaving this share free, so the two never race for memory
-            torch.cuda.set_per_process_memory_fraction(cfg.mem_fraction, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            if cfg.mem_fraction > 0:
+                # the worker sizes its KV cache leaving this share free, so the two never race for memory
+                torch.cuda.set_per_process_memory_fraction(cfg.mem_fraction, self.device)
         arch = self.model_config.architecture
         self.model = load_model(
             vision_model_class(arch),
@@ -66,7 +90,10 @@ class VisionEncoder:
             self.device,
             cfg.load_format,
         )
+        self.attention_backend = self.model.set_attention_backend(cfg.attention_backend)
         self.spec = media_spec_class(self.model_config.model_type).from_model_dir(cfg.model_path)
+        fast_cls = fast_image_preprocessor_class(arch) if cfg.fast_image_processor else None
+        self.fast = fast_cls(self.spec) if fast_cls is not None else None
         self.preprocess = image_preprocessor_class(arch)(self.spec)
         self.hidden_size = self.model_config.vision.out_hidden_size
         self.cache = EmbeddingPool(
@@ -75,6 +102,22 @@ class VisionEncoder:
         self.stats = VisionStats()
         self._inflight: dict[str, asyncio.Future] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="vision-encode")
+        threads = cfg.preprocess_threads or max(1, (os.cpu_count() or 2) // 2)
+        self._host_pool = ThreadPoolExecutor(threads, thread_name_prefix="vision-host")
+        self._queue: list[tuple[_Prepared, asyncio.Future]] = []
+        self._drainer: asyncio.Task | None = None
+        self.graphs = None
+        if self.device.type == "cuda" and cfg.cuda_graph:
+            from vision_svc.graphs import DEFAULT_BUCKETS, VisionGraphs
+
+            t0 = time.perf_counter()
+            self.graphs = VisionGraphs(
+                self.model, cfg.graph_buckets or DEFAULT_BUCKETS, still=self.fast is not None
+            )
+            self.graphs.capture()
+            logger.info("captured vision graphs in %.1f s", time.perf_counter() - t0)
+        if cfg.warmup:
+            self.warmup()
 
     # ---- async API (dedupes concurrent requests for the same key) ----
 
@@ -96,9 +139,12 @@ class VisionEncoder:
                 self._inflight[item.content_key] = loop.create_future()
         if todo:
             try:
-                done = await loop.run_in_executor(self._executor, self.encode_now, todo)
-                for item in todo:
-                    results[item.content_key] = done[item.content_key]
+                prepared = await asyncio.gather(
+                    *(loop.run_in_executor(self._host_pool, self.prepare, item) for item in todo)
+                )
+                done = await asyncio.gather(*(self._submit(p) for p in prepared))
+                for item, enc in zip(todo, done, strict=True):
+                    results[item.content_key] = enc
                     self._inflight.pop(item.content_key).set_result(True)
             except BaseException as e:
                 for item in todo:
@@ -146,56 +192,146 @@ class VisionEncoder:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._host_pool.shutdown(wait=False, cancel_futures=True)
         self.cache.close()
 
-    # ---- sync work (runs on the encoder thread) ----
+    # ---- batching: every image prepared while the device was busy goes into the next forward ----
+
+    def _submit(self, prepared: _Prepared) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((prepared, fut))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return fut
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            batch, rows = [], 0
+            while self._queue and (
+                not batch or rows + self._patches(self._queue[0][0]) <= self.cfg.max_batch_patches
+            ):
+                entry = self._queue.pop(0)
+                batch.append(entry)
+                rows += self._patches(entry[0])
+            try:
+                done = await loop.run_in_executor(self._executor, self.run_batch, [p for p, _ in batch])
+            except BaseException as e:  # noqa: BLE001 - every image of the batch fails with it
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for p, fut in batch:
+                if not fut.done():
+                    fut.set_result(done[p.item.content_key])
+
+    @staticmethod
+    def _patches(p: _Prepared) -> int:
+        return p.grid[0] * p.grid[1] * p.grid[2]
+
+    # ---- host half (preprocessing threads) ----
+
+    def prepare(self, item: MultimodalItem) -> _Prepared:
+        """Decode and resize (fast path: to uint8 pixels; exact path: to float32 patches) and check the geometry
+        against the request's."""
+        t0 = time.perf_counter_ns()
+        if self.fast is not None:
+            host = self.fast.load(item.data)
+            payload, grid, n = host.pixels, tuple(host.grid), host.num_tokens
+        else:
+            payload, grid = self.preprocess(decode_image(item.data).image)
+            grid = tuple(grid)
+            n = grid[0] * grid[1] * grid[2] // self.spec.merge_size**2
+        if grid != tuple(item.grid_thw) or n != item.num_tokens:
+            raise InvalidRequestError(
+                f"image {item.content_key[:12]}: grid {grid} / {n} tokens disagree with the "
+                f"request's {tuple(item.grid_thw)} / {item.num_tokens}"
+            )
+        return _Prepared(item, payload, grid, time.perf_counter_ns() - t0)
+
+    # ---- device half (the encoder thread) ----
 
     @torch.inference_mode()
     def encode_now(self, items: Sequence[MultimodalItem]) -> dict[str, EncodedItem]:
+        """Synchronous encode of items (no dedupe): prepare each, run them in batches of max_batch_patches."""
+        prepared = [self.prepare(item) for item in items]
         out: dict[str, EncodedItem] = {}
-        prepared = []
-        for item in items:
-            t0 = time.perf_counter_ns()
-            image = decode_image(item.data).image
-            patches, grid = self.preprocess(image)
-            n = grid[0] * grid[1] * grid[2] // self.spec.merge_size**2
-            if tuple(grid) != tuple(item.grid_thw) or n != item.num_tokens:
-                raise InvalidRequestError(
-                    f"image {item.content_key[:12]}: grid {grid} / {n} tokens disagree with the "
-                    f"request's {tuple(item.grid_thw)} / {item.num_tokens}"
-                )
-            prepared.append((item, patches, grid, time.perf_counter_ns() - t0))
-        batch: list = []
-        for entry in prepared:
-            if (
-                batch
-                and sum(p.shape[0] for _, p, _, _ in batch) + entry[1].shape[0] > self.cfg.max_batch_patches
-            ):
-                out.update(self._run(batch))
+        batch: list[_Prepared] = []
+        for p in prepared:
+            if batch and sum(map(self._patches, batch)) + self._patches(p) > self.cfg.max_batch_patches:
+                out.update(self.run_batch(batch))
                 batch = []
-            batch.append(entry)
+            batch.append(p)
         if batch:
-            out.update(self._run(batch))
+            out.update(self.run_batch(batch))
         return out
 
-    def _run(self, batch) -> dict[str, EncodedItem]:
+    @torch.inference_mode()
+    def forward(self, payloads: Sequence[Any], grids: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """Device half of preprocessing and the tower: merged embeddings [sum(tokens), hidden], image by image."""
+        if self.fast is not None:
+            pixels = self.fast.to_patches(list(payloads), self.device, self.dtype)
+        else:
+            pixels = torch.cat([torch.from_numpy(p) for p in payloads]).to(self.device, self.dtype)
+        if self.graphs is not None:
+            return self.graphs.run(pixels, grids)
+        return self.model(pixels, grids)
+
+    @torch.inference_mode()
+    def run_batch(self, batch: Sequence[_Prepared]) -> dict[str, EncodedItem]:
         t0 = time.perf_counter_ns()
-        pixels = torch.cat([torch.from_numpy(p) for _, p, _, _ in batch]).to(self.device, self.dtype)
-        grids = [g for _, _, g, _ in batch]
-        emb = self.model(pixels, grids)
+        grids = [p.grid for p in batch]
+        emb = self.forward([p.payload for p in batch], grids)
         start = 0
-        for item, *_ in batch:
-            self.cache.put(item.content_key, emb[start : start + item.num_tokens])
-            start += item.num_tokens
+        for p in batch:
+            self.cache.put(p.item.content_key, emb[start : start + p.item.num_tokens])
+            start += p.item.num_tokens
         if self.device.type == "cuda":  # the rows are in the pool before anyone hears they are cached
             torch.cuda.synchronize(self.device)
         forward_ns = time.perf_counter_ns() - t0
+        total = sum(map(self._patches, batch))
+        self.stats.batches += 1
+        if self.graphs is not None and self.graphs.bucket_for(total, len(batch), self.graphs.in_features):
+            self.stats.graph_batches += 1
         out = {}
-        total_patches = sum(p.shape[0] for _, p, _, _ in batch)
-        for item, patches, _, pre_ns in batch:
-            ns = pre_ns + forward_ns * patches.shape[0] // max(1, total_patches)
+        for p in batch:
+            ns = p.host_ns + forward_ns * self._patches(p) // max(1, total)
             self.stats.images_encoded += 1
             self.stats.encode_ns_total += ns
-            out[item.content_key] = EncodedItem(item.content_key, item.num_tokens, False, ns)
-        logger.info("encoded %d image(s), %d patches in %.1f ms", len(batch), total_patches, forward_ns / 1e6)
+            out[p.item.content_key] = EncodedItem(p.item.content_key, p.item.num_tokens, False, ns)
+        logger.info("encoded %d image(s), %d patches in %.1f ms", len(batch), total, forward_ns / 1e6)
         return out
+
+    # ---- warm-up ----
+
+    def warmup(self) -> None:
+        """Run representative image shapes (one small image, a 448x448 one, a batch of them, a large photo) so
+        the first request pays no plan, compile or allocation cost."""
+        t0 = time.perf_counter()
+        sizes = [(56, 56), (448, 448), (1092, 1932)] if self.device.type == "cuda" else [(56, 56), (112, 84)]
+        for w, h in sizes:
+            self._warm([(w, h)])
+        self._warm([sizes[1]] * 4)
+        logger.info(
+            "vision warm-up (%s) in %.1f s", ", ".join(f"{w}x{h}" for w, h in sizes), time.perf_counter() - t0
+        )
+
+    @torch.inference_mode()
+    def _warm(self, sizes: Sequence[tuple[int, int]]) -> None:
+        import numpy as np
+        from PIL import Image
+
+        payloads, grids = [], []
+        for w, h in sizes:
+            w, h = self.spec.resized_size(w, h)
+            img = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+            if self.fast is not None:
+                payloads.append(img)
+                grids.append(self.spec.image_grid(w, h))
+            else:
+                patches, grid = self.preprocess(Image.fromarray(img))
+                payloads.append(patches)
+                grids.append(tuple(grid))
+        self.forward(payloads, grids)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -37,14 +37,23 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             a.max_batch_patches,
             a.load_format,
             a.vision_mem_fraction,
-            a.share_embeddings,
+            share_embeddings=a.share_embeddings,
+            fast_image_processor=not a.disable_fast_image_processor,
+            attention_backend=a.vision_attention_backend,
+            cuda_graph=not a.disable_cuda_graph,
+            preprocess_threads=a.preprocess_threads,
         )
         self.encoder = await asyncio.to_thread(VisionEncoder, cfg)
+        enc = self.encoder
         logger.info(
-            "vision encoder ready (%s, %s, cache %d MiB)",
-            self.encoder.device,
-            self.encoder.dtype,
+            "vision encoder ready (%s, %s, attention %s, %s preprocessing, %s, cache %d MiB %s)",
+            enc.device,
+            enc.dtype,
+            enc.attention_backend,
+            "fast" if enc.fast is not None else "exact",
+            "CUDA graphs" if enc.graphs is not None else "eager",
             a.embedding_cache_mb,
+            enc.cache.kind or "not shared",
         )
         await self.health.set_serving(True)
 
@@ -112,6 +121,10 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             dtype=str(enc.dtype).removeprefix("torch."),
             device=str(enc.device),
             cache_budget_bytes=enc.cache.budget_bytes,
+            attention_backend=enc.attention_backend,
+            image_processor="fast" if enc.fast is not None else "exact",
+            cuda_graphs=enc.graphs is not None,
+            embedding_sharing=enc.cache.kind,
         )
 
     async def GetStats(self, request, context):
@@ -130,6 +143,8 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             pulls_by_reference=enc.cache.pulls_by_reference,
             pulls_by_value=enc.cache.pulls_by_value,
             open_leases=enc.cache.open_leases,
+            batches=s.batches,
+            graph_batches=s.graph_batches,
         )
 
 

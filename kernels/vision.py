@@ -1,0 +1,336 @@
+"""Vision-tower kernels: rotate-half rotary with per-token cos/sin applied to q and k in one launch, and
+non-causal attention within segments given by cu_seqlens, behind a registry of backends (`torch_native`, the
+group-by-length SDPA reference; `varlen`, torch's flash-attention varlen_attn; `triton`, our kernel over a host-built
+tile table). Each Triton kernel has its torch reference here."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kernels._triton import HAS_TRITON, INTERPRET, triton_enabled
+
+try:  # torch >= 2.10; flash attention on CUDA for fp16/bf16 only (the CPU build has no kernel for it)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    HAS_VARLEN = True
+    _VARLEN_TAKES_SCALE = "scale" in inspect.signature(_varlen_attn).parameters
+except ImportError:
+    HAS_VARLEN = False
+    _VARLEN_TAKES_SCALE = False
+
+# Query rows per program of the Triton attention kernel; tile tables are built for it.
+ATTN_BLOCK_M = 64
+ATTN_BLOCK_N = 64
+# A padding tile's first row: past every segment, so the program loads and stores nothing.
+_EMPTY_TILE_ROW = 1 << 30
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Attention segments of a packed [N, heads, head_dim] batch: rows [cu[i], cu[i+1]) attend to each other."""
+
+    cu_seqlens: torch.Tensor  # [num_segments + 1] int32 on the device (empty segments allowed)
+    max_len: int  # an upper bound of the longest segment (static when padded for a CUDA graph)
+    bounds: tuple[int, ...]  # cu_seqlens on the host, for the torch reference
+    tiles: torch.Tensor  # [num_tiles, 2] int32 (segment, first row within it) for the Triton kernel
+
+
+def tile_table(cu: np.ndarray, block_m: int = ATTN_BLOCK_M, capacity: int | None = None) -> np.ndarray:
+    """One (segment, first row) entry per block_m query rows of each segment: [num_tiles, 2] int32, padded to
+    `capacity` entries with tiles that cover no row (a static launch grid for a CUDA graph)."""
+    lengths = np.diff(cu)
+    per_segment = -(-lengths // block_m)
+    total = int(per_segment.sum())
+    if capacity is not None and total > capacity:
+        raise ValueError(f"{total} attention tiles exceed the capacity {capacity}")
+    segment = np.repeat(np.arange(len(lengths)), per_segment)
+    first_tile = np.repeat(np.cumsum(per_segment) - per_segment, per_segment)
+    out = np.empty((total if capacity is None else capacity, 2), dtype=np.int32)
+    out[:total, 0] = segment
+    out[:total, 1] = (np.arange(total) - first_tile) * block_m
+    out[total:] = (0, _EMPTY_TILE_ROW)
+    return out
+
+
+# ---- rotary ----------------------------------------------------------------------------------------------------
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_vision_rotary_ref(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim], overwritten
+    k: torch.Tensor,  # [num_tokens, num_heads, head_dim], overwritten
+    cos: torch.Tensor,  # [num_tokens, head_dim] float32
+    sin: torch.Tensor,  # [num_tokens, head_dim] float32
+) -> None:
+    """HF's apply_rotary_pos_emb_vision: x * cos + rotate_half(x) * sin in float32, cast back, in place."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    for x in (q, k):
+        xf = x.float()
+        x.copy_((xf * c + _rotate_half(xf) * s).to(x.dtype))
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rotate_row(x_row, stride_h, num_heads, heads, j, j_mask, half, c1, c2, s1, s2):
+        mask = (heads < num_heads)[:, None] & j_mask[None, :]
+        p1 = x_row + heads[:, None] * stride_h + j[None, :]
+        p2 = p1 + half
+        x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
+        dtype = x_row.dtype.element_ty
+        tl.store(p1, (x1 * c1 - x2 * s1).to(dtype), mask=mask)
+        tl.store(p2, (x2 * c2 + x1 * s2).to(dtype), mask=mask)
+
+    @triton.jit
+    def _vision_rotary_kernel(
+        q_ptr, k_ptr, cos_ptr, sin_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
+        num_q_heads, num_k_heads, half,
+        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):  # fmt: skip
+        """One program per token: every head of q and of k, both halves of head_dim."""
+        t = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, BLOCK_HALF)
+        j_mask = j < half
+        heads = tl.arange(0, BLOCK_H)
+        cos_row = cos_ptr + t * stride_ct
+        sin_row = sin_ptr + t * stride_st
+        c1 = tl.load(cos_row + j, mask=j_mask, other=0.0)[None, :]
+        c2 = tl.load(cos_row + half + j, mask=j_mask, other=0.0)[None, :]
+        s1 = tl.load(sin_row + j, mask=j_mask, other=0.0)[None, :]
+        s2 = tl.load(sin_row + half + j, mask=j_mask, other=0.0)[None, :]
+        _rotate_row(q_ptr + t * stride_qt, stride_qh, num_q_heads, heads, j, j_mask, half, c1, c2, s1, s2)
+        _rotate_row(k_ptr + t * stride_kt, stride_kh, num_k_heads, heads, j, j_mask, half, c1, c2, s1, s2)
+
+
+def apply_vision_rotary_triton(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim], head_dim contiguous (a view of the qkv output)
+    k: torch.Tensor,  # [num_tokens, num_heads, head_dim], head_dim contiguous
+    cos: torch.Tensor,  # [num_tokens, head_dim] float32, head_dim contiguous
+    sin: torch.Tensor,  # [num_tokens, head_dim] float32, head_dim contiguous
+) -> None:
+    num_tokens, num_q_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return
+    if q.stride(2) != 1 or k.stride(2) != 1 or cos.stride(1) != 1 or sin.stride(1) != 1 or head_dim % 2:
+        raise ValueError("vision rotary wants head_dim contiguous and even")
+    half = head_dim // 2
+    block_half = triton.next_power_of_2(half)
+    block_h = triton.next_power_of_2(max(num_q_heads, k.shape[1]))
+    _vision_rotary_kernel[(num_tokens,)](
+        q, k, cos, sin,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+        num_q_heads, k.shape[1], half,
+        BLOCK_H=block_h, BLOCK_HALF=block_half,
+        num_warps=min(max(block_h * block_half // 256, 1), 8),
+    )  # fmt: skip
+
+
+def apply_vision_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotates q and k [num_tokens, num_heads, head_dim] in place by per-token cos/sin [num_tokens, head_dim]
+    (float32 arithmetic, rounded back to q's dtype)."""
+    if triton_enabled(q):
+        apply_vision_rotary_triton(q, k, cos, sin)
+    else:
+        apply_vision_rotary_ref(q, k, cos, sin)
+
+
+# ---- attention -------------------------------------------------------------------------------------------------
+
+
+def varlen_attention_ref(
+    q: torch.Tensor,  # [N, heads, head_dim]
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seg: Segments,
+    scale: float,
+) -> torch.Tensor:  # [N, heads, head_dim]
+    """The reference: segments of equal length run as one SDPA batch (one launch group per distinct length, index
+    tensors built from host bounds: not capturable in a CUDA graph)."""
+    out = torch.empty_like(q)
+    by_len: dict[int, list[int]] = {}
+    for lo, hi in zip(seg.bounds[:-1], seg.bounds[1:], strict=True):
+        if hi > lo:
+            by_len.setdefault(hi - lo, []).append(lo)
+    for length, starts in by_len.items():
+        idx = (
+            torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)
+        ).reshape(-1)
+        shape = (len(starts), length, q.shape[1], q.shape[2])
+        qs, ks, vs = (x[idx].reshape(shape).transpose(1, 2) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)
+        out[idx] = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])
+    return out
+
+
+def varlen_attention_flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments, scale: float
+) -> torch.Tensor:
+    """torch.nn.attention.varlen.varlen_attn (flash attention, CUDA, fp16/bf16)."""
+    cu = seg.cu_seqlens
+    if _VARLEN_TAKES_SCALE:
+        return _varlen_attn(q, k, v, cu, cu, seg.max_len, seg.max_len, scale=scale)
+    if abs(scale * q.shape[-1] ** 0.5 - 1.0) > 1e-6:  # older builds only apply the default scale
+        raise ValueError("this torch's varlen_attn takes no scale; only 1/sqrt(head_dim) is supported")
+    return _varlen_attn(q, k, v, cu, cu, seg.max_len, seg.max_len)
+
+
+if HAS_TRITON:
+    LOG2E = 1.4426950408889634
+
+    def _dot_precision(dtype: torch.dtype) -> str:
+        if INTERPRET and dtype != torch.float32:
+            return "upcast"  # the interpreter would multiply 16-bit floats' bit patterns as integers
+        return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact, not TF32
+
+    @triton.jit
+    def _dot(a, b, DOT_PRECISION: tl.constexpr):
+        if DOT_PRECISION == "upcast":
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def _varlen_attention_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, tiles_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        qk_scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """One program per (tile, head): BLOCK_M query rows of one segment against all of its keys (online
+        softmax in the log2 domain, fp32). A padding tile starts past its segment and does nothing."""
+        tile = tl.program_id(0)
+        head = tl.program_id(1)
+        seg = tl.load(tiles_ptr + 2 * tile)
+        first = tl.load(tiles_ptr + 2 * tile + 1)
+        start = tl.load(cu_ptr + seg)
+        end = tl.load(cu_ptr + seg + 1)
+        rows = start + first + tl.arange(0, BLOCK_M)
+        row_mask = rows < end
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        rows64 = rows.to(tl.int64)
+        q_ptrs = q_ptr + rows64[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
+        qb = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        kv_end = tl.where(start + first < end, end, start)  # no keys for a padding tile
+        for kv in range(start, kv_end, BLOCK_N):
+            cols = kv + tl.arange(0, BLOCK_N)
+            col_mask = cols < end
+            cols64 = cols.to(tl.int64)
+            kv_mask = col_mask[:, None] & d_mask[None, :]
+            kb = tl.load(
+                k_ptr + cols64[:, None] * stride_kt + head * stride_kh + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            s = _dot(qb, tl.trans(kb), DOT_PRECISION) * qk_scale
+            s = tl.where(col_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            vb = tl.load(
+                v_ptr + cols64[:, None] * stride_vt + head * stride_vh + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + _dot(p.to(vb.dtype), vb, DOT_PRECISION)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_ptrs = o_ptr + rows64[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+def varlen_attention_triton(
+    q: torch.Tensor,  # [N, heads, head_dim], head_dim contiguous (views of the qkv output)
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seg: Segments,  # tiles built with ATTN_BLOCK_M
+    scale: float,
+) -> torch.Tensor:  # [N, heads, head_dim]; rows no segment covers are left unwritten
+    n, heads, head_dim = q.shape
+    out = torch.empty(n, heads, head_dim, dtype=q.dtype, device=q.device)
+    if n == 0 or seg.tiles.shape[0] == 0:
+        return out
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1:
+        raise ValueError("vision attention wants head_dim contiguous")
+    _varlen_attention_kernel[(seg.tiles.shape[0], heads)](
+        q, k, v, out, seg.cu_seqlens, seg.tiles,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        scale * LOG2E,
+        D=head_dim, BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out
+
+
+# ---- backends --------------------------------------------------------------------------------------------------
+
+VisionAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Segments, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class VisionAttentionBackend:
+    forward: VisionAttention
+    graph_safe: bool  # no host work or host-to-device copies inside: can be captured in a CUDA graph
+
+
+VISION_ATTENTION_BACKENDS: dict[str, VisionAttentionBackend] = {
+    "torch_native": VisionAttentionBackend(varlen_attention_ref, graph_safe=False),
+    "varlen": VisionAttentionBackend(varlen_attention_flash, graph_safe=True),
+    "triton": VisionAttentionBackend(varlen_attention_triton, graph_safe=True),
+}
+
+
+def pick_vision_attention(
+    requested: str,
+    device_type: str,
+    dtype: torch.dtype,
+    *,
+    has_varlen: bool,
+    has_triton: bool,
+    interpret: bool,
+) -> str:
+    """The backend for `requested` ("auto" or a VISION_ATTENTION_BACKENDS name) on this device type and dtype.
+    "auto": varlen (flash) on CUDA for fp16/bf16, else triton on CUDA, else torch_native. Raises ValueError for a
+    name that is unknown or cannot run here."""
+    usable = {
+        "torch_native": True,
+        "varlen": has_varlen and device_type == "cuda" and dtype in HALF_DTYPES,
+        "triton": has_triton and (device_type == "cuda" or (interpret and device_type == "cpu")),
+    }
+    if requested == "auto":
+        order = ("varlen", "triton", "torch_native") if device_type == "cuda" else ("torch_native",)
+        return next(name for name in order if usable[name])
+    if requested not in VISION_ATTENTION_BACKENDS:
+        raise ValueError(
+            f"unknown vision attention backend {requested!r}; choose auto, {', '.join(VISION_ATTENTION_BACKENDS)}"
+        )
+    if not usable[requested]:
+        raise ValueError(f"vision attention backend {requested!r} cannot run on {device_type} with {dtype}")
+    return requested
+
+
+def resolve_vision_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """pick_vision_attention with what this process has."""
+    return pick_vision_attention(
+        requested, device.type, dtype, has_varlen=HAS_VARLEN, has_triton=HAS_TRITON, interpret=INTERPRET
+    )
