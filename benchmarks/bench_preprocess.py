@@ -3,8 +3,9 @@
 (a) transformers' Qwen2VLImageProcessorPil from bytes (PIL open + processor), (b) our exact path (decode_image +
 Qwen2VLImagePreprocessor), (c) the fast host half (FastQwen2VLImagePreprocessor.load: bytes -> uint8 pixels) and
 (d) the fast device half (to_patches) run on the CPU for reference (on a GPU it runs there). Photo-like JPEGs
-(matplotlib's grace_hopper.jpg, scaled, with film-grain texture and sensor noise) at quality 90; medians of warm
-runs, one process, one thread of work at a time.
+(matplotlib's grace_hopper.jpg, scaled, with film-grain texture and sensor noise) at quality 90. Medians of warm
+runs in one process, the paths taking turns; the CPU time beside each wall time is less skewed by other work on
+the machine (the load average is printed).
 
     python -m benchmarks.bench_preprocess [--sizes 448x448,1920x1080,4000x3000] [--repeats 9]
 """
@@ -12,7 +13,6 @@ runs, one process, one thread of work at a time.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import os
 import statistics
@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +115,7 @@ def main() -> None:
     model_dir = bundled_model_dir(args.model) or Path(args.model)
     spec = Qwen2VLMediaSpec.from_model_dir(model_dir)
     if args.max_pixels:
-        spec = dataclasses.replace(spec, max_pixels=args.max_pixels)
+        spec = replace(spec, max_pixels=args.max_pixels)
     exact, fast = Qwen2VLImagePreprocessor(spec), FastQwen2VLImagePreprocessor(spec)
     hf = None
     if not args.skip_hf:

@@ -85,36 +85,36 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rotate_row(x_row, stride_h, num_heads, heads, j, j_mask, half, c1, c2, s1, s2):
-        mask = (heads < num_heads)[:, None] & j_mask[None, :]
-        p1 = x_row + heads[:, None] * stride_h + j[None, :]
-        p2 = p1 + half
-        x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
-        dtype = x_row.dtype.element_ty
-        tl.store(p1, (x1 * c1 - x2 * s1).to(dtype), mask=mask)
-        tl.store(p2, (x2 * c2 + x1 * s2).to(dtype), mask=mask)
+    def _rotate_tile(x_ptr, offs, mask, half, c1, c2, s1, s2):
+        x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + offs + half, mask=mask, other=0.0).to(tl.float32)
+        dtype = x_ptr.dtype.element_ty
+        tl.store(x_ptr + offs, (x1 * c1 - x2 * s1).to(dtype), mask=mask)
+        tl.store(x_ptr + offs + half, (x2 * c2 + x1 * s2).to(dtype), mask=mask)
 
     @triton.jit
     def _vision_rotary_kernel(
         q_ptr, k_ptr, cos_ptr, sin_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
-        num_q_heads, num_k_heads, half,
-        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        num_tokens, num_q_heads, num_k_heads, half,
+        BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):  # fmt: skip
-        """One program per token: every head of q and of k, both halves of head_dim."""
-        t = tl.program_id(0).to(tl.int64)
+        """One program per BLOCK_T tokens: cos/sin loaded once, then every head of q and of k in turn."""
+        t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
         j = tl.arange(0, BLOCK_HALF)
-        j_mask = j < half
-        heads = tl.arange(0, BLOCK_H)
-        cos_row = cos_ptr + t * stride_ct
-        sin_row = sin_ptr + t * stride_st
-        c1 = tl.load(cos_row + j, mask=j_mask, other=0.0)[None, :]
-        c2 = tl.load(cos_row + half + j, mask=j_mask, other=0.0)[None, :]
-        s1 = tl.load(sin_row + j, mask=j_mask, other=0.0)[None, :]
-        s2 = tl.load(sin_row + half + j, mask=j_mask, other=0.0)[None, :]
-        _rotate_row(q_ptr + t * stride_qt, stride_qh, num_q_heads, heads, j, j_mask, half, c1, c2, s1, s2)
-        _rotate_row(k_ptr + t * stride_kt, stride_kh, num_k_heads, heads, j, j_mask, half, c1, c2, s1, s2)
+        mask = (t < num_tokens)[:, None] & (j < half)[None, :]
+        c_offs = t[:, None] * stride_ct + j[None, :]
+        s_offs = t[:, None] * stride_st + j[None, :]
+        c1 = tl.load(cos_ptr + c_offs, mask=mask, other=0.0)
+        c2 = tl.load(cos_ptr + c_offs + half, mask=mask, other=0.0)
+        s1 = tl.load(sin_ptr + s_offs, mask=mask, other=0.0)
+        s2 = tl.load(sin_ptr + s_offs + half, mask=mask, other=0.0)
+        q_offs = t[:, None] * stride_qt + j[None, :]
+        for h in range(num_q_heads):
+            _rotate_tile(q_ptr + h * stride_qh, q_offs, mask, half, c1, c2, s1, s2)
+        k_offs = t[:, None] * stride_kt + j[None, :]
+        for h in range(num_k_heads):
+            _rotate_tile(k_ptr + h * stride_kh, k_offs, mask, half, c1, c2, s1, s2)
 
 
 def apply_vision_rotary_triton(
@@ -129,14 +129,12 @@ def apply_vision_rotary_triton(
     if q.stride(2) != 1 or k.stride(2) != 1 or cos.stride(1) != 1 or sin.stride(1) != 1 or head_dim % 2:
         raise ValueError("vision rotary wants head_dim contiguous and even")
     half = head_dim // 2
-    block_half = triton.next_power_of_2(half)
-    block_h = triton.next_power_of_2(max(num_q_heads, k.shape[1]))
-    _vision_rotary_kernel[(num_tokens,)](
+    block_t = 16
+    _vision_rotary_kernel[(triton.cdiv(num_tokens, block_t),)](
         q, k, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-        num_q_heads, k.shape[1], half,
-        BLOCK_H=block_h, BLOCK_HALF=block_half,
-        num_warps=min(max(block_h * block_half // 256, 1), 8),
+        num_tokens, num_q_heads, k.shape[1], half,
+        BLOCK_T=block_t, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
     )  # fmt: skip
 
 

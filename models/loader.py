@@ -228,4 +228,7 @@ def load_model(
         )
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    after = getattr(model, "process_weights_after_loading", None)
+    if after is not None:  # layout changes the kernels want (e.g. padding to aligned shapes)
+        after()
     return model.eval().requires_grad_(False)

@@ -2,7 +2,7 @@
 
 `Qwen2VLImagePreprocessor` is the exact path: transformers' Qwen2VLImageProcessorPil, step for step, on the CPU.
 `FastQwen2VLImagePreprocessor` splits the same work: the host decodes and resizes to uint8, the vision device
-rescales, normalizes and patchifies (a quarter of the bytes cross to it, and no float work stays on the CPU).
+rescales, normalizes and patchifies (an eighth of the bytes of the exact path's float32 patches cross to it).
 """
 
 from __future__ import annotations

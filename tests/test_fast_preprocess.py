@@ -26,9 +26,11 @@ FLOAT_ROUNDING = 1e-6  # what rescaling in float32 (HF rescales in float64) leav
 # A small max_pixels: large JPEGs shrink by 4x or more per side, so draft mode engages.
 SMALL_MAX = 28 * 28 * 64
 # Draft mode (libjpeg's DCT-domain downscale by 2, 4 or 8 before the bicubic resize), measured on these photo-like
-# JPEGs from 1200x1600 to 6000x4000, EXIF-rotated ones included, at max_pixels 28*28*64 and 28*28*256: mean |error|
-# 0.0022-0.0051 and max 0.029-0.088 after normalizing (0.15-0.35 and 2-6 uint8 levels). Bounds with some room:
-DRAFT_MEAN_BOUND, DRAFT_MAX_BOUND = 0.01, 0.12
+# JPEGs at 21 random sizes from 1000 to 4100 pixels a side, all EXIF orientations, max_pixels 28*28*64 and
+# 28*28*256: mean |error| 0.0025-0.0067 and max 0.030-0.165 after normalizing (about 0.2-0.45 and 2-11 uint8
+# levels). The largest errors sit on the last row or column when a side is not a multiple of the draft scale
+# (the partial DCT block); inside, at most 5 levels. Bounds with some room:
+DRAFT_MEAN_BOUND, DRAFT_MAX_BOUND = 0.01, 0.25
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -106,6 +108,8 @@ CASES = {  # name -> (encoded bytes, what HF is given: the image as the model sh
     "png rgba logo2.png": lambda: (sample_photo("logo2.png").read_bytes(), None),
     "webp": lambda: (encode(photo(300, 200, 5), "WEBP", quality=90), None),
     "gif (palette)": lambda: (encode(photo(120, 90, 6).convert("P"), "GIF"), None),
+    "jpeg grayscale": lambda: (encode(photo(250, 180, 7).convert("L")), None),
+    "jpeg cmyk": lambda: (encode(photo(250, 180, 8).convert("CMYK")), None),
 }
 
 
@@ -176,7 +180,9 @@ def test_to_patches_refuses_pixels_load_would_not_produce(fast, shape, dtype):
         fast.to_patches([np.zeros(shape, dtype)], "cpu")
 
 
-@pytest.mark.parametrize("size,seed", [((1600, 1200), 1), ((2400, 1800), 2), ((1200, 1600), 4)])
+@pytest.mark.parametrize(
+    "size,seed", [((1600, 1200), 1), ((2400, 1800), 2), ((1200, 1600), 4), ((2403, 1801), 5)]
+)
 def test_draft_mode_error_bound(small_fast, small_hf, size, seed):
     """Target far below the source: the JPEG is decoded at 1/2 or 1/4 scale (>= 2x the target per side) before
     the bicubic resize. Grid and tokens stay exact; pixel values move by the measured bound, not by 1/255."""

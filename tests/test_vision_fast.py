@@ -165,7 +165,10 @@ def test_checkpoint_names_are_hf_names(towers):
     assert names == {k: tuple(v.shape) for k, v in hf.state_dict().items()}
     mlp = ours.blocks[0].mlp
     assert torch.equal(mlp.gate_up_proj.weight[: VCFG.intermediate_size], hf.blocks[0].mlp.gate_proj.weight)
-    assert torch.equal(mlp.gate_up_proj.bias[VCFG.intermediate_size :], hf.blocks[0].mlp.up_proj.bias)
+    half = mlp.gate_up_proj.weight.shape[0] // 2  # the intermediate width padded to a multiple of 64
+    assert half % 64 == 0 and half >= VCFG.intermediate_size
+    up = mlp.gate_up_proj.bias[half : half + VCFG.intermediate_size]
+    assert torch.equal(up, hf.blocks[0].mlp.up_proj.bias)
     dummy = load_model(Qwen2_5_VisionTransformer, CONFIG, ckpt, torch.float32, torch.device("cpu"), "dummy")
     with torch.no_grad():
         assert torch.isfinite(dummy(_pixels(SMALL_GRIDS, 0), SMALL_GRIDS)).all()
@@ -446,3 +449,18 @@ def test_cuda_tower_fast_matches_reference(towers, dtype):
         _close(out, ref, rel=3e-2, atol=None)
         _close(replayed, out, rel=1e-2, atol=None)
         _close(small, out[:80], rel=1e-2, atol=None)
+
+
+def test_padding_the_intermediate_width_changes_nothing():
+    from models.layers import MergedGatedMLP
+
+    torch.manual_seed(0)
+    mlp = MergedGatedMLP(32, 45, "silu", bias=True)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_()
+        x = torch.randn(7, 32)
+        ref = mlp(x)
+        mlp.pad_intermediate(64)
+        assert mlp.gate_up_proj.weight.shape == (128, 32) and mlp.down_proj.weight.shape == (32, 64)
+        torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-4)  # float32 summation order only

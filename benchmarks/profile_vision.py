@@ -1,0 +1,107 @@
+"""Kernel-level profile of the vision tower on one GPU: where a forward's device time goes, per kernel.
+
+    python -m benchmarks.profile_vision --sizes 448x448,1092x1932 --output-dir /tmp/prof
+
+Prints, per image size, the top kernels by CUDA time (torch.profiler) and writes a Chrome trace per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from processor.hub import resolve_model_path
+from vision_svc.encoder import EncoderConfig, VisionEncoder
+
+
+def attention_micro(n: int, heads: int = 16, head_dim: int = 80, window: int = 64) -> None:
+    """One layer's attention at the tower's shapes: flash varlen against dense SDPA per backend, for one full
+    segment of n patches and for n / window windows."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.varlen import varlen_attn
+
+    def ms(fn) -> float:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(10):
+            fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 10
+
+    q, k, v = (torch.randn(n, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for name, seg in (("full", n), ("windows", window)):
+        m = n // seg * seg
+        cu = torch.arange(0, m + 1, seg, device="cuda", dtype=torch.int32)
+        row = {"varlen": ms(lambda cu=cu, seg=seg, m=m: varlen_attn(q[:m], k[:m], v[:m], cu, cu, seg, seg))}
+        dense = [x[:m].view(m // seg, seg, heads, head_dim).transpose(1, 2) for x in (q, k, v)]
+        for backend in (
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+        ):
+            try:
+                with sdpa_kernel([backend]):
+                    row[backend.name] = ms(lambda d=dense: F.scaled_dot_product_attention(*d))
+            except Exception as e:  # noqa: BLE001
+                row[backend.name] = f"{type(e).__name__}"
+        print(
+            f"attention {name} ({m} rows, segments of {seg}):",
+            {name_: t if isinstance(t, str) else round(t, 3) for name_, t in row.items()},
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct")
+    ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--sizes", default="448x448,1092x1932")
+    ap.add_argument("--backend", default="auto", help="vision attention backend")
+    ap.add_argument("--top", type=int, default=22)
+    ap.add_argument("--output-dir", default="")
+    ap.add_argument(
+        "--attention-micro", type=int, default=10764, help="patches of the attention microbench (0: skip)"
+    )
+    args = ap.parse_args()
+    path = str(resolve_model_path(args.model, args.load_format))
+    cfg = EncoderConfig(
+        path, "bfloat16", "cuda", 1 << 28, load_format=args.load_format, cuda_graph=False, warmup=False
+    )
+    enc = VisionEncoder(cfg)
+    enc.model.set_attention_backend(args.backend)
+    if args.attention_micro:
+        attention_micro(args.attention_micro)
+    rng = np.random.default_rng(0)
+    for size in args.sizes.split(","):
+        w, h = (int(v) for v in size.split("x"))
+        rw, rh = enc.spec.resized_size(w, h)
+        img = rng.integers(0, 256, (rh, rw, 3), dtype=np.uint8)
+        grids = [enc.spec.image_grid(rw, rh)]
+        with torch.inference_mode():
+            for _ in range(3):
+                enc.forward([img], grids)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                enc.forward([img], grids)
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(
+            sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70
+        )
+        total = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") / 1e3
+        print(f"==== {size} ({grids[0]}): {total:.2f} ms of kernels ====")
+        print(table)
+        if args.output_dir:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(Path(args.output_dir) / f"vision_{size}.json"))
+
+
+if __name__ == "__main__":
+    main()
