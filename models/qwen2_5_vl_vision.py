@@ -138,6 +138,11 @@ def _segment_lengths(
     return order, pos, window_lengths, full_lengths
 
 
+def _uniform(lengths: list[int], pad: PaddedShape | None) -> int:
+    """The common segment length when there is one (never for padded metadata: a graph's layout varies)."""
+    return lengths[0] if pad is None and lengths and lengths[0] and len(set(lengths)) == 1 else 0
+
+
 def build_vision_metadata(
     grids: Sequence[Grid],
     cfg: VisionConfig,
@@ -184,8 +189,10 @@ def build_vision_metadata(
         unit_order=o,
         unit_inverse=inv,
         positions=p.view(-1, 2),
-        window=Segments(cw, max_window, tuple(cu_window.tolist()), tw.view(-1, 2)),
-        full=Segments(cf, max_full, tuple(cu_full.tolist()), tf.view(-1, 2)),
+        window=Segments(
+            cw, max_window, tuple(cu_window.tolist()), tw.view(-1, 2), _uniform(window_lengths, pad)
+        ),
+        full=Segments(cf, max_full, tuple(cu_full.tolist()), tf.view(-1, 2), _uniform(full_lengths, pad)),
         packed=packed,
     )
 
