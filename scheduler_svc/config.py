@@ -28,6 +28,11 @@ class SchedulerArgs(ArgsBase):
     )
     max_prefill_tokens: int = arg(16384, "max prompt tokens of all sequences in one step")
     disable_radix_cache: bool = arg(False, "turn the prefix cache off")
+    enable_mixed_chunk: bool = arg(
+        False,
+        "let decodes share steps with prompt chunks; by default (as SGLang) a step with prompt work runs prompts "
+        "only, so decode-only steps can replay the worker's CUDA graphs",
+    )
     disable_overlap_schedule: bool = arg(False, "plan each step only after the previous one returned")
     decode_log_interval: int = arg(40, "log a decode batch line every N steps")
     step_timeout_s: float = arg(600.0, "fail running requests when the worker does not answer a step in time")

@@ -46,6 +46,9 @@ class SchedulerPolicy:
         int  # max prompt tokens of all sequences in one step (one unsplit prompt may exceed it)
     )
     enable_prefix_cache: bool = True
+    # decodes ride along in steps that carry prompt chunks; off (SGLang's default): a step with prompt work runs
+    # prompts only, so decode-only steps stay eligible for the worker's CUDA graphs
+    enable_mixed_chunk: bool = False
     eos_token_ids: tuple[int, ...] = ()
     decode_log_interval: int = 40
     vocab_size: int = 1 << 31
@@ -239,32 +242,12 @@ class Scheduler:
         prefill_budget = p.max_prefill_tokens
         step_id = self._step_id + 1
 
-        # 1. decodes and unfinished prefills of the running batch, oldest first; preempt the newest on shortage
-        for seq in list(self.running):
-            if seq.status is not SeqStatus.RUNNING:
-                continue  # preempted for an older sequence in this loop
-            if seq.prefill_done:
-                out = len(seq.output_ids) + seq.num_pending_samples
-                if (
-                    out >= seq.req.request.stopping.max_new_tokens
-                    or len(seq.token_ids) + seq.num_pending_samples >= p.context_length
-                ):
-                    continue  # its last token is in flight; it finishes when that arrives
-                n = 1
-            else:
-                limit = p.chunked_prefill_size if p.chunked_prefill_size > 0 else len(seq.token_ids)
-                n = min(len(seq.token_ids) - seq.num_computed, limit, prefill_budget)
-                if n <= 0:
-                    continue
-            if not self._reserve(seq, seq.num_computed + n, step_id, protect=scheduled):
-                if seq.status is SeqStatus.RUNNING and len(self.running) == 1 and not seq.num_pending_samples:
-                    logger.warning("%s needs more KV pages than the pool has; ending it", seq.seq_id)
-                    self._finish(seq, "length", emit=True)
-                continue
-            if not seq.prefill_done:
-                prefill_budget -= n
-            steps.append(self._seq_step(seq, n, sent))
-            scheduled.add(id(seq))
+        # 1. decodes and unfinished prefills of the running batch, oldest first; preempt the newest on shortage.
+        # Without mixed chunks, a step that has prompt work to do leaves the decodes for the next one.
+        prompts_first = not p.enable_mixed_chunk and self._has_prompt_work()
+        prefill_budget = self._plan_running(
+            steps, sent, scheduled, prefill_budget, step_id, not prompts_first
+        )
 
         # 2. admit waiting sequences, first come first served
         new_seqs = new_tokens = cached = 0
@@ -284,6 +267,9 @@ class Scheduler:
             steps.append(self._seq_step(seq, n, sent))
             scheduled.add(id(seq))
 
+        if prompts_first and not any(st.input_ids for st in steps):
+            # the prompt work could not be placed (no pages, waiting for images): decode after all
+            self._plan_running(steps, sent, scheduled, prefill_budget, step_id, True)
         if not steps and not self._free_worker and not self._prefetch:
             return None
         self._step_id = step_id
@@ -298,6 +284,56 @@ class Scheduler:
         self.stats.num_steps += 1
         self._log_step(new_seqs, new_tokens, cached, len(steps) - new_seqs)
         return plan
+
+    def _has_prompt_work(self) -> bool:
+        """A running sequence has prompt tokens left, or a waiting one could be admitted now."""
+        if any(s.in_prompt and s.status is SeqStatus.RUNNING for s in self.running):
+            return True
+        return len(self.running) < self.policy.max_running_requests and any(
+            self._admissible(s) for s in self.waiting
+        )
+
+    def _plan_running(
+        self,
+        steps: list[SeqStep],
+        sent: list[_Sent],
+        scheduled: set[int],
+        prefill_budget: int,
+        step_id: int,
+        decodes: bool,
+    ) -> int:
+        """Add the running batch's unfinished prompt chunks (and its decodes if `decodes`) to the step, oldest
+        first, preempting the newest sequences on a page shortage. Returns the prompt-token budget left."""
+        p = self.policy
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING or id(seq) in scheduled:
+                continue  # preempted for an older sequence in this loop, or already in the step
+            if not decodes and not seq.in_prompt:
+                continue
+            if seq.prefill_done:
+                out = len(seq.output_ids) + seq.num_pending_samples
+                if (
+                    out >= seq.req.request.stopping.max_new_tokens
+                    or len(seq.token_ids) + seq.num_pending_samples >= p.context_length
+                ):
+                    continue  # its last token is in flight; it finishes when that arrives
+                n = 1
+            else:
+                limit = p.chunked_prefill_size if p.chunked_prefill_size > 0 else len(seq.token_ids)
+                n = min(len(seq.token_ids) - seq.num_computed, limit, prefill_budget)
+                if n <= 0:
+                    continue
+            # a prompt chunk in a prompts-only step takes free pages only: preempting for it could starve decodes
+            if not self._reserve(seq, seq.num_computed + n, step_id, protect=scheduled, may_preempt=decodes):
+                if seq.status is SeqStatus.RUNNING and len(self.running) == 1 and not seq.num_pending_samples:
+                    logger.warning("%s needs more KV pages than the pool has; ending it", seq.seq_id)
+                    self._finish(seq, "length", emit=True)
+                continue
+            if not seq.prefill_done:
+                prefill_budget -= n
+            steps.append(self._seq_step(seq, n, sent))
+            scheduled.add(id(seq))
+        return prefill_budget
 
     def _admissible(self, seq: Sequence) -> bool:
         if seq.num_pending_samples or seq.req.encoding:
@@ -508,8 +544,9 @@ class Scheduler:
 
     def _on_failure(self, seq: Sequence, reason: str, message: str) -> None:
         if reason == "embedding_pending" and seq.status is SeqStatus.RUNNING:
-            # the worker left it out of a step rather than stall the others: run it again once the pull is done
+            # the worker left it out of a step rather than stall the others: give the pull another step or two
             self.stats.embedding_deferrals += 1
+            seq.req.prefetch_step = self._step_id
             self._release(seq, cache=True)
             self.running.remove(seq)
             seq.status = SeqStatus.WAITING

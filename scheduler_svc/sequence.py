@@ -86,6 +86,11 @@ class Sequence:
         return self.num_computed >= len(self.token_ids)
 
     @property
+    def in_prompt(self) -> bool:
+        """More than its last sampled token is left to compute (a prompt, or a recompute after preemption)."""
+        return self.num_computed < len(self.token_ids) - (1 if self.output_ids else 0)
+
+    @property
     def arrival(self) -> tuple[float, int]:
         return (self.req.arrival, self.index)
 

@@ -192,6 +192,7 @@ def run(
     overlap: bool,
     fail_rate: float = 0.0,
     defer_rate: float = 0.0,
+    mixed: bool = False,
     max_running: int = 16,
     arrival_steps: int = 5,
     seed: int = 0,
@@ -205,6 +206,7 @@ def run(
         chunked_prefill_size=chunk,
         max_prefill_tokens=64,
         enable_prefix_cache=cache,
+        enable_mixed_chunk=mixed,
         eos_token_ids=(EOS,),
     )
     core = Scheduler(policy, FakeTokenizer())
@@ -253,6 +255,8 @@ CONFIGS = [
     dict(num_pages=80, page_size=2, chunk=7, cache=False, overlap=False),  # small pool, no cache
     dict(num_pages=60, page_size=4, chunk=9, cache=True, overlap=True, fail_rate=0.2),  # re-encode path
     dict(num_pages=400, page_size=4, chunk=9, cache=True, overlap=True, defer_rate=0.3),  # pulls still coming
+    dict(num_pages=400, page_size=4, chunk=5, cache=True, overlap=True, mixed=True),  # decodes beside prompts
+    dict(num_pages=40, page_size=4, chunk=16, cache=True, overlap=True, mixed=True),  # ... with preemption
 ]
 
 
@@ -410,7 +414,7 @@ def test_image_prefill_waits_one_step_after_its_prefetch_while_others_run():
     assert len(plan.seqs) == 1 and not plan.prefetch_keys
     core.process_output(worker.step(plan))
     plan = core.schedule()
-    assert {s.seq_id for s in plan.seqs} == {"text#0", "image#0"}
+    assert {s.seq_id for s in plan.seqs} == {"image#0"}  # a prompt step (decodes wait for the next)
     assert core.stats.embedding_prefetches == 1
 
 
@@ -426,3 +430,22 @@ def test_idle_batch_admits_an_image_with_its_prefetch():
     core.on_encoded("image", ["img"])
     plan = core.schedule()
     assert plan.prefetch_keys == ("img",) and [s.seq_id for s in plan.seqs] == ["image#0"]
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_prompt_steps_leave_decodes_out_unless_mixed(mixed):
+    policy = SchedulerPolicy(
+        page_size=4, num_pages=100, context_length=4096, max_running_requests=8,
+        chunked_prefill_size=64, max_prefill_tokens=64, enable_mixed_chunk=mixed,
+    )  # fmt: skip
+    core = Scheduler(policy, FakeTokenizer())
+    worker = FakeWorker(4)
+    stopping = StoppingCriteria(max_new_tokens=20, ignore_eos=True)
+    core.add_request(GenerateRequest("a", (11, 12, 13), stopping=stopping))
+    core.process_output(worker.step(core.schedule()))
+    core.add_request(GenerateRequest("b", (21, 22), stopping=stopping))
+    plan = core.schedule()
+    ids = {s.seq_id for s in plan.seqs}
+    assert ids == ({"a#0", "b#0"} if mixed else {"b#0"})
+    core.process_output(worker.step(plan))
+    assert {s.seq_id for s in core.schedule().seqs} == {"a#0", "b#0"}  # then both decode

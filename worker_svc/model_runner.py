@@ -414,8 +414,8 @@ class ModelRunner:
 
     def _fetch_embeddings(self, seqs: list[SeqStep]) -> tuple[list[SeqStep], list[SeqFailure]]:
         """Attach the embeddings of the spans this step computes (resident once per image, shared by sequences)
-        and let go of the ones it has passed. A sequence whose embeddings are still being pulled is left out when
-        others in the step can run; a step with nothing else waits for them."""
+        and let go of the ones it has passed. A sequence whose embeddings are still being pulled is left out while
+        any other sequence can run (in this step or the next); with nothing else to run, the step waits."""
         res = self.embeddings
         needs: dict[str, list[str]] = {}
         for s in seqs:
@@ -432,7 +432,11 @@ class ModelRunner:
         res.request(k for keys in needs.values() for k in keys)
         blocked = {sid for sid, keys in needs.items() if any(res.status(k) == "pending" for k in keys)}
         failures: list[SeqFailure] = []
-        if blocked and len(blocked) < len(seqs):
+        in_step = {s.seq_id for s in seqs}
+        others = len(blocked) < len(seqs) or any(  # this step, or the next, has something else to run
+            st.sampled for sid, st in self.seqs.items() if sid not in in_step and sid not in self.failed
+        )
+        if blocked and others:
             res.stats.deferred += len(blocked)
             failures += [
                 SeqFailure(sid, "embedding_pending", "image embeddings still on their way; scheduled again")
