@@ -134,11 +134,8 @@ class VisionEmbeddingSource:
                 }
                 self._sync(device, found.values())
             finally:
-                if resp.lease_id:
-                    self._call(
-                        self._stub.ReleaseEmbeddings,
-                        vision_pb2.ReleaseEmbeddingsRequest(lease_id=resp.lease_id),
-                    )
+                if resp.lease_id:  # the copies are done: end the lease without waiting for the answer
+                    self._release_later(resp.lease_id)
             return found, list(resp.missing_keys)
         from common.tensors import tensor_from_proto
 
@@ -149,6 +146,14 @@ class VisionEmbeddingSource:
             found[e.content_key] = tensor_from_proto(e.data).to(device, dtype)
         self.stats.images_by_value += len(found)
         return found, list(resp.missing_keys)
+
+    def _release_later(self, lease_id: int) -> None:
+        fut = self._stub.ReleaseEmbeddings.future(
+            vision_pb2.ReleaseEmbeddingsRequest(lease_id=lease_id), timeout=self.timeout_s
+        )
+        fut.add_done_callback(
+            lambda f: f.exception() and logger.warning("lease %d: %s", lease_id, f.exception())
+        )
 
     def _copy(self, page_ids, num_rows: int, device, dtype):
         """One copy per run of pages from the mapped pool into a fresh buffer on the worker's device (a side

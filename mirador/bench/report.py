@@ -140,6 +140,11 @@ def format_table(report: dict[str, Any]) -> str:
             _row("Scheduler time per step (us)", round(server["scheduler_us_per_step"], 1)),
             _row("Device busy (share of wall time)", round(server["device_busy"], 3)),
         ]
+        if server.get("embedding_prefetches"):
+            lines += [
+                _row("Image embeddings prefetched", server["embedding_prefetches"]),
+                _row("Prefills deferred (pull still running)", server["embedding_deferrals"]),
+            ]
     lines.append("=" * 50)
     if report["errors"]:
         lines.append(f"{report['failed']} request(s) failed; the first errors:")
@@ -216,4 +221,6 @@ def server_summary(before: dict | None, after: dict | None, duration: float) -> 
         "tokens_per_step": delta("generated_tokens_total") / steps if steps else 0.0,
         "scheduler_us_per_step": delta("scheduler_ns_total") / 1e3 / steps if steps else 0.0,
         "device_busy": delta("worker_forward_ns_total") / 1e9 / duration,
+        "embedding_prefetches": delta("embedding_prefetches"),
+        "embedding_deferrals": delta("embedding_deferrals"),
     }
