@@ -64,6 +64,7 @@ class Gateway:
         self.serving = OpenAIServing(
             self.builder, self.scheduler, self.card, self.args.max_images_per_request
         )
+        await self.builder.warmup()
 
     async def sync_with_scheduler(self) -> None:
         """Adopt the scheduler's effective limits (e.g. a --context-length override) once it answers."""

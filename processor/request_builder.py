@@ -76,6 +76,24 @@ class RequestBuilder:
         images = await self.load_images(refs)
         return self._expand(ids, images, text)
 
+    async def warmup(self) -> None:
+        """Build one image chat (a tiny JPEG and PNG by data URI) so the first request pays no lazy imports,
+        decoder plugin set-up or template compilation."""
+        if self.media_spec is None:
+            return
+        import base64
+        import io
+
+        from PIL import Image
+
+        parts = []
+        for fmt in ("JPEG", "PNG"):
+            buf = io.BytesIO()
+            Image.new("RGB", (56, 56), (90, 120, 150)).save(buf, format=fmt)
+            uri = f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+            parts.append({"type": "image_url", "image_url": {"url": uri}})
+        await self.from_messages([{"role": "user", "content": [*parts, {"type": "text", "text": "warm-up"}]}])
+
     # ---- raw prompts ----
 
     async def from_prompt(

@@ -312,9 +312,25 @@ class VisionEncoder:
         for w, h in sizes:
             self._warm([(w, h)])
         self._warm([sizes[1]] * 4)
+        self._warm_host()
         logger.info(
             "vision warm-up (%s) in %.1f s", ", ".join(f"{w}x{h}" for w, h in sizes), time.perf_counter() - t0
         )
+
+    def _warm_host(self) -> None:
+        """Decode a JPEG and a PNG on every host thread (decoder plugins load on first use)."""
+        import io
+
+        from PIL import Image
+
+        items = []
+        for fmt in ("JPEG", "PNG"):
+            buf = io.BytesIO()
+            Image.new("RGB", (56, 56), (90, 120, 150)).save(buf, format=fmt)
+            grid = self.spec.image_grid(56, 56)
+            n = self.spec.num_image_tokens(grid)
+            items.append(MultimodalItem(f"warmup-{fmt}", 0, n, grid, "image", buf.getvalue()))
+        list(self._host_pool.map(self.prepare, items * self._host_pool._max_workers))  # noqa: SLF001
 
     @torch.inference_mode()
     def _warm(self, sizes: Sequence[tuple[int, int]]) -> None:
