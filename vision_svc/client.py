@@ -65,6 +65,7 @@ class VisionEmbeddingSource:
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = vision_pb2_grpc.VisionStub(self._channel)
         self.transport = "grpc"
+        self.connected = False
         self.pool_id = ""
         self._pool = None
         self._keep = None
@@ -74,12 +75,16 @@ class VisionEmbeddingSource:
     def connect(self) -> str:
         """Choose the transport (logged); returns it."""
         self.transport, self.pool_id, self._pool, self._keep = "grpc", "", None, None
+        self.connected = True
         why = "sharing disabled (--no-share-embeddings)"
         if self.share:
             try:
                 info = self._call(self._stub.GetSharedPool, vision_pb2.GetSharedPoolRequest())
                 why = self._map(info)
-            except Exception as e:  # noqa: BLE001 - any failure means: pull bytes
+            except UnavailableError as e:  # not up yet: decide on a later pull
+                self.connected = False
+                why = str(e)
+            except Exception as e:  # noqa: BLE001 - any other failure means: pull bytes
                 why = f"{type(e).__name__}: {e}"
         if self._pool is not None:
             logger.info(
@@ -114,6 +119,8 @@ class VisionEmbeddingSource:
     def fetch(self, keys: Sequence[str], device, dtype) -> tuple[dict, list[str]]:
         """Embeddings [num_tokens, hidden] on `device` in `dtype` by content key (copies owned by the caller and
         complete on return), and the keys the vision service no longer holds."""
+        if not self.connected:
+            self.connect()
         if self._pool is not None:
             resp = self._call(
                 self._stub.GetEmbeddings,

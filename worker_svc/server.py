@@ -62,8 +62,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if source is not None and runner.model_config.is_multimodal:
             # the transport is chosen once the vision service is up (it maps the pool only then)
             logger.info("waiting for the vision service at %s", a.vision_address)
-            await wait_serving(a.vision_address, a.connect_timeout_s)
-            await asyncio.to_thread(source.connect)
+            try:
+                await wait_serving(a.vision_address, a.connect_timeout_s)
+                await asyncio.to_thread(source.connect)
+            except TimeoutError as e:  # serve text meanwhile; the first pull chooses the transport
+                logger.warning("%s; image embeddings will connect on first use", e)
         self.runner = runner
         await self.health.set_serving(True)
 
