@@ -198,10 +198,11 @@ class ModelRunner:
         graphs = peak_of(decode) + sampler_space if not self.cfg.disable_cuda_graph else sampler_space
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
+        embeddings = self.cfg.embedding_buffer_bytes if self.model_config.is_multimodal else 0
         return memory.GpuBudget(
             total=total,
             weights=weights,
-            activations=activations,
+            activations=activations + embeddings,  # resident image embeddings live beside the activations
             graphs=graphs,
             vision=int(total * self.cfg.vision_mem_fraction),
             free=free,
