@@ -1,0 +1,67 @@
+"""The vision service's core on the CPU: images of one call share a forward, batched equals alone, and the fast
+image processor's embeddings match the exact path's (transformers' PIL steps)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from common.types import MultimodalItem
+from processor.media import content_key, decode_image
+from tests.helpers import noise_image, png_bytes, sample_photo
+from vision_svc.encoder import EncoderConfig, VisionEncoder
+
+
+@pytest.fixture(scope="module")
+def encoders(default_model):
+    fast = VisionEncoder(EncoderConfig(str(default_model), share_embeddings=False))
+    exact = VisionEncoder(
+        EncoderConfig(str(default_model), share_embeddings=False, fast_image_processor=False)
+    )
+    yield fast, exact
+    fast.close()
+    exact.close()
+
+
+def _item(enc: VisionEncoder, data: bytes) -> MultimodalItem:
+    img = decode_image(data).image
+    grid = enc.spec.image_grid(*img.size)
+    return MultimodalItem(
+        content_key(img, enc.spec.fingerprint()), 0, enc.spec.num_image_tokens(grid), grid, "image", data
+    )
+
+
+def test_images_of_one_call_share_a_forward_and_equal_their_encodings_alone(encoders):
+    fast, _ = encoders
+    datas = [png_bytes(noise_image(56 + 28 * i, 84, seed=i)) for i in range(3)]
+    items = [_item(fast, d) for d in datas]
+    before = fast.stats.batches
+    asyncio.run(fast.encode(items))
+    assert fast.stats.batches - before == 1
+    together = {m.content_key: fast.cache.get(m.content_key) for m in items}
+    for m in items:
+        alone = fast.forward([fast.prepare(m).payload], [m.grid_thw])
+        torch.testing.assert_close(together[m.content_key], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_image_processor_matches_the_exact_path(encoders):
+    fast, exact = encoders
+    data = sample_photo("grace_hopper.jpg").read_bytes()
+    item = _item(fast, data)
+    a = fast.forward([fast.prepare(item).payload], [item.grid_thw])
+    b = exact.forward([exact.prepare(item).payload], [item.grid_thw])
+    assert exact.fast is None and fast.fast is not None
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_request_grid_that_disagrees_with_the_image_is_refused(encoders):
+    from common.errors import InvalidRequestError
+
+    fast, _ = encoders
+    data = png_bytes(noise_image(56, 56, seed=9))
+    good = _item(fast, data)
+    bad = MultimodalItem(good.content_key, 0, good.num_tokens, (1, 2, 2), "image", data)
+    with pytest.raises(InvalidRequestError, match="disagree"):
+        asyncio.run(fast.encode([bad]))
