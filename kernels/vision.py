@@ -98,27 +98,25 @@ if HAS_TRITON:
         q_ptr, k_ptr, cos_ptr, sin_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
         num_tokens, num_q_heads, num_k_heads, half,
-        BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):  # fmt: skip
-        """One program per (BLOCK_T tokens, head): that head of q and of k."""
-        t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-        h = tl.program_id(1)
+        """One program per BLOCK_T tokens, every head of q and of k at once: rows of the tile are (token, head)
+        pairs, so each token's cos/sin row is read once per program (from L1 for the other heads)."""
+        r = tl.arange(0, BLOCK_T * BLOCK_H)
+        t = tl.program_id(0).to(tl.int64) * BLOCK_T + r // BLOCK_H
+        h = r % BLOCK_H
         j = tl.arange(0, BLOCK_HALF)
-        mask = (t < num_tokens)[:, None] & (j < half)[None, :]
+        t_ok = (t < num_tokens)[:, None] & (j < half)[None, :]
         c_offs = t[:, None] * stride_ct + j[None, :]
         s_offs = t[:, None] * stride_st + j[None, :]
-        c1 = tl.load(cos_ptr + c_offs, mask=mask, other=0.0)
-        c2 = tl.load(cos_ptr + c_offs + half, mask=mask, other=0.0)
-        s1 = tl.load(sin_ptr + s_offs, mask=mask, other=0.0)
-        s2 = tl.load(sin_ptr + s_offs + half, mask=mask, other=0.0)
-        if h < num_q_heads:
-            _rotate_tile(
-                q_ptr + h * stride_qh, t[:, None] * stride_qt + j[None, :], mask, half, c1, c2, s1, s2
-            )
-        if h < num_k_heads:
-            _rotate_tile(
-                k_ptr + h * stride_kh, t[:, None] * stride_kt + j[None, :], mask, half, c1, c2, s1, s2
-            )
+        c1 = tl.load(cos_ptr + c_offs, mask=t_ok, other=0.0)
+        c2 = tl.load(cos_ptr + c_offs + half, mask=t_ok, other=0.0)
+        s1 = tl.load(sin_ptr + s_offs, mask=t_ok, other=0.0)
+        s2 = tl.load(sin_ptr + s_offs + half, mask=t_ok, other=0.0)
+        q_offs = t[:, None] * stride_qt + h[:, None] * stride_qh + j[None, :]
+        _rotate_tile(q_ptr, q_offs, t_ok & (h < num_q_heads)[:, None], half, c1, c2, s1, s2)
+        k_offs = t[:, None] * stride_kt + h[:, None] * stride_kh + j[None, :]
+        _rotate_tile(k_ptr, k_offs, t_ok & (h < num_k_heads)[:, None], half, c1, c2, s1, s2)
 
 
 def apply_vision_rotary_triton(
@@ -133,13 +131,13 @@ def apply_vision_rotary_triton(
     if q.stride(2) != 1 or k.stride(2) != 1 or cos.stride(1) != 1 or sin.stride(1) != 1 or head_dim % 2:
         raise ValueError("vision rotary wants head_dim contiguous and even")
     half = head_dim // 2
-    block_t = 32
-    grid = (triton.cdiv(num_tokens, block_t), max(num_q_heads, k.shape[1]))
-    _vision_rotary_kernel[grid](
+    block_h = triton.next_power_of_2(max(num_q_heads, k.shape[1]))
+    block_t = max(1, 128 // block_h)
+    _vision_rotary_kernel[(triton.cdiv(num_tokens, block_t),)](
         q, k, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         num_tokens, num_q_heads, k.shape[1], half,
-        BLOCK_T=block_t, BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half), num_warps=8,
     )  # fmt: skip
 
 
