@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -51,6 +52,47 @@ class ServiceHealth:
             await self.servicer.set(name, status)
 
 
+class Fatal:
+    """Where a service's background loops report their death: `serve_until_signal` then turns health NOT_SERVING,
+    stops the server and raises, so the process logs the traceback and exits non-zero (and `mirador up`, compose or
+    Kubernetes restart it) instead of serving on with a dead loop."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self._event: asyncio.Event | None = None
+
+    def report(self, error: BaseException, what: str) -> None:
+        if self.error is not None:
+            return
+        logger.critical("%s died", what, exc_info=(type(error), error, error.__traceback__))
+        self.error = RuntimeError(f"{what} died: {type(error).__name__}: {error}")
+        self.error.__cause__ = error
+        if self._event is not None:
+            self._event.set()
+
+    def watch(self, task: asyncio.Task, what: str, *, must_run: bool = True) -> asyncio.Task:
+        """Report the task's exception, or its return when it was meant to run until cancelled."""
+
+        def done(t: asyncio.Task) -> None:
+            if t.cancelled():
+                return
+            if t.exception() is not None:
+                self.report(t.exception(), what)
+            elif must_run:
+                self.report(RuntimeError("returned"), what)
+
+        task.add_done_callback(done)
+        return task
+
+    async def wait(self) -> BaseException:
+        if self._event is None:
+            self._event = asyncio.Event()
+            if self.error is not None:
+                self._event.set()
+        await self._event.wait()
+        return self.error
+
+
 def create_server(
     servicer, add_to_server: Callable, service_name: str, host: str, port: int
 ) -> tuple[grpc.aio.Server, int]:
@@ -59,6 +101,7 @@ def create_server(
     server = grpc.aio.server(options=SERVER_OPTIONS)
     add_to_server(servicer, server)
     servicer.health = ServiceHealth(server, service_name)
+    servicer.fatal = Fatal()
     reflection.enable_server_reflection([service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
     if bound == 0:
@@ -72,8 +115,10 @@ async def serve_until_signal(
     startup: Callable[[], Awaitable[None]],
     grace_s: float = 5.0,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    fatal: Fatal | None = None,
 ) -> None:
-    """Start, run `startup` (load, warm up, then flip health to SERVING), and stop gracefully on SIGTERM/SIGINT."""
+    """Start, run `startup` (load, warm up, then flip health to SERVING), and stop gracefully on SIGTERM/SIGINT.
+    When a background loop reports to `fatal`, turn NOT_SERVING, stop at once and raise its error."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -82,12 +127,24 @@ async def serve_until_signal(
     await service_health.set_serving(False)
     startup_task = asyncio.create_task(startup())
     stop_task = asyncio.create_task(stop.wait())
+    fatal_task = asyncio.create_task((fatal or Fatal()).wait())
     done, _ = await asyncio.wait({startup_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     if startup_task in done and startup_task.exception() is not None:
         stop_task.cancel()
+        fatal_task.cancel()
         await server.stop(0)
         raise startup_task.exception()
-    await stop.wait()
+    done, _ = await asyncio.wait({stop_task, fatal_task}, return_when=asyncio.FIRST_COMPLETED)
+    if fatal_task in done:
+        stop_task.cancel()
+        startup_task.cancel()
+        await service_health.set_serving(False)
+        if on_stop is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(on_stop(), 5)
+        await server.stop(1.0)
+        raise fatal_task.result()
+    fatal_task.cancel()
     logger.info("shutting down (grace %.0f s)", grace_s)
     startup_task.cancel()
     await service_health.set_serving(False)

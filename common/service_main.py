@@ -48,7 +48,11 @@ def run_grpc_service(
         server, port, servicer = create_server(args)
         logger.info("%s listening on %s:%d", name, args.host, port)
         await serve_until_signal(
-            server, servicer.health, servicer.startup, on_stop=getattr(servicer, "shutdown", None)
+            server,
+            servicer.health,
+            servicer.startup,
+            on_stop=getattr(servicer, "shutdown", None),
+            fatal=getattr(servicer, "fatal", None),
         )
 
     try:

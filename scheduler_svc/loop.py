@@ -54,6 +54,10 @@ class SchedulerLoop:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="scheduler-loop")
 
+    @property
+    def task(self) -> asyncio.Task | None:
+        return self._task
+
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
@@ -61,12 +65,13 @@ class SchedulerLoop:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        self._end_all("the scheduler is shutting down")
 
     # ---- callers ----
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """Outputs of every choice until each has finished; leaving early (cancel, disconnect) aborts."""
-        if self._task is None or self._task.done():
+        if self._task is None or self._task.done() or self._stopping:
             raise UnavailableError("the scheduler loop is not running")
         queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
         if req.request_id in self._queues:
@@ -98,6 +103,23 @@ class SchedulerLoop:
     # ---- the loop ----
 
     async def _run(self) -> None:
+        """The loop; if it dies, every live request ends at once with an error and the exception propagates
+        (the service's Fatal watcher turns it NOT_SERVING and exits)."""
+        try:
+            await self._loop()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            logger.critical("the scheduler loop died; ending %d live request(s)", len(self._queues))
+            self._end_all(f"the scheduler failed: {type(e).__name__}: {e}")
+            raise
+
+    def _end_all(self, error: str) -> None:
+        """An error output to every caller, straight to its queue (the core may be what broke)."""
+        for request_id, q in self._queues.items():
+            q.put_nowait(GenerateOutput(request_id, 0, error=error, error_code="unavailable"))
+
+    async def _loop(self) -> None:
         inflight: deque[tuple[StepPlan, asyncio.Future]] = deque()
         while not self._stopping:
             plan = None

@@ -12,7 +12,7 @@ import grpc
 
 from common.convert import output_to_proto, request_from_proto, worker_info_json
 from common.errors import UnavailableError, abort_with
-from common.grpc_utils import ServiceHealth, wait_serving
+from common.grpc_utils import Fatal, ServiceHealth, wait_serving
 from common.grpc_utils import create_server as _create_server
 from common.types import WorkerInfo
 from processor.model_config import load_generation_eos, load_model_config
@@ -56,6 +56,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.args = args
         self.loop: SchedulerLoop | None = None
         self.health: ServiceHealth | None = None
+        self.fatal: Fatal | None = None  # set by create_server
         self.worker_info: WorkerInfo | None = None
         self.vision_info_json = "{}"
         self._clients: list = []
@@ -92,6 +93,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             step_timeout_s=a.step_timeout_s,
         )
         self.loop.start()
+        self.fatal.watch(self.loop.task, "the scheduler loop", must_run=False)  # it returns only when stopped
         logger.info(
             "scheduler ready: %d KV pages x %d tokens, context %d, max running %d, chunked prefill %d, "
             "prefix cache %s, overlap %s",
@@ -104,8 +106,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             "on" if self.loop.depth else "off",
         )
         await self.health.set_serving(True)
-        self._monitor = asyncio.create_task(
-            self._watch_backends(a.worker_address, a.vision_address if vision else "")
+        self._monitor = self.fatal.watch(
+            asyncio.create_task(self._watch_backends(a.worker_address, a.vision_address if vision else "")),
+            "the backend health monitor",
         )
 
     async def _watch_backends(self, worker_address: str, vision_address: str, period_s: float = 2.0) -> None:

@@ -106,6 +106,7 @@ class VisionEncoder:
         self._host_pool = ThreadPoolExecutor(threads, thread_name_prefix="vision-host")
         self._queue: list[tuple[_Prepared, asyncio.Future]] = []
         self._drainer: asyncio.Task | None = None
+        self.on_fatal = None  # the servicer's Fatal.report: the batch loop dying stops the service
         self.graphs = None
         if self.device.type == "cuda" and cfg.cuda_graph:
             from vision_svc.graphs import DEFAULT_BUCKETS, VisionGraphs
@@ -202,7 +203,16 @@ class VisionEncoder:
         self._queue.append((prepared, fut))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
+            if self.on_fatal is not None:
+                self._drainer.add_done_callback(self._check_drainer)
         return fut
+
+    def _check_drainer(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            for _, fut in self._queue:  # nobody would run these now
+                if not fut.done():
+                    fut.set_exception(task.exception())
+            self.on_fatal(task.exception(), "the vision batch loop")
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()

@@ -10,7 +10,7 @@ import grpc
 
 from common.convert import encoded_to_proto, mm_item_from_proto
 from common.errors import UnavailableError, abort_with
-from common.grpc_utils import ServiceHealth
+from common.grpc_utils import Fatal, ServiceHealth
 from common.grpc_utils import create_server as _create_server
 from common.tensors import tensor_to_proto
 from protos import vision_pb2, vision_pb2_grpc
@@ -26,6 +26,7 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
         self.args = args
         self.encoder: VisionEncoder | None = None
         self.health: ServiceHealth | None = None
+        self.fatal: Fatal | None = None
 
     async def startup(self) -> None:
         a = self.args
@@ -44,6 +45,7 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             preprocess_threads=a.preprocess_threads,
         )
         self.encoder = await asyncio.to_thread(VisionEncoder, cfg)
+        self.encoder.on_fatal = self.fatal.report if self.fatal is not None else None
         enc = self.encoder
         logger.info(
             "vision encoder ready (%s, %s, attention %s, %s preprocessing, %s, cache %d MiB %s)",

@@ -53,6 +53,10 @@ class WorkerClient:
             error = from_rpc_error(e, f"worker at {self.address}")
         except asyncio.CancelledError:
             error = UnavailableError("step stream cancelled")
+        except Exception as e:  # noqa: BLE001 - a result this client cannot read fails the steps, never hangs them
+            error = UnavailableError(
+                f"reading the step stream of {self.address} failed: {type(e).__name__}: {e}"
+            )
         self._outbox = None
         while self._pending:
             fut = self._pending.popleft()

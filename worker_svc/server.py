@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from common.convert import plan_from_proto, step_output_to_proto, worker_info_to_proto
-from common.errors import UnavailableError, abort_with
-from common.grpc_utils import ServiceHealth, wait_serving
+from common.errors import MiradorError, UnavailableError, abort_with
+from common.grpc_utils import Fatal, ServiceHealth, wait_serving
 from common.grpc_utils import create_server as _create_server
 from common.types import StepPlan
 from protos import worker_pb2, worker_pb2_grpc
@@ -26,6 +26,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.args = args
         self.runner: ModelRunner | None = None
         self.health: ServiceHealth | None = None
+        self.fatal: Fatal | None = None
         # steps launch in order on one thread; their results are awaited on another, so step N+1 is prepared
         # and queued on the GPU while step N runs
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="worker-step")
@@ -70,6 +71,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.runner = runner
         await self.health.set_serving(True)
 
+    def _fatal(self, error: BaseException, what: str) -> None:
+        """A broken runner (a CUDA error is sticky) must not keep serving: NOT_SERVING, then exit non-zero."""
+        if self.fatal is not None:
+            self.fatal.report(error, f"the worker's step loop ({what})")
+
     def _ready(self) -> ModelRunner:
         if self.runner is None:
             raise UnavailableError("worker is still loading the model")
@@ -101,7 +107,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 while (item := await launched.get()) is not None:
                     if isinstance(item, BaseException):
                         await abort_with(context, item)
-                    out = await loop.run_in_executor(self._collector, runner.collect, item)
+                    try:
+                        out = await loop.run_in_executor(self._collector, runner.collect, item)
+                    except Exception as e:  # noqa: BLE001 - the device or the runner broke: stop serving
+                        self._fatal(e, "collecting a step")
+                        await abort_with(context, UnavailableError(f"the worker failed: {e}"))
                     yield step_output_to_proto(out)
             finally:
                 reader.cancel()
@@ -116,7 +126,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 try:
                     launched.put_nowait(await loop.run_in_executor(self._executor, runner.launch, plan))
                 except Exception as e:  # noqa: BLE001
-                    logger.exception("step %d failed", plan.step_id)
+                    if not isinstance(e, MiradorError):  # not a bad request: the runner or the device broke
+                        self._fatal(e, f"launching step {plan.step_id}")
+                        e = UnavailableError(f"the worker failed: {type(e).__name__}: {e}")
+                    else:
+                        logger.exception("step %d failed", plan.step_id)
                     launched.put_nowait(e)
                     return
         except asyncio.CancelledError:
