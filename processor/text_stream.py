@@ -3,21 +3,29 @@
 Text ending in an incomplete UTF-8 sequence is held back until the bytes complete (or the choice ends); with
 stop strings, the last len(longest stop) - 1 characters are held back too, so a stop split across tokens never
 leaks. The concatenation of everything released equals the tokenizer's decode of all ids (truncated at a
-matched stop string).
+matched stop string). Work per id is bounded: a small window of ids is decoded, and stops are searched in the
+held-back text plus the new text only.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
+
+import tokenizers
+from tokenizers.decoders import DecodeStream
 
 from processor.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
+_TRIM_AT = 64  # drop released ids from the window's list once this many have piled up in front of it
 
-class IncrementalDetokenizer:
-    """Decodes a growing id list by windows (the approach of vLLM and TGI), emitting only complete characters."""
+
+class WindowedDetokenizer:
+    """Decodes a growing id list by windows in Python (the approach of vLLM and TGI), emitting only complete
+    characters. The reference for IncrementalDetokenizer; its flush decodes the whole sequence."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
@@ -52,6 +60,95 @@ class IncrementalDetokenizer:
         return full[len(done) :]
 
 
+class IncrementalDetokenizer:
+    """The windowed algorithm at O(1) per id: the tokenizers library's DecodeStream runs it in Rust when the
+    tokenizer exposes its backend; otherwise (or once DecodeStream refuses a step) the same windows are
+    decoded here. Only a bounded list of recent ids is kept."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self._backend = getattr(tokenizer, "backend", None)
+        self._stream = None
+        self._dropped: frozenset[int] = frozenset()
+        self._byte_ids: frozenset[int] = frozenset()
+        if self._backend is not None:
+            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+            special, self._byte_ids = _stream_ids(self._backend)
+            # decode() drops these anyway; keeping them out of the window keeps it small if a model emits many
+            self._dropped = special if skip_special_tokens else frozenset()
+        self._ids: list[int] = []  # recent ids, from the current window's start on
+        self._prefix = 0  # window start in _ids: the previous release began here
+        self._read = 0  # ids before this were released as text
+        self._num_unstepped = 0  # trailing ids in _ids not given to DecodeStream yet
+
+    def add(self, ids: Sequence[int]) -> str:
+        if self._dropped and not self._dropped.isdisjoint(ids):
+            ids = [i for i in ids if i not in self._dropped]
+        if not ids:
+            return ""
+        self._ids.extend(ids)
+        if self._byte_ids and ids[-1] in self._byte_ids:
+            # A byte-fallback decoder turns a whole run of <0xXX> pieces into U+FFFDs if any byte of it is
+            # invalid, even bytes that were valid alone: release nothing until the run ends.
+            self._num_unstepped += len(ids)
+            return ""
+        if self._stream is None:
+            return self._add_windowed()
+        n = len(ids) + self._num_unstepped
+        self._num_unstepped = 0
+        try:
+            text = self._stream.step(self._backend, ids[0] if n == 1 else self._ids[-n:])
+        except Exception as e:  # InvalidPrefix, or a tokenizers version whose step takes one id only
+            logger.debug("DecodeStream refused a step (%s); decoding windows in Python from here", e)
+            self._stream = None
+            return self._add_windowed()
+        if text is None:
+            return ""
+        self._advance()
+        return text
+
+    def flush(self) -> str:
+        """The rest of the text once no more ids will come (incomplete bytes become U+FFFD, as decode does)."""
+        if self._read == len(self._ids):
+            return ""
+        prefix, full = self._decode_window()
+        if not full.startswith(prefix):
+            logger.warning("incremental detokenization diverged at the end; the remainder is dropped")
+            return ""
+        self._advance()
+        return full[len(prefix) :]
+
+    def _add_windowed(self) -> str:
+        prefix, full = self._decode_window()
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._advance()
+            return full[len(prefix) :]
+        return ""
+
+    def _decode_window(self) -> tuple[str, str]:
+        decode, window = self.tokenizer.decode, self._ids[self._prefix :]
+        return decode(window[: self._read - self._prefix], self.skip), decode(window, self.skip)
+
+    def _advance(self) -> None:
+        self._prefix, self._read = self._read, len(self._ids)
+        if self._prefix >= _TRIM_AT:
+            del self._ids[: self._prefix]
+            self._read -= self._prefix
+            self._prefix = 0
+
+
+@functools.lru_cache(maxsize=8)
+def _stream_ids(backend: tokenizers.Tokenizer) -> tuple[frozenset[int], frozenset[int]]:
+    """(ids that decode drops under skip_special_tokens, the <0xXX> pieces when the decoder has ByteFallback)."""
+    special = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+    decoder = backend.decoder
+    if decoder is None or b'"ByteFallback"' not in decoder.__getstate__():
+        return special, frozenset()
+    pieces = (backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
+    return special, frozenset(i for i in pieces if i is not None)
+
+
 class TextStream:
     """Detokenizer plus stop-string matching for one choice."""
 
@@ -67,38 +164,51 @@ class TextStream:
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.no_stop_trim = no_stop_trim
-        self.text = ""  # all final text so far
-        self.sent = 0  # characters of `text` released
         self.matched_stop: str | None = None
+        # The text not released yet (at most `hold` characters between calls) after up to `hold` released
+        # ones: a stop may begin in those when stops were not checked while they came (min_tokens).
+        self._tail = ""
+        self._num_held = 0
+        self._searched = True  # _tail holds no stop (searched since it last grew)
 
     def push(self, ids: Sequence[int], check_stop: bool = True) -> str:
         """Add ids; return newly released text. After a stop string matches, `matched_stop` is set and the
         text is cut there (or after it with no_stop_trim)."""
         if self.matched_stop is not None:
             return ""
-        self.text += self.detok.add(ids)
-        return self._release(final=False, check_stop=check_stop)
+        delta = self.detok.add(ids)
+        return self._release(delta, False, check_stop) if self.stop else delta
 
     def finish(self, check_stop: bool = True) -> str:
         """Release everything left (the choice ended for another reason)."""
-        if self.matched_stop is None:
-            self.text += self.detok.flush()
-        return self._release(final=True, check_stop=check_stop)
+        if self.matched_stop is not None:
+            return ""
+        delta = self.detok.flush()
+        return self._release(delta, True, check_stop) if self.stop else delta
 
-    def _release(self, final: bool, check_stop: bool) -> str:
-        if self.matched_stop is None and self.stop and check_stop:
-            start = max(0, self.sent - self.hold)
-            best = None
-            for s in self.stop:
-                i = self.text.find(s, start)
-                if i >= 0 and (best is None or i < best[0]):
-                    best = (i, s)
-            if best is not None:
-                i, s = best
-                self.matched_stop = s
-                self.text = self.text[: i + len(s)] if self.no_stop_trim else self.text[:i]
-                final = True
-        end = len(self.text) if final or not self.stop else max(self.sent, len(self.text) - self.hold)
-        out = self.text[self.sent : end]
-        self.sent = end
-        return out
+    def _release(self, delta: str, final: bool, check_stop: bool) -> str:
+        text = self._tail + delta
+        start = len(self._tail) - self._num_held
+        if check_stop and (delta or not self._searched):
+            end = self._find_stop(text)
+            if end is not None:
+                self._tail, self._num_held = "", 0
+                return text[start:end]  # empty when the stop began in released text
+        self._searched = check_stop or (self._searched and not delta)
+        end = len(text) if final else max(start, len(text) - self.hold)
+        self._tail = text[max(0, end - self.hold) :]
+        self._num_held = len(text) - end
+        return text[start:end]
+
+    def _find_stop(self, text: str) -> int | None:
+        """Set matched_stop to the stop that starts first in text (list order breaks ties) and return where
+        the text is cut, or None."""
+        best, first = -1, None
+        for s in self.stop:
+            i = text.find(s)
+            if i >= 0 and (first is None or i < best):
+                best, first = i, s
+        if first is None:
+            return None
+        self.matched_stop = first
+        return best + len(first) if self.no_stop_trim else best

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from common.errors import InvalidRequestError
@@ -35,6 +37,12 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @cached_property
+    def backend(self) -> tokenizers.Tokenizer | None:
+        """The Rust tokenizer whose decode() ours returns unchanged, for streaming decoders (None when ours
+        post-processes it: clean-up of tokenization spaces)."""
+        return None if self.hf.clean_up_tokenization_spaces else self.hf.backend_tokenizer
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(list(ids))
