@@ -44,6 +44,11 @@ class SchedulerStub:
                 request_serializer=protos_dot_scheduler__pb2.AbortRequest.SerializeToString,
                 response_deserializer=protos_dot_scheduler__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.Connect = channel.stream_stream(
+                '/mirador.scheduler.v1.Scheduler/Connect',
+                request_serializer=protos_dot_scheduler__pb2.ConnectRequest.SerializeToString,
+                response_deserializer=protos_dot_scheduler__pb2.OutputBatch.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/mirador.scheduler.v1.Scheduler/GetStats',
                 request_serializer=protos_dot_scheduler__pb2.GetStatsRequest.SerializeToString,
@@ -69,6 +74,15 @@ class SchedulerServicer:
 
     def Abort(self, request, context):
         """/ Abort a request by id (the same as cancelling its Generate call).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Connect(self, request_iterator, context):
+        """/ A gateway's requests over one stream: it writes requests and aborts; every output ready at the same time
+        / (a step's tokens for all of its requests) comes back in one OutputBatch, instead of a message per token per
+        / request. Closing the stream aborts every request still running on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,6 +114,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=protos_dot_scheduler__pb2.AbortRequest.FromString,
                     response_serializer=protos_dot_scheduler__pb2.AbortResponse.SerializeToString,
+            ),
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=protos_dot_scheduler__pb2.ConnectRequest.FromString,
+                    response_serializer=protos_dot_scheduler__pb2.OutputBatch.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -166,6 +185,33 @@ class Scheduler:
             '/mirador.scheduler.v1.Scheduler/Abort',
             protos_dot_scheduler__pb2.AbortRequest.SerializeToString,
             protos_dot_scheduler__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Connect(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mirador.scheduler.v1.Scheduler/Connect',
+            protos_dot_scheduler__pb2.ConnectRequest.SerializeToString,
+            protos_dot_scheduler__pb2.OutputBatch.FromString,
             options,
             channel_credentials,
             insecure,

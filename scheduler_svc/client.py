@@ -2,37 +2,130 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
 from common.convert import output_from_proto, request_to_proto
-from common.errors import from_rpc_error
+from common.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    MiradorError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+    from_rpc_error,
+)
 from common.grpc_utils import create_channel
 from common.types import GenerateOutput, GenerateRequest
 from protos import scheduler_pb2, scheduler_pb2_grpc
 
+_CLOSE = object()
+_ERRORS: dict[str, type[MiradorError]] = {
+    "INVALID_ARGUMENT": InvalidRequestError,
+    "NOT_FOUND": NotFoundError,
+    "RESOURCE_EXHAUSTED": ResourceExhaustedError,
+    "UNAVAILABLE": UnavailableError,
+    "DEADLINE_EXCEEDED": DeadlineExceededError,
+}
+
 
 class SchedulerClient:
+    """All of this process's requests share one `Connect` stream: requests and aborts go out on it, and a step's
+    outputs for all of them come back in one message, which a reader task hands to each request's queue."""
+
     def __init__(self, address: str, timeout_s: float = 3600.0):
         self.address = address
         self.timeout_s = timeout_s
         self._channel = create_channel(address)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self._outbox: asyncio.Queue | None = None
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
 
     async def close(self) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(_CLOSE)
+        if self._reader is not None:
+            self._reader.cancel()
         await self._channel.close()
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        """Stream outputs; closing the iterator early cancels the call, which aborts the request everywhere."""
-        call = self._stub.Generate(request_to_proto(req), timeout=self.timeout_s)
+    def _open(self) -> asyncio.Queue:
+        outbox: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            while (item := await outbox.get()) is not _CLOSE:
+                yield item
+
+        call = self._stub.Connect(requests())
+        self._outbox = outbox
+        self._reader = asyncio.create_task(self._read(call, outbox))
+        return outbox
+
+    async def _read(self, call, outbox: asyncio.Queue) -> None:
         try:
-            async for msg in call:
-                yield output_from_proto(msg)
+            async for batch in call:
+                for msg in batch.outputs:
+                    q = self._queues.get(msg.request_id)
+                    if q is not None:
+                        q.put_nowait(msg)
+                for err in batch.errors:
+                    q = self._queues.get(err.request_id)
+                    if q is not None:
+                        q.put_nowait(err)
+            error = UnavailableError(f"scheduler at {self.address} closed the request stream")
         except grpc.aio.AioRpcError as e:
-            raise from_rpc_error(e, f"scheduler at {self.address}") from None
+            error = from_rpc_error(e, f"scheduler at {self.address}")
+        except asyncio.CancelledError:
+            error = UnavailableError("the request stream was closed")
+        except Exception as e:  # noqa: BLE001 - a message this client cannot read fails the requests, never hangs them
+            error = UnavailableError(f"reading the request stream failed: {type(e).__name__}: {e}")
+        if self._outbox is outbox:  # the next request opens a new stream
+            self._outbox = None
+            outbox.put_nowait(_CLOSE)
+        for q in self._queues.values():
+            q.put_nowait(error)
+
+    @staticmethod
+    async def _next(queue: asyncio.Queue, deadline: float):
+        """The next item, or a timeout error past the request's deadline (one timer per wait, not per token)."""
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            return DeadlineExceededError("the request ran past --request-timeout-s")
+        try:
+            return await asyncio.wait_for(queue.get(), left)
+        except (TimeoutError, asyncio.TimeoutError):
+            return DeadlineExceededError("the request ran past --request-timeout-s")
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Stream outputs; closing the iterator early aborts the request everywhere."""
+        if req.request_id in self._queues:
+            raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[req.request_id] = queue
+        outbox = self._outbox or self._open()
+        outbox.put_nowait(scheduler_pb2.ConnectRequest(generate=request_to_proto(req)))
+        remaining = max(1, req.n)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        try:
+            while remaining:
+                item = queue.get_nowait() if not queue.empty() else await self._next(queue, deadline)
+                if isinstance(item, Exception):
+                    raise item
+                if isinstance(item, scheduler_pb2.RequestError):
+                    remaining = 0
+                    raise _ERRORS.get(item.code, MiradorError)(item.message)
+                out = output_from_proto(item)
+                if out.finish_reason is not None:
+                    remaining -= 1
+                yield out
         finally:
-            call.cancel()
+            self._queues.pop(req.request_id, None)
+            if remaining and self._outbox is outbox:
+                outbox.put_nowait(
+                    scheduler_pb2.ConnectRequest(abort=scheduler_pb2.AbortRequest(request_id=req.request_id))
+                )
 
     async def abort(self, request_id: str) -> bool:
         try:

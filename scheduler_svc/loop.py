@@ -84,7 +84,7 @@ class SchedulerLoop:
             while remaining:
                 out = await queue.get()
                 if out.error is not None:
-                    raise _error(out)
+                    raise output_error(out)
                 if out.finish_reason is not None:
                     remaining -= 1
                 yield out
@@ -93,6 +93,22 @@ class SchedulerLoop:
             if remaining and self.core.abort_request(req.request_id):
                 logger.info("request %s aborted by its caller", req.request_id)
                 self._wake.set()
+
+    def attach(self, req: GenerateRequest, sink) -> None:
+        """Start a request whose outputs go to `sink.put_nowait` (a multiplexed stream's outbox) instead of a
+        generator; the caller counts finished choices and calls `detach` (which aborts what is unfinished)."""
+        if self._task is None or self._task.done() or self._stopping:
+            raise UnavailableError("the scheduler loop is not running")
+        if req.request_id in self._queues:
+            raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
+        self.core.add_request(req, time.monotonic())
+        self._queues[req.request_id] = sink
+        self._wake.set()
+
+    def detach(self, request_id: str) -> None:
+        if self._queues.pop(request_id, None) is not None and self.core.abort_request(request_id):
+            logger.info("request %s aborted by its caller", request_id)
+            self._wake.set()
 
     def abort(self, request_id: str) -> bool:
         found = self.core.abort_request(request_id)
@@ -224,7 +240,7 @@ def _code(e: BaseException) -> str:
     return "internal"
 
 
-def _error(out: GenerateOutput) -> MiradorError:
+def output_error(out: GenerateOutput) -> MiradorError:
     from common.errors import InvalidRequestError as Invalid
     from common.errors import ResourceExhaustedError
 

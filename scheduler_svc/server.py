@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from common.convert import output_to_proto, request_from_proto, worker_info_json
-from common.errors import UnavailableError, abort_with
+from common.errors import MiradorError, UnavailableError, abort_with
 from common.grpc_utils import Fatal, ServiceHealth, wait_serving
 from common.grpc_utils import create_server as _create_server
 from common.types import WorkerInfo
@@ -19,7 +19,7 @@ from processor.model_config import load_generation_eos, load_model_config
 from processor.tokenizer import Tokenizer
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import SchedulerArgs
-from scheduler_svc.loop import SchedulerLoop
+from scheduler_svc.loop import SchedulerLoop, output_error
 from scheduler_svc.scheduler import Scheduler, SchedulerPolicy
 
 logger = logging.getLogger(__name__)
@@ -164,6 +164,65 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         except Exception as e:  # noqa: BLE001 - every error becomes a status
             await abort_with(context, e)
 
+    async def Connect(self, request_iterator, context):
+        """One gateway's requests on one stream; outputs ready together travel in one OutputBatch."""
+        try:
+            loop = self._ready()
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+        outbox: asyncio.Queue = asyncio.Queue()
+        live: dict[str, int] = {}  # request id -> choices not finished
+
+        class _Sink:
+            __slots__ = ("rid",)
+
+            def __init__(self, rid: str):
+                self.rid = rid
+
+            def put_nowait(self, out) -> None:
+                outbox.put_nowait(out)
+
+        async def read() -> None:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("kind")
+                if kind == "generate":
+                    rid = msg.generate.request_id
+                    try:
+                        loop.attach(request_from_proto(msg.generate), _Sink(rid))
+                        live[rid] = max(1, msg.generate.n)
+                    except Exception as e:  # noqa: BLE001 - this request fails, the stream lives on
+                        outbox.put_nowait(_request_error(rid, e))
+                elif kind == "abort" and live.pop(msg.abort.request_id, None) is not None:
+                    loop.detach(msg.abort.request_id)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                items = [await outbox.get()]
+                while not outbox.empty():
+                    items.append(outbox.get_nowait())
+                batch = scheduler_pb2.OutputBatch()
+                for item in items:
+                    if isinstance(item, scheduler_pb2.RequestError):
+                        batch.errors.append(item)
+                        continue
+                    if item.error is not None:  # the loop ended it (a failure, or shutdown)
+                        batch.errors.append(_request_error(item.request_id, output_error(item)))
+                        if live.pop(item.request_id, None) is not None:
+                            loop.detach(item.request_id)
+                        continue
+                    batch.outputs.append(output_to_proto(item))
+                    if item.finish_reason is not None and item.request_id in live:
+                        live[item.request_id] -= 1
+                        if not live[item.request_id]:
+                            del live[item.request_id]
+                            loop.detach(item.request_id)
+                yield batch
+        finally:
+            reader.cancel()
+            for rid in list(live):
+                loop.detach(rid)
+
     async def Abort(self, request, context):
         try:
             return scheduler_pb2.AbortResponse(found=self._ready().abort(request.request_id))
@@ -209,3 +268,14 @@ def create_server(args: SchedulerArgs) -> tuple[grpc.aio.Server, int, SchedulerS
         servicer, scheduler_pb2_grpc.add_SchedulerServicer_to_server, SERVICE_NAME, args.host, args.port
     )
     return server, port, servicer
+
+
+def _request_error(request_id: str, error: Exception) -> scheduler_pb2.RequestError:
+    if isinstance(error, MiradorError):
+        code, message = error.grpc_code.name, error.message
+    elif isinstance(error, ValueError):
+        code, message = "INVALID_ARGUMENT", str(error)
+    else:
+        logger.error("internal error in request %s", request_id, exc_info=error)
+        code, message = "INTERNAL", f"{type(error).__name__}: {error}"
+    return scheduler_pb2.RequestError(request_id=request_id, code=code, message=message)
