@@ -87,17 +87,6 @@ class SchedulerClient:
         for q in self._queues.values():
             q.put_nowait(error)
 
-    @staticmethod
-    async def _next(queue: asyncio.Queue, deadline: float):
-        """The next item, or a timeout error past the request's deadline (one timer per wait, not per token)."""
-        left = deadline - asyncio.get_running_loop().time()
-        if left <= 0:
-            return DeadlineExceededError("the request ran past --request-timeout-s")
-        try:
-            return await asyncio.wait_for(queue.get(), left)
-        except (TimeoutError, asyncio.TimeoutError):
-            return DeadlineExceededError("the request ran past --request-timeout-s")
-
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """Stream outputs; closing the iterator early aborts the request everywhere."""
         if req.request_id in self._queues:
@@ -107,20 +96,31 @@ class SchedulerClient:
         outbox = self._outbox or self._open()
         outbox.put_nowait(scheduler_pb2.ConnectRequest(generate=request_to_proto(req)))
         remaining = max(1, req.n)
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        timer = asyncio.get_running_loop().call_later(
+            self.timeout_s,
+            queue.put_nowait,
+            DeadlineExceededError(f"the request ran longer than {self.timeout_s:g} s"),
+        )
         try:
             while remaining:
-                item = queue.get_nowait() if not queue.empty() else await self._next(queue, deadline)
-                if isinstance(item, Exception):
-                    raise item
-                if isinstance(item, scheduler_pb2.RequestError):
-                    remaining = 0
-                    raise _ERRORS.get(item.code, MiradorError)(item.message)
-                out = output_from_proto(item)
-                if out.finish_reason is not None:
-                    remaining -= 1
-                yield out
+                out = None
+                for item in await _drain(queue):  # when this caller fell behind, one output carries them all
+                    if isinstance(item, Exception):
+                        raise item
+                    if isinstance(item, scheduler_pb2.RequestError):
+                        remaining = 0
+                        raise _ERRORS.get(item.code, MiradorError)(item.message)
+                    nxt = output_from_proto(item)
+                    if out is not None and (out.index != nxt.index or out.finish_reason is not None):
+                        yield out
+                        out = None
+                    out = nxt if out is None else _merge(out, nxt)
+                    if nxt.finish_reason is not None:
+                        remaining -= 1
+                if out is not None:
+                    yield out
         finally:
+            timer.cancel()
             self._queues.pop(req.request_id, None)
             if remaining and self._outbox is outbox:
                 outbox.put_nowait(
@@ -145,3 +145,19 @@ class SchedulerClient:
             return await self._stub.GetServerInfo(scheduler_pb2.GetServerInfoRequest(), timeout=5)
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e, f"scheduler at {self.address}") from None
+
+
+async def _drain(queue: asyncio.Queue) -> list:
+    """Everything queued (waiting for the first item if there is none)."""
+    items = [await queue.get()] if queue.empty() else []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+def _merge(a: GenerateOutput, b: GenerateOutput) -> GenerateOutput:
+    """Two consecutive outputs of one choice as one (the later one's finish and usage)."""
+    b.text = a.text + b.text
+    b.token_ids = a.token_ids + b.token_ids
+    b.logprobs = a.logprobs + b.logprobs
+    return b

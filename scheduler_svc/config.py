@@ -28,6 +28,9 @@ class SchedulerArgs(ArgsBase):
     )
     max_prefill_tokens: int = arg(16384, "max prompt tokens of all sequences in one step")
     disable_radix_cache: bool = arg(False, "turn the prefix cache off")
+    stream_interval: int = arg(
+        1, "streamed outputs carry this many tokens at a time (fewer messages and SSE events per token)"
+    )
     enable_mixed_chunk: bool = arg(
         False,
         "let decodes share steps with prompt chunks; by default (as SGLang) a step with prompt work runs prompts "
@@ -50,3 +53,5 @@ class SchedulerArgs(ArgsBase):
             raise ValueError("--chunked-prefill-size must be positive or -1")
         if self.max_prefill_tokens < 1:
             raise ValueError("--max-prefill-tokens must be >= 1")
+        if self.stream_interval < 1:
+            raise ValueError("--stream-interval must be >= 1")

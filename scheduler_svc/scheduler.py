@@ -49,6 +49,7 @@ class SchedulerPolicy:
     # decodes ride along in steps that carry prompt chunks; off (SGLang's default): a step with prompt work runs
     # prompts only, so decode-only steps stay eligible for the worker's CUDA graphs
     enable_mixed_chunk: bool = False
+    stream_interval: int = 1  # streamed outputs carry at least this many new tokens (the last one fewer)
     eos_token_ids: tuple[int, ...] = ()
     decode_log_interval: int = 40
     vocab_size: int = 1 << 31
@@ -590,7 +591,11 @@ class Scheduler:
             seq.pending_logprobs.append(logprob)
         if reason is not None:
             self._finish(seq, reason, emit=True)
-        elif seq.req.request.stream and (seq.pending_text or logprob is not None):
+        elif (
+            seq.req.request.stream
+            and (seq.pending_text or logprob is not None)
+            and len(seq.pending_ids) >= self.policy.stream_interval
+        ):
             self._emit(seq)
 
     def _finish(self, seq: Sequence, reason: str, emit: bool, error: tuple[str, str] | None = None) -> None:
