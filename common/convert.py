@@ -139,34 +139,32 @@ def request_from_proto(p: scheduler_pb2.GenerateRequest) -> GenerateRequest:
     )
 
 
-def output_to_proto(o: GenerateOutput) -> scheduler_pb2.GenerateResponse:
-    msg = scheduler_pb2.GenerateResponse(
-        request_id=o.request_id,
-        index=o.index,
-        text=o.text,
-        token_ids=o.token_ids,
-        finish_reason=_FINISH[o.finish_reason],
-        logprobs=[
-            scheduler_pb2.TokenLogprob(
-                token_id=lp.token_id,
-                logprob=lp.logprob,
-                top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top_logprobs],
-            )
-            for lp in o.logprobs
-        ],
-    )
+def output_to_proto(
+    o: GenerateOutput, msg: scheduler_pb2.GenerateResponse | None = None
+) -> scheduler_pb2.GenerateResponse:
+    """The message for one output, filled into `msg` when given (e.g. `batch.outputs.add()`: no copy)."""
+    if msg is None:
+        msg = scheduler_pb2.GenerateResponse()
+    msg.request_id = o.request_id
+    msg.index = o.index
+    msg.text = o.text
+    msg.token_ids.extend(o.token_ids)
+    if o.finish_reason is not None:
+        msg.finish_reason = _FINISH[o.finish_reason]
+        u = msg.usage
+        u.prompt_tokens, u.completion_tokens, u.cached_tokens = (
+            o.prompt_tokens,
+            o.completion_tokens,
+            o.cached_tokens,
+        )
+    for lp in o.logprobs:
+        m = msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
+        for t, v in lp.top_logprobs:
+            m.top_logprobs.add(token_id=t, logprob=v)
     if isinstance(o.matched_stop, str):
         msg.matched_stop_str = o.matched_stop
     elif isinstance(o.matched_stop, int):
         msg.matched_stop_token = o.matched_stop
-    if o.finish_reason is not None:
-        msg.usage.CopyFrom(
-            scheduler_pb2.Usage(
-                prompt_tokens=o.prompt_tokens,
-                completion_tokens=o.completion_tokens,
-                cached_tokens=o.cached_tokens,
-            )
-        )
     return msg
 
 
@@ -190,9 +188,18 @@ def output_from_proto(p: scheduler_pb2.GenerateResponse) -> GenerateOutput:
 
 
 def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
-    seqs = []
+    req = worker_pb2.StepRequest(
+        step_id=plan.step_id,
+        free_seq_ids=plan.free_seq_ids,
+        sent_unix_ns=plan.sent_unix_ns,
+        prefetch_keys=plan.prefetch_keys,
+    )
+    add = req.seqs.add
     for s in plan.seqs:
-        msg = worker_pb2.SequenceStep(
+        if s.init is None and not s.input_ids and not s.page_ids:  # a decode: the common case, fields only
+            add(seq_id=s.seq_id, start_pos=s.start_pos, sample=s.sample, page_table_start=s.page_table_start)
+            continue
+        msg = add(
             seq_id=s.seq_id,
             page_table_start=s.page_table_start,
             page_ids=s.page_ids,
@@ -202,23 +209,14 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
         )
         if s.init is not None:
             i = s.init
-            msg.init.CopyFrom(
-                worker_pb2.SequenceInit(
-                    mm_items=[mm_item_to_proto(m, with_data=False) for m in i.mm_items],
-                    sampling=sampling_to_proto(i.sampling),
-                    num_prompt_tokens=i.num_prompt_tokens,
-                    prompt_token_ids=i.prompt_token_ids,
-                    output_token_ids=i.output_token_ids,
-                )
-            )
-        seqs.append(msg)
-    return worker_pb2.StepRequest(
-        step_id=plan.step_id,
-        free_seq_ids=plan.free_seq_ids,
-        seqs=seqs,
-        sent_unix_ns=plan.sent_unix_ns,
-        prefetch_keys=plan.prefetch_keys,
-    )
+            init = msg.init
+            init.SetInParent()  # present even when every field is a default
+            init.mm_items.extend(mm_item_to_proto(m, with_data=False) for m in i.mm_items)
+            init.sampling.CopyFrom(sampling_to_proto(i.sampling))
+            init.num_prompt_tokens = i.num_prompt_tokens
+            init.prompt_token_ids.extend(i.prompt_token_ids)
+            init.output_token_ids.extend(i.output_token_ids)
+    return req
 
 
 def plan_from_proto(p: worker_pb2.StepRequest) -> StepPlan:

@@ -212,7 +212,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                         if live.pop(item.request_id, None) is not None:
                             loop.detach(item.request_id)
                         continue
-                    batch.outputs.append(output_to_proto(item))
+                    output_to_proto(item, batch.outputs.add())
                     if item.finish_reason is not None and item.request_id in live:
                         live[item.request_id] -= 1
                         if not live[item.request_id]:
