@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -31,6 +32,14 @@ def parse_service_args(
         return args_cls.from_cli_args(ns)
     except ValueError as e:
         parser.error(str(e))
+
+
+def settle_gc() -> None:
+    """After start-up: freeze what exists (models, tokenizers, tables) out of the collector's scans and collect the
+    young generation less often. Services that allocate per token spent ~7% of their time in the collector."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 def run_grpc_service(

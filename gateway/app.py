@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from common.errors import InvalidRequestError, MiradorError, PayloadTooLargeError, UnavailableError
 from common.grpc_utils import create_channel
+from common.service_main import settle_gc
 from gateway.config import GatewayArgs
 from gateway.errors import error_body, error_response, from_validation_error
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateBody
@@ -65,6 +66,7 @@ class Gateway:
             self.builder, self.scheduler, self.card, self.args.max_images_per_request
         )
         await self.builder.warmup()
+        settle_gc()
 
     async def sync_with_scheduler(self) -> None:
         """Adopt the scheduler's effective limits (e.g. a --context-length override) once it answers."""

@@ -14,6 +14,7 @@ from common.convert import output_to_proto, request_from_proto, worker_info_json
 from common.errors import MiradorError, UnavailableError, abort_with
 from common.grpc_utils import Fatal, ServiceHealth, wait_serving
 from common.grpc_utils import create_server as _create_server
+from common.service_main import settle_gc
 from common.types import WorkerInfo
 from processor.model_config import load_generation_eos, load_model_config
 from processor.tokenizer import Tokenizer
@@ -106,6 +107,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             "on" if policy.enable_prefix_cache else "off",
             "on" if self.loop.depth else "off",
         )
+        settle_gc()
         await self.health.set_serving(True)
         self._monitor = self.fatal.watch(
             asyncio.create_task(self._watch_backends(a.worker_address, a.vision_address if vision else "")),
