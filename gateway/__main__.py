@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -25,9 +28,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         logging.getLogger("gateway").error("cannot start: %s", e)
         sys.exit(2)
-    logging.getLogger("gateway").info("gateway listening on http://%s:%d", args.host, args.port)
-    uvicorn.run(
-        app,
+    logging.getLogger("gateway").info(
+        "gateway listening on http://%s:%d (%d worker process%s)",
+        args.host,
+        args.port,
+        args.gateway_workers,
+        "es" if args.gateway_workers > 1 else "",
+    )
+    common = dict(
         host=args.host,
         port=args.port,
         log_level=args.log_level.lower(),
@@ -35,6 +43,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         timeout_graceful_shutdown=5,
         log_config=None,
     )
+    if args.gateway_workers == 1:
+        uvicorn.run(app, **common)
+        return
+    # several processes: each builds its own app (and scheduler stream) from the same arguments
+    os.environ[ARGS_ENV] = json.dumps(dataclasses.asdict(args))
+    uvicorn.run("gateway.__main__:app_from_env", factory=True, workers=args.gateway_workers, **common)
+
+
+ARGS_ENV = "MIRADOR_GATEWAY_ARGS"
+
+
+def app_from_env():
+    """The app of one gateway worker process (uvicorn imports this in each)."""
+    from gateway.app import create_app
+
+    args = GatewayArgs(**json.loads(os.environ[ARGS_ENV]))
+    setup_logging("gateway", args.log_level)
+    return create_app(args)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,17 @@ class GatewayArgs(ArgsBase):
     max_images_per_request: int = arg(32, "most images in one request")
     max_request_bytes: int = arg(64 * 1024 * 1024, "largest HTTP request body, bytes (HTTP 413 above)")
     request_timeout_s: float = arg(3600.0, "longest a request may run end to end, seconds")
+    gateway_workers: int = arg(
+        1,
+        "HTTP worker processes; each keeps its own stream to the scheduler (request ids stay unique, aborts and "
+        "disconnects work from any of them)",
+    )
     log_level: str = arg("info", "logging level")
 
     def __post_init__(self):
         if not self.model_path:
             raise ValueError("--model-path is required")
+        if self.gateway_workers < 1:
+            raise ValueError("--gateway-workers must be >= 1")
         if self.media_fetch_timeout_s <= 0:
             raise ValueError("--media-fetch-timeout-s must be > 0")
