@@ -28,6 +28,12 @@ class SchedulerArgs(ArgsBase):
     )
     max_prefill_tokens: int = arg(16384, "max prompt tokens of all sequences in one step")
     disable_radix_cache: bool = arg(False, "turn the prefix cache off")
+    schedule_policy: str = arg(
+        "fcfs",
+        "order of admission: fcfs (arrival), lpm (the longest prefix-cache match first, so requests sharing a "
+        "cached prefix run while it is cached; fcfs past 128 waiting requests)",
+        choices=("fcfs", "lpm"),
+    )
     stream_interval: int = arg(
         1, "streamed outputs carry this many tokens at a time (fewer messages and SSE events per token)"
     )

@@ -49,6 +49,7 @@ class SchedulerPolicy:
     # decodes ride along in steps that carry prompt chunks; off (SGLang's default): a step with prompt work runs
     # prompts only, so decode-only steps stay eligible for the worker's CUDA graphs
     enable_mixed_chunk: bool = False
+    schedule_policy: str = "fcfs"  # or "lpm": longest cached prefix first
     stream_interval: int = 1  # streamed outputs carry at least this many new tokens (the last one fewer)
     eos_token_ids: tuple[int, ...] = ()
     decode_log_interval: int = 40
@@ -250,9 +251,9 @@ class Scheduler:
             steps, sent, scheduled, prefill_budget, step_id, not prompts_first
         )
 
-        # 2. admit waiting sequences, first come first served
+        # 2. admit waiting sequences, first come first served (or longest cached prefix first, "lpm")
         new_seqs = new_tokens = cached = 0
-        for seq in list(self.waiting):
+        for seq in self._admission_order():
             if len(self.running) >= p.max_running_requests or prefill_budget <= 0:
                 break
             if not self._admissible(seq) or seq.preempted_in_step == step_id:
@@ -285,6 +286,19 @@ class Scheduler:
         self.stats.num_steps += 1
         self._log_step(new_seqs, new_tokens, cached, len(steps) - new_seqs)
         return plan
+
+    LPM_MAX_QUEUE = 128  # past this many waiting, matching every prompt costs more than it saves (as SGLang)
+
+    def _admission_order(self) -> list[Sequence]:
+        """The waiting queue in admission order: by arrival (fcfs), or with "lpm" the longest prefix-cache match
+        first (arrival breaks ties), so requests sharing a cached prefix run while it is still cached."""
+        if self.policy.schedule_policy != "lpm" or len(self.waiting) > self.LPM_MAX_QUEUE:
+            return list(self.waiting)
+
+        def matched(seq: Sequence) -> int:
+            return len(self.cache.match_prefix(seq.key[: len(seq.token_ids) - 1])[0])
+
+        return sorted(self.waiting, key=lambda seq: -matched(seq))  # stable: arrival order among equals
 
     def _has_prompt_work(self) -> bool:
         """A running sequence has prompt tokens left, or a waiting one could be admitted now."""

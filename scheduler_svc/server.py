@@ -47,6 +47,7 @@ def resolve_policy(args: SchedulerArgs, worker: WorkerInfo, eos: tuple[int, ...]
         enable_prefix_cache=not args.disable_radix_cache,
         enable_mixed_chunk=args.enable_mixed_chunk,
         stream_interval=args.stream_interval,
+        schedule_policy=args.schedule_policy,
         eos_token_ids=eos,
         decode_log_interval=args.decode_log_interval,
         vocab_size=worker.vocab_size,

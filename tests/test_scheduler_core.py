@@ -193,6 +193,7 @@ def run(
     fail_rate: float = 0.0,
     defer_rate: float = 0.0,
     mixed: bool = False,
+    lpm: bool = False,
     max_running: int = 16,
     arrival_steps: int = 5,
     seed: int = 0,
@@ -207,6 +208,7 @@ def run(
         max_prefill_tokens=64,
         enable_prefix_cache=cache,
         enable_mixed_chunk=mixed,
+        schedule_policy="lpm" if lpm else "fcfs",
         eos_token_ids=(EOS,),
     )
     core = Scheduler(policy, FakeTokenizer())
@@ -257,6 +259,7 @@ CONFIGS = [
     dict(num_pages=400, page_size=4, chunk=9, cache=True, overlap=True, defer_rate=0.3),  # pulls still coming
     dict(num_pages=400, page_size=4, chunk=5, cache=True, overlap=True, mixed=True),  # decodes beside prompts
     dict(num_pages=40, page_size=4, chunk=16, cache=True, overlap=True, mixed=True),  # ... with preemption
+    dict(num_pages=60, page_size=4, chunk=9, cache=True, overlap=True, lpm=True),  # longest prefix first
 ]
 
 
@@ -449,3 +452,22 @@ def test_prompt_steps_leave_decodes_out_unless_mixed(mixed):
     assert ids == ({"a#0", "b#0"} if mixed else {"b#0"})
     core.process_output(worker.step(plan))
     assert {s.seq_id for s in core.schedule().seqs} == {"a#0", "b#0"}  # then both decode
+
+
+def test_lpm_admits_the_request_sharing_a_cached_prefix_first():
+    policy = SchedulerPolicy(
+        page_size=4, num_pages=200, context_length=4096, max_running_requests=1,
+        chunked_prefill_size=64, max_prefill_tokens=64, schedule_policy="lpm",
+    )  # fmt: skip
+    core = Scheduler(policy, FakeTokenizer())
+    worker = FakeWorker(4)
+    shared = tuple(range(20, 40))
+    core.add_request(GenerateRequest("warm", shared + (1,), stopping=StoppingCriteria(max_new_tokens=1)))
+    while core.requests:
+        core.process_output(worker.step(core.schedule()))
+    core.add_request(
+        GenerateRequest("other", tuple(range(60, 80)), stopping=StoppingCriteria(max_new_tokens=1))
+    )
+    core.add_request(GenerateRequest("sharer", shared + (2,), stopping=StoppingCriteria(max_new_tokens=1)))
+    plan = core.schedule()
+    assert [s.seq_id for s in plan.seqs] == ["sharer#0"]  # later, but 20 of its tokens are cached
