@@ -367,7 +367,7 @@ ROWS = [
     ("bench client CPU (cores)", lambda r: f"{r['client_cores']:.2f}"),
     ("all four processes (cores)", lambda r: f"{r['total_cores']:.2f}"),
     ("other processes on the machine (cores)", lambda r: f"{r['other_cores']:.2f}"),
-    ("TTFT p50 (ms)", lambda r: f"{r['p50_ttft_ms']:.0f}"),
+    ("TTFT p50 / p99 (ms)", lambda r: f"{r['p50_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f}"),
     ("TPOT p50 (ms)", lambda r: f"{r['p50_tpot_ms']:.2f}"),
     ("ITL p50 / p99 (ms)", lambda r: f"{r['p50_itl_ms']:.1f} / {r['p99_itl_ms']:.1f}"),
     ("tokens: delivered = produced = expected", lambda r: "yes" if r["tokens_ok"] else "NO"),
