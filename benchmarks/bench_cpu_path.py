@@ -334,6 +334,7 @@ def figures(
         "total_cores": ours / duration,
         "other_cores": (cpu["machine"] - ours) / duration,
         "p50_ttft_ms": bench["p50_ttft_ms"],
+        "p99_ttft_ms": bench["p99_ttft_ms"],
         "p50_tpot_ms": bench["p50_tpot_ms"],
         "p50_itl_ms": bench["p50_itl_ms"],
         "p99_itl_ms": bench["p99_itl_ms"],
