@@ -86,6 +86,7 @@ class Services:
                 # the scheduler takes CPU defaults (64 running, 2048-token chunks) for a worker not on "cuda"
                 *("--max-running-requests", str(args.max_running_requests)),
                 *("--chunked-prefill-size", str(args.chunked_prefill_size)),
+                *args.scheduler_flag,
             ],
             "gateway": [
                 *("-m", "mirador", "gateway", "--model-path", model_dir, "--port", str(self.http_port)),
@@ -453,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--max-running-requests", type=int, default=256, help="scheduler flag (its GPU default)")
     ap.add_argument("--chunked-prefill-size", type=int, default=8192, help="scheduler flag (its GPU default)")
+    ap.add_argument(
+        "--scheduler-flag",
+        action="append",
+        default=[],
+        help="extra scheduler flag, repeatable (e.g. --scheduler-flag=--enable-mixed-chunk)",
+    )
     ap.add_argument("--check-prompts", type=int, default=6, help="prompts of the stream == non-stream check")
     ap.add_argument("--model-path", default="", help="tokenizer and config (default: the embedded model)")
     ap.add_argument("--timeout-s", type=float, default=240.0, help="limit of each timed run")
