@@ -26,12 +26,15 @@ logger = logging.getLogger(__name__)
 def _chunker(rid: str, obj: str, created: int, req: SamplingRequest):
     """Formats one SSE event of a stream; usage is carried (null until the end) only with include_usage."""
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
+    # the fields every event repeats are encoded once per stream; an event encodes only its choices (and usage)
+    head = json.dumps({"id": rid, "object": obj, "created": created, "model": req.model}, ensure_ascii=False)
+    prefix = f'data: {head[:-1]}, "choices": '
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-        body = {"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices}
+        body = json.dumps(choices, ensure_ascii=False)
         if with_usage:
-            body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            return f'{prefix}{body}, "usage": {json.dumps(usage, ensure_ascii=False)}}}\n\n'
+        return f"{prefix}{body}}}\n\n"
 
     return chunk
 
