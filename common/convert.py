@@ -195,9 +195,11 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
         prefetch_keys=plan.prefetch_keys,
     )
     add = req.seqs.add
+    decode_ids, decode_pos = [], []
     for s in plan.seqs:
-        if s.init is None and not s.input_ids and not s.page_ids:  # a decode: the common case, fields only
-            add(seq_id=s.seq_id, start_pos=s.start_pos, sample=s.sample, page_table_start=s.page_table_start)
+        if s.init is None and not s.input_ids and not s.page_ids and s.sample:  # a plain decode: two fields
+            decode_ids.append(s.seq_id)
+            decode_pos.append(s.start_pos)
             continue
         msg = add(
             seq_id=s.seq_id,
@@ -216,6 +218,8 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
             init.num_prompt_tokens = i.num_prompt_tokens
             init.prompt_token_ids.extend(i.prompt_token_ids)
             init.output_token_ids.extend(i.output_token_ids)
+    req.decode_seq_ids.extend(decode_ids)
+    req.decode_start_pos.extend(decode_pos)
     return req
 
 
@@ -243,6 +247,7 @@ def plan_from_proto(p: worker_pb2.StepRequest) -> StepPlan:
                 init,
             )
         )
+    seqs.extend(SeqStep(sid, pos) for sid, pos in zip(p.decode_seq_ids, p.decode_start_pos, strict=True))
     return StepPlan(p.step_id, tuple(seqs), tuple(p.free_seq_ids), p.sent_unix_ns, tuple(p.prefetch_keys))
 
 

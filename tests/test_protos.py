@@ -56,3 +56,23 @@ def test_every_proto_field_is_documented():
                 assert lines[i - 1].strip().startswith("///"), (
                     f"{proto.name}:{i + 1} lacks a /// comment: {line.strip()}"
                 )
+
+
+def test_plain_decodes_travel_in_the_compact_section_and_come_back_equal():
+    from common.convert import plan_from_proto, plan_to_proto
+    from common.types import SamplingParams, SeqInit, SeqStep, StepPlan
+
+    init = SeqInit((), SamplingParams(temperature=0.0), 3)
+    seqs = (
+        SeqStep("d1", 7),
+        SeqStep("p", 0, (1, 2, 3), True, 0, (4,), init),
+        SeqStep("d2", 9),
+        SeqStep("grow", 16, (), True, 1, (5,)),  # a decode that adds a page: a full entry
+        SeqStep("chunk", 4, (8, 9), False),
+    )
+    msg = plan_to_proto(StepPlan(3, seqs, ("gone",)))
+    assert list(msg.decode_seq_ids) == ["d1", "d2"] and list(msg.decode_start_pos) == [7, 9]
+    assert [s.seq_id for s in msg.seqs] == ["p", "grow", "chunk"]
+    back = plan_from_proto(msg)
+    assert {s.seq_id: s for s in back.seqs} == {s.seq_id: s for s in seqs}
+    assert back.free_seq_ids == ("gone",)
