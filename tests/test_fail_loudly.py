@@ -17,9 +17,8 @@ from common.errors import InvalidRequestError, UnavailableError
 from common.grpc_utils import Fatal, ServiceHealth, serve_until_signal
 from common.types import GenerateRequest, SamplingParams, StepPlan, StoppingCriteria
 from scheduler_svc.loop import SchedulerLoop
-from scheduler_svc.scheduler import Scheduler, SchedulerPolicy
 from tests.helpers import REPO
-from tests.test_scheduler_core import FakeTokenizer, FakeWorker
+from tests.test_scheduler_core import FakeWorker, small_scheduler
 
 
 class _AsyncWorker:
@@ -33,11 +32,7 @@ class _AsyncWorker:
 
 
 def test_a_dying_scheduler_loop_ends_every_request_at_once_and_is_reported():
-    policy = SchedulerPolicy(
-        page_size=4, num_pages=200, context_length=4096, max_running_requests=8,
-        chunked_prefill_size=64, max_prefill_tokens=64,
-    )  # fmt: skip
-    core = Scheduler(policy, FakeTokenizer())
+    core = small_scheduler(num_pages=200)
     calls = {"n": 0}
     original = core.process_output
 

@@ -389,17 +389,17 @@ def test_sequence_that_outgrows_the_pool_ends_with_length():
     assert 0 < len(out) < 100 and out == reference(req)[: len(out)]
 
 
+def small_scheduler(**overrides) -> Scheduler:
+    """A scheduler over 100 pages of 4 tokens, 8 running, 64-token chunks; fields overridden by keyword."""
+    fields = dict(
+        page_size=4, num_pages=100, context_length=4096, max_running_requests=8,
+        chunked_prefill_size=64, max_prefill_tokens=64,
+    )  # fmt: skip
+    return Scheduler(SchedulerPolicy(**{**fields, **overrides}), FakeTokenizer())
+
+
 def test_image_prefill_waits_one_step_after_its_prefetch_while_others_run():
-    policy = SchedulerPolicy(
-        page_size=4,
-        num_pages=100,
-        context_length=4096,
-        max_running_requests=8,
-        chunked_prefill_size=64,
-        max_prefill_tokens=64,
-        eos_token_ids=(EOS,),
-    )
-    core = Scheduler(policy, FakeTokenizer())
+    core = small_scheduler(eos_token_ids=(EOS,))
     worker = FakeWorker(4)
     stopping = StoppingCriteria(max_new_tokens=50, ignore_eos=True)
     core.add_request(GenerateRequest("text", (11, 12, 13), stopping=stopping))
@@ -422,11 +422,7 @@ def test_image_prefill_waits_one_step_after_its_prefetch_while_others_run():
 
 
 def test_idle_batch_admits_an_image_with_its_prefetch():
-    policy = SchedulerPolicy(
-        page_size=4, num_pages=100, context_length=4096, max_running_requests=8,
-        chunked_prefill_size=64, max_prefill_tokens=64,
-    )  # fmt: skip
-    core = Scheduler(policy, FakeTokenizer())
+    core = small_scheduler()
     item = MultimodalItem("img", 1, 4, (1, 2, 8))
     core.add_request(GenerateRequest("image", (11, 9, 9, 9, 9, 12), (item,)))
     assert core.schedule() is None and core.encode_requests
@@ -437,11 +433,7 @@ def test_idle_batch_admits_an_image_with_its_prefetch():
 
 @pytest.mark.parametrize("mixed", [False, True])
 def test_prompt_steps_leave_decodes_out_unless_mixed(mixed):
-    policy = SchedulerPolicy(
-        page_size=4, num_pages=100, context_length=4096, max_running_requests=8,
-        chunked_prefill_size=64, max_prefill_tokens=64, enable_mixed_chunk=mixed,
-    )  # fmt: skip
-    core = Scheduler(policy, FakeTokenizer())
+    core = small_scheduler(enable_mixed_chunk=mixed)
     worker = FakeWorker(4)
     stopping = StoppingCriteria(max_new_tokens=20, ignore_eos=True)
     core.add_request(GenerateRequest("a", (11, 12, 13), stopping=stopping))
@@ -455,11 +447,7 @@ def test_prompt_steps_leave_decodes_out_unless_mixed(mixed):
 
 
 def test_lpm_admits_the_request_sharing_a_cached_prefix_first():
-    policy = SchedulerPolicy(
-        page_size=4, num_pages=200, context_length=4096, max_running_requests=1,
-        chunked_prefill_size=64, max_prefill_tokens=64, schedule_policy="lpm",
-    )  # fmt: skip
-    core = Scheduler(policy, FakeTokenizer())
+    core = small_scheduler(num_pages=200, max_running_requests=1, schedule_policy="lpm")
     worker = FakeWorker(4)
     shared = tuple(range(20, 40))
     core.add_request(GenerateRequest("warm", shared + (1,), stopping=StoppingCriteria(max_new_tokens=1)))

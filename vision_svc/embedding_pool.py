@@ -84,18 +84,24 @@ def page_runs(page_ids: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def row_runs(page_ids: Sequence[int], num_rows: int, rows_per_page: int) -> list[tuple[int, int, int]]:
+    """An entry's rows as (first pool row, first entry row, count), one per run of consecutive pages."""
+    runs, done = [], 0
+    for first, count in page_runs(page_ids):
+        n = min(count * rows_per_page, num_rows - done)
+        runs.append((first * rows_per_page, done, n))
+        done += n
+    return runs
+
+
 def copy_rows(pool: torch.Tensor, page_ids: Sequence[int], num_rows: int, out: torch.Tensor) -> int:
     """Copy an entry's rows from a pool [P, R, H] into out [num_rows, H], one copy per run of consecutive pages
     (each element is copied once). Returns the number of copy operations."""
-    rows_per_page = pool.shape[1]
     flat = pool.view(-1, pool.shape[2])
-    done = ops = 0
-    for first, count in page_runs(page_ids):
-        n = min(count * rows_per_page, num_rows - done)
-        out[done : done + n].copy_(flat[first * rows_per_page : first * rows_per_page + n], non_blocking=True)
-        done += n
-        ops += 1
-    return ops
+    runs = row_runs(page_ids, num_rows, pool.shape[1])
+    for src, dst, n in runs:
+        out[dst : dst + n].copy_(flat[src : src + n], non_blocking=True)
+    return len(runs)
 
 
 class EmbeddingPool:
@@ -209,11 +215,8 @@ class EmbeddingPool:
             pages = self._alloc(need)
             self._entries[key] = _Entry(pages, n)
         flat = self.data.view(-1, self.hidden_size)
-        done = 0
-        for first, count in page_runs(pages):
-            m = min(count * self.page_rows, n - done)
-            flat[first * self.page_rows : first * self.page_rows + m].copy_(rows[done : done + m])
-            done += m
+        for dst, src, m in row_runs(pages, n, self.page_rows):
+            flat[dst : dst + m].copy_(rows[src : src + m])
 
     def touch(self, key: str) -> bool:
         with self._lock:
