@@ -1,5 +1,6 @@
 """The worker's step in process on one GPU: decode ms/step at batch 1 and 64, prefill time, per backend and with
-CUDA graphs on and off, sampling variants, next to the floor (bytes a step must read / copy bandwidth).
+CUDA graphs on and off (decode graphs, piecewise prompt graphs), sampling variants, next to the floor (bytes a step
+must read / copy bandwidth).
 
     python -m benchmarks.bench_worker_step --model Qwen/Qwen2.5-VL-7B-Instruct --load-format dummy
 
@@ -98,7 +99,9 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 20 / (time.perf_counter() - t0)
 
 
-def run_config(model: str, backend: str, graphs: bool, args, rows: list[dict], bandwidth: float) -> None:
+def run_config(
+    model: str, backend: str, graphs: bool, args, rows: list[dict], bandwidth: float, piecewise: bool = True
+) -> None:
     cfg = RunnerConfig(
         model_path=model,
         dtype="bfloat16",
@@ -107,13 +110,16 @@ def run_config(model: str, backend: str, graphs: bool, args, rows: list[dict], b
         load_format=args.load_format,
         max_running_requests=max(args.batches),
         disable_cuda_graph=not graphs,
+        piecewise_cuda_graph_max_tokens=args.piecewise_max_tokens if piecewise else 0,
         max_total_tokens=args.kv_tokens or None,
     )
     t0 = time.perf_counter()
     runner = ModelRunner(cfg, None)
     runner.warmup()
     setup = time.perf_counter() - t0
-    label = f"{backend}{'' if graphs else ' (no graphs)'}"
+    label = (
+        f"{backend}{'' if graphs else ' (no graphs)'}{'' if piecewise or not graphs else ' (no piecewise)'}"
+    )
     print(f"== {label}: runner ready in {setup:.1f} s", flush=True)
     for batch in args.batches:
         for name, params in (("greedy", GREEDY), ("sampled", SAMPLED)):
@@ -146,7 +152,13 @@ def run_config(model: str, backend: str, graphs: bool, args, rows: list[dict], b
             b = Batch(runner, 1, n, 2, GREEDY)
             times.append(b.prefill() * 1e3)
             b.free()
-        row = {"backend": label, "prefill_tokens": n, "ttft_ms": sorted(times)[len(times) // 2]}
+        replays = runner.piecewise.replays if runner.piecewise is not None else 0
+        row = {
+            "backend": label,
+            "prefill_tokens": n,
+            "ttft_ms": sorted(times)[len(times) // 2],
+            "piecewise_replays": replays,
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     del runner, b
@@ -170,6 +182,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100, help="decode steps timed")
     p.add_argument("--ttft-lens", nargs="*", type=int, default=[1024], help="prompt lengths timed for TTFT")
     p.add_argument(
+        "--no-piecewise-backends",
+        nargs="*",
+        default=["triton"],
+        help="also time these without piecewise graphs",
+    )
+    p.add_argument(
+        "--piecewise-max-tokens", type=int, default=2048, help="--piecewise-cuda-graph-max-tokens of the runs"
+    )
+    p.add_argument(
         "--kv-tokens", type=int, default=200_000, help="KV cache size in tokens (0: sized from GPU memory)"
     )
     p.add_argument("--output-json", default="", help="write every figure here")
@@ -181,6 +202,8 @@ def main() -> None:
     for backend in args.backends:
         try:
             run_config(model, backend, True, args, rows, bandwidth)
+            if backend in args.no_piecewise_backends:
+                run_config(model, backend, True, args, rows, bandwidth, piecewise=False)
             if backend in args.no_graph_backends:
                 run_config(model, backend, False, args, rows, bandwidth)
         except Exception as e:  # noqa: BLE001 - report and go on with the next backend
@@ -191,17 +214,17 @@ def main() -> None:
             json.dump(
                 {"bandwidth": bandwidth, "rows": rows, "device": torch.cuda.get_device_name()}, f, indent=1
             )
-    print(f"\n{'backend':<28}{'batch':>6}{'sampling':>9}{'ms/step':>9}{'floor':>7}{'tok/s':>9}")
+    print(f"\n{'backend':<36}{'batch':>6}{'sampling':>9}{'ms/step':>9}{'floor':>7}{'tok/s':>9}")
     for r in rows:
         if "decode_ms" in r:
             print(
-                f"{r['backend']:<28}{r['batch']:>6}{r['sampling']:>9}{r['decode_ms']:>9.2f}"
+                f"{r['backend']:<36}{r['batch']:>6}{r['sampling']:>9}{r['decode_ms']:>9.2f}"
                 f"{r['floor_ms']:>7.2f}{r['tokens_per_s']:>9.0f}"
             )
         elif "ttft_ms" in r:
-            print(f"{r['backend']:<28} prefill {r['prefill_tokens']} tokens: {r['ttft_ms']:.1f} ms")
+            print(f"{r['backend']:<36} prefill {r['prefill_tokens']} tokens: {r['ttft_ms']:.1f} ms")
         else:
-            print(f"{r['backend']:<28} {r['error']}")
+            print(f"{r['backend']:<36} {r['error']}")
 
 
 if __name__ == "__main__":

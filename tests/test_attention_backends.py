@@ -119,21 +119,25 @@ def test_backend_matches_reference_at_7b_head_shapes(backend, dtype, decode_only
 @pytest.mark.parametrize("graphs", [True, False] if DEVICE.type == "cuda" else [False])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_runner_greedy_tokens_equal_the_reference_backend(backend, graphs, default_model):
-    """The whole worker step (prefill chunks, mixed batches, decode; CUDA graphs on or off on a GPU) through a
-    fast backend gives the reference backend's greedy tokens (float32, the embedded model)."""
+    """The whole worker step (prefill chunks, mixed batches, decode; CUDA graphs on or off on a GPU: decode graphs
+    and piecewise prompt graphs) through a fast backend gives the reference backend's greedy tokens (float32, the
+    embedded model; the reference runs kernel by kernel)."""
     from common.types import SamplingParams, SeqInit, SeqStep, StepPlan
     from worker_svc.model_runner import ModelRunner, RunnerConfig
 
     prompts = [[(i * 37 + j * 11) % 5000 + 10 for j in range(5 + i * 9)] for i in range(4)]
 
-    def generate(name: str) -> dict[str, list[int]]:
+    def generate(name: str, graphs: bool) -> dict[str, list[int]]:
         runner = ModelRunner(
             RunnerConfig(str(default_model), device=str(DEVICE), attention_backend=name, page_size=4,
-                         max_total_tokens=2048, max_running_requests=8, disable_cuda_graph=not graphs),
+                         max_total_tokens=2048, max_running_requests=8, disable_cuda_graph=not graphs,
+                         piecewise_cuda_graph_max_tokens=64),
             None,
         )  # fmt: skip
-        assert (runner.graphs is not None) == (graphs and name != "torch_native")
+        assert (runner.graphs is not None) == graphs
+        assert (runner.piecewise is not None) == graphs
         runner.warmup()
+        replays = runner.piecewise.replays if graphs else 0
         out: dict[str, list[int]] = {f"s{i}": [] for i in range(len(prompts))}
         greedy = SamplingParams(temperature=0.0)
         # step 1: the first two prompts; step 2: the others chunked (8 tokens), mixed with two decodes
@@ -176,8 +180,10 @@ def test_runner_greedy_tokens_equal_the_reference_backend(backend, graphs, defau
             ))  # fmt: skip
             for r in runner.step(plan).results:
                 out[r.seq_id].append(r.token_id)
+        if graphs:  # the three prompt steps (19, 18 and 41 tokens) went through the piecewise graphs
+            assert runner.piecewise.replays - replays == 3
         return out
 
-    ref = generate("torch_native")
+    ref = generate("torch_native", False)
     assert all(len(v) >= 7 for v in ref.values())
-    assert generate(backend) == ref
+    assert generate(backend, graphs) == ref

@@ -15,6 +15,7 @@ from models.registry import language_model_class
 from processor.model_config import load_model_config
 from worker_svc import memory
 from worker_svc.cuda_graphs import capture_sizes
+from worker_svc.piecewise_graphs import token_sizes
 from worker_svc.step_inputs import ALIGN, SeqInputs, StepInputs, Updates, graph_buffer_size, graph_views
 
 
@@ -142,3 +143,17 @@ def test_kv_budget_leaves_room_for_activations_graphs_and_vision():
     assert crowded.kv_bytes(0.85) == 40 * gb - 4 * gb - memory.CONTEXT_RESERVE // 2
     with pytest.raises(ValueError, match="mem-fraction-static"):
         memory.gpu_num_pages(memory.GpuBudget(80 * gb, 70 * gb, 3 * gb, gb, 6 * gb, 9 * gb), 0.85, 1 << 20)
+
+
+def test_piecewise_token_sizes_cover_every_count_up_to_the_maximum():
+    assert token_sizes(0) == []
+    assert token_sizes(8) == [8]
+    assert token_sizes(100) == [8, 16, 32, 48, 64, 96, 100]
+    big = token_sizes(2048)
+    assert big[-1] == 2048 and big == sorted(set(big))
+    assert big[big.index(1024) + 1 :] == [1280, 1536, 1792, 2048]
+    # every count from 1 to the maximum has a bucket; past 256 tokens (where a step stops being bound by reading
+    # the weights) padding adds under a quarter
+    for n in range(1, 2049):
+        t = next(s for s in big if s >= n)
+        assert n <= t and (n <= 256 or t / n < 1.25)

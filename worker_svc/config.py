@@ -50,6 +50,11 @@ class WorkerArgs(ArgsBase):
     cuda_graph_max_bs: int | None = arg(
         None, "largest decode batch captured as a CUDA graph (default: --max-running-requests)"
     )
+    piecewise_cuda_graph_max_tokens: int = arg(
+        2048,
+        "prompt steps of up to this many tokens replay CUDA graphs split at attention (attention runs between "
+        "the pieces) instead of launching every kernel from Python; 0 turns them off",
+    )
     vision_mem_fraction: float = arg(
         0.08,
         "GPU memory fraction the vision service may use (weights, activations, embedding cache) when it shares "
@@ -83,3 +88,5 @@ class WorkerArgs(ArgsBase):
             raise ValueError("--max-running-requests must be >= 1")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
             raise ValueError("--cuda-graph-max-bs must be >= 1")
+        if self.piecewise_cuda_graph_max_tokens < 0:
+            raise ValueError("--piecewise-cuda-graph-max-tokens must be >= 0 (0 turns the graphs off)")

@@ -46,6 +46,7 @@ class RunnerConfig:
     max_running_requests: int | None = None  # rows of per-sequence state (default: 256 on GPU, 64 on CPU)
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None  # default: max_running_requests
+    piecewise_cuda_graph_max_tokens: int = 2048  # prompt steps up to this many tokens replay piecewise graphs
     max_prefill_tokens: int = 16384  # the largest prefill a step carries: sizes the activation warm-up
     vision_mem_fraction: float = 0.0  # GPU share a vision service on the same card keeps
     embedding_buffer_bytes: int = 256 << 20  # image embeddings kept on the device when no sequence holds them
@@ -119,6 +120,7 @@ class ModelRunner:
         self.backend_name = resolve_backend(cfg.attention_backend, self.device)
         self.scale = text.head_dim**-0.5
         self.graphs = None
+        self.piecewise = None
         graph_bs = min(cfg.cuda_graph_max_bs or self.max_rows, self.max_rows)
         per_page = KVCache.bytes_per_page(
             text.num_hidden_layers, cfg.page_size, text.num_key_value_heads, text.head_dim, self.dtype
@@ -146,8 +148,21 @@ class ModelRunner:
         )
         if self.cuda and not cfg.disable_cuda_graph and self.attn.supports_cuda_graph:
             self._capture_graphs(graph_bs)
+        if self._piecewise_tokens():
+            from worker_svc.piecewise_graphs import PiecewiseGraphs
+
+            self.piecewise = PiecewiseGraphs(
+                self.model, self.attn, self._piecewise_tokens(), self.device, self.dtype
+            )
+            self.piecewise.capture()
 
     # ---- construction ----
+
+    def _piecewise_tokens(self) -> int:
+        """Largest prompt step replayed as piecewise graphs (0: none). Any backend: attention runs between pieces."""
+        if not self.cuda or self.cfg.disable_cuda_graph:
+            return 0
+        return max(0, self.cfg.piecewise_cuda_graph_max_tokens)
 
     def _new_kv_cache(self, num_pages: int) -> KVCache:
         text = self.model_config.text
@@ -187,15 +202,18 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - base
 
-        n = max(1, self.cfg.max_prefill_tokens)
-        prefill = SeqInputs(0, [0] * n, np.tile(np.arange(n), (3, 1)), np.zeros(n, np.int64), n, True)
-        activations = peak_of([prefill])
+        def prompt(n: int) -> list[SeqInputs]:
+            return [SeqInputs(0, [0] * n, np.tile(np.arange(n), (3, 1)), np.zeros(n, np.int64), n, True)]
+
+        activations = peak_of(prompt(max(1, self.cfg.max_prefill_tokens)))
         decode = [
             SeqInputs(i % self.max_rows, [0], np.zeros((3, 1), np.int64), np.zeros(1, np.int64), 1, True)
             for i in range(graph_bs)
         ]
         sampler_space = 4 * graph_bs * text.vocab_size * 4  # its [B, vocab] float32 temporaries
         graphs = peak_of(decode) + sampler_space if not self.cfg.disable_cuda_graph else sampler_space
+        if self._piecewise_tokens():  # the piecewise graphs' pool holds the activations of their largest step
+            graphs += peak_of(prompt(self._piecewise_tokens()))
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         embeddings = self.cfg.embedding_buffer_bytes if self.model_config.is_multimodal else 0
@@ -539,7 +557,11 @@ class ModelRunner:
             page_tables_host=inputs.page_tables,
         )
         self.attn.prepare(meta)
-        hidden = self.model(embeds, views["positions"].view(3, n), meta)
+        positions = views["positions"].view(3, n)
+        if self.piecewise is not None and n <= self.piecewise.max_tokens:
+            hidden = self.piecewise.forward(embeds, positions, meta)
+        else:
+            hidden = self.model(embeds, positions, meta)
         if not inputs.sample_rows:  # prefill chunks that do not end a prompt: no logits
             return None, views
         if len(inputs.sample_rows) != n:

@@ -53,6 +53,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             max_running_requests=a.max_running_requests,
             disable_cuda_graph=a.disable_cuda_graph,
             cuda_graph_max_bs=a.cuda_graph_max_bs,
+            piecewise_cuda_graph_max_tokens=a.piecewise_cuda_graph_max_tokens,
             max_prefill_tokens=a.max_prefill_tokens,
             vision_mem_fraction=a.vision_mem_fraction if a.vision_address else 0.0,
             embedding_buffer_bytes=a.embedding_buffer_mb << 20,

@@ -102,9 +102,16 @@ class FlashInferAttention:
         self.active = wrapper
 
     def forward(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.active.run(q.contiguous(), (k_cache, v_cache))
+        o = self.active.run(q.contiguous(), (k_cache, v_cache))
+        return o if out is None else out.copy_(o)

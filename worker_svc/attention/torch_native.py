@@ -21,17 +21,25 @@ class TorchNativeAttention:
         pass
 
     def forward(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] -> [T, heads, head_dim]
+        # q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] -> [T, heads, head_dim] (into `out` if given)
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
         ref.store_kv(k, v, k_cache, v_cache, meta.slot_mapping.long())
         page_size = self.kv_cache.page_size
         if meta.is_decode:
             width = max(1, -(-meta.max_seq_len // page_size))
             table = meta.block_table[meta.rows.long(), :width].long()
-            return ref.paged_decode_attention(q, k_cache, v_cache, table, meta.seq_lens.long(), self.scale)
-        out = torch.empty_like(q)
+            o = ref.paged_decode_attention(q, k_cache, v_cache, table, meta.seq_lens.long(), self.scale)
+            return o if out is None else out.copy_(o)
+        if out is None:
+            out = torch.empty_like(q)
         start = 0
         for row, q_len, kv_len in zip(meta.rows_host, meta.q_lens_host, meta.seq_lens_host, strict=True):
             q_len, kv_len = int(q_len), int(kv_len)

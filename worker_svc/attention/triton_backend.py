@@ -26,12 +26,19 @@ class TritonAttention:
         pass
 
     def forward(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] (views of the fused projection)
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.is_decode:
             splits = meta.num_kv_splits or decode_num_splits(
                 meta.max_seq_len, meta.num_tokens, self.kv_cache.num_kv_heads, self.num_sms
