@@ -119,6 +119,30 @@ class OpenAIServing:
             "prompt_tokens_details": {"cached_tokens": cached},
         }
 
+    async def _started(self, greq: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """A streamed request's outputs, once the first has come: whatever fails before the first token (a
+        prompt the scheduler refuses, an image the vision service cannot decode) is an HTTP error in OpenAI's
+        shape, not a 200 stream that ends in an error event. Clients see nothing sooner either way."""
+        outs = self.scheduler.generate(greq)
+        try:
+            first = await anext(outs)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await outs.aclose()
+            raise
+
+        async def rest() -> AsyncIterator[GenerateOutput]:
+            try:
+                if first is not None:
+                    yield first
+                async for out in outs:
+                    yield out
+            finally:
+                await outs.aclose()
+
+        return rest()
+
     # ---- chat ----
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
@@ -132,7 +156,7 @@ class OpenAIServing:
         greq = self._build(req, prompt, req.logprobs, req.top_logprobs or 0, stream=req.stream)
         rid, created = f"chatcmpl-{greq.request_id}", int(time.time())
         if req.stream:
-            return self._chat_stream(req, greq, rid, created)
+            return self._chat_stream(req, await self._started(greq), rid, created)
         choices = await self._collect(greq)
         first = next(iter(choices.values()))
         usage = [first["prompt"], sum(c["completion"] for c in choices.values()), first["cached"]]
@@ -159,14 +183,14 @@ class OpenAIServing:
         return body
 
     async def _chat_stream(
-        self, req: ChatCompletionRequest, greq: GenerateRequest, rid: str, created: int
+        self, req: ChatCompletionRequest, outs: AsyncIterator[GenerateOutput], rid: str, created: int
     ) -> AsyncIterator[str]:
         chunk = _chunker(rid, "chat.completion.chunk", created, req)
 
         started: set[int] = set()
         totals = [0, 0, 0]
         try:
-            async for out in self.scheduler.generate(greq):
+            async for out in outs:
                 i = out.index
                 if i not in started:
                     started.add(i)
@@ -224,7 +248,7 @@ class OpenAIServing:
         greqs = [self._build(req, b, req.logprobs is not None, n_lp, stream=req.stream) for b in built]
         rid, created = f"cmpl-{greqs[0].request_id}", int(time.time())
         if req.stream:
-            return self._completion_stream(req, greqs[0], rid, created)
+            return self._completion_stream(req, await self._started(greqs[0]), rid, created)
         results = await asyncio.gather(*(self._collect(g) for g in greqs))
         choices, usage = [], [0, 0, 0]
         for k, per_choice in enumerate(results):
@@ -291,13 +315,13 @@ class OpenAIServing:
         }
 
     async def _completion_stream(
-        self, req: CompletionRequest, greq: GenerateRequest, rid: str, created: int
+        self, req: CompletionRequest, outs: AsyncIterator[GenerateOutput], rid: str, created: int
     ) -> AsyncIterator[str]:
         chunk = _chunker(rid, "text_completion", created, req)
 
         totals = [0, 0, 0]
         try:
-            async for out in self.scheduler.generate(greq):
+            async for out in outs:
                 lp = self._logprobs_text(out.logprobs) if req.logprobs is not None else None
                 if out.text or out.logprobs or out.finish_reason is not None:
                     yield chunk(
@@ -363,13 +387,14 @@ class OpenAIServing:
             return m
 
         if body.stream:
+            outs = await self._started(greq)
 
             async def stream() -> AsyncIterator[str]:
                 texts: dict[int, str] = {}
                 ids: dict[int, list[int]] = {}
                 lps: dict[int, list[TokenLogprob]] = {}
                 try:
-                    async for out in self.scheduler.generate(greq):
+                    async for out in outs:
                         texts[out.index] = texts.get(out.index, "") + out.text
                         ids.setdefault(out.index, []).extend(out.token_ids)
                         lps.setdefault(out.index, []).extend(out.logprobs)

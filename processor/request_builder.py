@@ -1,6 +1,7 @@
 """OpenAI-style messages (or a raw prompt) -> token ids with expanded image placeholders and media items.
 
-Shared by the gateway and the in-process engine. Media is fetched concurrently and decoded off the event loop.
+Shared by the gateway and the in-process engine. Media is fetched concurrently; only image headers are read here
+(size, orientation, format): the vision service decodes the pixels.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from typing import Any
 
 from common.errors import InvalidRequestError
 from common.types import MultimodalItem
-from processor.media import MediaFetcher, MediaPolicy, content_key, decode_image
+from processor.media import MediaFetcher, MediaPolicy, content_key, image_size
 from processor.model_config import ModelConfig, load_model_config
 from processor.models import media_spec_class
 from processor.tokenizer import Tokenizer
 
 ROLES = {"system", "user", "assistant", "developer", "tool"}
+_INLINE_BYTES = 1 << 20  # images smaller than this are described on the event loop
 
 
 @dataclass
@@ -119,14 +121,17 @@ class RequestBuilder:
         self, refs: list[ImageRef]
     ) -> list[tuple[ImageRef, bytes, str, tuple[int, int, int]]]:
         datas = await asyncio.gather(*(self.fetcher.fetch(r.url, r.param) for r in refs))
-        return await asyncio.gather(
-            *(asyncio.to_thread(self._describe, r, d) for r, d in zip(refs, datas, strict=True))
-        )
+
+        async def describe(ref: ImageRef, data: bytes):
+            if len(data) < _INLINE_BYTES:  # a header read and a short hash: cheaper than a thread hop
+                return self._describe(ref, data)
+            return await asyncio.to_thread(self._describe, ref, data)
+
+        return await asyncio.gather(*(describe(r, d) for r, d in zip(refs, datas, strict=True)))
 
     def _describe(self, ref: ImageRef, data: bytes) -> tuple[ImageRef, bytes, str, tuple[int, int, int]]:
-        decoded = decode_image(data, self.policy, ref.param)
-        grid = self.media_spec.image_grid(decoded.width, decoded.height)
-        return ref, data, content_key(decoded.image, self._settings), grid
+        grid = self.media_spec.image_grid(*image_size(data, self.policy, ref.param))
+        return ref, data, content_key(data, self._settings), grid
 
     def _expand(self, ids: list[int], images, text: str) -> PreparedPrompt:
         pads = (

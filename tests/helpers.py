@@ -236,10 +236,9 @@ def runner_generate(
         grid = encoder.spec.image_grid(*img.size)
         n = encoder.spec.num_image_tokens(grid)
         off = ids.index(hf.image_token_id, pos)
+        data = png_bytes(img)
         items.append(
-            MultimodalItem(
-                content_key(img, encoder.spec.fingerprint()), off, n, grid, "image", png_bytes(img)
-            )
+            MultimodalItem(content_key(data, encoder.spec.fingerprint()), off, n, grid, "image", data)
         )
         pos = off + n
     asyncio.run(encoder.encode(items))

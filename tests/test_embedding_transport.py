@@ -127,12 +127,13 @@ def _encode(address: str, default_model, seed: int) -> tuple[str, int]:
     img = noise_image(56, 84, seed)
     grid = spec.image_grid(*img.size)
     n = spec.num_image_tokens(grid)
-    key = content_key(img, spec.fingerprint())
+    data = png_bytes(img)
+    key = content_key(data, spec.fingerprint())
 
     async def go():
         client = VisionClient(address)
         try:
-            await client.encode([MultimodalItem(key, 0, n, grid, "image", png_bytes(img))])
+            await client.encode([MultimodalItem(key, 0, n, grid, "image", data)])
         finally:
             await client.close()
 

@@ -231,7 +231,7 @@ def test_a_dying_vision_batch_loop_fails_its_requests_and_is_reported(default_mo
     data = png_bytes(noise_image(56, 56, seed=4))
     img = decode_image(data).image
     grid = enc.spec.image_grid(*img.size)
-    item = MultimodalItem(content_key(img, enc.spec.fingerprint()), 0, enc.spec.num_image_tokens(grid), grid,
+    item = MultimodalItem(content_key(data, enc.spec.fingerprint()), 0, enc.spec.num_image_tokens(grid), grid,
                           "image", data)  # fmt: skip
     with pytest.raises(MemoryError):
         asyncio.run(asyncio.wait_for(enc.encode([item]), 10))

@@ -29,6 +29,11 @@ from tests.helpers import (
 
 JPEG = sample_photo("grace_hopper.jpg").read_bytes()
 PNG = sample_photo("logo2.png").read_bytes()
+TRUNCATED = png_bytes(noise_image(120, 90, 3))[:2000]
+
+
+def image_part_bytes(data: bytes) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_uri(data)}}
 
 
 class _Media(BaseHTTPRequestHandler):
@@ -299,6 +304,23 @@ BAD = {
         ),
         400,
         "image_url",
+    ),
+    # the header passes the gateway (it reads only headers); the vision service refuses the body, and the error
+    # comes back as a 400, streamed or not (a stream starts only with its first output)
+    "truncated_image": (
+        lambda c, m, d: c.chat(_user(image_part_bytes(TRUNCATED), TEXT)),
+        400,
+        None,
+    ),
+    "truncated_image_streamed": (
+        lambda c, m, d: c.chat(_user(image_part_bytes(TRUNCATED), TEXT), stream=True),
+        400,
+        None,
+    ),
+    "too_long_after_images_streamed": (
+        lambda c, m, d: c.chat(_user(image_part(noise_image(1400, 1400, 9)), TEXT), stream=True),
+        400,
+        "messages",
     ),
     "url_not_image": (
         lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {"url": m + "/notimage.bin"}}, TEXT)),

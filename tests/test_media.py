@@ -1,5 +1,5 @@
 """processor.media: the SSRF address filter (pure function), MediaFetcher (data:, local files, http from a server
-on 127.0.0.1 only) and decode_image / content_key.
+on 127.0.0.1 only), decode_image, image_size (headers only) and content_key.
 
 Network rule: nothing here connects anywhere but loopback. Blocked ranges are tested through the pure function;
 the fetcher's guard is tested with names that resolve to loopback ("localhost", "127.0.0.1", "[::1]", ...).
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import matplotlib
 import pytest
-from PIL import Image, features
+from PIL import Image
 
 import processor.media as media
 from common.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError, http_status
-from processor.media import MediaFetcher, MediaPolicy, blocked_address, content_key, decode_image
+from processor.media import MediaFetcher, MediaPolicy, blocked_address, content_key, decode_image, image_size
 
 SAMPLE_DATA = Path(matplotlib.get_data_path()) / "sample_data"
 
@@ -660,29 +660,60 @@ def pixels():
 
 
 class TestContentKey:
-    def test_same_pixels_different_encodings(self, pixels):
-        if not features.check("webp"):
-            pytest.skip("Pillow built without WebP")
-        a = decode_image(encode(pixels, "PNG")).image
-        b = decode_image(encode(pixels, "WEBP", lossless=True, quality=100)).image
-        c = decode_image(encode(pixels, "BMP")).image
-        assert content_key(a, "s") == content_key(b, "s") == content_key(c, "s")
+    def test_equal_bytes_equal_keys(self, pixels):
+        assert content_key(png_bytes(pixels), "s") == content_key(png_bytes(pixels), "s")
+
+    def test_same_pixels_in_another_encoding_is_another_key(self, pixels):
+        """Keys are of the bytes (the gateway never decodes): a re-encoded picture is encoded again, never mixed
+        up with another."""
+        a, b = encode(pixels, "PNG"), encode(pixels, "BMP")
+        assert decode_image(a).image.tobytes() == decode_image(b).image.tobytes()
+        assert content_key(a, "s") != content_key(b, "s")
 
     def test_one_changed_pixel(self, pixels):
         other = pixels.copy()
         r, g, b = other.getpixel((5, 5))
         other.putpixel((5, 5), (r ^ 1, g, b))
-        assert content_key(decode_image(png_bytes(pixels)).image, "s") != content_key(
-            decode_image(png_bytes(other)).image, "s"
-        )
+        assert content_key(png_bytes(pixels), "s") != content_key(png_bytes(other), "s")
 
     def test_settings_matter(self, pixels):
-        img = decode_image(png_bytes(pixels)).image
-        assert content_key(img, "a") != content_key(img, "b")
-        assert content_key(img, "a") == content_key(img, "a")
+        data = png_bytes(pixels)
+        assert content_key(data, "a") != content_key(data, "b")
+        assert content_key(data, "a") == content_key(data, "a")
 
-    def test_geometry_matters(self):
-        a = Image.frombytes("RGB", (2, 3), bytes(range(18)))
-        b = Image.frombytes("RGB", (3, 2), bytes(range(18)))
-        assert a.tobytes() == b.tobytes()
-        assert content_key(a, "s") != content_key(b, "s")
+
+class TestImageSize:
+    """The gateway reads sizes from headers; they must be what decoding gives."""
+
+    @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+    def test_equals_the_decoded_size(self, fmt):
+        data = encode(Image.new("RGB", (7, 5), (200, 100, 50)), fmt)
+        d = decode_image(data)
+        assert image_size(data) == (d.width, d.height) == (7, 5)
+
+    @pytest.mark.parametrize("orientation", range(1, 9))
+    def test_exif_orientation(self, orientation):
+        img = Image.new("RGB", (64, 32), (0, 0, 255))
+        exif = img.getexif()
+        exif[0x0112] = orientation
+        data = encode(img, "JPEG", exif=exif)
+        d = decode_image(data)
+        assert image_size(data) == (d.width, d.height)
+
+    def test_truncated_body_passes_the_header_check_and_fails_to_decode(self):
+        data = encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG")
+        assert image_size(data[: len(data) // 2]) == (64, 64)
+        with pytest.raises(InvalidRequestError):
+            decode_image(data[: len(data) // 2])
+
+    @pytest.mark.parametrize("data", [b"", b"hello world", b"\x89PNG\r\n\x1a\n" + b"\0" * 20])
+    def test_not_an_image(self, data):
+        with pytest.raises(InvalidRequestError) as e:
+            image_size(data, param="p")
+        assert e.value.param == "p"
+
+    def test_unsupported_format_and_pixel_limit(self):
+        with pytest.raises(InvalidRequestError):
+            image_size(encode(Image.new("RGB", (4, 4)), "TIFF"))
+        with pytest.raises(PayloadTooLargeError):
+            image_size(png_bytes(Image.new("RGB", (20, 20))), MediaPolicy(max_pixels=399))

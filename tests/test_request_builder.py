@@ -132,7 +132,7 @@ def check_items(prompt, spec, images: list[bytes]) -> None:
         assert prompt.input_ids[item.offset - 1] == VISION_START
         assert prompt.input_ids[item.end] == VISION_END
         assert item.data == data
-        assert item.content_key == content_key(decoded.image, spec.fingerprint())
+        assert item.content_key == content_key(data, spec.fingerprint())
         assert item.modality == "image"
         prev_end = item.end
     assert prompt.input_ids.count(IMAGE_PAD) == sum(it.num_tokens for it in prompt.mm_items)

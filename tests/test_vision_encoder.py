@@ -29,7 +29,7 @@ def _item(enc: VisionEncoder, data: bytes) -> MultimodalItem:
     img = decode_image(data).image
     grid = enc.spec.image_grid(*img.size)
     return MultimodalItem(
-        content_key(img, enc.spec.fingerprint()), 0, enc.spec.num_image_tokens(grid), grid, "image", data
+        content_key(data, enc.spec.fingerprint()), 0, enc.spec.num_image_tokens(grid), grid, "image", data
     )
 
 
