@@ -19,6 +19,11 @@ class FlashInferAttention:
     supports_cuda_graph = True
 
     def __init__(self, kv_cache: KVCache, num_heads: int, scale: float, max_batch: int, device: torch.device):
+        if kv_cache.k.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"the flashinfer attention backend has no {kv_cache.k.dtype} kernels: serve in float16 or bfloat16 "
+                "(--dtype), or use --attention-backend triton"
+            )
         import flashinfer
 
         self.flashinfer = flashinfer
