@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict
 
 from common.types import (
@@ -187,6 +188,47 @@ def output_from_proto(p: scheduler_pb2.GenerateResponse) -> GenerateOutput:
     )
 
 
+def outputs_to_batch(
+    outs: Iterable[GenerateOutput], batch: scheduler_pb2.OutputBatch | None = None
+) -> scheduler_pb2.OutputBatch:
+    """Outputs into one OutputBatch: plain deltas (no finish, logprobs or error) in its columns, the rest as
+    messages; a request's deltas after one of its messages go as messages too, so reading deltas first keeps
+    each choice's order."""
+    if batch is None:
+        batch = scheduler_pb2.OutputBatch()
+    rids, indexes, texts, counts, token_ids = [], [], [], [], []
+    as_messages: set[str] = set()
+    for o in outs:
+        if o.finish_reason is None and not o.logprobs and o.error is None and o.request_id not in as_messages:
+            rids.append(o.request_id)
+            indexes.append(o.index)
+            texts.append(o.text)
+            counts.append(len(o.token_ids))
+            token_ids += o.token_ids
+            continue
+        output_to_proto(o, batch.outputs.add())
+        as_messages.add(o.request_id)
+    batch.delta_request_ids.extend(rids)
+    batch.delta_indexes.extend(indexes)
+    batch.delta_texts.extend(texts)
+    batch.delta_num_tokens.extend(counts)
+    batch.delta_token_ids.extend(token_ids)
+    return batch
+
+
+def outputs_from_batch(batch: scheduler_pb2.OutputBatch) -> list[GenerateOutput]:
+    """The outputs of an OutputBatch in an order that keeps each choice's (its errors excepted)."""
+    token_ids = list(batch.delta_token_ids)
+    outs, end = [], 0
+    for rid, index, text, n in zip(
+        batch.delta_request_ids, batch.delta_indexes, batch.delta_texts, batch.delta_num_tokens, strict=True
+    ):
+        outs.append(GenerateOutput(rid, index, text, token_ids[end : end + n]))
+        end += n
+    outs += [output_from_proto(m) for m in batch.outputs]
+    return outs
+
+
 def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
     req = worker_pb2.StepRequest(
         step_id=plan.step_id,
@@ -220,6 +262,8 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
             init.output_token_ids.extend(i.output_token_ids)
     req.decode_seq_ids.extend(decode_ids)
     req.decode_start_pos.extend(decode_pos)
+    req.decode_seq_ids.extend(plan.decode_seq_ids)
+    req.decode_start_pos.extend(plan.decode_start_pos)
     return req
 
 
@@ -252,17 +296,9 @@ def plan_from_proto(p: worker_pb2.StepRequest) -> StepPlan:
 
 
 def step_output_to_proto(o: StepOutput) -> worker_pb2.StepResult:
-    return worker_pb2.StepResult(
+    """Tokens without logprobs (a logprob of 0 and no alternatives reads back the same) go in the columns."""
+    msg = worker_pb2.StepResult(
         step_id=o.step_id,
-        results=[
-            worker_pb2.SequenceResult(
-                seq_id=r.seq_id,
-                token_id=r.token_id,
-                logprob=r.logprob,
-                top_logprobs=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in r.top_logprobs],
-            )
-            for r in o.results
-        ],
         failures=[
             worker_pb2.SequenceFailure(seq_id=f.seq_id, reason=_FAILURE[f.reason], message=f.message)
             for f in o.failures
@@ -272,7 +308,20 @@ def step_output_to_proto(o: StepOutput) -> worker_pb2.StepResult:
         forward_ns=o.forward_ns,
         start_unix_ns=o.start_unix_ns,
         end_unix_ns=o.end_unix_ns,
+        sampled_seq_ids=o.sampled_seq_ids,
+        sampled_token_ids=o.sampled_token_ids,
     )
+    plain = [r for r in o.results if not r.logprob and not r.top_logprobs]
+    msg.sampled_seq_ids.extend([r.seq_id for r in plain])
+    msg.sampled_token_ids.extend([r.token_id for r in plain])
+    if len(plain) < len(o.results):
+        add = msg.results.add
+        for r in o.results:
+            if r.logprob or r.top_logprobs:
+                m = add(seq_id=r.seq_id, token_id=r.token_id, logprob=r.logprob)
+                for t, v in r.top_logprobs:
+                    m.top_logprobs.add(token_id=t, logprob=v)
+    return msg
 
 
 def step_output_from_proto(p: worker_pb2.StepResult) -> StepOutput:
@@ -290,6 +339,8 @@ def step_output_from_proto(p: worker_pb2.StepResult) -> StepOutput:
         forward_ns=p.forward_ns,
         start_unix_ns=p.start_unix_ns,
         end_unix_ns=p.end_unix_ns,
+        sampled_seq_ids=tuple(p.sampled_seq_ids),
+        sampled_token_ids=tuple(p.sampled_token_ids),
     )
 
 

@@ -3,7 +3,7 @@ core and the in-process engine. Servicers convert them to and from protos; nothi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -133,10 +133,20 @@ class StepPlan:
     free_seq_ids: tuple[str, ...] = ()
     sent_unix_ns: int = 0
     prefetch_keys: tuple[str, ...] = ()  # images whose embeddings the worker starts pulling now
+    # plain decodes after `seqs`, in columns: SeqStep(decode_seq_ids[i], decode_start_pos[i]) each
+    decode_seq_ids: tuple[str, ...] = ()
+    decode_start_pos: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.seqs)
+        return sum(s.num_tokens for s in self.seqs) + len(self.decode_seq_ids)
+
+    def expanded(self) -> StepPlan:
+        """The same step with its plain decodes as SeqSteps at the end of `seqs`."""
+        if not self.decode_seq_ids:
+            return self
+        decodes = (SeqStep(i, p) for i, p in zip(self.decode_seq_ids, self.decode_start_pos, strict=True))
+        return replace(self, seqs=(*self.seqs, *decodes), decode_seq_ids=(), decode_start_pos=())
 
 
 @dataclass(frozen=True)
@@ -164,6 +174,14 @@ class StepOutput:
     forward_ns: int = 0
     start_unix_ns: int = 0
     end_unix_ns: int = 0
+    # tokens without logprobs may come in columns instead of `results`: sampled_token_ids[i] for sampled_seq_ids[i]
+    sampled_seq_ids: tuple[str, ...] = ()
+    sampled_token_ids: tuple[int, ...] = ()
+
+    def sampled(self) -> list[tuple[str, int]]:
+        """(sequence id, token) of every token sampled, columns first."""
+        columns = zip(self.sampled_seq_ids, self.sampled_token_ids, strict=True)
+        return [*columns, *((r.seq_id, r.token_id) for r in self.results)]
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class _InProcessWorker:
 
     def submit(self, plan: StepPlan) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        launched = loop.run_in_executor(self._executor, self.runner.launch, plan)
+        launched = loop.run_in_executor(self._executor, self.runner.launch, plan.expanded())
 
         async def result():
             return await loop.run_in_executor(self._collector, self.runner.collect, await launched)

@@ -10,6 +10,7 @@ held-back text plus the new text only.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Sequence
 
@@ -72,21 +73,30 @@ class IncrementalDetokenizer:
         self._stream = None
         self._dropped: frozenset[int] = frozenset()
         self._byte_ids: frozenset[int] = frozenset()
+        self._clean: _CleanTexts | None = None
         if self._backend is not None:
             self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
             special, self._byte_ids = _stream_ids(self._backend)
             # decode() drops these anyway; keeping them out of the window keeps it small if a model emits many
             self._dropped = special if skip_special_tokens else frozenset()
+            self._clean = _clean_texts(self._backend)
         self._ids: list[int] = []  # recent ids, from the current window's start on
         self._prefix = 0  # window start in _ids: the previous release began here
         self._read = 0  # ids before this were released as text
         self._num_unstepped = 0  # trailing ids in _ids not given to DecodeStream yet
+        # add_token's shortcut (byte-level decoders only): while the window is one released id that decodes to
+        # whole characters alone, the next such id releases exactly its own text, so Python returns it without
+        # DecodeStream, which catches up (_sync) before the next id that needs it
+        self._window_clean = True
+        self._stale: int | None = None  # the id DecodeStream's window should hold (steps taken in Python)
 
     def add(self, ids: Sequence[int]) -> str:
         if self._dropped and not self._dropped.isdisjoint(ids):
             ids = [i for i in ids if i not in self._dropped]
         if not ids:
             return ""
+        self._sync()
+        self._window_clean = False
         self._ids.extend(ids)
         if self._byte_ids and ids[-1] in self._byte_ids:
             # A byte-fallback decoder turns a whole run of <0xXX> pieces into U+FFFDs if any byte of it is
@@ -106,7 +116,26 @@ class IncrementalDetokenizer:
         if text is None:
             return ""
         self._advance()
+        window = self._ids[self._prefix :]
+        self._window_clean = len(window) == 1 and self._clean is not None and bool(self._clean[window[0]])
         return text
+
+    def add_token(self, token: int) -> str:
+        """add([token]); in the common case (see _window_clean) a dictionary lookup."""
+        if self._window_clean and self._clean is not None and self._stream is not None:
+            text = self._clean[token]
+            if text:
+                self._stale = token
+                return text
+        return self.add((token,))
+
+    def _sync(self) -> None:
+        """Give DecodeStream (and the windows here) the state the shortcut left: one released id."""
+        if self._stale is not None:
+            self._stream = DecodeStream(skip_special_tokens=self.skip)
+            self._stream.step(self._backend, self._stale)
+            self._ids, self._prefix, self._read = [self._stale], 0, 1
+            self._stale = None
 
     def flush(self) -> str:
         """The rest of the text once no more ids will come (incomplete bytes become U+FFFD, as decode does)."""
@@ -149,6 +178,32 @@ def _stream_ids(backend: tokenizers.Tokenizer) -> tuple[frozenset[int], frozense
     return special, frozenset(i for i in pieces if i is not None)
 
 
+class _CleanTexts(dict):
+    """id -> its text when it decodes alone to whole characters ("" otherwise, and for added tokens), filled as
+    ids are seen. Under a byte-level decoder the text of ids is the UTF-8 decode of their bytes joined, so after
+    such ids any other such id adds exactly its own text."""
+
+    def __init__(self, backend: tokenizers.Tokenizer):
+        super().__init__()
+        self.backend = backend
+        self.added = frozenset(backend.get_added_tokens_decoder())
+
+    def __missing__(self, token: int) -> str:
+        text = "" if token in self.added else self.backend.decode([token], skip_special_tokens=False)
+        if "\ufffd" in text:
+            text = ""
+        self[token] = text
+        return text
+
+
+@functools.lru_cache(maxsize=8)
+def _clean_texts(backend: tokenizers.Tokenizer) -> _CleanTexts | None:
+    decoder = backend.decoder
+    if decoder is None or json.loads(decoder.__getstate__()).get("type") != "ByteLevel":
+        return None
+    return _CleanTexts(backend)
+
+
 class TextStream:
     """Detokenizer plus stop-string matching for one choice."""
 
@@ -177,6 +232,13 @@ class TextStream:
         if self.matched_stop is not None:
             return ""
         delta = self.detok.add(ids)
+        return self._release(delta, False, check_stop) if self.stop else delta
+
+    def push_token(self, token: int, check_stop: bool = True) -> str:
+        """push([token]), with less work."""
+        if self.matched_stop is not None:
+            return ""
+        delta = self.detok.add_token(token)
         return self._release(delta, False, check_stop) if self.stop else delta
 
     def finish(self, check_stop: bool = True) -> str:

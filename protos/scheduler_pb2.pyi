@@ -216,12 +216,22 @@ class ConnectRequest(_message.Message):
     def __init__(self, generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., abort: _Optional[_Union[AbortRequest, _Mapping]] = ...) -> None: ...
 
 class OutputBatch(_message.Message):
-    __slots__ = ("outputs", "errors")
+    __slots__ = ("outputs", "errors", "delta_request_ids", "delta_indexes", "delta_texts", "delta_num_tokens", "delta_token_ids")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_INDEXES_FIELD_NUMBER: _ClassVar[int]
+    DELTA_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[GenerateResponse]
     errors: _containers.RepeatedCompositeFieldContainer[RequestError]
-    def __init__(self, outputs: _Optional[_Iterable[_Union[GenerateResponse, _Mapping]]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ...) -> None: ...
+    delta_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    delta_indexes: _containers.RepeatedScalarFieldContainer[int]
+    delta_texts: _containers.RepeatedScalarFieldContainer[str]
+    delta_num_tokens: _containers.RepeatedScalarFieldContainer[int]
+    delta_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, outputs: _Optional[_Iterable[_Union[GenerateResponse, _Mapping]]] = ..., errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ..., delta_request_ids: _Optional[_Iterable[str]] = ..., delta_indexes: _Optional[_Iterable[int]] = ..., delta_texts: _Optional[_Iterable[str]] = ..., delta_num_tokens: _Optional[_Iterable[int]] = ..., delta_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RequestError(_message.Message):
     __slots__ = ("request_id", "code", "message")

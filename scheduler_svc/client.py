@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from common.convert import output_from_proto, request_to_proto
+from common.convert import outputs_from_batch, request_to_proto
 from common.errors import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -66,10 +66,10 @@ class SchedulerClient:
     async def _read(self, call, outbox: asyncio.Queue) -> None:
         try:
             async for batch in call:
-                for msg in batch.outputs:
-                    q = self._queues.get(msg.request_id)
+                for out in outputs_from_batch(batch):
+                    q = self._queues.get(out.request_id)
                     if q is not None:
-                        q.put_nowait(msg)
+                        q.put_nowait(out)
                 for err in batch.errors:
                     q = self._queues.get(err.request_id)
                     if q is not None:
@@ -110,7 +110,7 @@ class SchedulerClient:
                     if isinstance(item, scheduler_pb2.RequestError):
                         remaining = 0
                         raise _ERRORS.get(item.code, MiradorError)(item.message)
-                    nxt = output_from_proto(item)
+                    nxt = item
                     if out is not None and (out.index != nxt.index or out.finish_reason is not None):
                         yield out
                         out = None

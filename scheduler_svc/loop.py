@@ -175,7 +175,12 @@ class SchedulerLoop:
 
     def _overlap(self, start: int, end: int) -> int:
         """Scheduler work done while the worker was computing [start, end]."""
-        return sum(max(0, min(b, end) - max(a, start)) for a, b in self._intervals)
+        total = 0
+        for a, b in reversed(self._intervals):  # in time order, one after another: the recent ones only
+            if b <= start:
+                break
+            total += max(0, min(b, end) - max(a, start))
+        return total
 
     def _worker_failed(self, error: BaseException, inflight: deque) -> None:
         logger.error("worker step failed (%s); failing the running requests", error)

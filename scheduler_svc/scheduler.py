@@ -19,6 +19,7 @@ from common.types import (
     GenerateRequest,
     MultimodalItem,
     SeqInit,
+    SeqResult,
     SeqStep,
     StepOutput,
     StepPlan,
@@ -101,6 +102,17 @@ class _Sent:
     sample: bool
 
 
+@dataclass
+class _Decodes:
+    """A step's plain decodes (one token from the last sample, no page-table change) in columns: what the plan
+    carries, and what its result is applied to (sequence i computed position start_pos[i] in epoch epochs[i])."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
+    seq_ids: list[str] = field(default_factory=list)
+    start_pos: list[int] = field(default_factory=list)
+
+
 def validate_request(req: GenerateRequest, vocab_size: int) -> None:
     """What the scheduler cannot run: raised as INVALID_ARGUMENT for gRPC callers that skip the gateway."""
     s, st = req.sampling, req.stopping
@@ -141,7 +153,7 @@ class Scheduler:
         self._prefetch: dict[str, None] = {}  # encoded keys the next step tells the worker to pull
         self.stats = Stats()
         self._free_worker: list[str] = []
-        self._inflight: dict[int, list[_Sent]] = {}
+        self._inflight: dict[int, tuple[list[_Sent], _Decodes]] = {}
         self._step_id = 0
         self._last_log = 0.0
 
@@ -176,7 +188,7 @@ class Scheduler:
                 stop=stop.stop,
                 no_stop_trim=stop.no_stop_trim,
             )
-            seq = Sequence(state, i, stream)
+            seq = Sequence(state, i, stream, self.policy.eos_token_ids)
             state.seqs.append(seq)
             self._enqueue(seq)
         state.num_unfinished = len(state.seqs)
@@ -240,16 +252,14 @@ class Scheduler:
         p = self.policy
         steps: list[SeqStep] = []
         sent: list[_Sent] = []
-        scheduled: set[int] = set()
+        decodes = _Decodes()
         prefill_budget = p.max_prefill_tokens
         step_id = self._step_id + 1
 
         # 1. decodes and unfinished prefills of the running batch, oldest first; preempt the newest on shortage.
         # Without mixed chunks, a step that has prompt work to do leaves the decodes for the next one.
         prompts_first = not p.enable_mixed_chunk and self._has_prompt_work()
-        prefill_budget = self._plan_running(
-            steps, sent, scheduled, prefill_budget, step_id, not prompts_first
-        )
+        prefill_budget = self._plan_running(steps, sent, decodes, prefill_budget, step_id, not prompts_first)
 
         # 2. admit waiting sequences, first come first served (or longest cached prefix first, "lpm")
         new_seqs = new_tokens = cached = 0
@@ -267,24 +277,30 @@ class Scheduler:
             prefill_budget -= n
             new_seqs, new_tokens, cached = new_seqs + 1, new_tokens + n, cached + hit
             steps.append(self._seq_step(seq, n, sent))
-            scheduled.add(id(seq))
+            seq.last_step = step_id
 
         if prompts_first and not any(st.input_ids for st in steps):
             # the prompt work could not be placed (no pages, waiting for images): decode after all
-            self._plan_running(steps, sent, scheduled, prefill_budget, step_id, True)
-        if not steps and not self._free_worker and not self._prefetch:
+            self._plan_running(steps, sent, decodes, prefill_budget, step_id, True)
+        if not steps and not decodes.seqs and not self._free_worker and not self._prefetch:
             return None
         self._step_id = step_id
         plan = StepPlan(
-            step_id, tuple(steps), tuple(self._free_worker), time.time_ns(), tuple(self._prefetch)
+            step_id,
+            tuple(steps),
+            tuple(self._free_worker),
+            time.time_ns(),
+            tuple(self._prefetch),
+            tuple(decodes.seq_ids),
+            tuple(decodes.start_pos),
         )
         self._free_worker = []
         if self._prefetch:
             self.stats.embedding_prefetches += len(self._prefetch)
             self._prefetch = {}
-        self._inflight[step_id] = sent
+        self._inflight[step_id] = (sent, decodes)
         self.stats.num_steps += 1
-        self._log_step(new_seqs, new_tokens, cached, len(steps) - new_seqs)
+        self._log_step(new_seqs, new_tokens, cached, len(steps) + len(decodes.seqs) - new_seqs)
         return plan
 
     LPM_MAX_QUEUE = 128  # past this many waiting, matching every prompt costs more than it saves (as SGLang)
@@ -302,7 +318,11 @@ class Scheduler:
 
     def _has_prompt_work(self) -> bool:
         """A running sequence has prompt tokens left, or a waiting one could be admitted now."""
-        if any(s.in_prompt and s.status is SeqStatus.RUNNING for s in self.running):
+        # Sequence.in_prompt, inline: this runs over the whole batch every step
+        if any(
+            s.num_computed < len(s.token_ids) - (1 if s.output_ids else 0) and s.status is SeqStatus.RUNNING
+            for s in self.running
+        ):
             return True
         return len(self.running) < self.policy.max_running_requests and any(
             self._admissible(s) for s in self.waiting
@@ -312,34 +332,52 @@ class Scheduler:
         self,
         steps: list[SeqStep],
         sent: list[_Sent],
-        scheduled: set[int],
+        plain: _Decodes,
         prefill_budget: int,
         step_id: int,
         decodes: bool,
     ) -> int:
         """Add the running batch's unfinished prompt chunks (and its decodes if `decodes`) to the step, oldest
-        first, preempting the newest sequences on a page shortage. Returns the prompt-token budget left."""
+        first, preempting the newest sequences on a page shortage. Returns the prompt-token budget left.
+        Plain decodes go to `plain`, the rest to `steps`."""
         p = self.policy
+        page_size, context_length, running = p.page_size, p.context_length, SeqStatus.RUNNING
+        plain_seqs, plain_epochs = plain.seqs.append, plain.epochs.append
+        plain_ids, plain_pos = plain.seq_ids.append, plain.start_pos.append
         for seq in list(self.running):
-            if seq.status is not SeqStatus.RUNNING or id(seq) in scheduled:
+            if seq.status is not running or seq.last_step == step_id:
                 continue  # preempted for an older sequence in this loop, or already in the step
-            if not decodes and not seq.in_prompt:
-                continue
-            if seq.prefill_done:
-                out = len(seq.output_ids) + seq.num_pending_samples
-                if (
-                    out >= seq.req.request.stopping.max_new_tokens
-                    or len(seq.token_ids) + seq.num_pending_samples >= p.context_length
-                ):
+            start, total = seq.num_computed, len(seq.token_ids)
+            if start >= total:  # prompt done: a decode
+                if not decodes:
+                    continue
+                pending = seq.num_pending_samples
+                if len(seq.output_ids) + pending >= seq.max_new_tokens or total + pending >= context_length:
                     continue  # its last token is in flight; it finishes when that arrives
+                if (
+                    seq.worker_has_state
+                    and seq.table_dirty_from == len(seq.page_ids)
+                    and start < len(seq.page_ids) * page_size
+                ):
+                    # the common case, kept to a few list appends: no init, no new page, no token to send
+                    plain_seqs(seq)
+                    plain_epochs(seq.epoch)
+                    plain_ids(seq.seq_id)
+                    plain_pos(start)
+                    seq.num_computed = start + 1
+                    seq.num_pending_samples = pending + 1
+                    seq.last_step = step_id
+                    continue
                 n = 1
+            elif not decodes and not seq.in_prompt:
+                continue
             else:
                 limit = p.chunked_prefill_size if p.chunked_prefill_size > 0 else len(seq.token_ids)
                 n = min(len(seq.token_ids) - seq.num_computed, limit, prefill_budget)
                 if n <= 0:
                     continue
             # a prompt chunk in a prompts-only step takes free pages only: preempting for it could starve decodes
-            if not self._reserve(seq, seq.num_computed + n, step_id, protect=scheduled, may_preempt=decodes):
+            if not self._reserve(seq, seq.num_computed + n, step_id, may_preempt=decodes):
                 if seq.status is SeqStatus.RUNNING and len(self.running) == 1 and not seq.num_pending_samples:
                     logger.warning("%s needs more KV pages than the pool has; ending it", seq.seq_id)
                     self._finish(seq, "length", emit=True)
@@ -347,7 +385,7 @@ class Scheduler:
             if not seq.prefill_done:
                 prefill_budget -= n
             steps.append(self._seq_step(seq, n, sent))
-            scheduled.add(id(seq))
+            seq.last_step = step_id
         return prefill_budget
 
     def _admissible(self, seq: Sequence) -> bool:
@@ -385,7 +423,7 @@ class Scheduler:
             return None
         self.cache.lock(node)
         seq.page_ids, seq.tree_node, seq.num_tree_pages = list(pages), node, len(pages)
-        if not self._reserve(seq, matched + n, step_id, protect=set(), may_preempt=False):
+        if not self._reserve(seq, matched + n, step_id, may_preempt=False):
             self.cache.unlock(node)
             seq.page_ids, seq.tree_node, seq.num_tree_pages = [], None, 0
             return None
@@ -400,9 +438,7 @@ class Scheduler:
         self.stats.prefix_cache_hit_tokens += matched
         return n, matched
 
-    def _reserve(
-        self, seq: Sequence, num_tokens: int, step_id: int, protect: set[int], may_preempt: bool = True
-    ) -> bool:
+    def _reserve(self, seq: Sequence, num_tokens: int, step_id: int, may_preempt: bool = True) -> bool:
         """Make seq.page_ids cover num_tokens, evicting cache and then preempting the newest running sequences
         (never one already in this step). False if it could not (seq itself may have been preempted)."""
         need = -(-num_tokens // self.policy.page_size) - len(seq.page_ids)
@@ -417,7 +453,7 @@ class Scheduler:
                 return True
             if not may_preempt:
                 return False
-            victim = next((s for s in reversed(self.running) if id(s) not in protect), None)
+            victim = next((s for s in reversed(self.running) if s.last_step != step_id), None)
             if victim is None or (victim is seq and len(self.running) == 1):
                 return False  # nothing to take pages from (alone, seq can never grow: the caller ends it)
             self._preempt(victim, step_id)
@@ -523,11 +559,12 @@ class Scheduler:
     # ---- results ----
 
     def process_output(self, out: StepOutput) -> None:
-        sent = self._inflight.pop(out.step_id, [])
+        sent, decodes = self._inflight.pop(out.step_id, ((), _Decodes()))
         failed = {f.seq_id: f for f in out.failures}
         results = {r.seq_id: r for r in out.results}
+        tokens = dict(zip(out.sampled_seq_ids, out.sampled_token_ids, strict=True))
         self.stats.worker_forward_ns_total += out.forward_ns
-        tokens = 0
+        num_tokens = 0
         for s in sent:
             seq = s.seq
             if seq.epoch != s.epoch or seq.is_finished:
@@ -539,23 +576,41 @@ class Scheduler:
             if not s.sample:
                 self._cache_unfinished(seq, s.computed_after)
                 continue
-            seq.num_pending_samples -= 1
+            num_tokens += self._on_sample(seq, s.computed_after, tokens, results)
+        finished = SeqStatus.FINISHED
+        for seq, epoch, start in zip(decodes.seqs, decodes.epochs, decodes.start_pos, strict=True):
+            if seq.epoch != epoch or seq.status is finished:
+                continue
+            if failed and seq.seq_id in failed:
+                self._on_failure(seq, failed[seq.seq_id].reason, failed[seq.seq_id].message)
+                continue
+            if seq.num_confirmed <= start:
+                seq.num_confirmed = start + 1
+            num_tokens += self._on_sample(seq, start + 1, tokens, results)
+        self.stats.generated_tokens_total += num_tokens
+        self.stats.recent_tokens.append((time.time(), num_tokens))
+
+    def _on_sample(
+        self, seq: Sequence, computed: int, tokens: dict[str, int], results: dict[str, SeqResult]
+    ) -> int:
+        """The token a step sampled for seq (from the result's columns or, with logprobs, its `results`)."""
+        seq.num_pending_samples -= 1
+        token = tokens.get(seq.seq_id)
+        logprob = None
+        if token is None:
             result = results.get(seq.seq_id)
             if result is None:
                 self._on_failure(seq, "internal", "worker returned no token")
-                continue
-            if not seq.output_ids:
-                self._cache_unfinished(seq, s.computed_after)
-            tokens += 1
-            self._on_token(
-                seq,
-                result.token_id,
-                TokenLogprob(result.token_id, result.logprob, result.top_logprobs)
-                if seq.req.request.sampling.return_logprob
-                else None,
-            )
-        self.stats.generated_tokens_total += tokens
-        self.stats.recent_tokens.append((time.time(), tokens))
+                return 0
+            token = result.token_id
+            if seq.return_logprob:
+                logprob = TokenLogprob(token, result.logprob, result.top_logprobs)
+        elif seq.return_logprob:
+            logprob = TokenLogprob(token, 0.0)  # what the columns carry: a logprob of 0, no alternatives
+        if not seq.output_ids:
+            self._cache_unfinished(seq, computed)
+        self._on_token(seq, token, logprob)
+        return 1
 
     def _on_failure(self, seq: Sequence, reason: str, message: str) -> None:
         if reason == "embedding_pending" and seq.status is SeqStatus.RUNNING:
@@ -578,35 +633,35 @@ class Scheduler:
         self.fail_request(seq.req.request_id, f"worker failed: {message or reason}")
 
     def _on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
-        stop = seq.req.request.stopping
-        seq.append_token(token)
+        seq.output_ids.append(token)
+        seq.token_ids.append(token)
+        seq.key.append(token)
         n_out = len(seq.output_ids)
         reason: str | None = None
-        check = n_out >= stop.min_new_tokens
-        is_stop_token = check and (
-            (not stop.ignore_eos and token in self.policy.eos_token_ids) or token in stop.stop_token_ids
-        )
+        check = n_out >= seq.min_new_tokens
+        stream = seq.stream
         text = ""
-        if is_stop_token:
+        if check and token in seq.stop_token_ids:
             reason, seq.matched_stop = "stop", token
-            if stop.no_stop_trim:
-                text = seq.stream.push([token], check_stop=False)
+            if seq.no_stop_trim:
+                text = stream.push_token(token, check_stop=False)
         else:
-            text = seq.stream.push([token], check_stop=check)
-            if seq.stream.matched_stop is not None:
-                reason, seq.matched_stop = "stop", seq.stream.matched_stop
+            text = stream.push_token(token, check_stop=check)
+            if stream.matched_stop is not None:
+                reason, seq.matched_stop = "stop", stream.matched_stop
         if reason is None and (
-            n_out >= stop.max_new_tokens or len(seq.token_ids) >= self.policy.context_length
+            n_out >= seq.max_new_tokens or len(seq.token_ids) >= self.policy.context_length
         ):
             reason = "length"
-        seq.pending_text += text
+        if text:
+            seq.pending_text += text
         seq.pending_ids.append(token)
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
         if reason is not None:
             self._finish(seq, reason, emit=True)
         elif (
-            seq.req.request.stream
+            seq.streaming
             and (seq.pending_text or logprob is not None)
             and len(seq.pending_ids) >= self.policy.stream_interval
         ):
@@ -641,13 +696,10 @@ class Scheduler:
 
     def _emit(self, seq: Sequence, final: bool = False, error: tuple[str, str] | None = None) -> None:
         req = seq.req
-        out = GenerateOutput(
-            request_id=req.request_id,
-            index=seq.index,
-            text=seq.pending_text,
-            token_ids=seq.pending_ids,
-            logprobs=seq.pending_logprobs,
-        )
+        out = GenerateOutput(seq.request_id, seq.index, seq.pending_text, seq.pending_ids)
+        if seq.pending_logprobs:
+            out.logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        seq.pending_text, seq.pending_ids = "", []
         if error is not None:
             out.error, out.error_code = error
         if final:
@@ -656,7 +708,6 @@ class Scheduler:
             out.prompt_tokens = req.num_prompt_tokens
             out.completion_tokens = len(seq.output_ids)
             out.cached_tokens = seq.cached_tokens or 0
-        seq.pending_text, seq.pending_ids, seq.pending_logprobs = "", [], []
         self.outputs.append(out)
 
     # ---- observability ----

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from common.types import GenerateRequest, MultimodalItem, TokenLogprob
@@ -55,10 +56,20 @@ class RequestState:
 class Sequence:
     """One choice of a request: the unit the worker computes."""
 
-    def __init__(self, req: RequestState, index: int, stream: TextStream):
+    def __init__(self, req: RequestState, index: int, stream: TextStream, eos_token_ids: Iterable[int] = ()):
         self.req = req
         self.index = index
+        self.request_id = req.request_id
         self.seq_id = f"{req.request_id}#{index}"
+        # the request's stop conditions, read once per token
+        stop = req.request.stopping
+        self.min_new_tokens = stop.min_new_tokens
+        self.max_new_tokens = stop.max_new_tokens
+        self.no_stop_trim = stop.no_stop_trim
+        self.stop_token_ids = frozenset(stop.stop_token_ids).union(() if stop.ignore_eos else eos_token_ids)
+        self.streaming = req.request.stream
+        self.return_logprob = req.request.sampling.return_logprob
+        self.last_step = -1  # the step that last scheduled it
         self.token_ids: list[int] = list(req.request.input_ids)
         self.key: list[int] = list(req.prompt_key)
         self.output_ids: list[int] = []
@@ -97,8 +108,3 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
-
-    def append_token(self, token: int) -> None:
-        self.output_ids.append(token)
-        self.token_ids.append(token)
-        self.key.append(token)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from common.convert import output_to_proto, request_from_proto, worker_info_json
+from common.convert import output_to_proto, outputs_to_batch, request_from_proto, worker_info_json
 from common.errors import MiradorError, UnavailableError, abort_with
 from common.grpc_utils import Fatal, ServiceHealth, wait_serving
 from common.grpc_utils import create_server as _create_server
@@ -174,17 +174,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             loop = self._ready()
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)
-        outbox: asyncio.Queue = asyncio.Queue()
+        outbox = _Outbox()  # every request of this stream outputs here
         live: dict[str, int] = {}  # request id -> choices not finished
-
-        class _Sink:
-            __slots__ = ("rid",)
-
-            def __init__(self, rid: str):
-                self.rid = rid
-
-            def put_nowait(self, out) -> None:
-                outbox.put_nowait(out)
 
         async def read() -> None:
             async for msg in request_iterator:
@@ -192,7 +183,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 if kind == "generate":
                     rid = msg.generate.request_id
                     try:
-                        loop.attach(request_from_proto(msg.generate), _Sink(rid))
+                        loop.attach(request_from_proto(msg.generate), outbox)
                         live[rid] = max(1, msg.generate.n)
                     except Exception as e:  # noqa: BLE001 - this request fails, the stream lives on
                         outbox.put_nowait(_request_error(rid, e))
@@ -202,10 +193,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         reader = asyncio.create_task(read())
         try:
             while True:
-                items = [await outbox.get()]
-                while not outbox.empty():
-                    items.append(outbox.get_nowait())
+                items = await outbox.take()
                 batch = scheduler_pb2.OutputBatch()
+                outs = []
                 for item in items:
                     if isinstance(item, scheduler_pb2.RequestError):
                         batch.errors.append(item)
@@ -215,13 +205,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                         if live.pop(item.request_id, None) is not None:
                             loop.detach(item.request_id)
                         continue
-                    output_to_proto(item, batch.outputs.add())
+                    outs.append(item)
                     if item.finish_reason is not None and item.request_id in live:
                         live[item.request_id] -= 1
                         if not live[item.request_id]:
                             del live[item.request_id]
                             loop.detach(item.request_id)
-                yield batch
+                yield outputs_to_batch(outs, batch)
         finally:
             reader.cancel()
             for rid in list(live):
@@ -272,6 +262,29 @@ def create_server(args: SchedulerArgs) -> tuple[grpc.aio.Server, int, SchedulerS
         servicer, scheduler_pb2_grpc.add_SchedulerServicer_to_server, SERVICE_NAME, args.host, args.port
     )
     return server, port, servicer
+
+
+class _Outbox:
+    """What a Connect stream has to write: the loop appends (all of a step's outputs at once), the stream takes
+    everything there in one batch."""
+
+    __slots__ = ("items", "ready")
+
+    def __init__(self):
+        self.items: list = []
+        self.ready = asyncio.Event()
+
+    def put_nowait(self, item) -> None:
+        self.items.append(item)
+        if len(self.items) == 1:
+            self.ready.set()
+
+    async def take(self) -> list:
+        while not self.items:
+            self.ready.clear()
+            await self.ready.wait()
+        items, self.items = self.items, []
+        return items
 
 
 def _request_error(request_id: str, error: Exception) -> scheduler_pb2.RequestError:

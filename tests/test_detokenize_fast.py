@@ -361,3 +361,41 @@ def test_byte_fallback_run_is_held_until_it_ends(tmp_path):
     detok = IncrementalDetokenizer(sp)
     ids = [3 + b for b in "ü".encode()] + [sp.token_to_id("!")]
     assert [detok.add([i]) for i in ids] == ["", "", "ü!"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_add_token_equals_add(tok, pools, seed):
+    """add_token (a lookup while ids decode to whole characters alone, DecodeStream otherwise) releases what
+    add() of the same single id releases, interleaved with multi-id adds, special ids and byte pieces."""
+    rng = random.Random(200 + seed)
+    for trial in range(150):
+        ids = random_ids(rng, tok, pools, rng.randint(1, 60))
+        skip = rng.random() < 0.5
+        new, ref = IncrementalDetokenizer(tok, skip), WindowedDetokenizer(tok, skip)
+        got, want = [], []
+        for g in groups_of(rng, ids, one_at_a_time=rng.random() < 0.7):
+            got.append(new.add_token(g[0]) if len(g) == 1 else new.add(g))
+            want.append(ref.add(g))
+        got.append(new.flush())
+        want.append(ref.flush())
+        assert got == want, (seed, trial, ids, skip)
+        assert "".join(got) == tok.decode(ids, skip_special_tokens=skip), (seed, trial, ids)
+
+
+def test_add_token_takes_the_shortcut_for_plain_text(tok):
+    ids = tok.encode("The quick brown fox jumps over the lazy dog, again and again. " * 8)
+    detok = IncrementalDetokenizer(tok)
+    calls = 0
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def step(self, backend, token):
+            nonlocal calls
+            calls += 1
+            return self.inner.step(backend, token)
+
+    detok._stream = Counting(detok._stream)
+    assert "".join(detok.add_token(i) for i in ids) + detok.flush() == tok.decode(ids)
+    assert calls == 0

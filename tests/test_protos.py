@@ -76,3 +76,67 @@ def test_plain_decodes_travel_in_the_compact_section_and_come_back_equal():
     back = plan_from_proto(msg)
     assert {s.seq_id: s for s in back.seqs} == {s.seq_id: s for s in seqs}
     assert back.free_seq_ids == ("gone",)
+
+
+def test_decode_columns_of_a_plan_follow_its_steps_on_the_wire():
+    from common.convert import plan_from_proto, plan_to_proto
+    from common.types import SeqStep, StepPlan
+
+    plan = StepPlan(
+        4, (SeqStep("d0", 3), SeqStep("chunk", 4, (8, 9), False)), (), 0, (), ("d1", "d2"), (5, 6)
+    )
+    assert plan.num_tokens == 1 + 2 + 2
+    msg = plan_to_proto(plan)
+    assert list(msg.decode_seq_ids) == ["d0", "d1", "d2"] and list(msg.decode_start_pos) == [3, 5, 6]
+    back = plan_from_proto(msg)  # the worker reads every step as a SeqStep
+    assert back.seqs == (
+        SeqStep("chunk", 4, (8, 9), False),
+        SeqStep("d0", 3),
+        SeqStep("d1", 5),
+        SeqStep("d2", 6),
+    )
+    assert set(plan.expanded().seqs) == set(back.seqs) and not back.decode_seq_ids
+
+
+def test_tokens_without_logprobs_travel_in_columns():
+    from common.convert import step_output_from_proto, step_output_to_proto
+    from common.types import SeqFailure, SeqResult, StepOutput
+
+    out = StepOutput(
+        5,
+        (SeqResult("a", 11), SeqResult("b", 12, -0.25, ((12, -0.25), (3, -2.0))), SeqResult("c", 13)),
+        (SeqFailure("d", "embedding_pending", "later"),),
+        num_tokens=3,
+        forward_ns=7,
+    )
+    msg = step_output_to_proto(out)
+    assert list(msg.sampled_seq_ids) == ["a", "c"] and list(msg.sampled_token_ids) == [11, 13]
+    assert [r.seq_id for r in msg.results] == ["b"]
+    back = step_output_from_proto(msg)
+    assert back.results == (out.results[1],) and back.failures == out.failures
+    assert sorted(back.sampled()) == sorted(out.sampled()) == [("a", 11), ("b", 12), ("c", 13)]
+    assert (back.step_id, back.num_tokens, back.forward_ns) == (5, 3, 7)
+
+
+def test_output_batch_columns_keep_each_choice_in_order():
+    from common.convert import outputs_from_batch, outputs_to_batch
+    from common.types import GenerateOutput, TokenLogprob
+
+    outs = [
+        GenerateOutput("r1", 0, "he", [1, 2]),
+        GenerateOutput("r2", 1, "", [3]),
+        GenerateOutput("r1", 0, "llo", [4], logprobs=[TokenLogprob(4, -0.5, ((4, -0.5),))]),
+        GenerateOutput("r1", 0, "!", [5]),  # after a message of r1: a message too
+        GenerateOutput("r2", 1, " x", [6, 7]),
+        GenerateOutput("r2", 0, "", [], "stop", "</s>", 3, 2, 1),
+        GenerateOutput("r3", 0, "tail", [8], "length", None, 5, 9, 0),
+    ]
+    batch = outputs_to_batch(outs)
+    assert list(batch.delta_request_ids) == ["r1", "r2", "r2"] and list(batch.delta_num_tokens) == [2, 1, 2]
+    assert [m.request_id for m in batch.outputs] == ["r1", "r1", "r2", "r3"]
+    back = outputs_from_batch(type(batch).FromString(batch.SerializeToString()))
+    for rid in ("r1", "r2", "r3"):
+        for index in (0, 1):
+            assert [o for o in back if (o.request_id, o.index) == (rid, index)] == [
+                o for o in outs if (o.request_id, o.index) == (rid, index)
+            ]

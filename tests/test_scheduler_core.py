@@ -62,6 +62,7 @@ class FakeWorker:
         self.steps = 0
 
     def step(self, plan: StepPlan) -> StepOutput:
+        plan = plan.expanded()  # plain decodes travel in columns
         self.steps += 1
         self.prefetched.update(plan.prefetch_keys)
         for sid in plan.free_seq_ids:
@@ -459,3 +460,26 @@ def test_lpm_admits_the_request_sharing_a_cached_prefix_first():
     core.add_request(GenerateRequest("sharer", shared + (2,), stopping=StoppingCriteria(max_new_tokens=1)))
     plan = core.schedule()
     assert [s.seq_id for s in plan.seqs] == ["sharer#0"]  # later, but 20 of its tokens are cached
+
+
+def test_plain_decodes_are_planned_in_columns():
+    """With overlap, a decode that needs no new page is two list entries in the plan; one that crosses into a new
+    page is a full step carrying the page."""
+    core = small_scheduler(enable_prefix_cache=False)
+    worker = FakeWorker(4)
+    stop = StoppingCriteria(max_new_tokens=100, ignore_eos=True)
+    core.add_request(GenerateRequest("a", tuple(range(10, 16)), (), SamplingParams(0.0), stop))  # 6 tokens
+    core.add_request(GenerateRequest("b", tuple(range(10, 17)), (), SamplingParams(0.0), stop))  # 7 tokens
+    prefill = core.schedule()
+    assert {s.seq_id for s in prefill.seqs} == {"a#0", "b#0"} and not prefill.decode_seq_ids
+    decode = core.schedule()  # written before the prefill's result: positions 6 and 7
+    assert decode.decode_seq_ids == ("a#0", "b#0") and decode.decode_start_pos == (6, 7) and not decode.seqs
+    core.process_output(worker.step(prefill))
+    grow = core.schedule()  # positions 7 (page 2 has room) and 8 (needs a third page)
+    assert grow.decode_seq_ids == ("a#0",) and grow.decode_start_pos == (7,)
+    assert [(s.seq_id, s.start_pos, s.page_table_start, len(s.page_ids)) for s in grow.seqs] == [
+        ("b#0", 8, 2, 1)
+    ]
+    for plan in (decode, grow):
+        core.process_output(worker.step(plan))
+    assert [len(o.token_ids) for o in core.outputs] == [1, 1, 1, 1, 1, 1]

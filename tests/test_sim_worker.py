@@ -49,7 +49,7 @@ def test_step_stream_validates_and_follows_the_kv(default_model):
                 client.submit(StepPlan(3, (SeqStep("a", 21, ()),))),
             ]
             outs = [await f for f in futs]
-            a = [o.results[0].token_id for o in outs]
+            a = [o.sampled()[0][1] for o in outs]
             pool = set(servicer.core.pool.tolist())
             assert all(t in pool for t in a) and len(set(a)) == 3
             # the device runs steps back to back: each starts when the previous one ends
@@ -68,11 +68,11 @@ def test_step_stream_validates_and_follows_the_kv(default_model):
                     ),
                 )
             )
-            assert [r.token_id for r in out.results] == [a[0], a[0]]
+            assert [t for _, t in out.sampled()] == [a[0], a[0]]
             # a recompute after preemption: prompt and outputs as a prefill, the worker re-initialized
             redo = SeqInit((), SamplingParams(temperature=0.0), 20, (), (a[0],))
             out = await client.submit(StepPlan(5, (SeqStep("a", 0, (*prompt, a[0]), True, 0, (6, 7), redo),)))
-            assert out.results[0].token_id == a[1]
+            assert out.sampled()[0][1] == a[1]
 
             # failures as the real worker reports them
             out = await client.submit(
@@ -85,13 +85,13 @@ def test_step_stream_validates_and_follows_the_kv(default_model):
                     ),
                 )
             )
-            assert [r.seq_id for r in out.results] == ["b"]
+            assert [sid for sid, _ in out.sampled()] == ["b"]
             why = {f.seq_id: f.message for f in out.failures}
             assert "unknown" in why["unknown"] and "too short" in why["c"]
             out = await client.submit(StepPlan(7, (SeqStep("c", 20, ()),)))  # fails until re-initialized
             assert "earlier step" in out.failures[0].message
             out = await client.submit(StepPlan(8, (SeqStep("c", 0, prompt, True, 0, (9, 10), _init(20)),)))
-            assert out.results[0].token_id == a[0] and not out.failures
+            assert out.sampled()[0][1] == a[0] and not out.failures
 
             # freed sequences are gone; a second scheduler may not drive the same worker
             await client.submit(StepPlan(9, (), ("a", "b", "c")))

@@ -71,7 +71,7 @@ def _install():
             plan = orig(self)
             if plan is not None:
                 _log(
-                    f"sch.plan {len(plan.seqs)} seqs {plan.num_tokens} tok prefetch={len(plan.prefetch_keys)}"
+                    f"sch.plan {len(plan.seqs) + len(plan.decode_seq_ids)} seqs {plan.num_tokens} tok prefetch={len(plan.prefetch_keys)}"
                 )
             return plan
 
