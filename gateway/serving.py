@@ -36,7 +36,20 @@ def _chunker(rid: str, obj: str, created: int, req: SamplingRequest):
             return f'{prefix}{body}, "usage": {json.dumps(usage, ensure_ascii=False)}}}\n\n'
         return f"{prefix}{body}}}\n\n"
 
+    suffix = ', "usage": null}\n\n' if with_usage else "}\n\n"
+
+    def delta(template: str, index: int, text: str) -> str:
+        """The event of a plain text delta (no logprobs, not the last): what `chunk` writes for it, from a
+        template, with only the text encoded (most events of a stream are these)."""
+        return prefix + template % (index, json.dumps(text, ensure_ascii=False)) + suffix
+
+    chunk.delta = delta
     return chunk
+
+
+# the choices of a plain text delta, as json.dumps writes them (tests/test_openai_params.py checks they agree)
+CHAT_DELTA = '[{"index": %d, "delta": {"content": %s}, "logprobs": null, "finish_reason": null}]'
+TEXT_DELTA = '[{"index": %d, "text": %s, "logprobs": null, "finish_reason": null, "matched_stop": null}]'
 
 
 @dataclass
@@ -204,8 +217,10 @@ class OpenAIServing:
                             }
                         ]
                     )
-                if out.text or out.logprobs:
-                    lp = {"content": self._logprobs_chat(out.logprobs)} if req.logprobs else None
+                if (out.text or out.logprobs) and not req.logprobs:
+                    yield chunk.delta(CHAT_DELTA, i, out.text)
+                elif out.text or out.logprobs:
+                    lp = {"content": self._logprobs_chat(out.logprobs)}
                     yield chunk(
                         [{"index": i, "delta": {"content": out.text}, "logprobs": lp, "finish_reason": None}]
                     )
@@ -323,7 +338,10 @@ class OpenAIServing:
         try:
             async for out in outs:
                 lp = self._logprobs_text(out.logprobs) if req.logprobs is not None else None
-                if out.text or out.logprobs or out.finish_reason is not None:
+                if lp is None and out.finish_reason is None and out.matched_stop is None:
+                    if out.text:
+                        yield chunk.delta(TEXT_DELTA, out.index, out.text)
+                elif out.text or out.logprobs or out.finish_reason is not None:
                     yield chunk(
                         [
                             {

@@ -541,3 +541,28 @@ def test_engine_gives_the_cluster_outputs(cluster, default_model):
     assert gen["output_ids"] == cl_gen["output_ids"]
     assert seeded["output_ids"] == cl_seeded["output_ids"]
     assert [b["output_ids"] for b in batch] == [gen["output_ids"]] * 2
+
+
+@pytest.mark.parametrize("with_usage", [False, True])
+@pytest.mark.parametrize("text", ["plain", 'quotes " and \\ slashes', "ünïcödé ✓", "line\nbreak\t", ""])
+def test_plain_delta_events_are_what_the_general_encoder_writes(with_usage, text):
+    """Plain text deltas are written from templates (gateway/serving.py); byte for byte what `chunk` writes."""
+    from gateway.protocol import ChatCompletionRequest
+    from gateway.serving import CHAT_DELTA, TEXT_DELTA, _chunker
+
+    req = ChatCompletionRequest(
+        model="m",
+        messages=[{"role": "user", "content": "x"}],
+        stream=True,
+        stream_options={"include_usage": True} if with_usage else None,
+    )
+    chunk = _chunker("rid-1", "chat.completion.chunk", 123, req)
+    for index in (0, 3):
+        chat = [{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]
+        assert chunk.delta(CHAT_DELTA, index, text) == chunk(chat)
+        plain = [
+            {"index": index, "text": text, "logprobs": None, "finish_reason": None, "matched_stop": None}
+        ]
+        assert chunk.delta(TEXT_DELTA, index, text) == chunk(plain)
+        event = json.loads(chunk.delta(CHAT_DELTA, index, text).removeprefix("data: "))
+        assert event["choices"][0]["delta"]["content"] == text
