@@ -70,7 +70,7 @@ class Services:
             "worker": [
                 *("-m", "benchmarks.sim_worker", "--model-path", model_dir, "--port", str(self.worker_port)),
                 *("--step-ms", str(args.step_ms), "--prefill-us-per-token", str(args.prefill_us_per_token)),
-                *("--stats-file", str(self.stats_file)),
+                *("--stats-file", str(self.stats_file), "--num-pages", str(args.kv_pages)),
             ],
             "scheduler": [
                 *(
@@ -241,6 +241,9 @@ def run_bench(args: argparse.Namespace, services: Services, tokenizer, concurren
         random_input_len=args.input_len,
         random_output_len=args.output_len,
         max_concurrency=concurrency,
+        dataset=args.dataset,
+        gsp_num_groups=args.gsp_num_groups,
+        gsp_system_prompt_len=args.gsp_system_prompt_len,
         warmup_requests=0,
         seed=concurrency,
         timeout_s=args.timeout_s,
@@ -334,6 +337,7 @@ def figures(
         "client_cores": client_cpu_s / duration,
         "total_cores": ours / duration,
         "other_cores": (cpu["machine"] - ours) / duration,
+        "prefix_hit_share": (bench.get("server") or {}).get("prefix_hit_share", 0.0),
         "p50_ttft_ms": bench["p50_ttft_ms"],
         "p99_ttft_ms": bench["p99_ttft_ms"],
         "p50_tpot_ms": bench["p50_tpot_ms"],
@@ -369,6 +373,7 @@ ROWS = [
     ("bench client CPU (cores)", lambda r: f"{r['client_cores']:.2f}"),
     ("all four processes (cores)", lambda r: f"{r['total_cores']:.2f}"),
     ("other processes on the machine (cores)", lambda r: f"{r['other_cores']:.2f}"),
+    ("prompt tokens served by the prefix cache", lambda r: f"{r['prefix_hit_share']:.2f}"),
     ("TTFT p50 / p99 (ms)", lambda r: f"{r['p50_ttft_ms']:.0f} / {r['p99_ttft_ms']:.0f}"),
     ("TPOT p50 (ms)", lambda r: f"{r['p50_tpot_ms']:.2f}"),
     ("ITL p50 / p99 (ms)", lambda r: f"{r['p50_itl_ms']:.1f} / {r['p99_itl_ms']:.1f}"),
@@ -446,13 +451,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--concurrency", type=int, nargs="+", default=[64, 128], help="streaming clients per run")
     ap.add_argument("--prompts-per-client", type=int, default=2, help="requests per run = this x concurrency")
-    ap.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    ap.add_argument(
+        "--input-len", type=int, default=128, help="prompt tokens per request (after any shared prefix)"
+    )
+    ap.add_argument(
+        "--dataset",
+        default="random",
+        choices=("random", "generated-shared-prefix"),
+        help="prompts: random ids, or one of --gsp-num-groups shared prefixes then --input-len random ids",
+    )
+    ap.add_argument(
+        "--gsp-num-groups", type=int, default=16, help="shared prefixes (generated-shared-prefix)"
+    )
+    ap.add_argument("--gsp-system-prompt-len", type=int, default=1024, help="tokens of each shared prefix")
     ap.add_argument("--output-len", type=int, default=256, help="generated tokens per request")
     ap.add_argument("--step-ms", type=float, default=8.0, help="simulated device time per step")
     ap.add_argument(
         "--prefill-us-per-token", type=float, default=0.0, help="simulated prefill cost per token"
     )
     ap.add_argument("--max-running-requests", type=int, default=256, help="scheduler flag (its GPU default)")
+    ap.add_argument(
+        "--kv-pages", type=int, default=200_000, help="KV pages of the simulated worker (16 tokens each)"
+    )
     ap.add_argument("--chunked-prefill-size", type=int, default=8192, help="scheduler flag (its GPU default)")
     ap.add_argument(
         "--scheduler-flag",

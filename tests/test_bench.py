@@ -215,6 +215,29 @@ def test_workload_shapes(tokenizer):
     assert not any(has_images(i, 0, 1.0) for i in range(4))
 
 
+def test_shared_prefix_workload(tokenizer):
+    """SGLang's generated-shared-prefix: every prompt is one of the groups' prefixes, then ids of its own; the
+    groups interleave, and the warm-up shares the timed run's prefixes (so it may cache them)."""
+    args = BenchArgs(
+        dataset="generated-shared-prefix",
+        gsp_num_groups=4,
+        gsp_system_prompt_len=30,
+        random_input_len=10,
+        random_output_len=5,
+    )
+    reqs = build_workload(args, tokenizer, 40, 0)
+    assert all(len(r.prompt_ids) == 40 for r in reqs)
+    prefixes = {tuple(r.prompt_ids[:30]) for r in reqs}
+    assert len(prefixes) == 4
+    groups = [tuple(r.prompt_ids[:30]) for r in reqs]
+    assert any(groups[i] != groups[i + 1] for i in range(39))  # interleaved, not in blocks
+    assert len({tuple(r.prompt_ids[30:]) for r in reqs}) == 40
+    warm = build_workload(args, tokenizer, 8, 1)
+    assert {tuple(r.prompt_ids[:30]) for r in warm} <= prefixes
+    with pytest.raises(ValueError):
+        build_workload(dataclasses.replace(args, gsp_num_groups=0), tokenizer, 4, 0)
+
+
 # ---- stream timing and the figures ----
 
 

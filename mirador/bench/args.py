@@ -34,9 +34,13 @@ class BenchArgs(ArgsBase):
     dataset: str = arg(
         "random",
         "random: uniformly random token ids; sharegpt-like: synthetic conversational English generated "
-        "offline. Both have exact lengths from --random-input-len / --random-output-len",
-        choices=("random", "sharegpt-like"),
+        "offline. Both have exact lengths from --random-input-len / --random-output-len. "
+        "generated-shared-prefix (SGLang's): each prompt is one of --gsp-num-groups shared system prompts of "
+        "--gsp-system-prompt-len random tokens, then --random-input-len tokens of its own; groups interleave",
+        choices=("random", "sharegpt-like", "generated-shared-prefix"),
     )
+    gsp_num_groups: int = arg(16, "generated-shared-prefix: number of distinct shared system prompts")
+    gsp_system_prompt_len: int = arg(1024, "generated-shared-prefix: tokens of each shared system prompt")
     num_prompts: int = arg(1000, "number of timed requests")
     random_input_len: int = arg(
         1024, "prompt tokens per request (the text part of image requests; image tokens come on top)"

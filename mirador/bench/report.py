@@ -223,4 +223,6 @@ def server_summary(before: dict | None, after: dict | None, duration: float) -> 
         "device_busy": delta("worker_forward_ns_total") / 1e9 / duration,
         "embedding_prefetches": delta("embedding_prefetches"),
         "embedding_deferrals": delta("embedding_deferrals"),
+        # prompt tokens the prefix cache served instead of computing
+        "prefix_hit_share": delta("prefix_cache_hit_tokens") / max(1, delta("prompt_tokens_total")),
     }

@@ -61,16 +61,33 @@ def build_workload(args: BenchArgs, tokenizer: Tokenizer, num: int, stream: int)
     output_lens = _lengths(lengths_rng, num, args.random_output_len, args.random_range_ratio)
     images = ImageSource(args, image_rng)
     vocab = base_vocab_size(tokenizer)
+    prefixes = shared_prefixes(args, vocab)
     out = []
     for i in range(num):
         if args.dataset == "random":
             ids = text_rng.integers(0, vocab, size=input_lens[i]).tolist()
+        elif prefixes:  # the same stream of suffixes as "random", after a group's prefix drawn independently
+            group = int(lengths_rng.integers(len(prefixes)))
+            ids = prefixes[group] + text_rng.integers(0, vocab, size=input_lens[i]).tolist()
         else:
             ids = conversation_ids(tokenizer, text_rng, int(input_lens[i]))
         urls = images.next() if has_images(i, args.num_images, args.image_ratio) else []
         text = exact_text(tokenizer, ids) if urls else ""
         out.append(BenchRequest(i, ids, text, int(output_lens[i]), urls))
     return out
+
+
+def shared_prefixes(args: BenchArgs, vocab: int) -> list[list[int]]:
+    """generated-shared-prefix: the groups' system prompts (random ids of a generator of their own, the same for
+    the timed run and the warm-up, so a warm-up may cache them as real traffic would)."""
+    if args.dataset != "generated-shared-prefix":
+        return []
+    if args.gsp_num_groups < 1 or args.gsp_system_prompt_len < 1:
+        raise ValueError("--gsp-num-groups and --gsp-system-prompt-len must be >= 1")
+    rng = np.random.default_rng([args.seed, 7919])
+    return [
+        rng.integers(0, vocab, size=args.gsp_system_prompt_len).tolist() for _ in range(args.gsp_num_groups)
+    ]
 
 
 def _lengths(rng: np.random.Generator, num: int, full: int, ratio: float) -> np.ndarray:
