@@ -65,3 +65,17 @@ def test_a_request_grid_that_disagrees_with_the_image_is_refused(encoders):
     bad = MultimodalItem(good.content_key, 0, good.num_tokens, (1, 2, 2), "image", data)
     with pytest.raises(InvalidRequestError, match="disagree"):
         asyncio.run(fast.encode([bad]))
+
+
+def test_a_key_that_is_not_the_bytes_is_refused_and_nothing_is_cached_under_it(encoders):
+    """Keys name the embedding later requests are answered with: image A's bytes under B's key must not poison B."""
+    from common.errors import InvalidRequestError
+
+    fast, _ = encoders
+    a, b = png_bytes(noise_image(56, 56, seed=10)), png_bytes(noise_image(56, 56, seed=11))
+    item_b = _item(fast, b)
+    forged = MultimodalItem(item_b.content_key, 0, item_b.num_tokens, item_b.grid_thw, "image", a)
+    with pytest.raises(InvalidRequestError, match="content key"):
+        asyncio.run(fast.encode([forged]))
+    assert not fast.cache.touch(item_b.content_key)
+    assert asyncio.run(fast.encode([item_b]))[0].cache_hit is False  # encoded from its own bytes

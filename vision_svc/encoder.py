@@ -18,7 +18,7 @@ from common.errors import InvalidRequestError
 from common.types import EncodedItem, MultimodalItem
 from models.loader import load_model, resolve_device, resolve_dtype
 from models.registry import fast_image_preprocessor_class, image_preprocessor_class, vision_model_class
-from processor.media import decode_image
+from processor.media import content_key, decode_image
 from processor.model_config import load_model_config
 from processor.models import media_spec_class
 from vision_svc.embedding_pool import EmbeddingPool, Location
@@ -242,9 +242,15 @@ class VisionEncoder:
     # ---- host half (preprocessing threads) ----
 
     def prepare(self, item: MultimodalItem) -> _Prepared:
-        """Decode and resize (fast path: to uint8 pixels; exact path: to float32 patches) and check the geometry
-        against the request's."""
+        """Check the key against the bytes, decode and resize (fast path: to uint8 pixels; exact path: to float32
+        patches) and check the geometry against the request's."""
         t0 = time.perf_counter_ns()
+        if item.content_key != content_key(item.data, self.spec.fingerprint()):
+            # the key names the embedding every later request with it is answered with: it must be the bytes'
+            raise InvalidRequestError(
+                f"image {item.content_key[:12]}: the content key is not the SHA-256 of these bytes and this "
+                "model's preprocessing settings"
+            )
         if self.fast is not None:
             host = self.fast.load(item.data)
             payload, grid, n = host.pixels, tuple(host.grid), host.num_tokens
@@ -339,7 +345,10 @@ class VisionEncoder:
             Image.new("RGB", (56, 56), (90, 120, 150)).save(buf, format=fmt)
             grid = self.spec.image_grid(56, 56)
             n = self.spec.num_image_tokens(grid)
-            items.append(MultimodalItem(f"warmup-{fmt}", 0, n, grid, "image", buf.getvalue()))
+            data = buf.getvalue()
+            items.append(
+                MultimodalItem(content_key(data, self.spec.fingerprint()), 0, n, grid, "image", data)
+            )
         list(self._host_pool.map(self.prepare, items * self._host_pool._max_workers))  # noqa: SLF001
 
     @torch.inference_mode()
