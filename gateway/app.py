@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -100,9 +101,38 @@ async def _json_body(request: Request, limit: int) -> Any:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequestError("request body nests too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequestError("request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):  # JSON may spell lone UTF-16 surrogates, which no UTF-8 text can hold
+        try:
+            _refuse_lone_surrogates(body, "")
+        except RecursionError:
+            raise InvalidRequestError("request body nests too deeply") from None
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(value: Any, path: str) -> None:
+    """A 400 naming the first string (key or value) that holds a lone surrogate; pairs decode to characters."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequestError(
+                "text must be valid Unicode: a lone UTF-16 surrogate escape is not a character",
+                param=path or None,
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_lone_surrogates(k, path)
+            _refuse_lone_surrogates(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_lone_surrogates(v, f"{path}[{i}]")
 
 
 async def _until_disconnect(request: Request, work) -> Any:

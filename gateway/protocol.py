@@ -10,6 +10,8 @@ from common.errors import InvalidRequestError
 from common.types import SamplingParams, StoppingCriteria
 from processor import sampling
 
+MAX_CHOICES = 1024  # completions one request may ask for (prompts x n)
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -123,6 +125,12 @@ class CompletionRequest(SamplingRequest):
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if self.prompt == "" or self.prompt == []:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
+        if len(self.prompts) * self.n > MAX_CHOICES:
+            raise InvalidRequestError(
+                f"prompts x n is {len(self.prompts) * self.n}; one request may ask for at most {MAX_CHOICES} "
+                "completions",
+                param="prompt",
+            )
         return self
 
     @property

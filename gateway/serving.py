@@ -381,7 +381,7 @@ class OpenAIServing:
             }
         )
         images = [req.image_data] if isinstance(req.image_data, str) else list(req.image_data or [])
-        prompt = await self.builder.from_prompt(req.prompts[0], images)
+        prompt = await self.builder.from_prompt(req.prompts[0], images, "input_ids")
         greq = self._build(req, prompt, body.return_logprob, body.top_logprobs_num, stream=body.stream)
 
         def meta(out: GenerateOutput, text_len: int, lps: list[TokenLogprob]) -> dict[str, Any]:

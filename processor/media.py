@@ -137,6 +137,10 @@ class MediaFetcher:
                 raise InvalidRequestError(f"invalid image URL {_short(url)}: {e}", param=param) from None
             if not host:
                 raise InvalidRequestError(f"image URL has no host: {_short(url)}", param=param)
+            try:  # before any resolution: a label over 63 characters, a lone surrogate, ... (idna's rules)
+                host.encode("idna")
+            except UnicodeError as e:
+                raise InvalidRequestError(f"invalid image URL host: {e}", param=param) from None
             request_url, extensions, headers = url, {}, {}
             if not self.policy.allow_private_urls:
                 ip = await self._vetted_ip(host, port, param)

@@ -20,6 +20,17 @@ from processor.tokenizer import Tokenizer
 
 ROLES = {"system", "user", "assistant", "developer", "tool"}
 _INLINE_BYTES = 1 << 20  # images smaller than this are described on the event loop
+# apply_chat_template arguments the builder sets itself (they change what it returns, or clash with ours)
+_RESERVED_TEMPLATE_KWARGS = {
+    "tokenize",
+    "return_dict",
+    "return_tensors",
+    "return_assistant_tokens_mask",
+    "chat_template",
+    "conversation",
+    "messages",
+    "add_generation_prompt",
+}
 
 
 @dataclass
@@ -66,6 +77,11 @@ class RequestBuilder:
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> PreparedPrompt:
+        reserved = sorted(set(chat_template_kwargs or {}) & _RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise InvalidRequestError(
+                f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs"
+            )
         normalized, refs = normalize_messages(messages)
         if refs and self.media_spec is None:
             raise InvalidRequestError(
@@ -99,11 +115,14 @@ class RequestBuilder:
     # ---- raw prompts ----
 
     async def from_prompt(
-        self, prompt: str | list[int], image_urls: list[str] | None = None
+        self, prompt: str | list[int], image_urls: list[str] | None = None, param: str = "prompt"
     ) -> PreparedPrompt:
         """A completion prompt (text or ids); each image fills one placeholder of the prompt, in order, or is
         prepended with the model's vision markers when the prompt has none."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        vocab = self.config.text.vocab_size
+        if not isinstance(prompt, str) and not all(0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})", param=param)
         refs = [ImageRef(u, f"image_data[{i}]") for i, u in enumerate(image_urls or [])]
         if refs and self.media_spec is None:
             raise InvalidRequestError(

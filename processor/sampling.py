@@ -75,11 +75,15 @@ def build(
         raise InvalidRequestError("stop takes at most 4 sequences", param="stop")
     stop_ids = tuple(int(t) for t in (fields.get("stop_token_ids") or ()))
     min_tokens = int(fields.get("min_tokens") or 0)
+    _in_range("stop_token_ids", *stop_ids, low=0)
+    _in_range("min_tokens", min_tokens, low=0)
+    _in_range("top_k", int(fields.get("top_k") or 0), low=-1)
     ignore_eos = bool(fields.get("ignore_eos") or False)
     try:
         bias = {int(k): float(v) for k, v in (fields.get("logit_bias") or {}).items()}
     except (TypeError, ValueError):
         raise InvalidRequestError("logit_bias must map token ids to numbers", param="logit_bias") from None
+    _in_range("logit_bias", *bias, low=0)
     sampling = SamplingParams(
         temperature=float(pick("temperature", 1.0)),
         top_p=float(pick("top_p", 1.0)),
@@ -105,6 +109,16 @@ def build(
         skip_special_tokens=fields.get("skip_special_tokens", True) is not False,
     )
     return sampling, stopping
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _in_range(param: str, *values: int, low: int) -> None:
+    """Integers the wire format carries as int32 (token ids, counts): out of range is a 400, never a 500."""
+    for v in values:
+        if not low <= v <= INT32_MAX:
+            raise InvalidRequestError(f"{param} must be in [{low}, {INT32_MAX}], got {v}", param=param)
 
 
 def max_new_tokens_for(

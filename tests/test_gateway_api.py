@@ -32,6 +32,14 @@ PNG = sample_photo("logo2.png").read_bytes()
 TRUNCATED = png_bytes(noise_image(120, 90, 3))[:2000]
 
 
+def _raw_chat(c, message_json: str, extra: str = ""):
+    """A chat request written as JSON text (to spell what json.dumps would not, e.g. a lone surrogate escape)."""
+    body = f'{{"model": "{SERVED}", "max_tokens": 2, "messages": [{message_json}]{extra}}}'
+    return c.http.post(
+        "/v1/chat/completions", content=body.encode(), headers={"content-type": "application/json"}
+    )
+
+
 def image_part_bytes(data: bytes) -> dict:
     return {"type": "image_url", "image_url": {"url": data_uri(data)}}
 
@@ -321,6 +329,72 @@ BAD = {
         lambda c, m, d: c.chat(_user(image_part(noise_image(1400, 1400, 9)), TEXT), stream=True),
         400,
         "messages",
+    ),
+    # each of these was a 500 (and a dropped connection) once: parsers, protobuf ranges, idna, templates
+    "json_nested_deep": (
+        lambda c, m, d: c.http.post(
+            "/v1/chat/completions",
+            content=b"[" * 100_000 + b"]" * 100_000,
+            headers={"content-type": "application/json"},
+        ),
+        400,
+        None,
+    ),
+    "lone_surrogate_in_text": (
+        lambda c, m, d: _raw_chat(c, '{"role": "user", "content": "a\\ud800b"}'),
+        400,
+        "messages[0].content",
+    ),
+    "lone_surrogate_in_stop": (
+        lambda c, m, d: _raw_chat(c, '{"role": "user", "content": "hi"}', ', "stop": ["\\udfff"]'),
+        400,
+        "stop[0]",
+    ),
+    "token_id_over_int32": (
+        lambda c, m, d: c.http.post(
+            "/v1/completions", json={"model": SERVED, "prompt": [2**31], "max_tokens": 2}
+        ),
+        400,
+        "prompt",
+    ),
+    "top_k_over_int32_streamed": (
+        lambda c, m, d: c.chat([{"role": "user", "content": "hi"}], top_k=2**31, stream=True),
+        400,
+        "top_k",
+    ),
+    "min_tokens_over_int32": (
+        lambda c, m, d: c.chat([{"role": "user", "content": "hi"}], min_tokens=2**31),
+        400,
+        "min_tokens",
+    ),
+    "stop_token_id_over_int32": (
+        lambda c, m, d: c.chat([{"role": "user", "content": "hi"}], stop_token_ids=[2**31]),
+        400,
+        "stop_token_ids",
+    ),
+    "logit_bias_key_over_int32": (
+        lambda c, m, d: c.chat([{"role": "user", "content": "hi"}], logit_bias={str(2**31): 1}),
+        400,
+        "logit_bias",
+    ),
+    "template_kwarg_tokenize": (
+        lambda c, m, d: c.chat([{"role": "user", "content": "hi"}], chat_template_kwargs={"tokenize": True}),
+        400,
+        "chat_template_kwargs",
+    ),
+    "url_host_label_too_long": (  # refused before any name resolution
+        lambda c, m, d: c.chat(
+            _user({"type": "image_url", "image_url": {"url": "http://" + "a" * 300 + ".invalid/x.png"}}, TEXT)
+        ),
+        400,
+        "image_url",
+    ),
+    "prompts_times_n": (
+        lambda c, m, d: c.http.post(
+            "/v1/completions", json={"model": SERVED, "prompt": ["a"] * 200, "n": 100, "max_tokens": 1}
+        ),
+        400,
+        "prompt",
     ),
     "url_not_image": (
         lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {"url": m + "/notimage.bin"}}, TEXT)),
