@@ -157,3 +157,44 @@ def test_piecewise_token_sizes_cover_every_count_up_to_the_maximum():
     for n in range(1, 2049):
         t = next(s for s in big if s >= n)
         assert n <= t and (n <= 256 or t / n < 1.25)
+
+
+def test_a_bad_sequence_fails_alone_and_the_others_run(default_model):
+    """Inputs from the scheduler are checked per sequence: ids past the vocabulary, page ids outside the cache and
+    an image span that does not fit its grid each fail their own sequence; the step runs the rest (issue 10)."""
+    from common.types import MultimodalItem, SamplingParams, SeqInit, SeqStep, StepPlan
+    from worker_svc.model_runner import ModelRunner, RunnerConfig
+
+    runner = ModelRunner(
+        RunnerConfig(
+            str(default_model), device="cpu", page_size=4, max_total_tokens=512, max_running_requests=8
+        ),
+        None,
+    )
+    vocab = runner.model_config.text.vocab_size
+    greedy = SamplingParams(temperature=0.0)
+
+    def seq(sid: str, ids, pages, items=(), bias=None):
+        params = SamplingParams(temperature=0.0, logit_bias=bias or {}) if bias else greedy
+        return SeqStep(sid, 0, tuple(ids), True, 0, tuple(pages), SeqInit(tuple(items), params, len(ids)))
+
+    zero_grid = MultimodalItem("img", 1, 4, (1, 0, 8))  # h = 0: a ZeroDivisionError in the rotary positions
+    plan = StepPlan(1, (
+        seq("good", [11, 12, 13, 14, 15], [1, 2]),
+        seq("big-id", [11, vocab], [3, 4]),
+        seq("bad-page", [11, 12], [runner.kv_cache.num_pages]),
+        seq("bad-grid", [11, 12, 12, 12, 12, 13], [5, 6], [zero_grid]),
+        seq("bad-bias", [11, 12], [7], bias={vocab + 5: 1.0}),
+    ))  # fmt: skip
+    out = runner.step(plan)
+    assert [r.seq_id for r in out.results] == ["good"]
+    assert sorted(f.seq_id for f in out.failures) == ["bad-bias", "bad-grid", "bad-page", "big-id"]
+    # the good sequence goes on decoding; the failed ones stay failed until re-initialized
+    nxt = runner.step(StepPlan(2, (SeqStep("good", 5, (), True), SeqStep("big-id", 2, (), True))))
+    assert [r.seq_id for r in nxt.results] == ["good"] and [f.seq_id for f in nxt.failures] == ["big-id"]
+    # an embedding cached under the image's key with another row count is not this image's: that sequence fails
+    hidden = runner.model_config.text.hidden_size
+    runner.embeddings.put("short", torch.zeros(3, hidden, dtype=runner.dtype))
+    item = MultimodalItem("short", 1, 8, (1, 4, 8))
+    out = runner.step(StepPlan(3, (seq("wrong-rows", [11, *[12] * 8, 13], [8, 9, 10], [item]),)))
+    assert not out.results and [f.seq_id for f in out.failures] == ["wrong-rows"]

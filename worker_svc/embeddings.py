@@ -156,6 +156,12 @@ class ResidentEmbeddings:
 
     # ---- holding ----
 
+    def peek_rows(self, key: str) -> int:
+        """Rows of a ready entry (-1 if it is not ready)."""
+        with self._lock:
+            t = self._ready.get(key)
+            return -1 if t is None else int(t.shape[0])
+
     def acquire(self, key: str) -> torch.Tensor:
         with self._lock:
             t = self._ready[key]

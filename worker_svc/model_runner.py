@@ -383,7 +383,38 @@ class ModelRunner:
             self.embeddings.release(key)
         st.embeds.clear()
 
+    def _check_inputs(self, s: SeqStep) -> None:
+        """What the scheduler sent, checked before anything is touched: a bad sequence fails alone (an id past the
+        vocabulary would be a device-side assert that ends the process; a zero grid a ZeroDivisionError)."""
+        vocab = self.model_config.text.vocab_size
+        if s.input_ids and not (min(s.input_ids) >= 0 and max(s.input_ids) < vocab):
+            raise InvalidRequestError(f"sequence {s.seq_id}: token ids outside [0, {vocab})")
+        if s.page_ids and not (min(s.page_ids) > 0 and max(s.page_ids) < self.kv_cache.num_pages):
+            raise InvalidRequestError(f"sequence {s.seq_id}: page ids outside [1, {self.kv_cache.num_pages})")
+        if s.init is None:
+            return
+        init = s.init
+        for ids in (init.prompt_token_ids, init.output_token_ids, tuple(init.sampling.logit_bias)):
+            if ids and not (min(ids) >= 0 and max(ids) < vocab):
+                raise InvalidRequestError(f"sequence {s.seq_id}: token ids outside [0, {vocab})")
+        merge = self.model_config.vision.spatial_merge_size if self.model_config.vision else 1
+        for m in init.mm_items:
+            t, h, w = (tuple(m.grid_thw) + (0, 0, 0))[:3]
+            if (
+                len(m.grid_thw) != 3
+                or min(t, h, w) < 1
+                or h % merge
+                or w % merge
+                or t * h * w // merge**2 != m.num_tokens
+                or m.offset < 0
+            ):
+                raise InvalidRequestError(
+                    f"sequence {s.seq_id}: image span of {m.num_tokens} tokens at {m.offset} does not fit its "
+                    f"grid {tuple(m.grid_thw)}"
+                )
+
     def _apply_init_and_pages(self, s: SeqStep, updates: Updates) -> None:
+        self._check_inputs(s)
         if s.init is not None:
             init = s.init
             old = self.seqs.pop(s.seq_id, None)
@@ -475,6 +506,11 @@ class ModelRunner:
                 missing.add(sid)
                 continue
             st = self.seqs[sid]
+            rows = {key: n for (_, n, _), key in zip(st.spans, st.keys, strict=True)}
+            if any(res.peek_rows(k) != rows[k] for k in keys):
+                missing.add(sid)  # cached under this key with another row count: not this image's embedding
+                logger.warning("sequence %s: an embedding's rows disagree with its image span", sid)
+                continue
             for k in keys:
                 st.embeds[k] = res.acquire(k)
         failures += [
