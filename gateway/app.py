@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -155,8 +157,38 @@ def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
     )
 
 
+class _ApiKey:
+    """ASGI middleware: every HTTP request but the open paths carries `Authorization: Bearer <key>` (compared in
+    constant time), or gets a 401 in OpenAI's error shape. Pure ASGI, so streamed responses pass untouched."""
+
+    def __init__(self, app, key: str, open_paths: list[str]):
+        self.app = app
+        self.key = key.encode()
+        self.open_paths = set(open_paths)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        auth = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        body = json.dumps(
+            error_body(
+                "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                "invalid_request_error",
+                None,
+                "invalid_api_key",
+            )
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(args: GatewayArgs) -> FastAPI:
     gw = Gateway(args)
+    api_key = args.api_key or os.environ.get("MIRADOR_API_KEY", "")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -171,6 +203,8 @@ def create_app(args: GatewayArgs) -> FastAPI:
         description="OpenAI-compatible serving of vision-language models",
     )
     app.state.gateway = gw
+    if api_key:
+        app.add_middleware(_ApiKey, key=api_key, open_paths=args.open_paths)
 
     @app.exception_handler(MiradorError)
     async def _mirador_error(_: Request, e: MiradorError):
@@ -276,7 +310,7 @@ def create_app(args: GatewayArgs) -> FastAPI:
         out["stats"] = MessageToDict(
             stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
-        out["gateway_args"] = {k: v for k, v in vars(args).items()}
+        out["gateway_args"] = {k: ("<set>" if k == "api_key" and v else v) for k, v in vars(args).items()}
         out["version"] = app.version
         out["model_dir"] = str(Path(args.model_path))
         return out

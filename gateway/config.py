@@ -32,6 +32,12 @@ class GatewayArgs(ArgsBase):
     max_images_per_request: int = arg(32, "most images in one request")
     max_request_bytes: int = arg(64 * 1024 * 1024, "largest HTTP request body, bytes (HTTP 413 above)")
     request_timeout_s: float = arg(3600.0, "longest a request may run end to end, seconds")
+    api_key: str = arg(
+        "",
+        "require 'Authorization: Bearer <key>' on every route but --open-paths (HTTP 401 in OpenAI's shape "
+        "otherwise); empty: the environment's MIRADOR_API_KEY, else no key",
+    )
+    open_paths: list[str] = arg(["/health"], "paths served without the API key (e.g. /health /metrics)")
     gateway_workers: int = arg(
         1,
         "HTTP worker processes; each keeps its own stream to the scheduler (request ids stay unique, aborts and "

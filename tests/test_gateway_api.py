@@ -4,6 +4,7 @@ and the rule that gateway and scheduler never load torch (issue 2)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import sys
@@ -104,32 +105,17 @@ def cluster(default_model, log_dir, local_media):
     c.stop()
 
 
-@pytest.fixture(scope="module")
-def strict_gateway(cluster, default_model, log_dir):
-    """A second gateway on the same scheduler with default media policy (private URLs refused) and a tiny
-    image byte cap."""
+@contextlib.contextmanager
+def _extra_gateway(cluster, default_model, log_dir, name: str, *flags: str):
+    """A second gateway process on the cluster's scheduler, with its own flags."""
     port = free_port()
-    log = open(log_dir / "strict-gateway.log", "wb")  # noqa: SIM115 - lives as long as the process
+    log = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mirador",
-            "gateway",
-            "--model",
-            str(default_model),
-            "--port",
-            str(port),
-            "--scheduler-address",
-            cluster.scheduler_address,
-            "--served-model-name",
-            SERVED,
-            "--max-image-bytes",
-            "100000",
-        ],
+        [sys.executable, "-m", "mirador", "gateway", "--model", str(default_model), "--port", str(port),
+         "--scheduler-address", cluster.scheduler_address, "--served-model-name", SERVED, *flags],
         stdout=log,
         stderr=subprocess.STDOUT,
-    )
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -138,10 +124,22 @@ def strict_gateway(cluster, default_model, log_dir):
                 break
         except httpx.HTTPError:
             time.sleep(0.2)
-    yield httpx.Client(base_url=url, timeout=60, trust_env=False)
-    proc.terminate()
-    proc.wait(20)
-    log.close()
+    try:
+        yield httpx.Client(base_url=url, timeout=60, trust_env=False)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def strict_gateway(cluster, default_model, log_dir):
+    """A second gateway on the same scheduler with default media policy (private URLs refused) and a tiny
+    image byte cap."""
+    with _extra_gateway(
+        cluster, default_model, log_dir, "strict-gateway", "--max-image-bytes", "100000"
+    ) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -550,3 +548,26 @@ def test_torch_free_imports_in_a_fresh_interpreter(default_model):
 
 def test_base64_roundtrip_sanity():
     assert base64.b64decode(data_uri(b"abc").split(",", 1)[1]) == b"abc"
+
+
+def test_api_key(cluster, default_model, log_dir):
+    """--api-key: every route but --open-paths needs the bearer key (401 in OpenAI's shape otherwise), streams
+    included; /server_info does not print it."""
+    key = "k-3f9a"
+    flags = ("--api-key", key, "--open-paths", "/health", "/v1/models")
+    with _extra_gateway(cluster, default_model, log_dir, "keyed-gateway", *flags) as http:
+        chat = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+            r = http.post("/v1/chat/completions", json=chat, headers=headers)
+            _assert_error(r, 401)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+        assert http.get("/server_info").status_code == 401
+        assert http.get("/health").status_code == 200 and http.get("/v1/models").status_code == 200
+        ok = {"Authorization": f"Bearer {key}"}
+        assert http.post("/v1/chat/completions", json=chat, headers=ok).status_code == 200
+        with http.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}, headers=ok) as r:
+            assert r.status_code == 200 and b"[DONE]" in r.read()
+        client = openai.OpenAI(base_url=str(http.base_url).rstrip("/") + "/v1", api_key=key, max_retries=0)
+        assert client.chat.completions.create(**chat).choices[0].finish_reason == "length"
+        info = http.get("/server_info", headers=ok).json()
+        assert info["gateway_args"]["api_key"] == "<set>" and key not in json.dumps(info)
