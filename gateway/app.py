@@ -46,6 +46,7 @@ class Gateway:
             max_pixels=args.max_image_pixels,
             allow_private_urls=args.allow_private_media_urls,
             allowed_local_media_path=args.allowed_local_media_path or None,
+            max_images=args.max_images_per_request,
         )
         self.builder = RequestBuilder(args.model_path, policy)
         cfg = self.builder.config

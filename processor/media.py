@@ -36,6 +36,7 @@ class MediaPolicy:
     max_pixels: int = 89_478_485  # decoded width x height (PIL's decompression-bomb threshold)
     allow_private_urls: bool = False
     allowed_local_media_path: str | None = None
+    max_images: int = 32  # per request, counted before anything is fetched
 
 
 def blocked_address(ip: str) -> str | None:

@@ -139,6 +139,11 @@ class RequestBuilder:
     async def load_images(
         self, refs: list[ImageRef]
     ) -> list[tuple[ImageRef, bytes, str, tuple[int, int, int]]]:
+        if len(refs) > self.policy.max_images:  # before any fetch: 96 URLs must not cost 96 downloads
+            raise InvalidRequestError(
+                f"at most {self.policy.max_images} images per request, got {len(refs)}",
+                param=refs[self.policy.max_images].param.split(".")[0].split("[")[0] or None,
+            )
         datas = await asyncio.gather(*(self.fetcher.fetch(r.url, r.param) for r in refs))
 
         async def describe(ref: ImageRef, data: bytes):

@@ -571,3 +571,12 @@ def test_api_key(cluster, default_model, log_dir):
         assert client.chat.completions.create(**chat).choices[0].finish_reason == "length"
         info = http.get("/server_info", headers=ok).json()
         assert info["gateway_args"]["api_key"] == "<set>" and key not in json.dumps(info)
+
+
+def test_image_count_is_checked_before_anything_is_fetched(cluster):
+    """33 URLs to a closed loopback port: refused for their count, not after 33 failed fetches."""
+    url = f"http://127.0.0.1:{free_port()}/x.png"
+    parts = [{"type": "image_url", "image_url": {"url": url}} for _ in range(33)]
+    r = cluster.chat(_user(*parts, TEXT))
+    _assert_error(r, 400, "messages")
+    assert "at most 32 images" in r.json()["error"]["message"]
