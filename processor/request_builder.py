@@ -20,6 +20,7 @@ from processor.tokenizer import Tokenizer
 
 ROLES = {"system", "user", "assistant", "developer", "tool"}
 _INLINE_BYTES = 1 << 20  # images smaller than this are described on the event loop
+_INLINE_CHARS = 32_768  # texts shorter than this are tokenized on the event loop
 # apply_chat_template arguments the builder sets itself (they change what it returns, or clash with ours)
 _RESERVED_TEMPLATE_KWARGS = {
     "tokenize",
@@ -90,7 +91,7 @@ class RequestBuilder:
         text = self.tokenizer.apply_chat_template(
             normalized, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
         )
-        ids = self.tokenizer.encode(text)
+        ids = await self._encode(text)
         images = await self.load_images(refs)
         return self._expand(ids, images, text)
 
@@ -119,7 +120,7 @@ class RequestBuilder:
     ) -> PreparedPrompt:
         """A completion prompt (text or ids); each image fills one placeholder of the prompt, in order, or is
         prepended with the model's vision markers when the prompt has none."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = await self._encode(prompt) if isinstance(prompt, str) else list(prompt)
         vocab = self.config.text.vocab_size
         if not isinstance(prompt, str) and not all(0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"token ids must be in [0, {vocab})", param=param)
@@ -135,6 +136,13 @@ class RequestBuilder:
             ids = marker * len(refs) + ids
         images = await self.load_images(refs)
         return self._expand(ids, images, prompt if isinstance(prompt, str) else "")
+
+    async def _encode(self, text: str) -> list[int]:
+        """Token ids of a text; a long one is tokenized on a thread (the tokenizer releases the GIL), so a 50 MB
+        prompt does not stall every other request and /health for seconds."""
+        if len(text) < _INLINE_CHARS:
+            return self.tokenizer.encode(text)
+        return await asyncio.to_thread(self.tokenizer.encode, text)
 
     async def load_images(
         self, refs: list[ImageRef]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -580,3 +581,19 @@ def test_image_count_is_checked_before_anything_is_fetched(cluster):
     r = cluster.chat(_user(*parts, TEXT))
     _assert_error(r, 400, "messages")
     assert "at most 32 images" in r.json()["error"]["message"]
+
+
+def test_a_huge_prompt_does_not_stall_the_gateway(cluster):
+    """A 5.8 MB text prompt takes seconds to tokenize; meanwhile /health and other requests are answered."""
+    big = "hello world, this is a test. " * 200_000
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(
+            cluster.http.post, "/v1/completions", json={"model": SERVED, "prompt": big, "max_tokens": 1}
+        )
+        time.sleep(0.5)  # it is being tokenized now
+        t0 = time.monotonic()
+        assert cluster.http.get("/health").status_code == 200
+        health_s = time.monotonic() - t0
+        r = slow.result(timeout=120)
+    _assert_error(r, 400, "messages")  # far past the context
+    assert health_s < 1.0, health_s
