@@ -104,7 +104,19 @@ def vision_service(default_model, log_dir):
     port = free_port()
     log = open(log_dir / f"vision-transport-{port}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mirador", "vision", "--model", str(default_model), "--port", str(port)],
+        # on the CPU wherever the tests run: these are the shared-memory (host) transport's tests
+        [
+            sys.executable,
+            "-m",
+            "mirador",
+            "vision",
+            "--model",
+            str(default_model),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],  # fmt: skip
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=REPO,
