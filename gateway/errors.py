@@ -14,10 +14,16 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | i
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+RETRY_AFTER_S = 1  # what 429 (overloaded) and 503 (not ready, restarting) responses tell clients to wait
+
+
 def error_response(error: MiradorError) -> JSONResponse:
     status = http_status(error)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
     return JSONResponse(
-        error_body(error.message, error.error_type, error.param, error.code or status), status
+        error_body(error.message, error.error_type, error.param, error.code or status),
+        status,
+        headers=headers,
     )
 
 

@@ -42,6 +42,11 @@ class SchedulerArgs(ArgsBase):
         "let decodes share steps with prompt chunks; by default (as SGLang) a step with prompt work runs prompts "
         "only, so decode-only steps can replay the worker's CUDA graphs",
     )
+    max_queued_requests: int = arg(
+        0,
+        "most requests waiting for admission; past it new ones are refused (RESOURCE_EXHAUSTED, HTTP 429 with "
+        "Retry-After) instead of queueing without bound; 0: no limit",
+    )
     disable_overlap_schedule: bool = arg(False, "plan each step only after the previous one returned")
     decode_log_interval: int = arg(40, "log a decode batch line every N steps")
     step_timeout_s: float = arg(600.0, "fail running requests when the worker does not answer a step in time")

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from common.errors import InvalidRequestError
+from common.errors import InvalidRequestError, ResourceExhaustedError
 from common.types import (
     GenerateOutput,
     GenerateRequest,
@@ -51,6 +51,7 @@ class SchedulerPolicy:
     # prompts only, so decode-only steps stay eligible for the worker's CUDA graphs
     enable_mixed_chunk: bool = False
     schedule_policy: str = "fcfs"  # or "lpm": longest cached prefix first
+    max_queued_requests: int = 0  # requests waiting for admission before new ones are refused; 0: no limit
     stream_interval: int = 1  # streamed outputs carry at least this many new tokens (the last one fewer)
     eos_token_ids: tuple[int, ...] = ()
     decode_log_interval: int = 40
@@ -162,6 +163,11 @@ class Scheduler:
     def add_request(self, req: GenerateRequest, now: float | None = None) -> None:
         if req.request_id in self.requests:
             raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
+        cap = self.policy.max_queued_requests
+        if cap and self._num_queued_requests() >= cap:
+            raise ResourceExhaustedError(
+                f"{cap} requests are already waiting (--max-queued-requests); retry shortly"
+            )
         n_prompt = len(req.input_ids)
         validate_request(req, self.policy.vocab_size)
         if n_prompt == 0:
@@ -204,6 +210,10 @@ class Scheduler:
                 self._finish(seq, "abort", emit=True)
         self.stats.requests_aborted += 1
         return True
+
+    def _num_queued_requests(self) -> int:
+        """Requests with a sequence waiting for admission (n > 1 counts once)."""
+        return len({seq.request_id for seq in self.waiting})
 
     def fail_request(self, request_id: str, error: str, code: str = "internal") -> None:
         """End a request with an error (code: invalid_argument, unavailable, resource_exhausted, internal)."""

@@ -46,6 +46,7 @@ def resolve_policy(args: SchedulerArgs, worker: WorkerInfo, eos: tuple[int, ...]
         max_prefill_tokens=args.max_prefill_tokens,
         enable_prefix_cache=not args.disable_radix_cache,
         enable_mixed_chunk=args.enable_mixed_chunk,
+        max_queued_requests=args.max_queued_requests,
         stream_interval=args.stream_interval,
         schedule_policy=args.schedule_policy,
         eos_token_ids=eos,

@@ -597,3 +597,13 @@ def test_a_huge_prompt_does_not_stall_the_gateway(cluster):
         r = slow.result(timeout=120)
     _assert_error(r, 400, "messages")  # far past the context
     assert health_s < 1.0, health_s
+
+
+def test_overload_and_unavailable_responses_say_when_to_retry():
+    from common.errors import InvalidRequestError, ResourceExhaustedError, UnavailableError
+    from gateway.errors import error_response
+
+    assert error_response(ResourceExhaustedError("busy")).status_code == 429
+    assert error_response(ResourceExhaustedError("busy")).headers["retry-after"] == "1"
+    assert error_response(UnavailableError("down")).headers["retry-after"] == "1"
+    assert "retry-after" not in error_response(InvalidRequestError("bad")).headers

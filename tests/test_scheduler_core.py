@@ -483,3 +483,18 @@ def test_plain_decodes_are_planned_in_columns():
     for plan in (decode, grow):
         core.process_output(worker.step(plan))
     assert [len(o.token_ids) for o in core.outputs] == [1, 1, 1, 1, 1, 1]
+
+
+def test_requests_past_max_queued_are_refused_with_resource_exhausted():
+    from common.errors import ResourceExhaustedError
+
+    core = small_scheduler(max_queued_requests=2, max_running_requests=1)
+    stopping = StoppingCriteria(max_new_tokens=5, ignore_eos=True)
+    core.add_request(GenerateRequest("a", (11, 12, 13), stopping=stopping))
+    core.add_request(GenerateRequest("b", (11, 12, 13), stopping=stopping, n=2))  # n > 1 counts once
+    with pytest.raises(ResourceExhaustedError, match="max-queued-requests"):
+        core.add_request(GenerateRequest("c", (11, 12, 13), stopping=stopping))
+    FakeWorker(4).step(core.schedule())  # "a" is admitted (one running at most): room for one more
+    core.add_request(GenerateRequest("c", (11, 12, 13), stopping=stopping))
+    with pytest.raises(ResourceExhaustedError):
+        core.add_request(GenerateRequest("d", (11, 12, 13), stopping=stopping))
