@@ -36,7 +36,16 @@ from common.errors import InvalidRequestError, UnavailableError, abort_with
 from common.grpc_utils import Fatal, ServiceHealth, serve_until_signal
 from common.grpc_utils import create_server as _create_server
 from common.log import setup_logging
-from common.types import SamplingParams, SeqFailure, SeqResult, SeqStep, StepOutput, StepPlan, WorkerInfo
+from common.types import (
+    SamplingParams,
+    SeqFailure,
+    SeqResult,
+    SeqStep,
+    StepOutput,
+    StepPlan,
+    WorkerInfo,
+    new_epoch,
+)
 from protos import worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -329,6 +338,7 @@ class SimWorkerServicer(worker_pb2_grpc.WorkerServicer):
             kv_cache_bytes=self.core.kv.nbytes,
             attention_backend="sim",
             max_running_requests=a.max_running_requests,
+            epoch=new_epoch(),
         )
         if a.stats_file:
             self._writer = self.fatal.watch(

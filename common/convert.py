@@ -363,6 +363,7 @@ def worker_info_from_proto(p: worker_pb2.WorkerInfo) -> WorkerInfo:
         p.attention_backend,
         p.max_running_requests,
         p.embedding_transport,
+        p.epoch,
     )
 
 

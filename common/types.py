@@ -199,6 +199,14 @@ class WorkerInfo:
     attention_backend: str = ""
     max_running_requests: int = 0  # 0: no limit of the worker's own
     embedding_transport: str = ""  # cuda_ipc, shared_memory, grpc, in_process; "" without images
+    epoch: int = 0  # drawn at random when the worker process starts: a new value means its KV cache is new
+
+
+def new_epoch() -> int:
+    """A process identity: another value after every restart (63 random bits)."""
+    import secrets
+
+    return secrets.randbits(63) or 1
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("architecture", "num_pages", "page_size", "context_length", "vocab_size", "dtype", "device", "tp_rank", "tp_size", "kv_cache_bytes", "attention_backend", "max_running_requests", "embedding_transport")
+    __slots__ = ("architecture", "num_pages", "page_size", "context_length", "vocab_size", "dtype", "device", "tp_rank", "tp_size", "kv_cache_bytes", "attention_backend", "max_running_requests", "embedding_transport", "epoch")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class WorkerInfo(_message.Message):
     ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     num_pages: int
     page_size: int
@@ -51,7 +52,8 @@ class WorkerInfo(_message.Message):
     attention_backend: str
     max_running_requests: int
     embedding_transport: str
-    def __init__(self, architecture: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., attention_backend: _Optional[str] = ..., max_running_requests: _Optional[int] = ..., embedding_transport: _Optional[str] = ...) -> None: ...
+    epoch: int
+    def __init__(self, architecture: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., attention_backend: _Optional[str] = ..., max_running_requests: _Optional[int] = ..., embedding_transport: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class SequenceInit(_message.Message):
     __slots__ = ("mm_items", "sampling", "num_prompt_tokens", "prompt_token_ids", "output_token_ids")

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerBackend(Protocol):
+    """A worker behind a stream may also have `needs_handshake` (its next step opens a new stream) and
+    `async info()` (whose `epoch` says which process answers); in-process backends need neither."""
+
     def submit(self, plan: StepPlan) -> asyncio.Future[StepOutput]: ...
 
 
@@ -50,6 +53,7 @@ class SchedulerLoop:
         self._intervals: deque[tuple[int, int]] = deque(maxlen=64)  # recent scheduler work, unix ns
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._worker_epoch: int | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="scheduler-loop")
@@ -139,6 +143,9 @@ class SchedulerLoop:
         inflight: deque[tuple[StepPlan, asyncio.Future]] = deque()
         while not self._stopping:
             plan = None
+            handshake = not inflight and getattr(self.worker, "needs_handshake", False) and self.core.has_work
+            if handshake and not await self._handshake():
+                continue
             if len(inflight) <= self.depth:
                 a = time.time_ns()
                 plan = self.core.schedule()
@@ -165,6 +172,27 @@ class SchedulerLoop:
             if plan is None and not inflight:
                 await self._wake.wait()
                 self._wake.clear()
+
+    async def _handshake(self) -> bool:
+        """Before a new step stream: which worker process answers? One with another epoch restarted, and holds
+        none of the KV the prefix cache and the running sequences rely on. False: no worker answered (the live
+        requests failed; the loop waits for new work)."""
+        try:
+            info = await self.worker.info()
+        except (MiradorError, ConnectionError) as e:
+            self._worker_failed(e, deque())
+            await asyncio.sleep(0.05)  # no spinning on a worker that is down
+            return False
+        if self._worker_epoch is not None and info.epoch != self._worker_epoch:
+            logger.warning(
+                "the worker restarted (epoch %x -> %x): dropping the prefix cache and failing running requests",
+                self._worker_epoch,
+                info.epoch,
+            )
+            self.core.on_worker_restarted("the worker restarted; the request lost its state")
+            self._deliver()
+        self._worker_epoch = info.epoch
+        return True
 
     def _account(self, a: int, b: int, off_path: bool) -> None:
         """Scheduler work [a, b]; off the critical path when the worker already holds a later step."""

@@ -231,6 +231,19 @@ class Scheduler:
             self.fail_request(rid, error, "unavailable")
         self._inflight.clear()
         self._free_worker.clear()
+        self._prefetch.clear()
+
+    def on_worker_restarted(self, error: str) -> None:
+        """The worker answering now is another process (a new epoch): its KV cache holds none of the pages the
+        prefix cache remembers, nor any running sequence's. Running requests fail; waiting ones (no state on the
+        worker) stay; the prefix cache is dropped, so every later prompt is computed again."""
+        running = {seq.request_id for seq in self.running}
+        for rid in running:
+            self.fail_request(rid, error, "unavailable")
+        self._inflight.clear()
+        self._free_worker.clear()
+        self._prefetch.clear()
+        self.cache.reset()
 
     def on_encoded(
         self, request_id: str, keys: Seq[str], num_calls: int = 0, num_sent: int = 0, num_hits: int = 0

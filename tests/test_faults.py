@@ -80,3 +80,33 @@ def test_worker_down_fails_requests_fast(cluster):
     assert r.status_code == 503, r.text
     assert time.monotonic() - t0 < 30
     _wait_health(cluster, 503)
+
+
+def test_a_restarted_worker_gives_the_answers_of_a_fresh_one(cluster):
+    """kill -9 the worker, start it again on the same port: the scheduler sees another epoch, drops its prefix
+    cache (the new worker's KV holds none of it) and the same greedy prompt gets the same answer, computed again
+    rather than read from pages that are now empty (issue 10 item 1)."""
+    import subprocess
+    import sys
+
+    prompt = [{"role": "user", "content": "Tell me about restarts. " * 12}]
+    first = cluster.chat(prompt, max_tokens=12, temperature=0).json()
+    again = cluster.chat(prompt, max_tokens=12, temperature=0).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the prefix cache serves it
+    assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+
+    launcher = cluster.launcher
+    os.kill(cluster.pids["worker"], signal.SIGKILL)
+    launcher.procs["worker"].wait(30)
+    _wait_health(cluster, 503)
+    cmd = [sys.executable, "-m", "mirador", "worker", *launcher.args["worker"].to_cli()]
+    launcher.procs["worker"] = subprocess.Popen(cmd, stdout=cluster._log, stderr=subprocess.STDOUT)
+    _wait_health(cluster, 200, timeout=120)
+
+    after = cluster.chat(prompt, max_tokens=12, temperature=0)
+    assert after.status_code == 200, after.text
+    body = after.json()
+    assert (
+        body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    )  # nothing read from the old worker's KV
+    assert body["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]

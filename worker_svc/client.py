@@ -32,6 +32,12 @@ class WorkerClient:
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e, f"worker at {self.address}") from None
 
+    @property
+    def needs_handshake(self) -> bool:
+        """The next step opens a new stream (first use, or the last one broke): the scheduler checks first which
+        worker process answers."""
+        return self._outbox is None
+
     def _open(self) -> None:
         self._outbox = asyncio.Queue()
         outbox = self._outbox

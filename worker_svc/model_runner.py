@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from common.errors import InvalidRequestError
-from common.types import SeqFailure, SeqResult, SeqStep, StepOutput, StepPlan, WorkerInfo
+from common.types import SeqFailure, SeqResult, SeqStep, StepOutput, StepPlan, WorkerInfo, new_epoch
 from models.loader import load_model, resolve_device, resolve_dtype
 from models.registry import language_model_class
 from processor.model_config import load_model_config
@@ -138,6 +138,9 @@ class ModelRunner:
         self.model.attn = self.attn
         self.seqs: dict[str, _SeqState] = {}
         self.failed: dict[str, str] = {}  # seq id -> reason, until the scheduler frees or re-inits it
+        self.epoch = (
+            new_epoch()
+        )  # this process's KV cache: the scheduler drops its prefix cache when it changes
         logger.info(
             "KV cache: %d pages x %d tokens (%.1f GB), attention backend %s, %d sequence rows",
             num_pages,
@@ -256,6 +259,7 @@ class ModelRunner:
             attention_backend=self.backend_name,
             max_running_requests=self.max_rows,
             embedding_transport=self.embeddings.transport if self.model_config.is_multimodal else "",
+            epoch=self.epoch,
         )
 
     def warmup(self) -> None:
