@@ -116,9 +116,12 @@ async def serve_until_signal(
     grace_s: float = 5.0,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     fatal: Fatal | None = None,
+    drain: Callable[[], Awaitable[None]] | None = None,
+    drain_timeout_s: float = 30.0,
 ) -> None:
-    """Start, run `startup` (load, warm up, then flip health to SERVING), and stop gracefully on SIGTERM/SIGINT.
-    When a background loop reports to `fatal`, turn NOT_SERVING, stop at once and raise its error."""
+    """Start, run `startup` (load, warm up, then flip health to SERVING), and stop gracefully on SIGTERM/SIGINT:
+    NOT_SERVING at once, then `drain` (refuse new work, let what is in flight finish) for up to `drain_timeout_s`,
+    then `on_stop`. When a background loop reports to `fatal`, turn NOT_SERVING, stop at once and raise."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -148,6 +151,15 @@ async def serve_until_signal(
     logger.info("shutting down (grace %.0f s)", grace_s)
     startup_task.cancel()
     await service_health.set_serving(False)
+    if drain is not None:
+        logger.info(
+            "draining: new work is refused; waiting up to %.0f s for the work in flight", drain_timeout_s
+        )
+        try:
+            await asyncio.wait_for(drain(), drain_timeout_s)
+            logger.info("drained")
+        except (TimeoutError, asyncio.TimeoutError):
+            logger.warning("work still in flight after %.0f s; stopping anyway", drain_timeout_s)
     if on_stop is not None:
         await on_stop()
     await server.stop(grace_s)

@@ -62,6 +62,8 @@ def run_grpc_service(
             servicer.startup,
             on_stop=getattr(servicer, "shutdown", None),
             fatal=getattr(servicer, "fatal", None),
+            drain=getattr(servicer, "drain", None),
+            drain_timeout_s=getattr(args, "graceful_shutdown_timeout", 30.0),
         )
 
     try:

@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=args.port,
         log_level=args.log_level.lower(),
         access_log=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=args.graceful_shutdown_timeout,
         log_config=None,
     )
     if args.gateway_workers == 1:

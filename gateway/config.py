@@ -38,6 +38,11 @@ class GatewayArgs(ArgsBase):
         "otherwise); empty: the environment's MIRADOR_API_KEY, else no key",
     )
     open_paths: list[str] = arg(["/health"], "paths served without the API key (e.g. /health /metrics)")
+    graceful_shutdown_timeout: float = arg(
+        30.0,
+        "on SIGTERM: stop accepting connections at once, then up to this many seconds for requests in flight "
+        "(streams included) to finish",
+    )
     gateway_workers: int = arg(
         1,
         "HTTP worker processes; each keeps its own stream to the scheduler (request ids stay unique, aborts and "

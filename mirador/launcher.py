@@ -215,12 +215,23 @@ class Cluster:
 
             await watch(gateway_ok(), "gateway")
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM the front first: the gateway and the scheduler drain (refuse new work, finish what is in
+        flight, up to --graceful-shutdown-timeout) while the worker and the vision service still serve them;
+        then the back. Whatever outlives its grace is killed."""
+        if grace_s is None:
+            grace_s = self.args["scheduler"].graceful_shutdown_timeout + 5.0
+        front = [n for n in ("gateway", "scheduler") if n in self.procs]
+        self._stop_group(front, grace_s)
+        self._stop_group([n for n in self.procs if n not in front], 10.0)
+
+    def _stop_group(self, names: list[str], grace_s: float) -> None:
+        for name in names:
+            if self.procs[name].poll() is None:
+                self.procs[name].send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for name, p in self.procs.items():
+        for name in names:
+            p = self.procs[name]
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -49,6 +49,11 @@ class SchedulerArgs(ArgsBase):
     )
     disable_overlap_schedule: bool = arg(False, "plan each step only after the previous one returned")
     decode_log_interval: int = arg(40, "log a decode batch line every N steps")
+    graceful_shutdown_timeout: float = arg(
+        30.0,
+        "on SIGTERM: health NOT_SERVING and new requests refused (HTTP 503 with Retry-After) at once, then up to "
+        "this many seconds for the requests in flight to finish before the process exits",
+    )
     step_timeout_s: float = arg(600.0, "fail running requests when the worker does not answer a step in time")
     connect_timeout_s: float = arg(
         900.0, "how long to wait for the worker and vision services to become ready"

@@ -54,6 +54,7 @@ class SchedulerLoop:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._worker_epoch: int | None = None
+        self._draining = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="scheduler-loop")
@@ -61,6 +62,13 @@ class SchedulerLoop:
     @property
     def task(self) -> asyncio.Task | None:
         return self._task
+
+    async def drain(self) -> None:
+        """Refuse new requests (UNAVAILABLE, a 503 with Retry-After at the gateway) and return once every request
+        in flight has finished."""
+        self._draining = True
+        while self._queues:
+            await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -75,8 +83,7 @@ class SchedulerLoop:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """Outputs of every choice until each has finished; leaving early (cancel, disconnect) aborts."""
-        if self._task is None or self._task.done() or self._stopping:
-            raise UnavailableError("the scheduler loop is not running")
+        self._check_open()
         queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
         if req.request_id in self._queues:
             raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
@@ -101,13 +108,18 @@ class SchedulerLoop:
     def attach(self, req: GenerateRequest, sink) -> None:
         """Start a request whose outputs go to `sink.put_nowait` (a multiplexed stream's outbox) instead of a
         generator; the caller counts finished choices and calls `detach` (which aborts what is unfinished)."""
-        if self._task is None or self._task.done() or self._stopping:
-            raise UnavailableError("the scheduler loop is not running")
+        self._check_open()
         if req.request_id in self._queues:
             raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
         self.core.add_request(req, time.monotonic())
         self._queues[req.request_id] = sink
         self._wake.set()
+
+    def _check_open(self) -> None:
+        if self._task is None or self._task.done() or self._stopping:
+            raise UnavailableError("the scheduler loop is not running")
+        if self._draining:
+            raise UnavailableError("the scheduler is shutting down; retry on another replica or shortly")
 
     def detach(self, request_id: str) -> None:
         if self._queues.pop(request_id, None) is not None and self.core.abort_request(request_id):

@@ -148,6 +148,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             for c in channels:
                 await c.close()
 
+    async def drain(self) -> None:
+        if self.loop is not None:
+            await self.loop.drain()
+
     async def shutdown(self) -> None:
         if getattr(self, "_monitor", None) is not None:
             self._monitor.cancel()

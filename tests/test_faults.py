@@ -110,3 +110,37 @@ def test_a_restarted_worker_gives_the_answers_of_a_fresh_one(cluster):
         body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     )  # nothing read from the old worker's KV
     assert body["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+
+
+def test_sigterm_drains_the_scheduler(cluster):
+    """SIGTERM to the scheduler: new requests get 503 with Retry-After at once, the stream in flight runs to its
+    last token, then the process exits 0 (issue 10 item 2)."""
+    import threading
+
+    from tests.helpers import SERVED
+
+    body = {"model": SERVED, "messages": [{"role": "user", "content": "count"}], "max_tokens": 300,
+            "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
+    chunks: list[bytes] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        with cluster.http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            for chunk in r.iter_bytes():
+                chunks.append(chunk)
+                started.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert started.wait(60)
+    scheduler = cluster.launcher.procs["scheduler"]
+    scheduler.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    refused = cluster.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+    assert refused.status_code == 503 and refused.headers.get("retry-after") == "1", refused.text
+    t.join(60)
+    text = b"".join(chunks).decode()
+    assert '"finish_reason": "length"' in text and text.rstrip().endswith("data: [DONE]")
+    assert '"error"' not in text
+    assert scheduler.wait(30) == 0
