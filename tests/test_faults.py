@@ -32,7 +32,16 @@ class Services:
         from mirador.launcher import UpArgs
         from tests.helpers import SERVED, free_port
 
-        up = UpArgs(model_path=str(model_dir), port=free_port(), served_model_name=SERVED, page_size=8)
+        # gRPC ports picked at random (0), not the defaults: two suites on one machine must not meet
+        up = UpArgs(
+            model_path=str(model_dir),
+            port=free_port(),
+            served_model_name=SERVED,
+            page_size=8,
+            scheduler_port=0,
+            worker_port=0,
+            vision_port=0,
+        )
         self.launcher = Launcher(up)
         self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the services
         self.launcher.start(self._log)
