@@ -44,6 +44,12 @@ class _UpOnly(ArgsBase):
     worker_port: int = arg(50052, "worker gRPC port (a free one is picked if it is taken; 0: always pick)")
     vision_port: int = arg(50053, "vision gRPC port (a free one is picked if it is taken; 0: always pick)")
     startup_timeout_s: float = arg(900.0, "how long to wait for every service to be ready")
+    max_restarts: int = arg(
+        5,
+        "a service that exits after start-up is started again (after 1, 2, 4 ... up to 30 s) while the others "
+        "keep serving; past this many restarts of one service within 10 minutes, up stops the cluster "
+        "(0: stop at the first exit, as SGLang's launcher does)",
+    )
     vision_device: str = arg(
         "",
         "device of the vision encoder (default: --device). Another GPU, e.g. cuda:1, gives the encoder a card of "
@@ -164,18 +170,24 @@ class Cluster:
         self.up = up
         self.args = service_args(up)
         self.procs: dict[str, subprocess.Popen] = {}
+        self._output = None
 
     def start(self, output=None) -> None:
         """Start the four processes (their logs go to `output`, a file object, or inherit ours)."""
-        for name, args in self.args.items():
-            cmd = [sys.executable, "-m", "mirador", name, *args.to_cli()]
-            logger.info("starting %s", name)
-            self.procs[name] = subprocess.Popen(
-                cmd,
-                stdout=output,
-                stderr=subprocess.STDOUT if output is not None else None,
-                preexec_fn=_die_with_parent if os.name == "posix" else None,
-            )
+        self._output = output
+        for name in self.args:
+            self.spawn(name)
+
+    def spawn(self, name: str) -> None:
+        """Start one service (again, after it exited: same flags, same port)."""
+        cmd = [sys.executable, "-m", "mirador", name, *self.args[name].to_cli()]
+        logger.info("starting %s", name)
+        self.procs[name] = subprocess.Popen(
+            cmd,
+            stdout=self._output,
+            stderr=subprocess.STDOUT if self._output is not None else None,
+            preexec_fn=_die_with_parent if os.name == "posix" else None,
+        )
 
     def exited(self) -> tuple[str, int] | None:
         for name, p in self.procs.items():
@@ -246,6 +258,9 @@ def _http_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+RESTART_WINDOW_S = 600  # restarts of one service counted over this window (--max-restarts)
+
+
 def run_up(up: UpArgs) -> int:
     cluster = Cluster(up)
     stop = {"signal": None}
@@ -271,10 +286,35 @@ def run_up(up: UpArgs) -> int:
                 "  Ctrl-C stops every service.",
                 flush=True,
             )
+        restarts: dict[str, list[float]] = {}
         while stop["signal"] is None:
             if (gone := cluster.exited()) is not None:
-                logger.error("%s exited with code %d; stopping the cluster", *gone)
-                return 1
+                name, code = gone
+                recent = [t for t in restarts.get(name, []) if time.monotonic() - t < RESTART_WINDOW_S]
+                if len(recent) >= up.max_restarts:
+                    logger.error(
+                        "%s exited with code %d (%d restarts in the last %d min); stopping the cluster",
+                        name,
+                        code,
+                        len(recent),
+                        RESTART_WINDOW_S // 60,
+                    )
+                    return 1
+                delay = min(30.0, 2.0 ** len(recent))
+                logger.warning(
+                    "%s exited with code %d; starting it again in %.0f s (the others keep serving; the scheduler "
+                    "answers 503 meanwhile)",
+                    name,
+                    code,
+                    delay,
+                )
+                deadline = time.monotonic() + delay
+                while stop["signal"] is None and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if stop["signal"] is not None:
+                    break
+                cluster.spawn(name)
+                restarts[name] = [*recent, time.monotonic()]
             time.sleep(0.5)
         logger.info("stopping (signal %d)", stop["signal"])
         return 0

@@ -153,3 +153,27 @@ def test_sigterm_drains_the_scheduler(cluster):
     assert '"finish_reason": "length"' in text and text.rstrip().endswith("data: [DONE]")
     assert '"error"' not in text
     assert scheduler.wait(30) == 0
+
+
+def test_mirador_up_restarts_a_dead_service_and_the_others_keep_serving(default_model, log_dir):
+    """kill -9 of the worker under `mirador up`: it is started again (same port), the scheduler takes the new
+    epoch, and the cluster answers again without a restart of its own (issue 10 item 3)."""
+    from tests.helpers import Cluster
+
+    c = Cluster(default_model, "--page-size", "8", log_dir=log_dir, name="supervised")
+    try:
+        assert c.chat([{"role": "user", "content": "before"}], max_tokens=2).status_code == 200
+        old = c.child_pids()
+        os.kill(old["worker"], signal.SIGKILL)
+        _wait_health(c, 503)
+        _wait_health(c, 200, timeout=120)
+        new = c.child_pids()
+        assert new["worker"] != old["worker"]
+        assert {k: v for k, v in new.items() if k != "worker"} == {
+            k: v for k, v in old.items() if k != "worker"
+        }
+        r = c.chat([{"role": "user", "content": "after"}], max_tokens=2)
+        assert r.status_code == 200, r.text
+        assert c.proc.poll() is None  # `mirador up` itself never stopped
+    finally:
+        c.stop()
