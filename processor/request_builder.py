@@ -201,7 +201,7 @@ def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], list[ImageR
         if not isinstance(msg, dict):
             raise InvalidRequestError(f"messages[{i}] must be an object", param=f"messages[{i}]")
         role = msg.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise InvalidRequestError(
                 f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}",
                 param=f"messages[{i}].role",

@@ -70,29 +70,38 @@ def build(
         return value if value is not None else defaults.get(name, fallback)
 
     stop = fields.get("stop")
-    stops = () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+    stops = () if stop is None else (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stops, list | tuple) or not all(isinstance(s, str) for s in stops):
+        raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
     if len(stops) > 4:
         raise InvalidRequestError("stop takes at most 4 sequences", param="stop")
-    stop_ids = tuple(int(t) for t in (fields.get("stop_token_ids") or ()))
-    min_tokens = int(fields.get("min_tokens") or 0)
+    stop_token_ids = fields.get("stop_token_ids") or ()
+    if not isinstance(stop_token_ids, list | tuple):
+        raise InvalidRequestError("stop_token_ids must be a list of token ids", param="stop_token_ids")
+    stop_ids = tuple(_integer("stop_token_ids", t) for t in stop_token_ids)
+    min_tokens = _integer("min_tokens", fields.get("min_tokens") or 0)
+    top_k = _integer("top_k", pick("top_k", 0))
     _in_range("stop_token_ids", *stop_ids, low=0)
     _in_range("min_tokens", min_tokens, low=0)
-    _in_range("top_k", int(fields.get("top_k") or 0), low=-1)
+    _in_range("top_k", top_k, low=-1)
     ignore_eos = bool(fields.get("ignore_eos") or False)
     try:
         bias = {int(k): float(v) for k, v in (fields.get("logit_bias") or {}).items()}
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError):
         raise InvalidRequestError("logit_bias must map token ids to numbers", param="logit_bias") from None
     _in_range("logit_bias", *bias, low=0)
+    seed = fields.get("seed")
+    if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        raise InvalidRequestError("seed must be an integer in [0, 2**63)", param="seed")
     sampling = SamplingParams(
-        temperature=float(pick("temperature", 1.0)),
-        top_p=float(pick("top_p", 1.0)),
-        top_k=int(pick("top_k", 0)),
-        min_p=float(pick("min_p", 0.0)),
-        seed=fields.get("seed"),
-        presence_penalty=float(fields.get("presence_penalty") or 0.0),
-        frequency_penalty=float(fields.get("frequency_penalty") or 0.0),
-        repetition_penalty=float(pick("repetition_penalty", 1.0)),
+        temperature=_number("temperature", pick("temperature", 1.0)),
+        top_p=_number("top_p", pick("top_p", 1.0)),
+        top_k=top_k,
+        min_p=_number("min_p", pick("min_p", 0.0)),
+        seed=seed,
+        presence_penalty=_number("presence_penalty", fields.get("presence_penalty") or 0.0),
+        frequency_penalty=_number("frequency_penalty", fields.get("frequency_penalty") or 0.0),
+        repetition_penalty=_number("repetition_penalty", pick("repetition_penalty", 1.0)),
         logit_bias=bias,
         return_logprob=return_logprob,
         top_logprobs=top_logprobs,
@@ -112,6 +121,19 @@ def build(
 
 
 INT32_MAX = 2**31 - 1
+
+
+def _integer(param: str, value: Any) -> int:
+    """An integer field as sent (JSON numbers like 5.0 included); anything else is a 400 naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise InvalidRequestError(f"{param} must be an integer, got {value!r}", param=param)
+    return int(value)
+
+
+def _number(param: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:  # NaN
+        raise InvalidRequestError(f"{param} must be a number, got {value!r}", param=param)
+    return float(value)
 
 
 def _in_range(param: str, *values: int, low: int) -> None:
