@@ -88,7 +88,13 @@ def test_sglang_sampling_params_build_or_are_a_request_error(fields):
 
 @pytest.mark.parametrize(
     "fields",
-    [{"top_k": "5"}, {"stop_token_ids": ["a"]}, {"min_new_tokens": [1]}, {"temperature": "hot"}, {"seed": 1.5}],
+    [
+        {"top_k": "5"},
+        {"stop_token_ids": ["a"]},
+        {"min_new_tokens": [1]},
+        {"temperature": "hot"},
+        {"seed": 1.5},
+    ],
 )
 def test_wrong_types_in_sglang_params_are_request_errors(fields):
     with pytest.raises(MiradorError):
