@@ -448,3 +448,28 @@ def test_health_probe_as_a_command(health_server):
     )
     assert proc.returncode == 0, proc.stderr
     assert "SERVING" in proc.stdout
+
+
+def test_k8s_network_policies_let_only_the_right_pods_reach_each_port():
+    """Only the gateway is public; each gRPC port admits exactly the components that call it (issue 10 item 5)."""
+    docs = load_yaml_all((K8S_DIR / "networkpolicy.yaml").read_text())
+    assert "networkpolicy.yaml" in (K8S_DIR / "kustomization.yaml").read_text()
+    want = {
+        "gateway": (None, 8000),
+        "scheduler": ({"gateway"}, 50051),
+        "worker": ({"scheduler"}, 50052),
+        "vision": ({"scheduler", "worker"}, 50053),
+    }
+    got = {}
+    for d in docs:
+        assert d["kind"] == "NetworkPolicy" and d["spec"]["policyTypes"] == ["Ingress"]
+        (rule,) = d["spec"]["ingress"]
+        component = d["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        peers = {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in rule.get("from", [])}
+        (port,) = [p["port"] for p in rule["ports"]]
+        got[component] = (peers or None, port)
+    assert got == want
+    # the ports are the ones the services listen on
+    compose = COMPOSE.read_text()
+    for component, (_, port) in want.items():
+        assert f'"--port", "{port}"' in compose, component
