@@ -607,3 +607,52 @@ def test_overload_and_unavailable_responses_say_when_to_retry():
     assert error_response(ResourceExhaustedError("busy")).headers["retry-after"] == "1"
     assert error_response(UnavailableError("down")).headers["retry-after"] == "1"
     assert "retry-after" not in error_response(InvalidRequestError("bad")).headers
+
+
+def test_request_timeout_aborts_the_request_everywhere(cluster, default_model, log_dir):
+    """--request-timeout-s: past it the client gets a 504 (also while streaming: an error event) and the scheduler
+    has aborted the request, its pages freed (issue 10 item 7)."""
+    import grpc
+
+    from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+    body = {"model": SERVED, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 2000,
+            "ignore_eos": True}  # fmt: skip
+    with _extra_gateway(
+        cluster, default_model, log_dir, "timeout-gateway", "--request-timeout-s", "1"
+    ) as http:
+        t0 = time.monotonic()
+        r = http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 504, r.text
+        assert time.monotonic() - t0 < 10
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+            text = s.read().decode()
+        assert '"code": 504' in text and text.rstrip().endswith("[DONE]")
+    with grpc.insecure_channel(cluster.scheduler_address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        deadline = time.monotonic() + 10
+        while (
+            stats := stub.GetStats(scheduler_pb2.GetStatsRequest())
+        ).num_running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stats.num_running == 0 and stats.num_queued == 0
+        # a direct gRPC caller's deadline does the same
+        call = stub.Generate(
+            scheduler_pb2.GenerateRequest(
+                request_id="deadline-1",
+                input_ids=[11, 12, 13],
+                stopping=scheduler_pb2.StoppingCriteria(max_new_tokens=2000, ignore_eos=True),
+                sampling=common_pb2.SamplingParams(temperature=0, top_p=1, repetition_penalty=1),
+            ),
+            timeout=0.5,
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in call:
+                pass
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while (
+            stats := stub.GetStats(scheduler_pb2.GetStatsRequest())
+        ).num_running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stats.num_running == 0
