@@ -47,6 +47,7 @@ class Gateway:
             allow_private_urls=args.allow_private_media_urls,
             allowed_local_media_path=args.allowed_local_media_path or None,
             max_images=args.max_images_per_request,
+            max_request_pixels=args.max_request_pixels,
         )
         self.builder = RequestBuilder(args.model_path, policy)
         cfg = self.builder.config

@@ -30,6 +30,11 @@ class GatewayArgs(ArgsBase):
     max_image_bytes: int = arg(20 * 1024 * 1024, "largest image accepted, bytes (HTTP 413 above)")
     max_image_pixels: int = arg(89_478_485, "largest decoded image accepted, width x height (HTTP 413 above)")
     max_images_per_request: int = arg(32, "most images in one request")
+    max_request_pixels: int = arg(
+        2 * 89_478_485,
+        "most pixels (width x height, from the headers) of all images of one request together, which the vision "
+        "service decodes (HTTP 413 above)",
+    )
     max_request_bytes: int = arg(64 * 1024 * 1024, "largest HTTP request body, bytes (HTTP 413 above)")
     request_timeout_s: float = arg(3600.0, "longest a request may run end to end, seconds")
     api_key: str = arg(

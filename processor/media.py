@@ -37,6 +37,7 @@ class MediaPolicy:
     allow_private_urls: bool = False
     allowed_local_media_path: str | None = None
     max_images: int = 32  # per request, counted before anything is fetched
+    max_request_pixels: int = 2 * 89_478_485  # all images of a request together, from their headers
 
 
 def blocked_address(ip: str) -> str | None:

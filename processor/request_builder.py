@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import InvalidRequestError
+from common.errors import InvalidRequestError, PayloadTooLargeError
 from common.types import MultimodalItem
 from processor.media import MediaFetcher, MediaPolicy, content_key, image_size
 from processor.model_config import ModelConfig, load_model_config
@@ -159,11 +159,19 @@ class RequestBuilder:
                 return self._describe(ref, data)
             return await asyncio.to_thread(self._describe, ref, data)
 
-        return await asyncio.gather(*(describe(r, d) for r, d in zip(refs, datas, strict=True)))
+        described = await asyncio.gather(*(describe(r, d) for r, d in zip(refs, datas, strict=True)))
+        total = sum(pixels for *_, pixels in described)
+        if total > self.policy.max_request_pixels:  # what the vision service would decode for this request
+            raise PayloadTooLargeError(
+                f"the request's images hold {total} pixels; at most {self.policy.max_request_pixels} per request",
+                param="messages",
+            )
+        return [d[:4] for d in described]
 
-    def _describe(self, ref: ImageRef, data: bytes) -> tuple[ImageRef, bytes, str, tuple[int, int, int]]:
-        grid = self.media_spec.image_grid(*image_size(data, self.policy, ref.param))
-        return ref, data, content_key(data, self._settings), grid
+    def _describe(self, ref: ImageRef, data: bytes) -> tuple[ImageRef, bytes, str, tuple[int, int, int], int]:
+        width, height = image_size(data, self.policy, ref.param)
+        grid = self.media_spec.image_grid(width, height)
+        return ref, data, content_key(data, self._settings), grid, width * height
 
     def _expand(self, ids: list[int], images, text: str) -> PreparedPrompt:
         pads = (

@@ -656,3 +656,26 @@ def test_request_timeout_aborts_the_request_everywhere(cluster, default_model, l
         ).num_running and time.monotonic() < deadline:
             time.sleep(0.1)
         assert stats.num_running == 0
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height (only headers are read before the limits apply)."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes(noise_image(1, 1, 0)))
+    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
+    return bytes(data)
+
+
+def test_total_pixels_of_a_request_are_capped_from_the_headers(cluster):
+    """Three images of 81 MP each (under the per-image cap): 243 MP for the vision service to decode, over the
+    per-request cap, so a 413 from their headers alone (issue 10 item 6)."""
+    big = image_part_bytes(_png_claiming(9000, 9000))
+    t0 = time.monotonic()
+    r = cluster.chat(_user(big, big, big, TEXT))
+    _assert_error(r, 413, "messages")
+    assert "per request" in r.json()["error"]["message"]
+    assert time.monotonic() - t0 < 5
