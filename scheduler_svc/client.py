@@ -18,6 +18,7 @@ from common.errors import (
     from_rpc_error,
 )
 from common.grpc_utils import create_channel
+from common.mailbox import Mailbox
 from common.types import GenerateOutput, GenerateRequest
 from protos import scheduler_pb2, scheduler_pb2_grpc
 
@@ -31,33 +32,6 @@ _ERRORS: dict[str, type[MiradorError]] = {
 }
 
 
-class _Mailbox:
-    """One request's inbox: the reader task appends, the request's generator takes everything at once (a list and
-    one future per wake-up, lighter than an asyncio.Queue's per-item waiters)."""
-
-    __slots__ = ("items", "waiter")
-
-    def __init__(self):
-        self.items: list = []
-        self.waiter: asyncio.Future | None = None
-
-    def put_nowait(self, item) -> None:
-        self.items.append(item)
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def take_all(self) -> list:
-        """Everything queued (waiting for the first item if there is none)."""
-        while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        items, self.items = self.items, []
-        return items
-
-
 class SchedulerClient:
     """All of this process's requests share one `Connect` stream: requests and aborts go out on it, and a step's
     outputs for all of them come back in one message, which a reader task hands to each request's queue."""
@@ -68,7 +42,7 @@ class SchedulerClient:
         self._channel = create_channel(address)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
         self._outbox: asyncio.Queue | None = None
-        self._queues: dict[str, _Mailbox] = {}
+        self._queues: dict[str, Mailbox] = {}
         self._reader: asyncio.Task | None = None
 
     async def close(self) -> None:
@@ -118,7 +92,7 @@ class SchedulerClient:
         """Stream outputs; closing the iterator early aborts the request everywhere."""
         if req.request_id in self._queues:
             raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
-        queue = _Mailbox()
+        queue = Mailbox()
         self._queues[req.request_id] = queue
         outbox = self._outbox or self._open()
         outbox.put_nowait(scheduler_pb2.ConnectRequest(generate=request_to_proto(req)))

@@ -14,6 +14,7 @@ from common.convert import output_to_proto, outputs_to_batch, request_from_proto
 from common.errors import MiradorError, UnavailableError, abort_with
 from common.grpc_utils import Fatal, ServiceHealth, wait_serving
 from common.grpc_utils import create_server as _create_server
+from common.mailbox import Mailbox
 from common.service_main import settle_gc
 from common.types import WorkerInfo
 from processor.model_config import load_generation_eos, load_model_config
@@ -179,7 +180,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             loop = self._ready()
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)
-        outbox = _Outbox()  # every request of this stream outputs here
+        outbox = Mailbox()  # every request of this stream outputs here
         live: dict[str, int] = {}  # request id -> choices not finished
 
         async def read() -> None:
@@ -198,7 +199,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         reader = asyncio.create_task(read())
         try:
             while True:
-                items = await outbox.take()
+                items = await outbox.take_all()
                 batch = scheduler_pb2.OutputBatch()
                 outs = []
                 for item in items:
@@ -267,29 +268,6 @@ def create_server(args: SchedulerArgs) -> tuple[grpc.aio.Server, int, SchedulerS
         servicer, scheduler_pb2_grpc.add_SchedulerServicer_to_server, SERVICE_NAME, args.host, args.port
     )
     return server, port, servicer
-
-
-class _Outbox:
-    """What a Connect stream has to write: the loop appends (all of a step's outputs at once), the stream takes
-    everything there in one batch."""
-
-    __slots__ = ("items", "ready")
-
-    def __init__(self):
-        self.items: list = []
-        self.ready = asyncio.Event()
-
-    def put_nowait(self, item) -> None:
-        self.items.append(item)
-        if len(self.items) == 1:
-            self.ready.set()
-
-    async def take(self) -> list:
-        while not self.items:
-            self.ready.clear()
-            await self.ready.wait()
-        items, self.items = self.items, []
-        return items
 
 
 def _request_error(request_id: str, error: Exception) -> scheduler_pb2.RequestError:

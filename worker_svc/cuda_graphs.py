@@ -22,14 +22,19 @@ logger = logging.getLogger(__name__)
 _SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
-def capture_sizes(max_bs: int) -> list[int]:
-    sizes = [s for s in _SIZES if s < max_bs]
-    top = _SIZES[-1]
-    while top < max_bs:  # beyond the table: steps of 64
-        top += 64
-        if top < max_bs:
+def bucket_sizes(table: tuple[int, ...], step: int, largest: int) -> list[int]:
+    """The table's sizes below `largest`, then steps of `step` beyond it, then `largest` itself."""
+    sizes = [s for s in table if s < largest]
+    top = table[-1]
+    while top < largest:
+        top += step
+        if top < largest:
             sizes.append(top)
-    return [*sizes, max_bs]
+    return [*sizes, largest]
+
+
+def capture_sizes(max_bs: int) -> list[int]:
+    return bucket_sizes(_SIZES, 64, max_bs)
 
 
 class DecodeGraphs:

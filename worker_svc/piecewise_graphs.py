@@ -23,6 +23,7 @@ import time
 import torch
 
 from worker_svc.attention.base import AttentionMetadata
+from worker_svc.cuda_graphs import bucket_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +32,7 @@ _SIZES = (8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 64
 
 def token_sizes(max_tokens: int) -> list[int]:
     """Captured token counts up to `max_tokens`: the table, then steps of 256."""
-    sizes = [s for s in _SIZES if s < max_tokens]
-    top = _SIZES[-1]
-    while top < max_tokens:
-        top += 256
-        if top < max_tokens:
-            sizes.append(top)
-    return [*sizes, max_tokens] if max_tokens > 0 else []
+    return bucket_sizes(_SIZES, 256, max_tokens) if max_tokens > 0 else []
 
 
 class _Cut:
