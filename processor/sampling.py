@@ -8,6 +8,7 @@ generation_config.json, then OpenAI's.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -125,13 +126,18 @@ INT32_MAX = 2**31 - 1
 
 def _integer(param: str, value: Any) -> int:
     """An integer field as sent (JSON numbers like 5.0 included); anything else is a 400 naming the field."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
         raise InvalidRequestError(f"{param} must be an integer, got {value!r}", param=param)
     return int(value)
 
 
 def _number(param: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:  # NaN
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise InvalidRequestError(f"{param} must be a number, got {value!r}", param=param)
     return float(value)
 

@@ -94,6 +94,8 @@ def test_sglang_sampling_params_build_or_are_a_request_error(fields):
         {"min_new_tokens": [1]},
         {"temperature": "hot"},
         {"seed": 1.5},
+        {"top_k": float("inf")},
+        {"temperature": float("nan")},
     ],
 )
 def test_wrong_types_in_sglang_params_are_request_errors(fields):
