@@ -39,9 +39,20 @@ class ArgsBase:
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
         hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
+        groups = {}  # flags of a base class with a `_cli_group` title come last, under that title
+        for base in cls.__mro__:
+            title = base.__dict__.get("_cli_group")
+            if title:
+                groups.update(dict.fromkeys(base.__dataclass_fields__, title))
+        fields = sorted(dataclasses.fields(cls), key=lambda f: f.name in groups)
+        targets: dict[str, Any] = {}
+        for f in fields:
             if f.name in skip or not f.init:
                 continue
+            target = parser
+            if f.name in groups:
+                title = groups[f.name]
+                target = targets.get(title) or targets.setdefault(title, parser.add_argument_group(title))
             tp, is_list = _base_type(hints[f.name])
             names = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -49,13 +60,13 @@ class ArgsBase:
             help_text = f"{help_text} (default: {default!r})" if default not in (None, "") else help_text
             kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_text}
             if tp is bool:
-                parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+                target.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
                 continue
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
             if is_list:
                 kwargs["nargs"] = "*"
-            parser.add_argument(*names, type=tp, **kwargs)
+            target.add_argument(*names, type=tp, **kwargs)
 
     @classmethod
     def from_cli_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:

@@ -12,6 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.security import process_auth
+
 logger = logging.getLogger(__name__)
 
 # Image embeddings of a 12-megapixel photo on a 7B model are ~110 MB: raised on purpose, for every hop.
@@ -33,7 +35,13 @@ CHANNEL_OPTIONS = [*_COMMON_OPTIONS, ("grpc.enable_retries", 1)]
 
 
 def create_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """An aio channel carrying this process's internal credentials (common/security.py)."""
+    return process_auth().aio_channel(address, CHANNEL_OPTIONS)
+
+
+def create_sync_channel(address: str) -> grpc.Channel:
+    """The blocking twin of `create_channel` (for calls made from a model thread)."""
+    return process_auth().sync_channel(address, CHANNEL_OPTIONS)
 
 
 class ServiceHealth:
@@ -97,13 +105,17 @@ def create_server(
     servicer, add_to_server: Callable, service_name: str, host: str, port: int
 ) -> tuple[grpc.aio.Server, int]:
     """An aio server with the servicer, health (NOT_SERVING, set on `servicer.health`) and reflection, bound to
-    host:port (0 picks one)."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    host:port (0 picks one). With internal authentication configured (common/security.py) it listens with TLS
+    and/or checks the shared token, and admits only the roles that call `service_name`."""
+    auth = process_auth()
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=auth.server_interceptors(service_name))
     add_to_server(servicer, server)
     servicer.health = ServiceHealth(server, service_name)
     servicer.fatal = Fatal()
     reflection.enable_server_reflection([service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+    address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    creds = auth.server_credentials()
+    bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     return server, bound

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 from common.args import ArgsBase
 from common.log import setup_logging
+from common.security import configure_from_args, process_auth
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,11 @@ def parse_service_args(
         except (FileNotFoundError, ValueError) as e:
             parser.error(str(e))
     try:
-        return args_cls.from_cli_args(ns)
+        args = args_cls.from_cli_args(ns)
+        configure_from_args(args, name)  # this process's internal credentials (common/security.py)
     except ValueError as e:
         parser.error(str(e))
+    return args
 
 
 def settle_gc() -> None:
@@ -55,7 +58,13 @@ def run_grpc_service(
 
     async def main() -> None:
         server, port, servicer = create_server(args)
-        logger.info("%s listening on %s:%d", name, args.host, port)
+        logger.info(
+            "%s listening on %s:%d (callers authenticated by: %s)",
+            name,
+            args.host,
+            port,
+            process_auth().describe(),
+        )
         await serve_until_signal(
             server,
             servicer.health,

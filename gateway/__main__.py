@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from common.log import setup_logging
+from common.security import configure_from_args
 from common.service_main import parse_service_args
 from gateway.config import GatewayArgs
 
@@ -60,6 +61,7 @@ def app_from_env():
 
     args = GatewayArgs(**json.loads(os.environ[ARGS_ENV]))
     setup_logging("gateway", args.log_level)
+    configure_from_args(args, "gateway")
     return create_app(args)
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.args import ArgsBase, arg
+from common.args import arg
+from common.security import InternalAuthArgs
 
 
 @dataclass(frozen=True)
-class GatewayArgs(ArgsBase):
+class GatewayArgs(InternalAuthArgs):
     model_path: str = arg(
         "",
         "Hugging Face model directory (or Hub id): tokenizer, chat template, preprocessor",

@@ -18,6 +18,7 @@ SERVICES = {
 }
 
 TOOLS = {
+    "certs": ("mirador.certs", "a private CA and per-service certificates for mutual TLS (--tls-dir)"),
     "bench": (
         "mirador.bench",
         "serving benchmark against a running gateway, or Hugging Face on the same workload",
@@ -34,6 +35,7 @@ commands:
   vision          run the vision service alone
   default-model   build (if needed) and print the embedded default model's directory
   bench           benchmark a running gateway (like SGLang's bench_serving) or HF transformers
+  certs           write a private CA and per-service certificates for mutual TLS (--tls-dir)
 
 Without --model, `up` serves the embedded tiny Qwen2.5-VL (random weights) built offline on first use, under
 the name "qwen2.5-vl-tiny".
@@ -65,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _up(argv: list[str]) -> int:
     from common.log import setup_logging
+    from common.security import configure_from_args
     from mirador.launcher import UpArgs, run_up
 
     parser = argparse.ArgumentParser(
@@ -84,6 +87,7 @@ def _up(argv: list[str]) -> int:
     try:
         ns.model_path = str(resolve_model_path(ns.model_path, ns.load_format))
         up = UpArgs.from_cli_args(ns)
+        configure_from_args(up, "admin")  # up's own health checks of the services it starts
     except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     return run_up(up)

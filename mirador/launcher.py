@@ -20,6 +20,7 @@ import httpx
 
 from common.args import ArgsBase, arg
 from common.grpc_utils import wait_serving
+from common.security import TOKEN_ENV
 from gateway.config import GatewayArgs
 from scheduler_svc.config import SchedulerArgs
 from vision_svc.config import VisionArgs
@@ -109,6 +110,18 @@ def _pick(cls: type[ArgsBase], up: UpArgs, **overrides) -> ArgsBase:
     values = {f.name: getattr(up, f.name) for f in dataclasses.fields(cls) if f.name in names}
     values.update(overrides)
     return cls(**values)
+
+
+def _grpcurl_hint(up: UpArgs) -> str:
+    """How an operator reaches the internal services with grpcurl under the cluster's authentication."""
+    if up.tls_dir:
+        d = up.tls_dir.rstrip("/")
+        return f"grpcurl -cacert {d}/ca.pem -cert {d}/admin.pem -key {d}/admin-key.pem"
+    if up.internal_token_file:
+        return f'grpcurl -plaintext -H "authorization: Bearer $(cat {up.internal_token_file})"'
+    if os.environ.get(TOKEN_ENV):
+        return f'grpcurl -plaintext -H "authorization: Bearer ${TOKEN_ENV}"'
+    return "grpcurl -plaintext"
 
 
 def same_device(a: str, b: str) -> bool:
@@ -280,7 +293,7 @@ def run_up(up: UpArgs) -> int:
             grpc = ", ".join(f"{n} {a.host}:{a.port}" for n, a in cluster.args.items() if n != "gateway")
             print(
                 f"\nMirador is ready in {time.monotonic() - t0:.0f} s: {base}/v1 (model {name})\n"
-                f"  gRPC (grpcurl -plaintext ADDRESS list): {grpc}\n"
+                f"  gRPC ({_grpcurl_hint(up)} ADDRESS list): {grpc}\n"
                 f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
                 f'\'{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'\n'
                 "  Ctrl-C stops every service.",

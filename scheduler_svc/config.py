@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.args import ArgsBase, arg
+from common.args import arg
+from common.security import InternalAuthArgs
 
 
 @dataclass(frozen=True)
-class SchedulerArgs(ArgsBase):
+class SchedulerArgs(InternalAuthArgs):
     model_path: str = arg(
         "", "Hugging Face model directory (or Hub id): tokenizer and config", aliases=("--model",)
     )
@@ -63,6 +64,7 @@ class SchedulerArgs(ArgsBase):
     def __post_init__(self):
         if not self.model_path:
             raise ValueError("--model-path is required")
+        self.check_internal_auth(self.host, "the scheduler")
         if self.max_running_requests is not None and self.max_running_requests < 1:
             raise ValueError("--max-running-requests must be >= 1")
         if self.chunked_prefill_size is not None and self.chunked_prefill_size == 0:

@@ -37,6 +37,9 @@ HEALTH_SCRIPT = REPO / "deploy" / "grpc_health_check.py"
 
 ARGS = {"gateway": GatewayArgs, "scheduler": SchedulerArgs, "worker": WorkerArgs, "vision": VisionArgs}
 GRPC_SERVICES = ("scheduler", "worker", "vision")
+# The compose service that writes the internal token, and where every service reads it.
+TOKEN_INIT = "internal-token"
+TOKEN_DIR = "/var/lib/mirador/secrets"
 # Which service each address flag must point at.
 ADDRESS_TARGETS = {"scheduler_address": "scheduler", "worker_address": "worker", "vision_address": "vision"}
 # Where the image puts the default model (a symlink made at build time) and the health probe script.
@@ -115,6 +118,8 @@ def compose() -> dict[str, Any]:
 def compose_commands(compose) -> dict[str, tuple[list[str], argparse.Namespace]]:
     out = {}
     for name, svc in compose["services"].items():
+        if name == TOKEN_INIT:
+            continue
         cmd = svc.get("command")
         assert isinstance(cmd, list) and all(isinstance(c, str) for c in cmd), (
             f"compose service {name}: command must be a list of strings"
@@ -148,7 +153,7 @@ def test_compose_matches_compose_spec():
 
 
 def test_compose_services_and_commands(compose, compose_commands):
-    services = compose["services"]
+    services = {k: v for k, v in compose["services"].items() if k != TOKEN_INIT}
     assert set(services) == set(ARGS), f"compose services {sorted(services)} != {sorted(ARGS)}"
     for name, svc in services.items():
         assert svc.get("image") == "mirador:latest", f"{name}: image"
@@ -203,6 +208,8 @@ def test_compose_dependencies_ports_and_healthchecks(compose, compose_commands):
     gw_port = compose_commands["gateway"][1].port
     assert published == {"gateway": [f"{gw_port}:{gw_port}"]}, "only the gateway's port is published"
     for name, svc in services.items():
+        if name == TOKEN_INIT:
+            continue
         test = svc.get("healthcheck", {}).get("test")
         assert isinstance(test, list) and test[0] == "CMD", (
             f"{name}: healthcheck test must be an exec-form CMD"
@@ -214,6 +221,32 @@ def test_compose_dependencies_ports_and_healthchecks(compose, compose_commands):
             )
         else:
             assert f"http://localhost:{port}/health" in " ".join(test), f"{name}: healthcheck {test}"
+
+
+def test_compose_services_share_a_generated_internal_token(compose, compose_commands, tmp_path):
+    """The one-shot service writes a random token once; every service reads it from the shared volume."""
+    services = compose["services"]
+    init = services[TOKEN_INIT]
+    assert init.get("restart") == "no", f"{TOKEN_INIT} runs once"
+    mount = next(v for v in init["volumes"] if v.split(":")[1] == TOKEN_DIR)
+    volume = mount.split(":")[0]
+    assert volume in compose["volumes"] and not mount.endswith(":ro"), f"{TOKEN_INIT} writes {TOKEN_DIR}"
+    for name, (_, ns) in compose_commands.items():
+        assert ns.internal_token_file == f"{TOKEN_DIR}/token", f"{name}: --internal-token-file"
+        assert f"{volume}:{TOKEN_DIR}:ro" in services[name]["volumes"], f"{name}: mounts the token read-only"
+    for name in ("vision", "worker"):  # the scheduler and the gateway wait for these already
+        condition = services[name]["depends_on"][TOKEN_INIT]["condition"]
+        assert condition == "service_completed_successfully", f"{name} waits for the token"
+    # Run the init's code against a temporary directory: a 64-hex-digit token, private, kept on the next run.
+    entry = init["entrypoint"]
+    assert entry[:2] == ["python", "-c"]
+    code = entry[2].replace(TOKEN_DIR, str(tmp_path))
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    token_file = tmp_path / "token"
+    token = token_file.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token) and (token_file.stat().st_mode & 0o777) == 0o600
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    assert token_file.read_text() == token, "a restart must keep the token the running services hold"
 
 
 # ------------------------------------------------------------------------------------------------ kubernetes
@@ -316,6 +349,19 @@ def test_k8s_addresses_resolve_to_the_right_service(k8s_docs, k8s_containers):
             assert named.get(target_port, target_port) == target_ns.port, (
                 f"{where}: Service {host}:{port} forwards to {target_port}, but {target} listens on {target_ns.port}"
             )
+
+
+def test_k8s_services_read_the_internal_token_from_one_secret(k8s_containers):
+    for dep, c, ns in k8s_containers.values():
+        name = dep["metadata"]["name"]
+        token_dir = str(Path(ns.internal_token_file).parent)
+        mount = next((m for m in c.get("volumeMounts", []) if m["mountPath"] == token_dir), None)
+        assert mount is not None and mount.get("readOnly"), f"{name}: {token_dir} must be a read-only mount"
+        volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+        assert volume.get("secret", {}).get("secretName") == "mirador-internal-token", f"{name}: token secret"
+    assert (
+        "kubectl create secret generic mirador-internal-token" in (K8S_DIR / "kustomization.yaml").read_text()
+    )
 
 
 def test_k8s_worker_gpu_limit_is_an_opt_in_comment(k8s_containers):

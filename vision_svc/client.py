@@ -11,7 +11,7 @@ import grpc
 
 from common.convert import encoded_from_proto, mm_item_to_proto
 from common.errors import UnavailableError, from_rpc_error
-from common.grpc_utils import CHANNEL_OPTIONS, create_channel
+from common.grpc_utils import create_channel, create_sync_channel
 from common.types import EncodedItem, MultimodalItem
 from protos import vision_pb2, vision_pb2_grpc
 
@@ -62,7 +62,7 @@ class VisionEmbeddingSource:
         self.address = address
         self.timeout_s = timeout_s
         self.share = share
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = create_sync_channel(address)
         self._stub = vision_pb2_grpc.VisionStub(self._channel)
         self.transport = "grpc"
         self.connected = False

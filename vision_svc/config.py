@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.args import ArgsBase, arg
+from common.args import arg
+from common.security import InternalAuthArgs
 from models.registry import LOAD_FORMATS
 
 
 @dataclass(frozen=True)
-class VisionArgs(ArgsBase):
+class VisionArgs(InternalAuthArgs):
     model_path: str = arg("", "Hugging Face model directory (or Hub id)", aliases=("--model",))
     host: str = arg("127.0.0.1", "address to listen on")
     port: int = arg(50053, "gRPC port (0 picks a free one)")
@@ -62,6 +63,7 @@ class VisionArgs(ArgsBase):
     def __post_init__(self):
         if not self.model_path:
             raise ValueError("--model-path is required")
+        self.check_internal_auth(self.host, "the vision service")
         if not 0.0 <= self.vision_mem_fraction < 1.0:
             raise ValueError("--vision-mem-fraction must be in [0, 1)")
         if self.embedding_cache_mb < 1:

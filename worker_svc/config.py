@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.args import ArgsBase, arg
+from common.args import arg
+from common.security import InternalAuthArgs
 from models.registry import LOAD_FORMATS
 from worker_svc.attention import ATTENTION_BACKENDS
 
 
 @dataclass(frozen=True)
-class WorkerArgs(ArgsBase):
+class WorkerArgs(InternalAuthArgs):
     model_path: str = arg("", "Hugging Face model directory (or Hub id)", aliases=("--model",))
     host: str = arg("127.0.0.1", "address to listen on")
     port: int = arg(50052, "gRPC port (0 picks a free one)")
@@ -76,6 +77,7 @@ class WorkerArgs(ArgsBase):
     def __post_init__(self):
         if not self.model_path:
             raise ValueError("--model-path is required")
+        self.check_internal_auth(self.host, "the worker")
         if self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
         if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
