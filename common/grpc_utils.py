@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.interceptors import Activity
 from common.security import process_auth
 
 logger = logging.getLogger(__name__)
@@ -104,12 +105,17 @@ class Fatal:
 def create_server(
     servicer, add_to_server: Callable, service_name: str, host: str, port: int
 ) -> tuple[grpc.aio.Server, int]:
-    """An aio server with the servicer, health (NOT_SERVING, set on `servicer.health`) and reflection, bound to
+    """An aio server with the servicer, health (NOT_SERVING, set on `servicer.health`), reflection and a count of
+    calls in flight (`servicer.activity`, what a drain without its own condition waits on), bound to
     host:port (0 picks one). With internal authentication configured (common/security.py) it listens with TLS
     and/or checks the shared token, and admits only the roles that call `service_name`."""
     auth = process_auth()
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=auth.server_interceptors(service_name))
+    activity = Activity()
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=[*auth.server_interceptors(service_name), activity]
+    )
     add_to_server(servicer, server)
+    servicer.activity = activity
     servicer.health = ServiceHealth(server, service_name)
     servicer.fatal = Fatal()
     reflection.enable_server_reflection([service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -165,7 +171,8 @@ async def serve_until_signal(
     await service_health.set_serving(False)
     if drain is not None:
         logger.info(
-            "draining: new work is refused; waiting up to %.0f s for the work in flight", drain_timeout_s
+            "draining: NOT_SERVING, so callers send no new work; waiting up to %.0f s for the work in flight",
+            drain_timeout_s,
         )
         try:
             await asyncio.wait_for(drain(), drain_timeout_s)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-import inspect
 import ipaddress
 import logging
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 import grpc
 
 from common.args import ArgsBase, arg
+from common.interceptors import wrap_handler
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +225,7 @@ def _refusal(token: str, roles: Iterable[str] | None, context, method: str) -> t
 
 
 class _Guard(grpc.aio.ServerInterceptor):
-    """Wraps every method handler (but health's) so it checks the caller before running. aio interceptors do not
-    see the peer's certificate, so the check runs inside the handler, where the context does."""
+    """Checks the caller of every method but health's, inside the call (where the peer's certificate is seen)."""
 
     def __init__(self, token: str, roles: tuple[str, ...] | None):
         self._token = token
@@ -239,46 +238,13 @@ class _Guard(grpc.aio.ServerInterceptor):
             return handler
         reflection = self._roles is not None and method.startswith("/grpc.reflection.")
         roles = ROLES if reflection else self._roles  # any certificate of the cluster may list services
-        return _guarded(handler, lambda ctx: _refusal(self._token, roles, ctx, method))
 
-
-def _guarded(handler: grpc.RpcMethodHandler, check) -> grpc.RpcMethodHandler:
-    def wrap(behavior, streaming: bool):
-        if streaming and inspect.isasyncgenfunction(behavior):
-
-            async def gen(request, context):
-                refusal = check(context)
-                if refusal is not None:
-                    await context.abort(*refusal)
-                async for item in behavior(request, context):
-                    yield item
-
-            return gen
-
-        async def call(request, context):
-            refusal = check(context)
+        async def check(context) -> None:
+            refusal = _refusal(self._token, roles, context, method)
             if refusal is not None:
                 await context.abort(*refusal)
-            return await behavior(request, context)
 
-        return call
-
-    kind = (
-        "stream_stream"
-        if handler.request_streaming and handler.response_streaming
-        else "stream_unary"
-        if handler.request_streaming
-        else "unary_stream"
-        if handler.response_streaming
-        else "unary_unary"
-    )
-    behavior = getattr(handler, kind)
-    factory = getattr(grpc, f"{kind}_rpc_method_handler")
-    return factory(
-        wrap(behavior, handler.response_streaming),
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+        return wrap_handler(handler, check)
 
 
 # ---------------------------------------------------------------------- the client's token

@@ -14,6 +14,10 @@ from common.log import setup_logging
 from common.security import configure_from_args, process_auth
 
 logger = logging.getLogger(__name__)
+# A service without a drain of its own (the vision service) stops once no call has been in flight this long:
+# callers that saw it turn NOT_SERVING (pushed to their health watch) have stopped sending by then, and the
+# embedding pulls that follow an encode within a step have come.
+DRAIN_QUIET_S = 1.0
 
 
 def parse_service_args(
@@ -71,7 +75,7 @@ def run_grpc_service(
             servicer.startup,
             on_stop=getattr(servicer, "shutdown", None),
             fatal=getattr(servicer, "fatal", None),
-            drain=getattr(servicer, "drain", None),
+            drain=getattr(servicer, "drain", None) or (lambda: servicer.activity.wait_quiet(DRAIN_QUIET_S)),
             drain_timeout_s=getattr(args, "graceful_shutdown_timeout", 30.0),
         )
 

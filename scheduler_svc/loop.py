@@ -29,6 +29,9 @@ class WorkerBackend(Protocol):
 
 
 class VisionBackend(Protocol):
+    """One that can also pin what it encoded for the worker has `async encode_leased(items)`, returning the items
+    and an EmbeddingLease (or None); the loop uses it when the worker maps the vision service's pool."""
+
     async def encode(self, items: Sequence[MultimodalItem]) -> list[EncodedItem]: ...
 
 
@@ -41,10 +44,13 @@ class SchedulerLoop:
         *,
         overlap: bool = True,
         step_timeout_s: float = 600.0,
+        lease_embeddings: bool = False,
     ):
         self.core = core
         self.worker = worker
         self.vision = vision
+        # the worker copies leased rows from the vision service's pool itself: ask for a lease with each encode
+        self.lease_embeddings = lease_embeddings and hasattr(vision, "encode_leased")
         self.depth = 1 if overlap else 0
         self.step_timeout_s = step_timeout_s
         self._queues: dict[str, asyncio.Queue[GenerateOutput]] = {}
@@ -55,6 +61,7 @@ class SchedulerLoop:
         self._stopping = False
         self._worker_epoch: int | None = None
         self._draining = False
+        self._not_serving: set[str] = set()  # backends that are draining, loading or unreachable
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="scheduler-loop")
@@ -70,6 +77,12 @@ class SchedulerLoop:
         while self._queues:
             await asyncio.sleep(0.05)
 
+    def set_backend_serving(self, name: str, serving: bool) -> None:
+        """The scheduler's health watch: a backend ("worker" or "vision") that is not SERVING gets no new requests
+        (they are refused with UNAVAILABLE, a 503 with Retry-After), while those already here, queued or running,
+        go on, so a backend stopped gracefully finishes them before it exits."""
+        (self._not_serving.discard if serving else self._not_serving.add)(name)
+
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
@@ -83,7 +96,7 @@ class SchedulerLoop:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """Outputs of every choice until each has finished; leaving early (cancel, disconnect) aborts."""
-        self._check_open()
+        self._check_open(req)
         queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
         if req.request_id in self._queues:
             raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
@@ -108,18 +121,21 @@ class SchedulerLoop:
     def attach(self, req: GenerateRequest, sink) -> None:
         """Start a request whose outputs go to `sink.put_nowait` (a multiplexed stream's outbox) instead of a
         generator; the caller counts finished choices and calls `detach` (which aborts what is unfinished)."""
-        self._check_open()
+        self._check_open(req)
         if req.request_id in self._queues:
             raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
         self.core.add_request(req, time.monotonic())
         self._queues[req.request_id] = sink
         self._wake.set()
 
-    def _check_open(self) -> None:
+    def _check_open(self, req: GenerateRequest) -> None:
         if self._task is None or self._task.done() or self._stopping:
             raise UnavailableError("the scheduler loop is not running")
         if self._draining:
             raise UnavailableError("the scheduler is shutting down; retry on another replica or shortly")
+        if self._not_serving and ("worker" in self._not_serving or req.mm_items):
+            down = "worker" if "worker" in self._not_serving else "vision service"
+            raise UnavailableError(f"the {down} is not serving (restarting or stopping); retry shortly")
 
     def detach(self, request_id: str) -> None:
         if self._queues.pop(request_id, None) is not None and self.core.abort_request(request_id):
@@ -250,21 +266,27 @@ class SchedulerLoop:
         for m in mine:
             self._encoding[m.content_key] = fut
         hits = calls = 0
+        lease = None
         try:
             if mine:
                 if self.vision is None:
                     raise UnavailableError("this scheduler has no vision service for image requests")
                 calls = 1
-                done = await self.vision.encode(mine)
+                if self.lease_embeddings:
+                    done, lease = await self.vision.encode_leased(mine)
+                else:
+                    done = await self.vision.encode(mine)
                 hits = sum(1 for e in done if e.cache_hit)
                 fut.set_result(True)
             for other in others:
                 await other
-            self.core.on_encoded(request_id, [m.content_key for m in items], calls, len(mine), hits)
+            self.core.on_encoded(request_id, [m.content_key for m in items], calls, len(mine), hits, lease)
         except Exception as e:  # noqa: BLE001 - the request fails, the loop lives on
             if not fut.done():
                 fut.set_exception(e)
                 fut.exception()
+            if lease is not None:  # granted before another request's encode failed: the worker ends it
+                self.core.hand_back(lease)
             logger.warning("encoding images of %s failed: %s", request_id, e)
             self.core.fail_request(request_id, f"image encoding failed: {e}", _code(e))
             self._deliver()

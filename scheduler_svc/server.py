@@ -65,6 +65,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.worker_info: WorkerInfo | None = None
         self.vision_info_json = "{}"
         self._clients: list = []
+        self._draining = False
 
     async def startup(self) -> None:
         from vision_svc.client import VisionClient
@@ -96,6 +97,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             vision,
             overlap=not a.disable_overlap_schedule,
             step_timeout_s=a.step_timeout_s,
+            # a worker that maps the vision pool copies leased rows itself: no pull in the prefill's path
+            lease_embeddings=self.worker_info.embedding_transport in ("cuda_ipc", "shared_memory"),
         )
         self.loop.start()
         self.fatal.watch(self.loop.task, "the scheduler loop", must_run=False)  # it returns only when stopped
@@ -112,44 +115,48 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
         settle_gc()
         await self.health.set_serving(True)
+        backends = {"worker": a.worker_address, **({"vision": a.vision_address} if vision else {})}
         self._monitor = self.fatal.watch(
-            asyncio.create_task(self._watch_backends(a.worker_address, a.vision_address if vision else "")),
-            "the backend health monitor",
+            asyncio.create_task(self._watch_backends(backends)), "the backend health monitor"
         )
 
-    async def _watch_backends(self, worker_address: str, vision_address: str, period_s: float = 2.0) -> None:
-        """The scheduler is SERVING only while its worker (and vision service, for image models) are: the
-        gateway's /health and Kubernetes readiness see a backend outage through it."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+    async def _watch_backends(self, backends: dict[str, str]) -> None:
+        """Follow each backend's grpc.health.v1 Watch, so a change arrives at once: the scheduler is SERVING only
+        while every backend is (the gateway's /health and Kubernetes readiness see an outage through it), and a
+        backend that is NOT_SERVING (draining on SIGTERM, or still loading) gets no new requests."""
+        serving = dict.fromkeys(backends, True)
 
-        from common.grpc_utils import create_channel
+        async def follow(name: str, address: str) -> None:
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        channels = [create_channel(a) for a in (worker_address, vision_address) if a]
-        stubs = [health_pb2_grpc.HealthStub(c) for c in channels]
-        serving = True
-        try:
-            while True:
-                await asyncio.sleep(period_s)
-                ok = True
-                for stub in stubs:
+            from common.grpc_utils import create_channel
+
+            async with create_channel(address) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                while True:
                     try:
-                        resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=period_s)
-                        ok &= resp.status == health_pb2.HealthCheckResponse.SERVING
+                        async for resp in stub.Watch(health_pb2.HealthCheckRequest()):
+                            await changed(name, resp.status == health_pb2.HealthCheckResponse.SERVING)
                     except grpc.aio.AioRpcError:
-                        ok = False
-                if ok != serving:
-                    logger.warning(
-                        "backends %s: scheduler now %s",
-                        "back" if ok else "unavailable",
-                        "SERVING" if ok else "NOT_SERVING",
-                    )
-                    await self.health.set_serving(ok)
-                    serving = ok
-        finally:
-            for c in channels:
-                await c.close()
+                        pass
+                    await changed(name, False)  # unreachable: watch again shortly
+                    await asyncio.sleep(0.5)
+
+        async def changed(name: str, ok: bool) -> None:
+            if serving[name] == ok:
+                return
+            serving[name] = ok
+            logger.warning(
+                "%s is %s", name, "SERVING again" if ok else "not serving: it gets no new requests"
+            )
+            self.loop.set_backend_serving(name, ok)
+            if not self._draining:
+                await self.health.set_serving(all(serving.values()))
+
+        await asyncio.gather(*(follow(name, address) for name, address in backends.items()))
 
     async def drain(self) -> None:
+        self._draining = True  # the backend monitor no longer turns health back to SERVING
         if self.loop is not None:
             await self.loop.drain()
 

@@ -177,3 +177,105 @@ def test_mirador_up_restarts_a_dead_service_and_the_others_keep_serving(default_
         assert c.proc.poll() is None  # `mirador up` itself never stopped
     finally:
         c.stop()
+
+
+def _stream_in_thread(c, body: dict):
+    """Start a streaming chat request; returns (thread, chunks, first chunk arrived)."""
+    import threading
+
+    chunks: list[bytes] = []
+    started = threading.Event()
+
+    def run() -> None:
+        with c.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            chunks.append(str(r.status_code).encode())
+            for chunk in r.iter_bytes():
+                chunks.append(chunk)
+                started.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, chunks, started
+
+
+def _streamed_text(chunks: list[bytes]) -> str:
+    import json
+
+    status, body = chunks[0].decode(), b"".join(chunks[1:]).decode()
+    assert status == "200" and body.rstrip().endswith("data: [DONE]"), body[-500:]
+    assert '"error"' not in body, body[-500:]
+    events = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+
+
+@pytest.fixture(scope="module")
+def supervised(default_model, log_dir):
+    """`mirador up` without the prefix cache, so a repeat after a restart computes everything again."""
+    from tests.helpers import Cluster
+
+    c = Cluster(default_model, "--page-size", "8", "--disable-radix-cache", log_dir=log_dir, name="drain")
+    yield c
+    c.stop()
+
+
+def _wait_exit_logged(c, service: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in c.log().splitlines():
+            if f"mirador.up: {service} exited with code" in line:
+                return line
+        time.sleep(0.2)
+    raise AssertionError(f"{service} never exited:\n{c.log()[-3000:]}")
+
+
+def test_sigterm_drains_the_worker(supervised):
+    """SIGTERM to the worker: the scheduler sends it nothing new (new requests get 503 with Retry-After), the stream
+    it is running finishes, then it exits 0; `mirador up` starts it again and the same request gets the same
+    answer (issue 10 item 2). Without the drain the stream was cut after the 5 s gRPC grace."""
+    c = supervised
+    body = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 300, "ignore_eos": True,
+            "temperature": 0}  # fmt: skip
+    t, chunks, started = _stream_in_thread(c, {"model": "test-model", **body})
+    assert started.wait(60)
+    os.kill(c.child_pids()["worker"], signal.SIGTERM)
+    time.sleep(0.5)
+    refused = c.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+    assert refused.status_code == 503 and refused.headers.get("retry-after"), refused.text
+    t.join(120)
+    streamed = _streamed_text(chunks)
+    assert "exited with code 0" in _wait_exit_logged(c, "worker")
+    _wait_health(c, 200, timeout=120)
+    again = c.chat_ok(**body)
+    assert (
+        again["choices"][0]["message"]["content"] == streamed and again["usage"]["completion_tokens"] == 300
+    )
+
+
+def test_sigterm_drains_the_vision_service(supervised):
+    """SIGTERM to the vision service while it encodes a request's images: that request still gets its embeddings
+    (the worker's pull comes after the encode; the service stays up until it has been quiet), new image requests
+    get 503 with Retry-After while text ones are served, and it exits 0. After the restart (an empty embedding
+    cache) the same request gets the same answer."""
+    c = supervised
+    parts = [image_part(noise_image(1024, 1024, seed=s)) for s in range(4)]
+    body = {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "describe"}]}],
+            "max_tokens": 24, "ignore_eos": True, "temperature": 0}  # fmt: skip
+    t, chunks, _ = _stream_in_thread(c, {"model": "test-model", **body})
+    deadline = time.monotonic() + 60
+    while c.stats().num_queued == 0:  # the scheduler has it, and asked for its images (~1 s each on this CPU)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(c.child_pids()["vision"], signal.SIGTERM)
+    time.sleep(0.3)
+    image = [
+        {"role": "user", "content": [image_part(noise_image(64, 64, seed=9)), {"type": "text", "text": "x"}]}
+    ]
+    refused = c.chat(image, max_tokens=2)
+    assert refused.status_code == 503 and refused.headers.get("retry-after"), refused.text
+    assert c.chat([{"role": "user", "content": "text still works"}], max_tokens=2).status_code == 200
+    t.join(120)
+    streamed = _streamed_text(chunks)
+    assert "exited with code 0" in _wait_exit_logged(c, "vision")
+    _wait_health(c, 200, timeout=120)
+    again = c.chat_ok(**body)
+    assert again["choices"][0]["message"]["content"] == streamed

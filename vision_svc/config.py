@@ -58,6 +58,11 @@ class VisionArgs(InternalAuthArgs):
         "small batches)",
     )
     preprocess_threads: int = arg(0, "threads decoding and resizing images on the host (0: half the cores)")
+    graceful_shutdown_timeout: float = arg(
+        30.0,
+        "on SIGTERM: health NOT_SERVING (the scheduler then sends no new image requests here), then up to this "
+        "many seconds for the encodes and embedding pulls in flight to end before the process exits",
+    )
     log_level: str = arg("info", "logging level")
 
     def __post_init__(self):

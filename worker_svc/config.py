@@ -72,6 +72,11 @@ class WorkerArgs(InternalAuthArgs):
     )
     connect_timeout_s: float = arg(900.0, "how long to wait for the vision service to become ready")
     random_seed: int | None = arg(None, "seed of the sampler's generator for unseeded requests")
+    graceful_shutdown_timeout: float = arg(
+        30.0,
+        "on SIGTERM: health NOT_SERVING (the scheduler then sends no new requests here), then up to this many "
+        "seconds for the sequences running here to finish before the process exits",
+    )
     log_level: str = arg("info", "logging level")
 
     def __post_init__(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -32,6 +33,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="worker-step")
         self._collector = ThreadPoolExecutor(1, thread_name_prefix="worker-collect")
         self._stream_lock = asyncio.Lock()
+        self._last_step = 0.0  # monotonic time the last step arrived
 
     async def startup(self) -> None:
         a = self.args
@@ -76,6 +78,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         """A broken runner (a CUDA error is sticky) must not keep serving: NOT_SERVING, then exit non-zero."""
         if self.fatal is not None:
             self.fatal.report(error, f"the worker's step loop ({what})")
+
+    async def drain(self, quiet_s: float = 0.5) -> None:
+        """On SIGTERM (health is NOT_SERVING already, which the scheduler's health watch sees at once, so it sends
+        no new requests here): return once no sequence lives on this worker and no step has come for `quiet_s`,
+        i.e. the scheduler has finished and freed everything it had running or queued here."""
+        while True:
+            runner = self.runner
+            if runner is None or (not runner.seqs and time.monotonic() - self._last_step >= quiet_s):
+                return
+            await asyncio.sleep(0.05)
 
     def _ready(self) -> ModelRunner:
         if self.runner is None:
@@ -123,6 +135,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         loop = asyncio.get_running_loop()
         try:
             async for req in request_iterator:
+                self._last_step = time.monotonic()
                 plan = plan_from_proto(req)
                 try:
                     launched.put_nowait(await loop.run_in_executor(self._executor, runner.launch, plan))

@@ -1,0 +1,95 @@
+"""Server interceptors that run inside each call: the caller check of common/security.py and the in-flight count
+a draining service waits on.
+
+grpc aio interceptors see only the method name and metadata, not the call's context (the peer's certificate), and
+cannot observe when a call ends; so each wraps the method handler's behavior in one of the same kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+_KINDS = {
+    (False, False): "unary_unary",
+    (False, True): "unary_stream",
+    (True, False): "stream_unary",
+    (True, True): "stream_stream",
+}
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler,
+    enter: Callable[[grpc.aio.ServicerContext], Awaitable[None]],
+    leave: Callable[[], None] | None = None,
+) -> grpc.RpcMethodHandler:
+    """The same handler, but each call first awaits `enter(context)` (which may abort the call) and calls `leave()`
+    once the call is over, however it ended."""
+
+    def wrap(behavior, streaming: bool):
+        if streaming and inspect.isasyncgenfunction(behavior):
+
+            async def gen(request, context):
+                await enter(context)
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                finally:
+                    if leave is not None:
+                        leave()
+
+            return gen
+
+        async def call(request, context):
+            await enter(context)
+            try:
+                return await behavior(request, context)
+            finally:
+                if leave is not None:
+                    leave()
+
+        return call
+
+    kind = _KINDS[(handler.request_streaming, handler.response_streaming)]
+    factory = getattr(grpc, f"{kind}_rpc_method_handler")
+    return factory(
+        wrap(getattr(handler, kind), handler.response_streaming),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class Activity(grpc.aio.ServerInterceptor):
+    """Counts the service's calls in flight (health and reflection aside) and when the last one ended; a draining
+    service without a drain of its own waits until it has been quiet for a moment."""
+
+    _IGNORED = ("/grpc.health.v1.", "/grpc.reflection.")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.last_end = time.monotonic()
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self._IGNORED):
+            return handler
+        return wrap_handler(handler, self._enter, self._leave)
+
+    async def _enter(self, context) -> None:
+        self.in_flight += 1
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        self.last_end = time.monotonic()
+
+    async def wait_quiet(self, quiet_s: float) -> None:
+        """Return once no call has been in flight for `quiet_s`, counted from now at the earliest: long enough for
+        calls already on their way (a 16 MB Encode starts only once all of it has arrived) and for callers that
+        saw NOT_SERVING to have stopped sending, and for follow-up calls of the work just done (embedding pulls)."""
+        start = time.monotonic()
+        while self.in_flight or time.monotonic() - max(self.last_end, start) < quiet_s:
+            await asyncio.sleep(0.05)
