@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import asdict
 
 from common.types import (
+    EmbeddingLease,
+    EmbeddingLocation,
     EncodedItem,
     GenerateOutput,
     GenerateRequest,
@@ -235,6 +237,7 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
         free_seq_ids=plan.free_seq_ids,
         sent_unix_ns=plan.sent_unix_ns,
         prefetch_keys=plan.prefetch_keys,
+        prefetch_leases=[lease_to_proto(x) for x in plan.prefetch_leases],
     )
     add = req.seqs.add
     decode_ids, decode_pos = [], []
@@ -292,7 +295,14 @@ def plan_from_proto(p: worker_pb2.StepRequest) -> StepPlan:
             )
         )
     seqs.extend(SeqStep(sid, pos) for sid, pos in zip(p.decode_seq_ids, p.decode_start_pos, strict=True))
-    return StepPlan(p.step_id, tuple(seqs), tuple(p.free_seq_ids), p.sent_unix_ns, tuple(p.prefetch_keys))
+    return StepPlan(
+        p.step_id,
+        tuple(seqs),
+        tuple(p.free_seq_ids),
+        p.sent_unix_ns,
+        tuple(p.prefetch_keys),
+        prefetch_leases=tuple(lease_from_proto(x) for x in p.prefetch_leases),
+    )
 
 
 def step_output_to_proto(o: StepOutput) -> worker_pb2.StepResult:
@@ -378,4 +388,26 @@ def encoded_from_proto(p: vision_pb2.EncodedItem) -> EncodedItem:
 def encoded_to_proto(e: EncodedItem) -> vision_pb2.EncodedItem:
     return vision_pb2.EncodedItem(
         content_key=e.content_key, num_tokens=e.num_tokens, cache_hit=e.cache_hit, encode_ns=e.encode_ns
+    )
+
+
+def location_to_proto(loc: EmbeddingLocation) -> common_pb2.EmbeddingLocation:
+    return common_pb2.EmbeddingLocation(
+        content_key=loc.content_key, page_ids=loc.page_ids, num_rows=loc.num_rows
+    )
+
+
+def lease_to_proto(lease: EmbeddingLease) -> common_pb2.EmbeddingLease:
+    return common_pb2.EmbeddingLease(
+        pool_id=lease.pool_id,
+        lease_id=lease.lease_id,
+        locations=[location_to_proto(loc) for loc in lease.locations],
+    )
+
+
+def lease_from_proto(p: common_pb2.EmbeddingLease) -> EmbeddingLease:
+    return EmbeddingLease(
+        p.pool_id,
+        p.lease_id,
+        tuple(EmbeddingLocation(x.content_key, tuple(x.page_ids), x.num_rows) for x in p.locations),
     )

@@ -136,6 +136,8 @@ class StepPlan:
     # plain decodes after `seqs`, in columns: SeqStep(decode_seq_ids[i], decode_start_pos[i]) each
     decode_seq_ids: tuple[str, ...] = ()
     decode_start_pos: tuple[int, ...] = ()
+    # leases on prefetch_keys' rows in the vision service's pool: copied from there (no pull), always released
+    prefetch_leases: tuple[EmbeddingLease, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -215,3 +217,22 @@ class EncodedItem:
     num_tokens: int
     cache_hit: bool
     encode_ns: int = 0
+
+
+@dataclass(frozen=True)
+class EmbeddingLocation:
+    """An embedding's rows [num_rows, hidden] in the vision service's pool, page by page."""
+
+    content_key: str
+    page_ids: tuple[int, ...]
+    num_rows: int
+
+
+@dataclass(frozen=True)
+class EmbeddingLease:
+    """Embeddings pinned in pool `pool_id` until lease `lease_id` is released (or expires). The vision service
+    grants it with an encode; the scheduler hands it to the worker, which copies the rows and releases it."""
+
+    pool_id: str
+    lease_id: int
+    locations: tuple[EmbeddingLocation, ...]

@@ -86,3 +86,23 @@ class TopLogprob(_message.Message):
     token_id: int
     logprob: float
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class EmbeddingLocation(_message.Message):
+    __slots__ = ("content_key", "page_ids", "num_rows")
+    CONTENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
+    content_key: str
+    page_ids: _containers.RepeatedScalarFieldContainer[int]
+    num_rows: int
+    def __init__(self, content_key: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., num_rows: _Optional[int] = ...) -> None: ...
+
+class EmbeddingLease(_message.Message):
+    __slots__ = ("pool_id", "lease_id", "locations")
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    pool_id: str
+    lease_id: int
+    locations: _containers.RepeatedCompositeFieldContainer[EmbeddingLocation]
+    def __init__(self, pool_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., locations: _Optional[_Iterable[_Union[EmbeddingLocation, _Mapping]]] = ...) -> None: ...

@@ -8,10 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "lease")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[_common_pb2.MultimodalItem]
-    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.MultimodalItem, _Mapping]]] = ...) -> None: ...
+    lease: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.MultimodalItem, _Mapping]]] = ..., lease: _Optional[bool] = ...) -> None: ...
 
 class EncodedItem(_message.Message):
     __slots__ = ("content_key", "num_tokens", "cache_hit", "encode_ns")
@@ -26,10 +28,12 @@ class EncodedItem(_message.Message):
     def __init__(self, content_key: _Optional[str] = ..., num_tokens: _Optional[int] = ..., cache_hit: _Optional[bool] = ..., encode_ns: _Optional[int] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "lease")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[EncodedItem]
-    def __init__(self, items: _Optional[_Iterable[_Union[EncodedItem, _Mapping]]] = ...) -> None: ...
+    lease: _common_pb2.EmbeddingLease
+    def __init__(self, items: _Optional[_Iterable[_Union[EncodedItem, _Mapping]]] = ..., lease: _Optional[_Union[_common_pb2.EmbeddingLease, _Mapping]] = ...) -> None: ...
 
 class GetEmbeddingsRequest(_message.Message):
     __slots__ = ("content_keys", "by_reference")
@@ -56,20 +60,10 @@ class GetEmbeddingsResponse(_message.Message):
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     missing_keys: _containers.RepeatedScalarFieldContainer[str]
-    locations: _containers.RepeatedCompositeFieldContainer[EmbeddingLocation]
+    locations: _containers.RepeatedCompositeFieldContainer[_common_pb2.EmbeddingLocation]
     lease_id: int
     pool_id: str
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., missing_keys: _Optional[_Iterable[str]] = ..., locations: _Optional[_Iterable[_Union[EmbeddingLocation, _Mapping]]] = ..., lease_id: _Optional[int] = ..., pool_id: _Optional[str] = ...) -> None: ...
-
-class EmbeddingLocation(_message.Message):
-    __slots__ = ("content_key", "page_ids", "num_rows")
-    CONTENT_KEY_FIELD_NUMBER: _ClassVar[int]
-    PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
-    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
-    content_key: str
-    page_ids: _containers.RepeatedScalarFieldContainer[int]
-    num_rows: int
-    def __init__(self, content_key: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., num_rows: _Optional[int] = ...) -> None: ...
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., missing_keys: _Optional[_Iterable[str]] = ..., locations: _Optional[_Iterable[_Union[_common_pb2.EmbeddingLocation, _Mapping]]] = ..., lease_id: _Optional[int] = ..., pool_id: _Optional[str] = ...) -> None: ...
 
 class GetSharedPoolRequest(_message.Message):
     __slots__ = ()
@@ -112,10 +106,12 @@ class SharedPool(_message.Message):
     def __init__(self, pool_id: _Optional[str] = ..., kind: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., shm_name: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., probe_scale: _Optional[float] = ...) -> None: ...
 
 class ReleaseEmbeddingsRequest(_message.Message):
-    __slots__ = ("lease_id",)
+    __slots__ = ("lease_id", "pool_id")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
     lease_id: int
-    def __init__(self, lease_id: _Optional[int] = ...) -> None: ...
+    pool_id: str
+    def __init__(self, lease_id: _Optional[int] = ..., pool_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseEmbeddingsResponse(_message.Message):
     __slots__ = ()

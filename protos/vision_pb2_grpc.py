@@ -71,7 +71,8 @@ class VisionServicer:
 
     def Encode(self, request, context):
         """/ Make sure each item's embedding is in the cache, encoding the ones that are not (concurrent calls for the
-        / same new key encode it once). Returns metadata only; the worker pulls the rows with GetEmbeddings.
+        / same new key encode it once). Returns metadata, and on request a lease on the rows in the shared pool that a
+        / worker on this host copies from directly; otherwise the worker pulls the rows with GetEmbeddings.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

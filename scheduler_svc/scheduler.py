@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from common.errors import InvalidRequestError, ResourceExhaustedError
 from common.types import (
+    EmbeddingLease,
     GenerateOutput,
     GenerateRequest,
     MultimodalItem,
@@ -152,6 +153,9 @@ class Scheduler:
         self.outputs: list[GenerateOutput] = []
         self.encode_requests: list[tuple[str, list[MultimodalItem]]] = []
         self._prefetch: dict[str, None] = {}  # encoded keys the next step tells the worker to pull
+        self._leases: list[
+            EmbeddingLease
+        ] = []  # granted with encodes; the next step hands them to the worker
         self.stats = Stats()
         self._free_worker: list[str] = []
         self._inflight: dict[int, tuple[list[_Sent], _Decodes]] = {}
@@ -232,6 +236,7 @@ class Scheduler:
         self._inflight.clear()
         self._free_worker.clear()
         self._prefetch.clear()
+        self._leases.clear()  # the vision service ends them when they expire
 
     def on_worker_restarted(self, error: str) -> None:
         """The worker answering now is another process (a new epoch): its KV cache holds none of the pages the
@@ -243,22 +248,39 @@ class Scheduler:
         self._inflight.clear()
         self._free_worker.clear()
         self._prefetch.clear()
+        self._leases.clear()  # the vision service ends them when they expire
         self.cache.reset()
 
     def on_encoded(
-        self, request_id: str, keys: Seq[str], num_calls: int = 0, num_sent: int = 0, num_hits: int = 0
+        self,
+        request_id: str,
+        keys: Seq[str],
+        num_calls: int = 0,
+        num_sent: int = 0,
+        num_hits: int = 0,
+        lease: EmbeddingLease | None = None,
     ) -> None:
         """The request's images are in the vision cache; counts are of the RPCs this request made itself (images
-        another request was already encoding were awaited, not sent again)."""
+        another request was already encoding were awaited, not sent again). A lease on their rows (granted with
+        the encode) goes to the worker with the next step, which copies them from the pool at once."""
         self.stats.vision_encode_calls += num_calls
         self.stats.vision_images_requested += num_sent
         self.stats.vision_cache_hits += num_hits
+        if lease is not None:
+            self._leases.append(lease)
         state = self.requests.get(request_id)
         if state is not None:
             state.images_ready.update(keys)
             state.encoding = False
             self._prefetch.update(dict.fromkeys(keys))
-            state.prefetch_step = self._step_id + 1  # the next plan carries them
+            leased = lease is not None and set(keys) <= {loc.content_key for loc in lease.locations}
+            # the next plan carries them: with a lease the worker has the rows as that step starts, so the prefill
+            # may be in it; otherwise the worker pulls them meanwhile and the prefill waits while others run
+            state.prefetch_step = None if leased else self._step_id + 1
+
+    def hand_back(self, lease: EmbeddingLease) -> None:
+        """A lease nobody will use: the next step hands it to the worker to end, with nothing to copy."""
+        self._leases.append(EmbeddingLease(lease.pool_id, lease.lease_id, ()))
 
     @property
     def has_work(self) -> bool:
@@ -267,6 +289,7 @@ class Scheduler:
             or any(self._admissible(s) for s in self.waiting)
             or bool(self._free_worker)
             or bool(self._prefetch)
+            or bool(self._leases)
         )
 
     # ---- planning ----
@@ -305,7 +328,13 @@ class Scheduler:
         if prompts_first and not any(st.input_ids for st in steps):
             # the prompt work could not be placed (no pages, waiting for images): decode after all
             self._plan_running(steps, sent, decodes, prefill_budget, step_id, True)
-        if not steps and not decodes.seqs and not self._free_worker and not self._prefetch:
+        if (
+            not steps
+            and not decodes.seqs
+            and not self._free_worker
+            and not self._prefetch
+            and not self._leases
+        ):
             return None
         self._step_id = step_id
         plan = StepPlan(
@@ -316,8 +345,10 @@ class Scheduler:
             tuple(self._prefetch),
             tuple(decodes.seq_ids),
             tuple(decodes.start_pos),
+            tuple(self._leases),
         )
         self._free_worker = []
+        self._leases = []
         if self._prefetch:
             self.stats.embedding_prefetches += len(self._prefetch)
             self._prefetch = {}

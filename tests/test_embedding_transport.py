@@ -194,6 +194,91 @@ def test_mapped_pool_is_bit_equal_to_bytes_with_no_bytes_and_one_copy(vision_ser
         by_value.close()
 
 
+def _item(default_model, seed: int) -> MultimodalItem:
+    from processor.models.qwen2_vl import Qwen2VLMediaSpec
+
+    spec = Qwen2VLMediaSpec.from_model_dir(str(default_model))
+    img = noise_image(56, 84, seed)
+    grid = spec.image_grid(*img.size)
+    data = png_bytes(img)
+    return MultimodalItem(
+        content_key(data, spec.fingerprint()), 0, spec.num_image_tokens(grid), grid, "image", data
+    )
+
+
+def test_a_lease_granted_with_the_encode_is_copied_without_a_request(vision_service, default_model):
+    """Encode hands back a lease on the rows; the worker's source copies them from the mapped pool with no
+    GetEmbeddings, bit-equal to the bytes path, and releases the lease once the copies are done. A release
+    naming another pool (a restarted service numbers its leases anew) ends nothing."""
+    from vision_svc.client import VisionClient, VisionEmbeddingSource
+
+    items = [_item(default_model, seed) for seed in (11, 12)]
+    keys = [m.content_key for m in items]
+
+    async def encode(leased: bool):
+        client = VisionClient(vision_service)
+        try:
+            return await (client.encode_leased(items) if leased else client.encode(items))
+        finally:
+            await client.close()
+
+    shared = VisionEmbeddingSource(vision_service)
+    by_value = VisionEmbeddingSource(vision_service, share=False)
+    try:
+        assert shared.connect() == "shared_memory" and by_value.connect() == "grpc"
+        done, lease = asyncio.run(encode(leased=True))
+        assert [e.content_key for e in done] == keys and lease is not None
+        assert [loc.content_key for loc in lease.locations] == keys and lease.pool_id == shared.pool_id
+        assert _vision_stats(vision_service).open_leases == 1
+        with grpc.insecure_channel(vision_service) as ch:  # a stale pool id: the lease stays
+            vision_pb2_grpc.VisionStub(ch).ReleaseEmbeddings(
+                vision_pb2.ReleaseEmbeddingsRequest(lease_id=lease.lease_id, pool_id="another"), timeout=10
+            )
+        assert _vision_stats(vision_service).open_leases == 1
+        before = _vision_stats(vision_service)
+        got = shared.take(lease, {keys[1]}, torch.device("cpu"), torch.float32)  # keys[1]: already resident
+        assert set(got) == {keys[0]} and shared.stats.images_by_lease == 1 and shared.stats.copy_ops == 1
+        assert _leases_closed(vision_service)  # released although one key was skipped
+        after = _vision_stats(vision_service)
+        assert after.pulls_by_reference == before.pulls_by_reference  # no GetEmbeddings was made
+        assert after.pulls_by_value == before.pulls_by_value and shared.stats.bytes_by_value == 0
+        ref, _ = by_value.fetch(keys[:1], torch.device("cpu"), torch.float32)
+        assert torch.equal(got[keys[0]], ref[keys[0]])  # bit-equal
+        assert [e.content_key for e in asyncio.run(encode(leased=False))] == keys
+        assert _vision_stats(vision_service).open_leases == 0  # no lease unless asked
+    finally:
+        shared.close()
+        by_value.close()
+
+
+def test_a_lease_on_a_pool_the_worker_has_not_mapped_is_only_released(vision_service, default_model):
+    from common.types import EmbeddingLease, EmbeddingLocation
+    from vision_svc.client import VisionClient, VisionEmbeddingSource
+
+    item = _item(default_model, 13)
+
+    async def encode():
+        client = VisionClient(vision_service)
+        try:
+            return await client.encode_leased([item])
+        finally:
+            await client.close()
+
+    lease = asyncio.run(encode())[1]
+    by_value = VisionEmbeddingSource(vision_service, share=False)
+    try:
+        by_value.connect()
+        assert by_value.take(lease, set(), torch.device("cpu"), torch.float32) == {}
+        assert _leases_closed(vision_service)
+        shared = VisionEmbeddingSource(vision_service)
+        shared.connect()
+        stale = EmbeddingLease("an-old-pool", 1, (EmbeddingLocation(item.content_key, (1,), 4),))
+        assert shared.take(stale, set(), torch.device("cpu"), torch.float32) == {}  # not this pool's pages
+        shared.close()
+    finally:
+        by_value.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_ipc_pool_is_bit_equal_to_bytes(default_model, log_dir):
@@ -236,6 +321,22 @@ def test_cuda_ipc_pool_is_bit_equal_to_bytes(default_model, log_dir):
         assert _leases_closed(address)
         for k in keys:
             assert got[k].device.type == "cuda" and torch.equal(got[k], ref[k])
+        # a lease granted with the encode: copied on this stream with no request, released once the copies ran
+        from vision_svc.client import VisionClient
+
+        async def encode_leased():
+            client = VisionClient(address)
+            try:
+                return await client.encode_leased([_item(default_model, seed) for seed in (1, 2)])
+            finally:
+                await client.close()
+
+        lease = asyncio.run(encode_leased())[1]
+        taken = shared.take(lease, set(), torch.device("cuda"), torch.bfloat16)
+        assert set(taken) == set(keys) and shared.stats.images_by_lease == 2
+        assert _leases_closed(address)
+        for k in keys:
+            assert torch.equal(taken[k], ref[k])
         shared.close()
         by_value.close()
     finally:
@@ -285,6 +386,40 @@ def test_resident_store_uploads_once_and_keeps_idle_entries_under_budget():
     res.prefetch(["zzz"])  # re-encoded: tried again
     res.wait(["zzz"])
     assert len(src.calls) == 4
+    res.close()
+
+
+class _LeasingSource(_Source):
+    """A source that maps the pool: leased rows are copied at once, and every lease is handed back."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        self.released: list[int] = []
+
+    def take(self, lease, skip, device, dtype):
+        self.released.append(lease.lease_id)
+        return {
+            loc.content_key: self.table[loc.content_key].to(device, dtype)
+            for loc in lease.locations
+            if loc.content_key not in skip
+        }
+
+
+def test_resident_store_takes_leased_rows_at_once_and_pulls_the_rest():
+    from common.types import EmbeddingLease, EmbeddingLocation
+
+    src = _LeasingSource({"a": _rows(4), "b": _rows(4, seed=1)})
+    res = ResidentEmbeddings(src, torch.device("cpu"), torch.float32, budget_bytes=1 << 20)
+    lease = EmbeddingLease("pool", 7, (EmbeddingLocation("a", (1,), 4),))
+    res.prefetch(["a", "b"], [lease])
+    assert res.status("a") == "ready"  # no pull, no wait: ready as prefetch returns
+    res.wait(["b"])
+    assert src.calls == [["b"]] and res.stats.taken == 1 and src.released == [7]
+    assert torch.equal(res.acquire("a"), _rows(4))
+    res.prefetch(
+        [], [EmbeddingLease("pool", 8, (EmbeddingLocation("a", (1,), 4),))]
+    )  # resident: released only
+    assert src.released == [7, 8] and res.stats.taken == 1
     res.close()
 
 

@@ -432,6 +432,33 @@ def test_idle_batch_admits_an_image_with_its_prefetch():
     assert plan.prefetch_keys == ("img",) and [s.seq_id for s in plan.seqs] == ["image#0"]
 
 
+def test_a_leased_image_is_admitted_in_the_step_that_carries_its_lease():
+    """With a lease the worker copies the rows as the step starts: no step of waiting for a pull, even while
+    others run. A lease nobody will use is still handed to the worker, to be ended."""
+    from common.types import EmbeddingLease, EmbeddingLocation
+
+    core = small_scheduler(eos_token_ids=(EOS,))
+    worker = FakeWorker(4)
+    stopping = StoppingCriteria(max_new_tokens=50, ignore_eos=True)
+    core.add_request(GenerateRequest("text", (11, 12, 13), stopping=stopping))
+    core.process_output(worker.step(core.schedule()))  # running
+    item = MultimodalItem("img", 1, 4, (1, 2, 8))
+    core.add_request(GenerateRequest("image", (11, 9, 9, 9, 9, 12), (item,), stopping=stopping))
+    plan = core.schedule()
+    core.process_output(worker.step(plan))
+    lease = EmbeddingLease("pool", 3, (EmbeddingLocation("img", (1,), 4),))
+    core.on_encoded("image", ["img"], lease=lease)
+    carried = core.schedule()
+    assert carried.prefetch_keys == ("img",) and carried.prefetch_leases == (lease,)
+    assert {s.seq_id for s in carried.seqs} == {"image#0"}  # a prompt step: the decodes wait for the next
+    core.process_output(worker.step(carried))
+    assert not core.schedule().prefetch_leases  # handed over once
+    core.hand_back(lease)
+    assert core.has_work
+    plan = core.schedule()
+    assert plan.prefetch_leases == (EmbeddingLease("pool", 3, ()),)  # to end, nothing to copy
+
+
 @pytest.mark.parametrize("mixed", [False, True])
 def test_prompt_steps_leave_decodes_out_unless_mixed(mixed):
     core = small_scheduler(enable_mixed_chunk=mixed)

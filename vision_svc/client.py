@@ -4,15 +4,16 @@ made from its model thread)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
 
-from common.convert import encoded_from_proto, mm_item_to_proto
+from common.convert import encoded_from_proto, lease_from_proto, mm_item_to_proto
 from common.errors import UnavailableError, from_rpc_error
 from common.grpc_utils import create_channel, create_sync_channel
-from common.types import EncodedItem, MultimodalItem
+from common.types import EmbeddingLease, EncodedItem, MultimodalItem
 from protos import vision_pb2, vision_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -29,13 +30,25 @@ class VisionClient:
         await self._channel.close()
 
     async def encode(self, items: Sequence[MultimodalItem]) -> list[EncodedItem]:
+        return (await self._encode(items, lease=False))[0]
+
+    async def encode_leased(
+        self, items: Sequence[MultimodalItem]
+    ) -> tuple[list[EncodedItem], EmbeddingLease | None]:
+        """Encode, and pin the embeddings for a worker that maps the pool: the lease (None when the pool is not
+        shared) must reach a worker, which releases it."""
+        return await self._encode(items, lease=True)
+
+    async def _encode(
+        self, items: Sequence[MultimodalItem], lease: bool
+    ) -> tuple[list[EncodedItem], EmbeddingLease | None]:
+        request = vision_pb2.EncodeRequest(items=[mm_item_to_proto(m) for m in items], lease=lease)
         try:
-            resp = await self._stub.Encode(
-                vision_pb2.EncodeRequest(items=[mm_item_to_proto(m) for m in items]), timeout=self.timeout_s
-            )
+            resp = await self._stub.Encode(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e, f"vision service at {self.address}") from None
-        return [encoded_from_proto(e) for e in resp.items]
+        granted = lease_from_proto(resp.lease) if resp.HasField("lease") else None
+        return [encoded_from_proto(e) for e in resp.items], granted
 
     async def info(self) -> vision_pb2.VisionInfo:
         try:
@@ -55,7 +68,8 @@ class VisionEmbeddingSource:
 
     At connect time it tries to map the vision service's embedding pool (CUDA IPC, or shared memory on the CPU)
     and checks the pool's probe page; on success an embedding costs one copy from the pool into the worker's
-    buffer under a lease, otherwise its rows come as bytes over gRPC. `transport` says which.
+    buffer under a lease, otherwise its rows come as bytes over gRPC. `transport` says which. A lease granted with
+    the encode (`take`) saves even the lease request: the rows are copied at once from where it says they are.
     """
 
     def __init__(self, address: str, timeout_s: float = 60.0, share: bool = True):
@@ -70,6 +84,7 @@ class VisionEmbeddingSource:
         self._pool = None
         self._keep = None
         self._streams: dict = {}
+        self._releaser = ThreadPoolExecutor(1, thread_name_prefix="embedding-release")
         self.stats = TransferStats()
 
     def connect(self) -> str:
@@ -142,7 +157,7 @@ class VisionEmbeddingSource:
                 self._sync(device, found.values())
             finally:
                 if resp.lease_id:  # the copies are done: end the lease without waiting for the answer
-                    self._release_later(resp.lease_id)
+                    self._release_later(resp.lease_id, resp.pool_id)
             return found, list(resp.missing_keys)
         from common.tensors import tensor_from_proto
 
@@ -154,9 +169,41 @@ class VisionEmbeddingSource:
         self.stats.images_by_value += len(found)
         return found, list(resp.missing_keys)
 
-    def _release_later(self, lease_id: int) -> None:
+    def take(self, lease: EmbeddingLease, skip: Collection[str], device, dtype) -> dict:
+        """Copy the rows of a lease granted with an encode (keys in `skip` excepted) from the mapped pool into
+        fresh buffers on `device`: no request to the vision service. The copies are queued on the current
+        stream, in order with the step that reads them; the lease ends once they are done. Returns {} when this
+        process has not mapped that pool (the keys are then pulled by key); the lease is released either way."""
+        import torch
+
+        from vision_svc.embedding_pool import copy_rows
+
+        found: dict = {}
+        if self._pool is not None and lease.pool_id == self.pool_id:
+            pool = self._pool
+            for loc in lease.locations:
+                if loc.content_key in skip:
+                    continue
+                out = torch.empty((loc.num_rows, pool.shape[2]), dtype=pool.dtype, device=device)
+                self.stats.copy_ops += copy_rows(pool, loc.page_ids, loc.num_rows, out)
+                found[loc.content_key] = out if dtype == pool.dtype else out.to(dtype)
+                self.stats.images_by_reference += 1
+                self.stats.images_by_lease += 1
+        done = None
+        if found and torch.device(device).type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        self._releaser.submit(self._release_when_done, lease.lease_id, lease.pool_id, done)
+        return found
+
+    def _release_when_done(self, lease_id: int, pool_id: str, done) -> None:
+        if done is not None:
+            done.synchronize()  # the pages may be reused only after our copies have read them
+        self._release_later(lease_id, pool_id)
+
+    def _release_later(self, lease_id: int, pool_id: str) -> None:
         fut = self._stub.ReleaseEmbeddings.future(
-            vision_pb2.ReleaseEmbeddingsRequest(lease_id=lease_id), timeout=self.timeout_s
+            vision_pb2.ReleaseEmbeddingsRequest(lease_id=lease_id, pool_id=pool_id), timeout=self.timeout_s
         )
         fut.add_done_callback(
             lambda f: f.exception() and logger.warning("lease %d: %s", lease_id, f.exception())
@@ -203,6 +250,7 @@ class VisionEmbeddingSource:
                 t.record_stream(main)
 
     def close(self) -> None:
+        self._releaser.shutdown(wait=True)  # leases already taken still end
         self._pool = self._keep = None
         self._channel.close()
 
@@ -212,6 +260,7 @@ class TransferStats:
     """What embedding pulls cost: copies from a mapped pool, or bytes through gRPC."""
 
     images_by_reference: int = 0
+    images_by_lease: int = 0  # of them, copied from a lease granted with the encode (no GetEmbeddings)
     copy_ops: int = 0  # copy operations into worker buffers (one per run of consecutive pages)
     images_by_value: int = 0
     bytes_by_value: int = 0

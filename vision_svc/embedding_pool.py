@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from common.errors import ResourceExhaustedError
+from common.types import EmbeddingLocation
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +54,6 @@ class SharedPoolInfo:
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.num_pages, self.page_rows, self.hidden_size)
-
-
-@dataclass(frozen=True)
-class Location:
-    content_key: str
-    page_ids: tuple[int, ...]
-    num_rows: int
 
 
 @dataclass
@@ -242,9 +236,9 @@ class EmbeddingPool:
                 e.pins -= 1
         return out if dtype is None or dtype == self.dtype else out.to(dtype)
 
-    def lease(self, keys: Sequence[str]) -> tuple[int, list[Location], list[str]]:
+    def lease(self, keys: Sequence[str]) -> tuple[int, list[EmbeddingLocation], list[str]]:
         """Pin the entries found and say where they are; the client releases the lease after copying."""
-        found: list[Location] = []
+        found: list[EmbeddingLocation] = []
         missing: list[str] = []
         with self._lock:
             pinned: list[str] = []
@@ -256,7 +250,7 @@ class EmbeddingPool:
                 self._entries.move_to_end(k)
                 e.pins += 1
                 pinned.append(k)
-                found.append(Location(k, tuple(e.page_ids), e.num_rows))
+                found.append(EmbeddingLocation(k, tuple(e.page_ids), e.num_rows))
             lease_id = 0
             if pinned:
                 lease_id = next(self._lease_ids)

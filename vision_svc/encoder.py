@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from common.errors import InvalidRequestError
-from common.types import EncodedItem, MultimodalItem
+from common.types import EmbeddingLease, EmbeddingLocation, EncodedItem, MultimodalItem
 from models.loader import load_model, resolve_device, resolve_dtype
 from models.registry import fast_image_preprocessor_class, image_preprocessor_class, vision_model_class
 from processor.media import content_key, decode_image
 from processor.model_config import load_model_config
 from processor.models import media_spec_class
-from vision_svc.embedding_pool import EmbeddingPool, Location
+from vision_svc.embedding_pool import EmbeddingPool
 
 logger = logging.getLogger(__name__)
 
@@ -185,10 +185,21 @@ class VisionEncoder:
                 torch.cuda.current_stream(d).synchronize()
         return found, missing
 
-    def lease_embeddings(self, keys: Sequence[str]) -> tuple[int, list[Location], list[str]]:
+    def lease_embeddings(self, keys: Sequence[str]) -> tuple[int, list[EmbeddingLocation], list[str]]:
         return self.cache.lease(keys)
 
-    def release_embeddings(self, lease_id: int) -> bool:
+    def lease_encoded(self, keys: Sequence[str]) -> EmbeddingLease | None:
+        """A lease on the pool rows of keys just encoded, for a worker that maps the pool (None when the pool is
+        not shareable or none of them is cached any longer)."""
+        if not self.cache.kind:
+            return None
+        lease_id, found, _ = self.cache.lease(list(dict.fromkeys(keys)))
+        return EmbeddingLease(self.cache.pool_id, lease_id, tuple(found)) if lease_id else None
+
+    def release_embeddings(self, lease_id: int, pool_id: str = "") -> bool:
+        """End a lease; one taken in another pool (before a restart: lease ids start over) is left alone."""
+        if pool_id and pool_id != self.cache.pool_id:
+            return False
         return self.cache.release(lease_id)
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ import logging
 
 import grpc
 
-from common.convert import encoded_to_proto, mm_item_from_proto
+from common.convert import encoded_to_proto, lease_to_proto, location_to_proto, mm_item_from_proto
 from common.errors import UnavailableError, abort_with
 from common.grpc_utils import Fatal, ServiceHealth
 from common.grpc_utils import create_server as _create_server
@@ -66,10 +66,15 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
 
     async def Encode(self, request, context):
         try:
-            done = await self._ready().encode([mm_item_from_proto(m) for m in request.items])
+            enc = self._ready()
+            done = await enc.encode([mm_item_from_proto(m) for m in request.items])
+            lease = enc.lease_encoded([e.content_key for e in done]) if request.lease else None
         except Exception as e:  # noqa: BLE001 - every error becomes a status
             await abort_with(context, e)
-        return vision_pb2.EncodeResponse(items=[encoded_to_proto(e) for e in done])
+        resp = vision_pb2.EncodeResponse(items=[encoded_to_proto(e) for e in done])
+        if lease is not None:
+            resp.lease.CopyFrom(lease_to_proto(lease))
+        return resp
 
     async def GetEmbeddings(self, request, context):
         try:
@@ -77,12 +82,7 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             if request.by_reference:
                 lease_id, found, missing = enc.lease_embeddings(list(request.content_keys))
                 return vision_pb2.GetEmbeddingsResponse(
-                    locations=[
-                        vision_pb2.EmbeddingLocation(
-                            content_key=loc.content_key, page_ids=loc.page_ids, num_rows=loc.num_rows
-                        )
-                        for loc in found
-                    ],
+                    locations=[location_to_proto(loc) for loc in found],
                     missing_keys=missing,
                     lease_id=lease_id,
                     pool_id=enc.cache.pool_id,
@@ -107,7 +107,7 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
 
     async def ReleaseEmbeddings(self, request, context):
         try:
-            self._ready().release_embeddings(request.lease_id)
+            self._ready().release_embeddings(request.lease_id, request.pool_id)
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)
         return vision_pb2.ReleaseEmbeddingsResponse()

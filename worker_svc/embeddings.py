@@ -18,6 +18,8 @@ from typing import Protocol
 
 import torch
 
+from common.types import EmbeddingLease
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,6 +38,7 @@ class EmbeddingSource(Protocol):
 class ResidentStats:
     pulls: int = 0  # fetch calls made
     images_pulled: int = 0
+    taken: int = 0  # of them, copied from a lease that came with the step (no request to the vision service)
     prefetched: int = 0  # keys pulled ahead of the step that needed them
     waited: int = 0  # keys a step had to wait for (nothing else in it was ready)
     deferred: int = 0  # sequences a step left out because their embeddings were still coming
@@ -69,11 +72,23 @@ class ResidentEmbeddings:
 
     # ---- pulling ----
 
-    def prefetch(self, keys: Iterable[str]) -> None:
+    def prefetch(self, keys: Iterable[str], leases: Sequence[EmbeddingLease] = ()) -> None:
         """Start pulling the keys that are neither ready nor on their way (returns at once). The scheduler sends
-        keys whose encode just finished: ones an earlier pull missed are tried again."""
+        keys whose encode just finished: ones an earlier pull missed are tried again. Keys under a lease granted
+        with the encode are copied from the vision service's pool right here (queued on the current stream, so
+        the step that reads them needs no wait) when the source maps that pool; every lease is handed back."""
         keys = list(keys)
         self.forget_missing(keys)
+        take = getattr(self.source, "take", None)
+        for lease in leases:
+            if take is None:
+                continue
+            with self._lock:
+                skip = set(self._ready) | set(self._pending)
+            found = take(lease, skip, self.device, self.dtype)
+            with self._lock:
+                self.stats.taken += len(found)
+                self._add_ready(found)
         self._start(keys, prefetch=True)
 
     def request(self, keys: Iterable[str]) -> None:
@@ -103,16 +118,21 @@ class ResidentEmbeddings:
             found = {}
         with self._lock:
             self.stats.pulls += 1
-            self.stats.images_pulled += len(found)
-            for k, t in found.items():
-                self._ready[k] = t
-                self._refs.setdefault(k, 0)
-                if not self._refs[k]:
-                    self._add_idle(k)
+            self._add_ready(found)
             self._missing.update(k for k in keys if k not in found)
             for k in keys:
                 self._pending.pop(k, None)
-            self._evict()
+
+    def _add_ready(self, found: dict[str, torch.Tensor]) -> None:
+        """Under the lock."""
+        self.stats.images_pulled += len(found)
+        for k, t in found.items():
+            self._ready[k] = t
+            self._missing.discard(k)
+            self._refs.setdefault(k, 0)
+            if not self._refs[k]:
+                self._add_idle(k)
+        self._evict()
 
     def status(self, key: str) -> str:
         """ready, pending, missing or absent."""

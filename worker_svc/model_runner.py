@@ -287,8 +287,8 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> InflightStep:
         start_ns, t0 = time.time_ns(), time.perf_counter_ns()
-        if plan.prefetch_keys:
-            self.embeddings.prefetch(plan.prefetch_keys)
+        if plan.prefetch_keys or plan.prefetch_leases:
+            self.embeddings.prefetch(plan.prefetch_keys, plan.prefetch_leases)
         for seq_id in plan.free_seq_ids:
             self._free(seq_id)
         updates = Updates()
