@@ -86,7 +86,7 @@ class ArgsBase:
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):
                 out.append(flag if value else "--no-" + f.name.replace("_", "-"))
-            elif value is None:
+            elif value is None or (value == "" and f.default == ""):  # unset: the service's own default
                 continue
             elif isinstance(value, list):
                 out.append(flag)
