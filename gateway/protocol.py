@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import InvalidRequestError
 from common.types import SamplingParams, StoppingCriteria
 from processor import sampling
 
 MAX_CHOICES = 1024  # completions one request may ask for (prompts x n)
+# a completion field -> the SGLang sampling_params key it comes from
+_FROM_SGLANG = {k: k for k in sampling.SGLANG_KEYS} | {
+    "max_tokens": "max_new_tokens",
+    "min_tokens": "min_new_tokens",
+}
 
 
 class StreamOptions(BaseModel):
@@ -156,6 +161,33 @@ class GenerateBody(BaseModel):
     return_logprob: bool = False
     top_logprobs_num: int = Field(0, ge=0, le=20)
     rid: str | None = None
+
+    def to_completion(self, model: str) -> CompletionRequest:
+        """The same request as a text completion, which is how it is served; a field it refuses is named as the
+        caller wrote it (`sampling_params.max_new_tokens`, not `max_tokens`)."""
+        fields = sampling.from_sglang(self.sampling_params)
+        fields.setdefault("max_tokens", 128)
+        body = {"model": model, "prompt": self.text or self.input_ids, "image_data": self.image_data}
+        try:
+            return CompletionRequest.model_validate(
+                {**body, "stream": self.stream, "rid": self.rid, **fields}
+            )
+        except ValidationError as e:  # e.g. top_p=0 or frequency_penalty=[]: each was a 500 once
+            first = e.errors()[0]
+            param = self._param(".".join(str(x) for x in first.get("loc", ())))
+            raise InvalidRequestError(f"{param}: {first.get('msg', 'invalid value')}", param=param) from None
+        except InvalidRequestError as e:
+            if e.param:
+                e.param = self._param(e.param)
+            raise
+
+    def _param(self, name: str) -> str:
+        head, dot, rest = name.partition(".")
+        if head == "prompt":
+            head = "text" if self.text is not None else "input_ids"
+        elif head in _FROM_SGLANG:
+            head = f"sampling_params.{_FROM_SGLANG[head]}"
+        return head + dot + rest
 
     @model_validator(mode="after")
     def _check(self):

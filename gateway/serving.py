@@ -368,18 +368,7 @@ class OpenAIServing:
     # ---- SGLang's native /generate ----
 
     async def generate_native(self, body: GenerateBody) -> dict[str, Any] | AsyncIterator[str]:
-        fields = sampling.from_sglang(body.sampling_params)
-        fields.setdefault("max_tokens", 128)
-        req = CompletionRequest.model_validate(
-            {
-                "model": self.card.served_name,
-                "prompt": body.text or body.input_ids,
-                "image_data": body.image_data,
-                "stream": body.stream,
-                "rid": body.rid,
-                **fields,
-            }
-        )
+        req = body.to_completion(self.card.served_name)
         images = [req.image_data] if isinstance(req.image_data, str) else list(req.image_data or [])
         prompt = await self.builder.from_prompt(req.prompts[0], images, "input_ids")
         greq = self._build(req, prompt, body.return_logprob, body.top_logprobs_num, stream=body.stream)

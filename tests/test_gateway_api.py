@@ -395,6 +395,32 @@ BAD = {
         400,
         "prompt",
     ),
+    # found by tests/test_schema_fuzz.py: SGLang sampling params that CompletionRequest refuses (what the fuzzer
+    # sent, shrunk: top_p=false)
+    "sglang_param_out_of_range": (
+        lambda c, m, d: c.http.post(
+            "/generate",
+            json={
+                "input_ids": [66350, 106, 662, 8925],
+                "sampling_params": {
+                    "top_k": False,
+                    "top_p": False,
+                    "frequency_penalty": 0.0,
+                    "logit_bias": {},
+                },
+                "stream": False,
+            },
+        ),
+        400,
+        "sampling_params.top_p",
+    ),
+    "sglang_param_out_of_range_streamed": (
+        lambda c, m, d: c.http.post(
+            "/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 0}, "stream": True}
+        ),
+        400,
+        "sampling_params.max_new_tokens",
+    ),
     "url_not_image": (
         lambda c, m, d: c.chat(_user({"type": "image_url", "image_url": {"url": m + "/notimage.bin"}}, TEXT)),
         400,

@@ -86,6 +86,16 @@ def test_sglang_sampling_params_build_or_are_a_request_error(fields):
         )
 
 
+@settings(max_examples=300, deadline=None)
+@given(fields=st.dictionaries(st.sampled_from(sorted(sampling.SGLANG_KEYS)), JSON, max_size=5))
+def test_generate_bodies_become_completions_or_are_request_errors(fields):
+    """/generate is served as a completion: SGLang's params go through CompletionRequest's validation too, and
+    what it refused (top_p=0, frequency_penalty=[]) escaped as a 500 once."""
+    with contextlib.suppress(MiradorError):
+        req = GenerateBody(text="hi", sampling_params=fields).to_completion("m")
+        req.to_params(defaults={}, eos_ids=(2,), max_new_tokens=16, return_logprob=False, top_logprobs=0)
+
+
 @pytest.mark.parametrize(
     "fields",
     [
