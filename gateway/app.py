@@ -24,8 +24,19 @@ from common.errors import InvalidRequestError, MiradorError, PayloadTooLargeErro
 from common.grpc_utils import create_channel
 from common.service_main import settle_gc
 from gateway.config import GatewayArgs
-from gateway.errors import error_body, error_response, from_validation_error
+from gateway.errors import RETRY_AFTER_S, error_body, error_response, from_validation_error
+from gateway.openapi import HEALTH_RESPONSES, generation_responses, info_responses, install
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateBody
+from gateway.responses import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionResponse,
+    GenerateResponse,
+    ModelInfo,
+    ModelList,
+    ServerInfo,
+)
 from gateway.serving import ModelCard, OpenAIServing
 from processor.media import MediaPolicy
 from processor.model_config import load_generation_defaults, load_generation_eos
@@ -244,19 +255,24 @@ def create_app(args: GatewayArgs) -> FastAPI:
             return _sse(result)
         return JSONResponse(result)
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions", responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk)
+    )
     async def chat_completions(request: Request):
         return await handle(request, ChatCompletionRequest, gw.serving.chat)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=generation_responses(CompletionResponse, CompletionChunk))
     async def completions(request: Request):
         return await handle(request, CompletionRequest, gw.serving.completions)
 
-    @app.post("/generate")
+    @app.post(
+        "/generate",
+        responses=generation_responses(GenerateResponse | list[GenerateResponse], GenerateResponse),
+    )
     async def generate(request: Request):
         return await handle(request, GenerateBody, gw.serving.generate_native)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=info_responses(ModelList))
     async def models():
         return {
             "object": "list",
@@ -272,7 +288,7 @@ def create_app(args: GatewayArgs) -> FastAPI:
             ],
         }
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses=HEALTH_RESPONSES)
     async def health():
         if await gw.healthy():
             return Response(status_code=200)
@@ -284,10 +300,11 @@ def create_app(args: GatewayArgs) -> FastAPI:
                 503,
             ),
             503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
         )
 
-    @app.get("/model_info")
-    @app.get("/get_model_info")
+    @app.get("/model_info", responses=info_responses(ModelInfo))
+    @app.get("/get_model_info", responses=info_responses(ModelInfo))
     async def model_info():
         cfg = gw.builder.config
         return {
@@ -300,8 +317,8 @@ def create_app(args: GatewayArgs) -> FastAPI:
             "context_length": gw.card.context_length,
         }
 
-    @app.get("/server_info")
-    @app.get("/get_server_info")
+    @app.get("/server_info", responses=info_responses(ServerInfo))
+    @app.get("/get_server_info", responses=info_responses(ServerInfo))
     async def server_info():
         info, stats = await asyncio.gather(gw.scheduler.server_info(), gw.scheduler.stats())
         from google.protobuf.json_format import MessageToDict
@@ -317,4 +334,5 @@ def create_app(args: GatewayArgs) -> FastAPI:
         out["model_dir"] = str(Path(args.model_path))
         return out
 
+    install(app, [gw.card.served_name, gw.card.model_path], gw.builder.config.text.vocab_size)
     return app
