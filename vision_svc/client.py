@@ -191,7 +191,8 @@ class VisionEmbeddingSource:
                 self.stats.images_by_lease += 1
         done = None
         if found and torch.device(device).type == "cuda":
-            done = torch.cuda.Event()
+            # a blocking event: the release thread sleeps until the copies ran instead of spinning on a core
+            done = torch.cuda.Event(blocking=True)
             done.record()
         self._releaser.submit(self._release_when_done, lease.lease_id, lease.pool_id, done)
         return found
