@@ -170,6 +170,45 @@ def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
     )
 
 
+class _InternalErrors:
+    """ASGI middleware, the last resort: an exception no route handled becomes a 500 in OpenAI's error shape (or,
+    once a response has started, the end of its body) and goes no further. Starlette's own handler for `Exception`
+    re-raises after answering, and uvicorn then drops the keep-alive connection, so the client's next request on
+    it failed with a connection reset."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started |= message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:  # noqa: BLE001 - answered here, logged with its traceback
+            logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            body = json.dumps(
+                error_body(f"internal error: {type(e).__name__}", "internal_error", None, 500)
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+
+
 class _ApiKey:
     """ASGI middleware: every HTTP request but the open paths carries `Authorization: Bearer <key>` (compared in
     constant time), or gets a 401 in OpenAI's error shape. Pure ASGI, so streamed responses pass untouched."""
@@ -216,6 +255,7 @@ def create_app(args: GatewayArgs) -> FastAPI:
         description="OpenAI-compatible serving of vision-language models",
     )
     app.state.gateway = gw
+    app.add_middleware(_InternalErrors)
     if api_key:
         app.add_middleware(_ApiKey, key=api_key, open_paths=args.open_paths)
 

@@ -705,3 +705,55 @@ def test_total_pixels_of_a_request_are_capped_from_the_headers(cluster):
     _assert_error(r, 413, "messages")
     assert "per request" in r.json()["error"]["message"]
     assert time.monotonic() - t0 < 5
+
+
+def test_an_unhandled_error_is_a_500_in_openai_shape_and_keeps_the_connection(default_model):
+    """Last resort (gateway/app.py `_InternalErrors`): a route that raises answers 500 in the error shape, and the
+    keep-alive connection serves the next request (Starlette re-raised, and uvicorn dropped the connection)."""
+    import socket
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from gateway.app import _InternalErrors, create_app
+    from gateway.config import GatewayArgs
+    from tests.helpers import free_port
+
+    gateway = create_app(GatewayArgs(model_path=str(default_model)))
+    assert any(m.cls is _InternalErrors for m in gateway.user_middleware), "the gateway must install it"
+    app = FastAPI()
+    app.add_middleware(_InternalErrors)
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("injected")
+
+    @app.get("/ok")
+    async def ok():
+        return {"ok": True}
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            request = "GET {} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            s.sendall((request.format("/boom") + request.format("/ok")).encode())
+            data = b""
+            while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"}"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        first, _, second = data.partition(b"HTTP/1.1 200")
+        assert first.startswith(b"HTTP/1.1 500") and b'"internal_error"' in first, data
+        assert second.endswith(b'{"ok":true}'), data
+    finally:
+        server.should_exit = True
+        thread.join(10)
