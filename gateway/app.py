@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -182,30 +183,24 @@ class _InternalErrors:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def tracked(message):
-            nonlocal started
-            started |= message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, receive, tracked)
+            await self.app(scope, receive, send)  # `send` unwrapped: nothing added per streamed event
         except Exception as e:  # noqa: BLE001 - answered here, logged with its traceback
             logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
-            if started:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return
             body = json.dumps(
                 error_body(f"internal error: {type(e).__name__}", "internal_error", None, 500)
             ).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json")],
-                }
-            )
+            start = {
+                "type": "http.response.start",
+                "status": 500,
+                "headers": [(b"content-type", b"application/json")],
+            }
+            try:
+                await send(start)
+            except Exception:  # noqa: BLE001 - the response had started (the server refuses a second start)
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
             await send({"type": "http.response.body", "body": body})
 
 

@@ -715,6 +715,7 @@ def test_an_unhandled_error_is_a_500_in_openai_shape_and_keeps_the_connection(de
 
     import uvicorn
     from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
 
     from gateway.app import _InternalErrors, create_app
     from gateway.config import GatewayArgs
@@ -728,6 +729,14 @@ def test_an_unhandled_error_is_a_500_in_openai_shape_and_keeps_the_connection(de
     @app.get("/boom")
     async def boom():
         raise RuntimeError("injected")
+
+    @app.get("/half")
+    async def half():  # fails after its response started
+        async def events():
+            yield b"data: 1\n\n"
+            raise RuntimeError("injected mid-stream")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/ok")
     async def ok():
@@ -744,16 +753,18 @@ def test_an_unhandled_error_is_a_500_in_openai_shape_and_keeps_the_connection(de
             time.sleep(0.05)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             request = "GET {} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-            s.sendall((request.format("/boom") + request.format("/ok")).encode())
+            s.sendall((request.format("/boom") + request.format("/half") + request.format("/ok")).encode())
             data = b""
-            while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"}"):
+            while data.count(b"HTTP/1.1 ") < 3 or not data.endswith(b"}"):
                 chunk = s.recv(65536)
                 if not chunk:
                     break
                 data += chunk
-        first, _, second = data.partition(b"HTTP/1.1 200")
+        first, _, rest = data.partition(b"HTTP/1.1 200")
+        second, _, third = rest.partition(b"HTTP/1.1 200")
         assert first.startswith(b"HTTP/1.1 500") and b'"internal_error"' in first, data
-        assert second.endswith(b'{"ok":true}'), data
+        assert b"data: 1" in second and second.endswith(b"0\r\n\r\n"), data  # the stream ended cleanly
+        assert third.endswith(b'{"ok":true}'), data
     finally:
         server.should_exit = True
         thread.join(10)
