@@ -330,3 +330,25 @@ def test_any_kill_and_restart_sequence_gives_the_answers_of_a_fresh_cluster(defa
         assert c.proc.poll() is None
     finally:
         c.stop()
+
+
+def test_sigterm_drains_the_gateway(supervised):
+    """SIGTERM to the gateway: it stops accepting connections (Kubernetes' preStop has already taken it out of
+    the Service), the stream in flight runs to its last token, then it exits 0 and `mirador up` starts it again."""
+    c = supervised
+    body = {"messages": [{"role": "user", "content": "count"}], "max_tokens": 200, "ignore_eos": True,
+            "temperature": 0}  # fmt: skip
+    t, chunks, started = _stream_in_thread(c, {"model": "test-model", **body})
+    assert started.wait(60)
+    os.kill(c.child_pids()["gateway"], signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(httpx.ConnectError):  # a new connection is refused while the stream finishes
+        httpx.post(f"{c.base_url}/v1/chat/completions", json={"model": "test-model", **body}, timeout=10)
+    t.join(120)
+    streamed = _streamed_text(chunks)
+    assert "exited with code 0" in _wait_exit_logged(c, "gateway")
+    _wait_health(c, 200, timeout=120)
+    again = c.chat_ok(**body)
+    assert (
+        again["choices"][0]["message"]["content"] == streamed and again["usage"]["completion_tokens"] == 200
+    )
