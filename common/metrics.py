@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -40,9 +42,30 @@ def model_label(args) -> str:
 
 
 def start_metrics_server(host: str, port: int) -> int:
-    """Serve this process's default registry over plain HTTP on host:port (0 picks one); returns the port."""
-    server, _thread = start_http_server(port, addr=host)
-    return server.server_port
+    """Serve this process's default registry over plain HTTP on host:port (0 picks one), on a daemon thread;
+    returns the port. Always the classic text format, as the gateway's /metrics: prometheus-client's own server
+    answers Prometheus' OpenMetrics request with the names' colons escaped to underscores (0.26), so one metric
+    would be stored under two names depending on which service exported it."""
+    server = ThreadingHTTPServer((host, port), _MetricsHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server.server_address[1]
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+            self.send_error(404)
+            return
+        body = generate_latest(REGISTRY)
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 - scrapes are not worth a log line each
+        pass
 
 
 # ---- per-RPC latency and errors (every gRPC service) ----

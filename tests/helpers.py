@@ -93,7 +93,9 @@ class Cluster:
         return {name: url for name, url in pairs}
 
     def scrape(self, service: str) -> str:
-        r = httpx.get(self.metrics_urls()[service], timeout=30, trust_env=False)
+        # the Accept header Prometheus sends: what it is answered is what it stores
+        accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        r = httpx.get(self.metrics_urls()[service], headers={"Accept": accept}, timeout=30, trust_env=False)
         assert r.status_code == 200, r.text
         return r.text
 

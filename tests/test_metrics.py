@@ -36,6 +36,7 @@ def test_every_service_serves_metrics(cluster):
             names
         )
         assert any(n.startswith("mirador:") for n in names), service
+        assert not any(n.startswith("mirador_") for n in names), f"{service}: names escaped to underscores"
 
 
 def test_metrics_move_by_what_requests_did(cluster):
