@@ -94,3 +94,21 @@ class ArgsBase:
             else:
                 out.extend([flag, str(value)])
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ObservabilityArgs(ArgsBase):
+    """Flags of every service about logs."""
+
+    _cli_group = "observability"
+
+    log_format: str = arg(
+        "text",
+        "log lines as plain text or one JSON object per line (request ids in both)",
+        choices=("text", "json"),
+    )
+    log_requests: bool = arg(
+        False,
+        "log every request: the gateway its body and response (truncated), the scheduler its admission, the worker "
+        "its sequences' start, vision its encodes; each line carries the request id (SGLang's flag)",
+    )

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.interceptors import Activity
+from common.metrics import RpcMetrics
 from common.security import process_auth
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,8 @@ def create_server(
     auth = process_auth()
     activity = Activity()
     server = grpc.aio.server(
-        options=SERVER_OPTIONS, interceptors=[*auth.server_interceptors(service_name), activity]
+        options=SERVER_OPTIONS,
+        interceptors=[*auth.server_interceptors(service_name), activity, RpcMetrics(service_name)],
     )
     add_to_server(servicer, server)
     servicer.activity = activity

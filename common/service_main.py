@@ -57,7 +57,7 @@ def run_grpc_service(
     argv: Sequence[str] | None = None,
 ) -> None:
     args = parse_service_args(name, description, args_cls, argv)
-    setup_logging(name, args.log_level)
+    setup_logging(name, args.log_level, getattr(args, "log_format", "text"))
     from common.grpc_utils import serve_until_signal
 
     async def main() -> None:
@@ -69,6 +69,12 @@ def run_grpc_service(
             port,
             process_auth().describe(),
         )
+        if getattr(args, "metrics_port", 0):
+            from common.metrics import start_metrics_server
+
+            host = args.metrics_host or args.host
+            bound = start_metrics_server(host, args.metrics_port)
+            logger.info("%s metrics on http://%s:%d/metrics", name, host, bound)
         await serve_until_signal(
             server,
             servicer.health,

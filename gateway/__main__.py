@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from common.log import setup_logging
@@ -20,9 +23,11 @@ DESCRIPTION = "OpenAI-compatible HTTP gateway: chat templates, tokenization and 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_service_args("gateway", DESCRIPTION, GatewayArgs, argv)
-    setup_logging("gateway", args.log_level)
+    setup_logging("gateway", args.log_level, args.log_format)
     import uvicorn
 
+    if args.gateway_workers > 1:
+        _share_metrics(args)  # before prometheus-client is imported (by gateway.app)
     from gateway.app import create_app
 
     try:
@@ -59,12 +64,28 @@ def main(argv: Sequence[str] | None = None) -> None:
 ARGS_ENV = "MIRADOR_GATEWAY_ARGS"
 
 
+def _share_metrics(args: GatewayArgs) -> None:
+    """prometheus-client's multiprocess mode: every worker process writes its samples to files in one directory
+    and /metrics, in whichever process answers, merges them. The directory is this gateway's alone and starts
+    empty (files of an earlier run would add their counts)."""
+    from gateway.metrics import MULTIPROC_ENV
+
+    path = args.metrics_multiproc_dir or tempfile.mkdtemp(prefix="mirador-gateway-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.remove(os.path.join(path, name))
+    os.environ[MULTIPROC_ENV] = path
+    if not args.metrics_multiproc_dir:
+        atexit.register(shutil.rmtree, path, True)
+
+
 def app_from_env():
     """The app of one gateway worker process (uvicorn imports this in each)."""
     from gateway.app import create_app
 
     args = GatewayArgs(**json.loads(os.environ[ARGS_ENV]))
-    setup_logging("gateway", args.log_level)
+    setup_logging("gateway", args.log_level, args.log_format)
     configure_from_args(args, "gateway")
     return create_app(args)
 

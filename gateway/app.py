@@ -26,8 +26,11 @@ from common.grpc_utils import create_channel
 from common.service_main import settle_gc
 from gateway.config import GatewayArgs
 from gateway.errors import RETRY_AFTER_S, error_body, error_response, from_validation_error
-from gateway.openapi import HEALTH_RESPONSES, generation_responses, info_responses, install
+from gateway.metrics import GatewayMetrics
+from gateway.metrics import render as render_metrics
+from gateway.openapi import HEALTH_RESPONSES, METRICS_RESPONSES, generation_responses, info_responses, install
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateBody
+from gateway.request_context import RequestContext
 from gateway.responses import (
     ChatCompletionChunk,
     ChatCompletionResponse,
@@ -70,6 +73,7 @@ class Gateway:
             eos_token_ids=load_generation_eos(args.model_path),
             generation_defaults=load_generation_defaults(args.model_path),
         )
+        self.metrics = GatewayMetrics(self.card.served_name)
         self.scheduler: SchedulerClient | None = None
         self.serving: OpenAIServing | None = None
         self._synced = False
@@ -80,7 +84,7 @@ class Gateway:
         self._health_channel = create_channel(self.args.scheduler_address)
         self._health = health_pb2_grpc.HealthStub(self._health_channel)
         self.serving = OpenAIServing(
-            self.builder, self.scheduler, self.card, self.args.max_images_per_request
+            self.builder, self.scheduler, self.card, self.args.max_images_per_request, self.metrics
         )
         await self.builder.warmup()
         settle_gc()
@@ -171,6 +175,24 @@ def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
     )
 
 
+def _truncated(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+async def _logged_stream(events: AsyncIterator[str], limit: int) -> AsyncIterator[str]:
+    """--log-requests for a stream: the events pass through; their text, truncated, is logged at the end."""
+    seen: list[str] = []
+    size = 0
+    try:
+        async for event in events:
+            if size < limit:
+                seen.append(event)
+                size += len(event)
+            yield event
+    finally:
+        logger.info("response (stream) %s", _truncated("".join(seen), limit))
+
+
 class _InternalErrors:
     """ASGI middleware, the last resort: an exception no route handled becomes a 500 in OpenAI's error shape (or,
     once a response has started, the end of its body) and goes no further. Starlette's own handler for `Exception`
@@ -253,6 +275,9 @@ def create_app(args: GatewayArgs) -> FastAPI:
     app.add_middleware(_InternalErrors)
     if api_key:
         app.add_middleware(_ApiKey, key=api_key, open_paths=args.open_paths)
+    app.add_middleware(
+        RequestContext, metrics=gw.metrics
+    )  # outermost: 401s and 500s get an id and a count too
 
     @app.exception_handler(MiradorError)
     async def _mirador_error(_: Request, e: MiradorError):
@@ -275,6 +300,10 @@ def create_app(args: GatewayArgs) -> FastAPI:
 
     async def handle(request: Request, model_cls, method):
         body = await _json_body(request, args.max_request_bytes)
+        if args.log_requests:
+            logger.info(
+                "request %s %s", request.url.path, _truncated(json.dumps(body), args.log_requests_max_chars)
+            )
         try:
             req = model_cls.model_validate(body)
         except ValidationError as e:
@@ -287,7 +316,11 @@ def create_app(args: GatewayArgs) -> FastAPI:
         if isinstance(result, Response):
             return result
         if isinstance(result, AsyncIterator):
+            if args.log_requests:
+                result = _logged_stream(result, args.log_requests_max_chars)
             return _sse(result)
+        if args.log_requests:
+            logger.info("response %s", _truncated(json.dumps(result), args.log_requests_max_chars))
         return JSONResponse(result)
 
     @app.post(
@@ -338,6 +371,11 @@ def create_app(args: GatewayArgs) -> FastAPI:
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
 
+    @app.get("/metrics", response_class=Response, responses=METRICS_RESPONSES)
+    async def metrics():
+        body, content_type = render_metrics()
+        return Response(body, media_type=content_type)
+
     @app.get("/model_info", responses=info_responses(ModelInfo))
     @app.get("/get_model_info", responses=info_responses(ModelInfo))
     async def model_info():
@@ -361,9 +399,10 @@ def create_app(args: GatewayArgs) -> FastAPI:
         out = MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
         for key in ("scheduler_args_json", "worker_info_json", "vision_info_json"):
             out[key.removesuffix("_json")] = json.loads(out.pop(key) or "{}")
-        out["stats"] = MessageToDict(
-            stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
+        # live values only, as JSON numbers (MessageToDict writes int64 as strings); page_size is configuration
+        out["stats"] = {
+            f.name: getattr(stats, f.name) for f in stats.DESCRIPTOR.fields if f.name != "page_size"
+        }
         out["gateway_args"] = {k: ("<set>" if k == "api_key" and v else v) for k, v in vars(args).items()}
         out["version"] = app.version
         out["model_dir"] = str(Path(args.model_path))

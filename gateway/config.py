@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.args import arg
+from common.args import ObservabilityArgs, arg
 from common.security import InternalAuthArgs
 
 
 @dataclass(frozen=True)
-class GatewayArgs(InternalAuthArgs):
+class GatewayArgs(InternalAuthArgs, ObservabilityArgs):
     model_path: str = arg(
         "",
         "Hugging Face model directory (or Hub id): tokenizer, chat template, preprocessor",
@@ -55,6 +55,12 @@ class GatewayArgs(InternalAuthArgs):
         "disconnects work from any of them)",
     )
     log_level: str = arg("info", "logging level")
+    log_requests_max_chars: int = arg(2048, "with --log-requests: characters of each body logged")
+    metrics_multiproc_dir: str = arg(
+        "",
+        "with --gateway-workers > 1: the directory where the worker processes share their metrics (emptied at "
+        "start; default: a new temporary directory per gateway)",
+    )
 
     def __post_init__(self):
         if not self.model_path:

@@ -70,6 +70,15 @@ HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Prometheus text exposition of the gateway's metrics (every worker process's, merged)",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    },
+    401: _UNAUTHORIZED,
+}
+
+
 # OpenAI chat messages as processor.request_builder.normalize_messages reads them (it does the checking)
 _IMAGE_URL = {
     "type": "string",

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.errors import InvalidRequestError, MiradorError, NotFoundError
+from common.log import request_id_var
 from common.types import GenerateOutput, GenerateRequest, TokenLogprob
 from gateway.errors import sse_error
+from gateway.metrics import GatewayMetrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateBody, SamplingRequest
+from gateway.request_context import arrival_var
 from processor import sampling
 from processor.request_builder import PreparedPrompt, RequestBuilder
 from scheduler_svc.client import SchedulerClient
@@ -62,7 +65,15 @@ class ModelCard:
 
 
 class OpenAIServing:
-    def __init__(self, builder: RequestBuilder, scheduler: SchedulerClient, card: ModelCard, max_images: int):
+    def __init__(
+        self,
+        builder: RequestBuilder,
+        scheduler: SchedulerClient,
+        card: ModelCard,
+        max_images: int,
+        metrics: GatewayMetrics | None = None,
+    ):
+        self.metrics = metrics or GatewayMetrics(card.served_name)
         self.builder = builder
         self.tokenizer = builder.tokenizer
         self.scheduler = scheduler
@@ -90,6 +101,7 @@ class OpenAIServing:
         return_logprob: bool,
         top_logprobs: int,
         stream: bool,
+        index: int = 0,
     ) -> GenerateRequest:
         if len(prompt.mm_items) > self.max_images:
             raise InvalidRequestError(f"at most {self.max_images} images per request", param="messages")
@@ -104,7 +116,7 @@ class OpenAIServing:
             top_logprobs=top_logprobs,
         )
         return GenerateRequest(
-            request_id=req.rid or uuid.uuid4().hex,
+            request_id=self._request_id(req, index),
             input_ids=tuple(prompt.input_ids),
             mm_items=tuple(prompt.mm_items),
             sampling=params,
@@ -112,6 +124,17 @@ class OpenAIServing:
             n=req.n,
             stream=stream,
         )
+
+    @staticmethod
+    def _request_id(req: SamplingRequest, index: int) -> str:
+        """SGLang's `rid` when the body names one, else the HTTP request's id (X-Request-Id); the prompts of one
+        completions request after the first get `-<i>`."""
+        base = req.rid or request_id_var.get() or uuid.uuid4().hex
+        return f"{base}-{index}" if index else base
+
+    def _generate(self, greq: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        arrival = arrival_var.get() or time.perf_counter()
+        return self.metrics.track(self.scheduler.generate(greq), arrival, greq.stream)
 
     def _logprobs_chat(self, lps: list[TokenLogprob]) -> list[dict[str, Any]]:
         def entry(tid: int, lp: float) -> dict[str, Any]:
@@ -136,7 +159,7 @@ class OpenAIServing:
         """A streamed request's outputs, once the first has come: whatever fails before the first token (a
         prompt the scheduler refuses, an image the vision service cannot decode) is an HTTP error in OpenAI's
         shape, not a 200 stream that ends in an error event. Clients see nothing sooner either way."""
-        outs = self.scheduler.generate(greq)
+        outs = self._generate(greq)
         try:
             first = await anext(outs)
         except StopAsyncIteration:
@@ -260,7 +283,10 @@ class OpenAIServing:
             )
         built = [await self.builder.from_prompt(p, images) for p in prompts]
         n_lp = req.logprobs or 0
-        greqs = [self._build(req, b, req.logprobs is not None, n_lp, stream=req.stream) for b in built]
+        greqs = [
+            self._build(req, b, req.logprobs is not None, n_lp, stream=req.stream, index=i)
+            for i, b in enumerate(built)
+        ]
         rid, created = f"cmpl-{greqs[0].request_id}", int(time.time())
         if req.stream:
             return self._completion_stream(req, await self._started(greqs[0]), rid, created)
@@ -297,7 +323,7 @@ class OpenAIServing:
 
     async def _collect(self, greq: GenerateRequest) -> dict[int, dict[str, Any]]:
         choices: dict[int, dict[str, Any]] = {}
-        async for out in self.scheduler.generate(greq):
+        async for out in self._generate(greq):
             c = choices.setdefault(
                 out.index, {"text": "", "logprobs": [], "ids": [], "finish": None, "stop": None}
             )

@@ -51,6 +51,11 @@ class _UpOnly(ArgsBase):
         "keep serving; past this many restarts of one service within 10 minutes, up stops the cluster "
         "(0: stop at the first exit, as SGLang's launcher does)",
     )
+    metrics: bool = arg(
+        True,
+        "give each gRPC service a Prometheus metrics port (free ones, printed when the cluster is ready; the "
+        "gateway serves /metrics on its HTTP port either way)",
+    )
     vision_device: str = arg(
         "",
         "device of the vision encoder (default: --device). Another GPU, e.g. cuda:1, gives the encoder a card of "
@@ -60,7 +65,15 @@ class _UpOnly(ArgsBase):
 
 
 # Set by `up` itself for each service, so not flags of `up`.
-_WIRED = {"host", "port", "scheduler_address", "worker_address", "vision_address", "connect_timeout_s"}
+_WIRED = {
+    "host",
+    "port",
+    "scheduler_address",
+    "worker_address",
+    "vision_address",
+    "connect_timeout_s",
+    "metrics_port",
+}
 SERVICE_ARGS = {
     "vision": VisionArgs,
     "worker": WorkerArgs,
@@ -145,17 +158,26 @@ def service_args(up: UpArgs) -> dict[str, ArgsBase]:
         )
     }
     addr = {name: f"{gh}:{p}" for name, p in ports.items()}
+    mhost = up.metrics_host or gh
+    metrics = {name: _port(mhost, 0) if up.metrics else 0 for name in ports}
     vision_device = up.vision_device or up.device
     share = up.vision_mem_fraction if same_device(vision_device, up.device) else 0.0
     return {
         "vision": _pick(
-            VisionArgs, up, host=gh, port=ports["vision"], device=vision_device, vision_mem_fraction=share
+            VisionArgs,
+            up,
+            host=gh,
+            port=ports["vision"],
+            device=vision_device,
+            vision_mem_fraction=share,
+            metrics_port=metrics["vision"],
         ),
         "worker": _pick(
             WorkerArgs,
             up,
             host=gh,
             port=ports["worker"],
+            metrics_port=metrics["worker"],
             vision_address=addr["vision"],
             vision_mem_fraction=share,
         ),
@@ -164,6 +186,7 @@ def service_args(up: UpArgs) -> dict[str, ArgsBase]:
             up,
             host=gh,
             port=ports["scheduler"],
+            metrics_port=metrics["scheduler"],
             worker_address=addr["worker"],
             vision_address=addr["vision"],
             connect_timeout_s=up.startup_timeout_s,
@@ -265,6 +288,15 @@ class Cluster:
                 p.wait()
 
 
+def metrics_urls(up: UpArgs, args: dict[str, ArgsBase]) -> str:
+    """Where each service serves /metrics (the gateway on its HTTP port, the others on their metrics ports)."""
+    urls = [f"gateway http://{_http_host(up.host)}:{up.port}/metrics"]
+    for name, a in args.items():
+        if name != "gateway" and getattr(a, "metrics_port", 0):
+            urls.append(f"{name} http://{_http_host(a.metrics_host or a.host)}:{a.metrics_port}/metrics")
+    return ", ".join(urls)
+
+
 def _http_host(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         return "127.0.0.1"
@@ -293,6 +325,7 @@ def run_up(up: UpArgs) -> int:
             grpc = ", ".join(f"{n} {a.host}:{a.port}" for n, a in cluster.args.items() if n != "gateway")
             print(
                 f"\nMirador is ready in {time.monotonic() - t0:.0f} s: {base}/v1 (model {name})\n"
+                f"  metrics (Prometheus): {metrics_urls(up, cluster.args)}\n"
                 f"  gRPC ({_grpcurl_hint(up)} ADDRESS list): {grpc}\n"
                 f"  try: curl {base}/v1/chat/completions -H 'Content-Type: application/json' -d "
                 f'\'{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'\n'

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.args import arg
+from common.args import ObservabilityArgs, arg
 from common.security import InternalAuthArgs
 
 
 @dataclass(frozen=True)
-class SchedulerArgs(InternalAuthArgs):
+class SchedulerArgs(InternalAuthArgs, ObservabilityArgs):
     model_path: str = arg(
         "", "Hugging Face model directory (or Hub id): tokenizer and config", aliases=("--model",)
     )
@@ -60,6 +60,12 @@ class SchedulerArgs(InternalAuthArgs):
         900.0, "how long to wait for the worker and vision services to become ready"
     )
     log_level: str = arg("info", "logging level")
+    metrics_port: int = arg(
+        0,
+        "serve Prometheus metrics over plain HTTP at /metrics on this port (0: off; `mirador up` turns it on, on a "
+        "free port it prints)",
+    )
+    metrics_host: str = arg("", "address of the metrics port (default: --host)")
 
     def __post_init__(self):
         if not self.model_path:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from common.errors import InvalidRequestError, MiradorError, UnavailableError
+from common.log import request_id_var
 from common.types import EncodedItem, GenerateOutput, GenerateRequest, MultimodalItem, StepOutput, StepPlan
 from scheduler_svc.scheduler import Scheduler
 
@@ -45,8 +46,10 @@ class SchedulerLoop:
         overlap: bool = True,
         step_timeout_s: float = 600.0,
         lease_embeddings: bool = False,
+        log_requests: bool = False,
     ):
         self.core = core
+        self.log_requests = log_requests
         self.worker = worker
         self.vision = vision
         # the worker copies leased rows from the vision service's pool itself: ask for a lease with each encode
@@ -100,7 +103,7 @@ class SchedulerLoop:
         queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
         if req.request_id in self._queues:
             raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
-        self.core.add_request(req, time.monotonic())
+        self._add(req)
         self._queues[req.request_id] = queue
         self._wake.set()
         remaining = max(1, req.n)
@@ -118,13 +121,25 @@ class SchedulerLoop:
                 logger.info("request %s aborted by its caller", req.request_id)
                 self._wake.set()
 
+    def _add(self, req: GenerateRequest) -> None:
+        self.core.add_request(req, time.monotonic())
+        if self.log_requests:
+            logger.info(
+                "request: %d prompt tokens, %d image(s), n=%d, max_new_tokens=%d",
+                len(req.input_ids),
+                len(req.mm_items),
+                req.n,
+                req.stopping.max_new_tokens,
+                extra={"request_id": req.request_id},
+            )
+
     def attach(self, req: GenerateRequest, sink) -> None:
         """Start a request whose outputs go to `sink.put_nowait` (a multiplexed stream's outbox) instead of a
         generator; the caller counts finished choices and calls `detach` (which aborts what is unfinished)."""
         self._check_open(req)
         if req.request_id in self._queues:
             raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
-        self.core.add_request(req, time.monotonic())
+        self._add(req)
         self._queues[req.request_id] = sink
         self._wake.set()
 
@@ -260,6 +275,7 @@ class SchedulerLoop:
 
     async def _encode(self, request_id: str, items: list[MultimodalItem]) -> None:
         """Encode a request's images not already being encoded for another request, then wait for all of them."""
+        request_id_var.set(request_id)  # this task's log lines and its Encode call carry the request's id
         mine = [m for m in items if m.content_key not in self._encoding]
         others = [self._encoding[m.content_key] for m in items if m.content_key in self._encoding]
         fut = asyncio.get_running_loop().create_future()

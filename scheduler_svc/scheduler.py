@@ -79,11 +79,13 @@ class Stats:
     scheduler_ns_overlapped: int = 0
     worker_forward_ns_total: int = 0
     steps_overlapped: int = 0
+    cached_tokens_total: int = 0  # prompt tokens found in the prefix cache at each request's first admission
+    finish_reasons: dict = field(default_factory=dict)  # sequences finished, by reason (stop, length, abort)
     recent_tokens: deque = field(default_factory=lambda: deque(maxlen=256))  # (unix time, tokens)
 
     def counters(self) -> dict[str, int | float]:
         """Every counter by name (the names of SchedulerStats' fields), plus the recent generation throughput."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "recent_tokens"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in _PROTO_FIELDS}
         out["gen_throughput"] = self.gen_throughput()
         return out
 
@@ -92,6 +94,24 @@ class Stats:
             return 0.0
         span = self.recent_tokens[-1][0] - self.recent_tokens[0][0]
         return sum(n for _, n in list(self.recent_tokens)[1:]) / span if span > 0 else 0.0
+
+
+_PROTO_FIELDS = {f.name for f in dataclasses.fields(Stats)} - {
+    "recent_tokens",
+    "cached_tokens_total",
+    "finish_reasons",
+}
+
+
+class StepObserver:
+    """Timings the core reports once per step or admission (never per token); the server plugs in a
+    Prometheus-backed one, the core stays free of it."""
+
+    def step(self, has_prompt_work: bool, seconds: float) -> None:
+        pass
+
+    def queued(self, seconds: float) -> None:
+        pass
 
 
 @dataclass
@@ -157,6 +177,7 @@ class Scheduler:
             EmbeddingLease
         ] = []  # granted with encodes; the next step hands them to the worker
         self.stats = Stats()
+        self.observer = StepObserver()
         self._free_worker: list[str] = []
         self._inflight: dict[int, tuple[list[_Sent], _Decodes]] = {}
         self._step_id = 0
@@ -488,6 +509,8 @@ class Scheduler:
         seq.table_dirty_from = 0
         if seq.cached_tokens is None:
             seq.cached_tokens = min(matched, len(req.request.input_ids))
+            self.stats.cached_tokens_total += seq.cached_tokens
+            self.observer.queued(time.monotonic() - req.arrival)
             self.stats.vision_skipped_images += sum(1 for m in req.request.mm_items if m.end <= matched)
         self.stats.prefix_cache_hit_tokens += matched
         return n, matched
@@ -618,6 +641,7 @@ class Scheduler:
         results = {r.seq_id: r for r in out.results}
         tokens = dict(zip(out.sampled_seq_ids, out.sampled_token_ids, strict=True))
         self.stats.worker_forward_ns_total += out.forward_ns
+        self.observer.step(bool(sent), out.forward_ns * 1e-9)
         num_tokens = 0
         for s in sent:
             seq = s.seq
@@ -741,6 +765,8 @@ class Scheduler:
                 seq.finish_reason, seq.matched_stop = "stop", seq.stream.matched_stop
         if emit:
             self._emit(seq, final=True, error=error)
+        reasons = self.stats.finish_reasons
+        reasons[seq.finish_reason] = reasons.get(seq.finish_reason, 0) + 1
         state = seq.req
         state.num_unfinished -= 1
         if state.num_unfinished == 0:

@@ -15,6 +15,7 @@ from common.errors import MiradorError, UnavailableError, abort_with
 from common.grpc_utils import Fatal, ServiceHealth, wait_serving
 from common.grpc_utils import create_server as _create_server
 from common.mailbox import Mailbox
+from common.metrics import model_label
 from common.service_main import settle_gc
 from common.types import WorkerInfo
 from processor.model_config import load_generation_eos, load_model_config
@@ -22,6 +23,8 @@ from processor.tokenizer import Tokenizer
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import SchedulerArgs
 from scheduler_svc.loop import SchedulerLoop, output_error
+from scheduler_svc.metrics import PrometheusObserver
+from scheduler_svc.metrics import install as install_metrics
 from scheduler_svc.scheduler import Scheduler, SchedulerPolicy
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.vision_info_json = "{}"
         self._clients: list = []
         self._draining = False
+        self.model_name = model_label(args)
+        install_metrics(lambda: self.loop.core if self.loop is not None else None, self.model_name)
 
     async def startup(self) -> None:
         from vision_svc.client import VisionClient
@@ -99,7 +104,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             step_timeout_s=a.step_timeout_s,
             # a worker that maps the vision pool copies leased rows itself: no pull in the prefill's path
             lease_embeddings=self.worker_info.embedding_transport in ("cuda_ipc", "shared_memory"),
+            log_requests=a.log_requests,
         )
+        self.loop.core.observer = PrometheusObserver(self.model_name)
         self.loop.start()
         self.fatal.watch(self.loop.task, "the scheduler loop", must_run=False)  # it returns only when stopped
         logger.info(

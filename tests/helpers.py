@@ -17,6 +17,7 @@ import grpc
 import httpx
 import numpy as np
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from protos import scheduler_pb2, scheduler_pb2_grpc
 
@@ -84,6 +85,19 @@ class Cluster:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Each service's /metrics URL, from the line `mirador up` prints when the cluster is ready."""
+        line = next(ln for ln in self.log().splitlines() if "metrics (Prometheus):" in ln)
+        pairs = (p.strip().split(" ", 1) for p in line.split("metrics (Prometheus):", 1)[1].split(","))
+        return {name: url for name, url in pairs}
+
+    def scrape(self, service: str) -> str:
+        # the Accept header Prometheus sends: what it is answered is what it stores
+        accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        r = httpx.get(self.metrics_urls()[service], headers={"Accept": accept}, timeout=30, trust_env=False)
+        assert r.status_code == 200, r.text
+        return r.text
 
     def stats(self) -> scheduler_pb2.SchedulerStats:
         return self._stub.GetStats(scheduler_pb2.GetStatsRequest(), timeout=10)
@@ -277,3 +291,18 @@ def runner_generate(
         out.append(res.results[0].token_id)
     del torch
     return out, captured["logits"]
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of an exposition by (name, labels)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(snap: dict, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels` (0 when there are none)."""
+    want = set(labels.items())
+    return sum(v for (n, lab), v in snap.items() if n == name and want <= lab)

@@ -39,6 +39,12 @@ ARGS = {"gateway": GatewayArgs, "scheduler": SchedulerArgs, "worker": WorkerArgs
 GRPC_SERVICES = ("scheduler", "worker", "vision")
 # The compose service that writes the internal token, and where every service reads it.
 TOKEN_INIT = "internal-token"
+# Compose services that are not Mirador's, behind the opt-in "monitoring" profile.
+MONITORING = ("prometheus", "grafana")
+PROMETHEUS_YML = REPO / "deploy" / "prometheus.yml"
+GRAFANA_DIR = REPO / "deploy" / "grafana"
+DASHBOARD = GRAFANA_DIR / "mirador-dashboard.json"
+MONITORING_DIR = K8S_DIR / "monitoring"
 TOKEN_DIR = "/var/lib/mirador/secrets"
 # Which service each address flag must point at.
 ADDRESS_TARGETS = {"scheduler_address": "scheduler", "worker_address": "worker", "vision_address": "vision"}
@@ -118,7 +124,7 @@ def compose() -> dict[str, Any]:
 def compose_commands(compose) -> dict[str, tuple[list[str], argparse.Namespace]]:
     out = {}
     for name, svc in compose["services"].items():
-        if name == TOKEN_INIT:
+        if name == TOKEN_INIT or name in MONITORING:
             continue
         cmd = svc.get("command")
         assert isinstance(cmd, list) and all(isinstance(c, str) for c in cmd), (
@@ -153,7 +159,7 @@ def test_compose_matches_compose_spec():
 
 
 def test_compose_services_and_commands(compose, compose_commands):
-    services = {k: v for k, v in compose["services"].items() if k != TOKEN_INIT}
+    services = {k: v for k, v in compose["services"].items() if k != TOKEN_INIT and k not in MONITORING}
     assert set(services) == set(ARGS), f"compose services {sorted(services)} != {sorted(ARGS)}"
     for name, svc in services.items():
         assert svc.get("image") == "mirador:latest", f"{name}: image"
@@ -204,11 +210,13 @@ def test_compose_dependencies_ports_and_healthchecks(compose, compose_commands):
 
     assert deps("gateway") == {"scheduler": "service_healthy"}
     assert deps("scheduler") == {"worker": "service_healthy", "vision": "service_healthy"}
-    published = {name: svc["ports"] for name, svc in services.items() if svc.get("ports")}
+    published = {
+        name: svc["ports"] for name, svc in services.items() if svc.get("ports") and name not in MONITORING
+    }
     gw_port = compose_commands["gateway"][1].port
     assert published == {"gateway": [f"{gw_port}:{gw_port}"]}, "only the gateway's port is published"
     for name, svc in services.items():
-        if name == TOKEN_INIT:
+        if name == TOKEN_INIT or name in MONITORING:
             continue
         test = svc.get("healthcheck", {}).get("test")
         assert isinstance(test, list) and test[0] == "CMD", (
@@ -382,6 +390,202 @@ def test_k8s_manifests_match_kubernetes_schemas(k8s_docs):
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {e}")
 
 
+# ------------------------------------------------------------------------------------------------ monitoring
+
+
+def test_compose_monitoring_is_an_opt_in_profile_scraping_every_service(compose, compose_commands):
+    services = compose["services"]
+    for name in MONITORING:
+        assert services[name].get("profiles") == ["monitoring"], f"{name}: behind the monitoring profile"
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+    for volume in services["grafana"]["volumes"]:
+        host = REPO / volume.split(":")[0]
+        assert host.exists(), f"grafana mounts {volume}, which does not exist"
+    # the targets are the services' metrics endpoints as their compose commands open them
+    expected = {f"gateway:{compose_commands['gateway'][1].port}"}
+    for name in GRPC_SERVICES:
+        ns = compose_commands[name][1]
+        assert ns.metrics_port > 0, f"compose {name}: --metrics-port must be set"
+        expected.add(f"{name}:{ns.metrics_port}")
+    config = load_yaml_all(PROMETHEUS_YML.read_text())[0]
+    targets = {t for sc in config["scrape_configs"] for st in sc["static_configs"] for t in st["targets"]}
+    assert targets == expected
+    assert all(sc.get("metrics_path", "/metrics") == "/metrics" for sc in config["scrape_configs"])
+
+
+def test_grafana_provisioning_points_at_the_dashboard(compose):
+    mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"])
+    provider = load_yaml_all((GRAFANA_DIR / "provisioning" / "dashboards" / "mirador.yml").read_text())[0]
+    path = provider["providers"][0]["options"]["path"]
+    assert mounts["./deploy/grafana/mirador-dashboard.json"].startswith(path + "/")
+    datasource = load_yaml_all((GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml").read_text())[
+        0
+    ]
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+# What a Grafana dashboard must have for Grafana to load it and for its panels to query Prometheus (the parts of
+# Grafana's dashboard model this file uses; offline, so not Grafana's whole schema).
+DASHBOARD_SCHEMA = {
+    "type": "object",
+    "required": ["title", "uid", "schemaVersion", "panels", "templating"],
+    "properties": {
+        "title": {"type": "string", "minLength": 1},
+        "uid": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,40}$"},
+        "schemaVersion": {"type": "integer", "minimum": 30},
+        "templating": {"type": "object", "required": ["list"]},
+        "panels": {
+            "type": "array",
+            "minItems": 6,
+            "items": {
+                "type": "object",
+                "required": ["id", "type", "title", "gridPos", "targets", "datasource"],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "type": {"enum": ["timeseries", "stat", "gauge", "bargauge", "table", "heatmap"]},
+                    "gridPos": {
+                        "type": "object",
+                        "required": ["x", "y", "w", "h"],
+                        "properties": {
+                            "x": {"type": "integer", "minimum": 0, "maximum": 23},
+                            "w": {"type": "integer", "minimum": 1, "maximum": 24},
+                        },
+                    },
+                    "datasource": {"type": "object", "required": ["type", "uid"]},
+                    "targets": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["expr", "refId"],
+                            "properties": {"expr": {"type": "string", "pattern": "mirador:"}},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def test_dashboard_loads_and_queries_only_metrics_the_code_declares():
+    import json
+
+    import jsonschema
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    jsonschema.validate(dashboard, DASHBOARD_SCHEMA)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("throughput", "time to first token", "inter-token", "queue", "kv", "cache hit", "errors"):
+        assert topic in titles, f"the dashboard has no {topic} panel"
+    declared = set()
+    for path in [*REPO.glob("*/metrics.py")]:
+        declared |= set(re.findall(r'(?:PREFIX \+ |\(\s*)"([a-z0-9_]+)"', path.read_text()))
+    used = {
+        m
+        for p in dashboard["panels"]
+        for t in p["targets"]
+        for m in re.findall(r"mirador:([a-z0-9_]+)", t["expr"])
+    }
+    suffixes = ("_bucket", "_total", "_count", "_sum")
+    missing = {
+        m
+        for m in used
+        if m not in declared and not any(m.endswith(x) and m[: -len(x)] in declared for x in suffixes)
+    }
+    assert not missing, f"the dashboard queries metrics no service declares: {sorted(missing)}"
+
+
+def test_k8s_metrics_ports_are_exposed_and_annotated(k8s_docs, k8s_containers):
+    services = _by_kind(k8s_docs, "Service")
+    for name in GRPC_SERVICES:
+        dep, c, ns = k8s_containers[name]
+        ports = {p.get("name"): p["containerPort"] for p in c["ports"]}
+        assert ns.metrics_port and ports.get("metrics") == ns.metrics_port, f"{name}: metrics containerPort"
+        annotations = dep["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/port") == str(ns.metrics_port), f"{name}: prometheus.io/port"
+        svc_ports = {p["name"]: p for p in services[f"mirador-{name}"]["spec"]["ports"]}
+        assert svc_ports["metrics"]["targetPort"] == "metrics", f"{name}: Service port 'metrics'"
+    policies = _by_kind(k8s_docs, "NetworkPolicy")
+    for name in GRPC_SERVICES:
+        ns = k8s_containers[name][2]
+        opened = {p["port"] for rule in policies[f"mirador-{name}"]["spec"]["ingress"] for p in rule["ports"]}
+        assert ns.metrics_port in opened, (
+            f"NetworkPolicy mirador-{name} must admit scrapes of {ns.metrics_port}"
+        )
+
+
+def test_k8s_disruption_budgets_and_gateway_autoscaler(k8s_docs, k8s_containers):
+    pods = {svc: dep["spec"]["template"]["metadata"]["labels"] for svc, (dep, _, _) in k8s_containers.items()}
+
+    def selected(selector) -> set[str]:
+        out = set()
+        for svc, labels in pods.items():
+            ok = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+            for expr in selector.get("matchExpressions", []):
+                assert expr["operator"] == "In"
+                ok = ok and labels.get(expr["key"]) in expr["values"]
+            if ok:
+                out.add(svc)
+        return out
+
+    pdbs = _by_kind(k8s_docs, "PodDisruptionBudget")
+    covered = {name: selected(p["spec"]["selector"]) for name, p in pdbs.items()}
+    assert covered == {"mirador-gateway": {"gateway"}, "mirador-backend": {"scheduler", "worker", "vision"}}
+    assert pdbs["mirador-backend"]["spec"]["maxUnavailable"] == 1
+    hpas = _by_kind(k8s_docs, "HorizontalPodAutoscaler")
+    gw = hpas["mirador-gateway"]["spec"]
+    assert gw["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "mirador-gateway"}
+    assert gw["metrics"][0]["resource"]["name"] == "cpu"
+    assert gw["minReplicas"] > pdbs["mirador-gateway"]["spec"]["minAvailable"], (
+        "a drain must leave one gateway"
+    )
+    assert "cpu" in k8s_containers["gateway"][1]["resources"]["requests"], (
+        "CPU utilization needs a CPU request"
+    )
+
+
+def test_k8s_monitoring_component(k8s_docs):
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not on PATH")
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(MONITORING_DIR)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    docs = load_yaml_all(proc.stdout)
+    services = _by_kind(k8s_docs, "Service")
+    monitor = _by_kind(docs, "ServiceMonitor")["mirador"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    port_names = set()
+    for svc in services.values():
+        if all(svc["metadata"].get("labels", {}).get(k) == v for k, v in selector.items()):
+            port_names |= {p["name"] for p in svc["spec"]["ports"]}
+    assert {"http", "metrics"} <= port_names
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= port_names
+    # the adapter rule serves the scheduler's gauge under the name the HPA asks for
+    rules = load_yaml_all(
+        _by_kind(docs, "ConfigMap")["mirador-prometheus-adapter-rules"]["data"]["config.yaml"]
+    )[0]
+    rule = rules["rules"][0]
+    assert rule["seriesQuery"].startswith("mirador:num_queue_reqs{")
+    assert '"num_queue_reqs"' in (REPO / "scheduler_svc" / "metrics.py").read_text()
+    hpa = _by_kind(docs, "HorizontalPodAutoscaler")["mirador-scheduler"]["spec"]
+    assert hpa["metrics"][0]["pods"]["metric"]["name"] == rule["name"]["as"]
+    assert hpa["scaleTargetRef"]["name"] == "mirador-scheduler"
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for doc in docs:
+        if doc["kind"] == "ServiceMonitor":
+            continue  # a CRD: kubernetes-validate has no schema for it (checked field by field above)
+        try:
+            kubernetes_validate.validate(doc, "1.27.0", strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {e}")
+
+
 # ------------------------------------------------------------------------------------------------ Dockerfile
 
 
@@ -506,15 +710,20 @@ def test_k8s_network_policies_let_only_the_right_pods_reach_each_port():
         "worker": ({"scheduler"}, 50052),
         "vision": ({"scheduler", "worker"}, 50053),
     }
-    got = {}
+    got, scraped = {}, {}
     for d in docs:
         assert d["kind"] == "NetworkPolicy" and d["spec"]["policyTypes"] == ["Ingress"]
-        (rule,) = d["spec"]["ingress"]
+        rules = d["spec"]["ingress"]
+        # a rule whose peers are namespaces admits Prometheus to the metrics port, and nothing else
+        scrape = [r for r in rules if any("namespaceSelector" in p for p in r.get("from", []))]
+        (rule,) = [r for r in rules if r not in scrape]
         component = d["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
         peers = {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in rule.get("from", [])}
         (port,) = [p["port"] for p in rule["ports"]]
         got[component] = (peers or None, port)
+        scraped[component] = sorted(p["port"] for r in scrape for p in r["ports"])
     assert got == want
+    assert scraped == {"gateway": [], "scheduler": [9051], "worker": [9052], "vision": [9053]}
     # the ports are the ones the services listen on
     compose = COMPOSE.read_text()
     for component, (_, port) in want.items():

@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.helpers import SERVED, Cluster
+from tests.helpers import SERVED, Cluster, samples, value
 
 
 def test_two_gateway_workers_share_one_scheduler(default_model, log_dir):
@@ -29,6 +29,12 @@ def test_two_gateway_workers_share_one_scheduler(default_model, log_dir):
             texts = list(pool.map(ask, range(16)))
         assert all(isinstance(t, str) for t in texts)
         assert texts[3] == ask(3)  # greedy: the same answer whichever process served it
+        # each scrape, on a new connection, is answered by either process with the figures of both
+        for _ in range(6):
+            snap = samples(httpx.get(f"{c.base_url}/metrics", timeout=30, trust_env=False).text)
+            chats = {"endpoint": "/v1/chat/completions", "status": "200"}
+            assert value(snap, "mirador:http_requests_total", **chats) == 17
+            assert value(snap, "mirador:e2e_request_latency_seconds_count", service="gateway") == 17
 
         body = {"model": SERVED, "messages": [{"role": "user", "content": "go"}], "max_tokens": 4000,
                 "ignore_eos": True, "stream": True}  # fmt: skip

@@ -58,7 +58,15 @@ def api_schema(cluster):
 
 # every route the gateway publishes: a new one fails test_the_schema_lists_every_route until it is fuzzed here too
 GENERATING = ["/v1/chat/completions", "/v1/completions", "/generate"]
-INFO = ["/v1/models", "/health", "/model_info", "/get_model_info", "/server_info", "/get_server_info"]
+INFO = [
+    "/v1/models",
+    "/health",
+    "/model_info",
+    "/get_model_info",
+    "/server_info",
+    "/get_server_info",
+    "/metrics",
+]
 EXAMPLES = 60  # requests per generating route
 
 

@@ -13,6 +13,7 @@ import grpc
 from common.convert import encoded_from_proto, lease_from_proto, mm_item_to_proto
 from common.errors import UnavailableError, from_rpc_error
 from common.grpc_utils import create_channel, create_sync_channel
+from common.log import REQUEST_ID_METADATA, request_id_var
 from common.types import EmbeddingLease, EncodedItem, MultimodalItem
 from protos import vision_pb2, vision_pb2_grpc
 
@@ -44,7 +45,9 @@ class VisionClient:
     ) -> tuple[list[EncodedItem], EmbeddingLease | None]:
         request = vision_pb2.EncodeRequest(items=[mm_item_to_proto(m) for m in items], lease=lease)
         try:
-            resp = await self._stub.Encode(request, timeout=self.timeout_s)
+            rid = request_id_var.get()  # the request this encode is for (set by the scheduler's encode task)
+            metadata = ((REQUEST_ID_METADATA, rid),) if rid else None
+            resp = await self._stub.Encode(request, timeout=self.timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e, f"vision service at {self.address}") from None
         granted = lease_from_proto(resp.lease) if resp.HasField("lease") else None

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.args import arg
+from common.args import ObservabilityArgs, arg
 from common.security import InternalAuthArgs
 from models.registry import LOAD_FORMATS
 
 
 @dataclass(frozen=True)
-class VisionArgs(InternalAuthArgs):
+class VisionArgs(InternalAuthArgs, ObservabilityArgs):
     model_path: str = arg("", "Hugging Face model directory (or Hub id)", aliases=("--model",))
     host: str = arg("127.0.0.1", "address to listen on")
     port: int = arg(50053, "gRPC port (0 picks a free one)")
@@ -64,6 +64,13 @@ class VisionArgs(InternalAuthArgs):
         "many seconds for the encodes and embedding pulls in flight to end before the process exits",
     )
     log_level: str = arg("info", "logging level")
+    metrics_port: int = arg(
+        0,
+        "serve Prometheus metrics over plain HTTP at /metrics on this port (0: off; `mirador up` turns it on, on a "
+        "free port it prints)",
+    )
+    metrics_host: str = arg("", "address of the metrics port (default: --host)")
+    served_model_name: str = arg("", "the model_name label of its metrics (default: the model path)")
 
     def __post_init__(self):
         if not self.model_path:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -48,9 +48,14 @@ class EncoderConfig:
     warmup: bool = True  # run representative image shapes before serving
 
 
+def _ignore(_seconds: float) -> None:
+    pass
+
+
 @dataclass
 class VisionStats:
     encode_calls: int = 0
+    images_requested: int = 0  # images asked for in encode calls (a key repeated within one call counts once)
     images_encoded: int = 0
     cache_hits: int = 0
     encode_ns_total: int = 0
@@ -100,6 +105,10 @@ class VisionEncoder:
             cfg.cache_bytes, self.hidden_size, self.dtype, self.device, shareable=cfg.share_embeddings
         )
         self.stats = VisionStats()
+        # timings reported per image (host preprocessing) and per batch (the device half); the server plugs in a
+        # Prometheus-backed recorder
+        self.on_preprocessed: Callable[[float], None] = _ignore
+        self.on_batch_encoded: Callable[[float], None] = _ignore
         self._inflight: dict[str, asyncio.Future] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="vision-encode")
         threads = cfg.preprocess_threads or max(1, (os.cpu_count() or 2) // 2)
@@ -124,6 +133,7 @@ class VisionEncoder:
 
     async def encode(self, items: Sequence[MultimodalItem]) -> list[EncodedItem]:
         self.stats.encode_calls += 1
+        self.stats.images_requested += len({item.content_key for item in items})
         loop = asyncio.get_running_loop()
         results: dict[str, EncodedItem] = {}
         todo: list[MultimodalItem] = []
@@ -274,7 +284,9 @@ class VisionEncoder:
                 f"image {item.content_key[:12]}: grid {grid} / {n} tokens disagree with the "
                 f"request's {tuple(item.grid_thw)} / {item.num_tokens}"
             )
-        return _Prepared(item, payload, grid, time.perf_counter_ns() - t0)
+        host_ns = time.perf_counter_ns() - t0
+        self.on_preprocessed(host_ns * 1e-9)
+        return _Prepared(item, payload, grid, host_ns)
 
     # ---- device half (the encoder thread) ----
 
@@ -316,6 +328,7 @@ class VisionEncoder:
         if self.device.type == "cuda":  # the rows are in the pool before anyone hears they are cached
             torch.cuda.synchronize(self.device)
         forward_ns = time.perf_counter_ns() - t0
+        self.on_batch_encoded(forward_ns * 1e-9)
         total = sum(map(self._patches, batch))
         self.stats.batches += 1
         if self.graphs is not None and self.graphs.bucket_for(total, len(batch), self.graphs.in_features):

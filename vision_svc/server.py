@@ -12,10 +12,13 @@ from common.convert import encoded_to_proto, lease_to_proto, location_to_proto, 
 from common.errors import UnavailableError, abort_with
 from common.grpc_utils import Fatal, ServiceHealth
 from common.grpc_utils import create_server as _create_server
+from common.log import REQUEST_ID_METADATA, request_id_var
+from common.metrics import model_label
 from common.tensors import tensor_to_proto
 from protos import vision_pb2, vision_pb2_grpc
 from vision_svc.config import VisionArgs
 from vision_svc.encoder import EncoderConfig, VisionEncoder
+from vision_svc.metrics import install as install_metrics
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["Vision"].full_name
@@ -27,6 +30,7 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
         self.encoder: VisionEncoder | None = None
         self.health: ServiceHealth | None = None
         self.fatal: Fatal | None = None
+        self.metrics = install_metrics(lambda: self.encoder, model_label(args))
 
     async def startup(self) -> None:
         a = self.args
@@ -46,6 +50,7 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
         )
         self.encoder = await asyncio.to_thread(VisionEncoder, cfg)
         self.encoder.on_fatal = self.fatal.report if self.fatal is not None else None
+        self.metrics.hook(self.encoder)
         enc = self.encoder
         logger.info(
             "vision encoder ready (%s, %s, attention %s, %s preprocessing, %s, cache %d MiB %s)",
@@ -65,6 +70,12 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
         return self.encoder
 
     async def Encode(self, request, context):
+        rid = dict(context.invocation_metadata() or ()).get(REQUEST_ID_METADATA, "")
+        request_id_var.set(rid)  # this call's task: its log lines carry the request id
+        if self.args.log_requests:
+            logger.info(
+                "encode: %d image(s) %s", len(request.items), [m.content_key[:12] for m in request.items]
+            )
         try:
             enc = self._ready()
             done = await enc.encode([mm_item_from_proto(m) for m in request.items])

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -54,6 +55,9 @@ class ResidentEmbeddings:
         self.dtype = dtype
         self.budget_bytes = budget_bytes
         self.stats = ResidentStats()
+        self.on_transferred: Callable[[float], None] = lambda _seconds: (
+            None
+        )  # per pull (the server's histogram)
         self._ready: dict[str, torch.Tensor] = {}
         self._refs: dict[str, int] = {}
         self._idle: OrderedDict[str, int] = OrderedDict()  # ready keys nobody holds, oldest first -> bytes
@@ -111,8 +115,10 @@ class ResidentEmbeddings:
                 self.stats.prefetched += len(todo)
 
     def _pull(self, keys: list[str]) -> None:
+        t0 = time.perf_counter()
         try:
             found = self.source.fetch(keys, self.device, self.dtype)[0] if self.source is not None else {}
+            self.on_transferred(time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - the keys fail; the steps that need them report it
             logger.warning("pulling %d embedding(s) failed: %s", len(keys), e)
             found = {}

@@ -13,6 +13,7 @@ from common.convert import plan_from_proto, step_output_to_proto, worker_info_to
 from common.errors import MiradorError, UnavailableError, abort_with
 from common.grpc_utils import Fatal, ServiceHealth, wait_serving
 from common.grpc_utils import create_server as _create_server
+from common.metrics import embedding_transfer_histogram, model_label
 from common.types import StepPlan
 from protos import worker_pb2, worker_pb2_grpc
 from worker_svc.config import WorkerArgs
@@ -71,6 +72,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await asyncio.to_thread(source.connect)
             except TimeoutError as e:  # serve text meanwhile; the first pull chooses the transport
                 logger.warning("%s; image embeddings will connect on first use", e)
+        runner.embeddings.on_transferred = (
+            embedding_transfer_histogram().labels(model_label(a), "worker").observe
+        )
         self.runner = runner
         await self.health.set_serving(True)
 
@@ -137,6 +141,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             async for req in request_iterator:
                 self._last_step = time.monotonic()
                 plan = plan_from_proto(req)
+                if self.args.log_requests:
+                    _log_inits(plan)
                 try:
                     launched.put_nowait(await loop.run_in_executor(self._executor, runner.launch, plan))
                 except Exception as e:  # noqa: BLE001
@@ -153,6 +159,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             launched.put_nowait(e)
             return
         launched.put_nowait(None)
+
+
+def _log_inits(plan: StepPlan) -> None:
+    """--log-requests: a line per sequence the step starts, under its request's id (sequence ids are
+    `<request id>#<choice>`)."""
+    for st in plan.seqs:
+        if st.init is not None:
+            rid = st.seq_id.rsplit("#", 1)[0]
+            logger.info("sequence %s starts in step %d", st.seq_id, plan.step_id, extra={"request_id": rid})
 
 
 def create_server(args: WorkerArgs) -> tuple[grpc.aio.Server, int, WorkerServicer]:

@@ -1,0 +1,131 @@
+"""The gateway's Prometheus metrics: request latencies as clients see them (time to first token, inter-token
+latency, time per output token, end to end) and HTTP responses by status. With several worker processes
+(--gateway-workers) each writes its samples to files in one directory (prometheus-client's multiprocess mode, set up
+by gateway/__main__.py before the client is imported) and /metrics merges them."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from common.metrics import PREFIX, REQUEST_BUCKETS, STEP_BUCKETS
+from common.types import GenerateOutput
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# the `endpoint` label: these paths, everything else is "other" (bounded cardinality whatever clients send)
+ENDPOINTS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/generate",
+        "/v1/models",
+        "/health",
+        "/metrics",
+        "/model_info",
+        "/get_model_info",
+        "/server_info",
+        "/get_server_info",
+    }
+)
+
+_families: dict[str, Histogram | Counter] = {}
+
+
+def _families_once() -> dict[str, Histogram | Counter]:
+    if not _families:
+        labels = ["model_name", "service"]
+        _families.update(
+            ttft=Histogram(
+                PREFIX + "time_to_first_token_seconds",
+                "Time from the request's arrival at the gateway to its first output token, seconds.",
+                labels,
+                buckets=REQUEST_BUCKETS,
+            ),
+            itl=Histogram(
+                PREFIX + "inter_token_latency_seconds",
+                "Time between output tokens as the gateway receives them (a message carrying k tokens after a gap "
+                "counts once, at gap / k), seconds.",
+                labels,
+                buckets=STEP_BUCKETS,
+            ),
+            tpot=Histogram(
+                PREFIX + "time_per_output_token_seconds",
+                "Per request: (end-to-end latency - time to first token) / (output tokens - 1), seconds.",
+                labels,
+                buckets=STEP_BUCKETS,
+            ),
+            e2e=Histogram(
+                PREFIX + "e2e_request_latency_seconds",
+                "Time from the request's arrival at the gateway to its last output, seconds.",
+                labels,
+                buckets=REQUEST_BUCKETS,
+            ),
+            http=Counter(
+                PREFIX + "http_requests",
+                "HTTP responses of the gateway, by endpoint and status code.",
+                [*labels, "endpoint", "status"],
+            ),
+        )
+    return _families
+
+
+class GatewayMetrics:
+    def __init__(self, model_name: str):
+        f = _families_once()
+        self.model_name = model_name
+        self.ttft = f["ttft"].labels(model_name, "gateway")
+        self.itl = f["itl"].labels(model_name, "gateway")
+        self.tpot = f["tpot"].labels(model_name, "gateway")
+        self.e2e = f["e2e"].labels(model_name, "gateway")
+        self._http = f["http"]
+
+    def count_response(self, path: str, status: int) -> None:
+        endpoint = path if path in ENDPOINTS else "other"
+        self._http.labels(self.model_name, "gateway", endpoint, str(status)).inc()
+
+    async def track(
+        self, outs: AsyncIterator[GenerateOutput], arrival: float, stream: bool
+    ) -> AsyncIterator[GenerateOutput]:
+        """Pass a request's outputs through, timing them: one observation per message, not per token. Only
+        streamed requests time their tokens (one that is not streamed gets its text in one message at the end);
+        every request that completes times its end."""
+        first = last = None
+        num_tokens = 0
+        try:
+            async for out in outs:
+                n = len(out.token_ids) if stream else 0
+                if n:
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                        self.ttft.observe(now - arrival)
+                    else:
+                        self.itl.observe((now - last) / n)
+                    last, num_tokens = now, num_tokens + n
+                yield out
+        finally:
+            # a caller that stops early aborts the request now, not when the generator is collected
+            await outs.aclose()
+        self.e2e.observe(time.perf_counter() - arrival)
+        if num_tokens > 1:
+            self.tpot.observe((last - first) / (num_tokens - 1))
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition of this gateway: every worker process's samples merged in multiprocess mode."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
