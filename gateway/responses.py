@@ -208,7 +208,9 @@ class ServerInfo(BaseModel):
     scheduler_args: dict[str, Any]
     worker_info: dict[str, Any]
     vision_info: dict[str, Any]
-    stats: dict[str, Any]
+    stats: dict[str, int | float] = Field(
+        description="live statistics only (counters and gauges), JSON numbers; configuration is the other keys"
+    )
     gateway_args: dict[str, Any]
     version: str
     model_dir: str
