@@ -39,13 +39,20 @@ def prometheus_binary() -> str:
     if not shutil.which("apt-get") or os.geteuid() != 0:
         pytest.skip("prometheus is not installed and apt-get cannot install it here (needs root and apt-get)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    proc = subprocess.run(
-        ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
+
+    def install() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
+
+    proc = install()
+    if proc.returncode != 0:  # a fresh machine has no package lists yet
+        subprocess.run(["apt-get", "update"], capture_output=True, text=True, env=env, timeout=600)
+        proc = install()
     found = shutil.which("prometheus") or (
         "/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None
     )
