@@ -188,7 +188,9 @@ class Scheduler:
                 f"the prompt is {n_prompt} tokens, more than the KV cache holds", param="messages"
             )
         state = RequestState(
-            req, now if now is not None else time.monotonic(), cache_key(list(req.input_ids), req.mm_items)
+            req,
+            now if now is not None else time.monotonic(),
+            cache_key(list(req.input_ids), req.mm_items, req.cache_salt),
         )
         stop = req.stopping
         for i in range(max(1, req.n)):
