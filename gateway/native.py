@@ -14,6 +14,7 @@ from common.types import GenerateOutput, GenerateRequest, TokenLogprob
 from gateway.errors import sse_error
 from gateway.protocol import GenerateBody
 from gateway.serving import OpenAIServing
+from processor.tokenizer import Tokenizer
 
 
 async def generate(serving: OpenAIServing, body: GenerateBody) -> dict[str, Any] | list | AsyncIterator[str]:
@@ -33,19 +34,30 @@ async def generate(serving: OpenAIServing, body: GenerateBody) -> dict[str, Any]
         if e.param:
             e.param = body.sglang_param(e.param)
         raise
+    if body.return_logprob and body.logprob_start_len >= 0:
+        shortest = min(len(g.input_ids) for g in greqs)
+        if body.logprob_start_len < shortest:  # past the prompt there is nothing to compute: an empty list
+            raise InvalidRequestError(
+                "logprob_start_len inside the prompt is not supported yet (prompt log-probabilities are not "
+                "computed); -1 or the prompt's length give output log-probabilities only",
+                param="logprob_start_len",
+            )
     if req.rid and len(greqs) > 1:  # one id per prompt, so the scheduler can tell them apart
         greqs = [replace(g, request_id=f"{g.request_id}-{k}") if k else g for k, g in enumerate(greqs)]
     batch = body.is_batch
     if body.zero_new_tokens:  # nothing to generate: the prompt's counts, as SGLang answers
-        outs = [_answer(body, g, 0, _Choice(finish="length")) for g in greqs]
+        outs = [
+            _answer(body, g, k * req.n, _Choice(finish="length"), serving.tokenizer)
+            for k, g in enumerate(greqs)
+        ]
         if body.stream:
             return _events(outs)
         return outs if batch else outs[0]
     if body.stream:
-        return _stream(body, greqs, await serving._started_all(greqs))
+        return _stream(body, greqs, await serving._started_all(greqs), serving.tokenizer)
     results = await asyncio.gather(*(_collect(serving, g) for g in greqs))
     outs = [
-        _answer(body, greqs[k], k * req.n + i, c)
+        _answer(body, greqs[k], k * req.n + i, c, serving.tokenizer)
         for k, per in enumerate(results)
         for i, c in sorted(per.items())
     ]
@@ -83,7 +95,9 @@ async def _collect(serving: OpenAIServing, greq: GenerateRequest) -> dict[int, _
     return choices
 
 
-def _answer(body: GenerateBody, greq: GenerateRequest, index: int, c: _Choice) -> dict[str, Any]:
+def _answer(
+    body: GenerateBody, greq: GenerateRequest, index: int, c: _Choice, tokenizer: Tokenizer
+) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "id": greq.request_id,
         "prompt_tokens": c.prompt or len(greq.input_ids),
@@ -99,9 +113,20 @@ def _answer(body: GenerateBody, greq: GenerateRequest, index: int, c: _Choice) -
             fr["matched"] = c.matched
         meta["finish_reason"] = fr
     if body.return_logprob:
-        meta["output_token_logprobs"] = [[lp.logprob, lp.token_id, None] for lp in c.logprobs]
-        meta["output_top_logprobs"] = [[[v, t, None] for t, v in lp.top_logprobs] for lp in c.logprobs]
+        text = _token_text(tokenizer) if body.return_text_in_logprobs else lambda _: None
+        meta["output_token_logprobs"] = [[lp.logprob, lp.token_id, text(lp.token_id)] for lp in c.logprobs]
+        meta["output_top_logprobs"] = [[[v, t, text(t)] for t, v in lp.top_logprobs] for lp in c.logprobs]
+        if body.logprob_start_len >= 0:
+            meta["input_token_logprobs"] = []
+            meta["input_top_logprobs"] = []
     return {"text": c.text, "output_ids": c.ids, "index": index, "meta_info": meta}
+
+
+def _token_text(tokenizer: Tokenizer):
+    def text(token_id: int) -> str:
+        return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    return text
 
 
 async def _events(answers: list[dict[str, Any]]) -> AsyncIterator[str]:
@@ -111,7 +136,10 @@ async def _events(answers: list[dict[str, Any]]) -> AsyncIterator[str]:
 
 
 async def _stream(
-    body: GenerateBody, greqs: list[GenerateRequest], outs: AsyncIterator[tuple[int, GenerateOutput]]
+    body: GenerateBody,
+    greqs: list[GenerateRequest],
+    outs: AsyncIterator[tuple[int, GenerateOutput]],
+    tokenizer: Tokenizer,
 ) -> AsyncIterator[str]:
     """Each event holds its choice's whole text so far (SGLang's shape); `index` is prompt x n + choice."""
     n = greqs[0].n
@@ -121,7 +149,7 @@ async def _stream(
             index = k * n + out.index
             c = choices.setdefault(index, _Choice())
             c.add(out)
-            yield f"data: {json.dumps(_answer(body, greqs[k], index, c), ensure_ascii=False)}\n\n"
+            yield f"data: {json.dumps(_answer(body, greqs[k], index, c, tokenizer), ensure_ascii=False)}\n\n"
     except MiradorError as e:
         yield sse_error(e)
     yield "data: [DONE]\n\n"

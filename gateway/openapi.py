@@ -195,7 +195,7 @@ def _body_rules(model_names: list[str], vocab_size: int) -> dict[str, dict[str, 
             **chat_only,
             "messages": {"type": "array", "minItems": 1, "items": MESSAGE_SCHEMA},
         },
-        "CompletionRequest": {**sampling, "prompt": prompt, "echo": {"type": "boolean", "const": False}},
+        "CompletionRequest": {**sampling, "prompt": prompt, "echo": {"type": "boolean"}},
         "GenerateBody": {
             "text": {
                 "anyOf": [

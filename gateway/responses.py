@@ -172,11 +172,19 @@ class GenerateMeta(_Out):
     completion_tokens: int
     cached_tokens: int
     finish_reason: FinishReason | None
-    output_token_logprobs: list[tuple[float, int, None]] = Field(
+    output_token_logprobs: list[tuple[float, int, str | None]] = Field(
         default=None, description="with return_logprob"
     )
-    output_top_logprobs: list[list[tuple[float, int, None]]] = Field(
+    output_top_logprobs: list[list[tuple[float, int, str | None]]] = Field(
         default=None, description="with return_logprob"
+    )
+    input_token_logprobs: list[tuple[float | None, int, str | None]] = Field(
+        default=None,
+        description="with return_logprob and logprob_start_len at or past the prompt's end: empty",
+    )
+    input_top_logprobs: list[list[tuple[float, int, str | None]]] = Field(
+        default=None,
+        description="with return_logprob and logprob_start_len at or past the prompt's end: empty",
     )
 
 

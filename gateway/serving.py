@@ -356,8 +356,10 @@ class OpenAIServing:
         if req.rid:  # one id per prompt, so the scheduler can tell them apart
             greqs = [replace(g, request_id=f"{g.request_id}-{k}") if k else g for k, g in enumerate(greqs)]
         rid, created = f"cmpl-{greqs[0].request_id}", int(time.time())
+        echoes = [self._echo(p, b) if req.echo else "" for p, b in zip(prompts, built, strict=True)]
         if req.stream:
-            return self._completion_stream(req, await self._started_all(greqs), rid, created, greqs)
+            outs = await self._started_all(greqs)
+            return self._completion_stream(req, outs, rid, created, greqs, echoes)
         results = await asyncio.gather(*(self._collect(g) for g in greqs))
         choices, usage = [], [0, 0, 0]
         for k, per_choice in enumerate(results):
@@ -365,7 +367,7 @@ class OpenAIServing:
                 choices.append(
                     {
                         "index": k * req.n + i,
-                        "text": c["text"],
+                        "text": echoes[k] + c["text"],
                         "logprobs": self._logprobs_text(c["logprobs"]) if req.logprobs is not None else None,
                         "finish_reason": c["finish"],
                         "matched_stop": c["stop"],
@@ -388,6 +390,12 @@ class OpenAIServing:
             "choices": choices,
             "usage": self._usage(*usage),
         }
+
+    def _echo(self, prompt: str | list[int], built: PreparedPrompt) -> str:
+        """The prompt as `echo` puts it before the completion: as written, or token ids decoded."""
+        if isinstance(prompt, str):
+            return prompt
+        return self.tokenizer.decode(built.input_ids, skip_special_tokens=False)
 
     async def _collect(self, greq: GenerateRequest) -> dict[int, dict[str, Any]]:
         choices: dict[int, dict[str, Any]] = {}
@@ -435,16 +443,22 @@ class OpenAIServing:
         rid: str,
         created: int,
         greqs: list[GenerateRequest],
+        echoes: list[str],
     ) -> AsyncIterator[str]:
-        """Each event's choice index is prompt x n + choice, as in the answer that does not stream."""
+        """Each event's choice index is prompt x n + choice, as in the answer that does not stream; with echo, a
+        choice's first event starts with its prompt."""
         chunk = _chunker(rid, "text_completion", created, req)
         usage = _StreamUsage(greqs)
         plain = not (req.logprobs is not None or req.return_token_ids or usage.continuous(req))
         offsets: dict[int, int] = {}  # choice -> characters of its logprob tokens so far
+        echoed: set[int] = set()  # choices whose first event (with the prompt) went out
         try:
             async for k, out in outs:
                 index = k * req.n + out.index
                 usage.add(k, out)
+                if echoes[k] and index not in echoed:
+                    echoed.add(index)
+                    out = replace(out, text=echoes[k] + out.text)
                 lp = None
                 if req.logprobs is not None:
                     lp = self._logprobs_text(out.logprobs, offsets.get(index, 0))

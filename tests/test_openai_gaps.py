@@ -375,3 +375,47 @@ def test_cache_key_salt_changes_the_first_page_and_image_values():
     assert plain[0] == 5 and len({plain[0], a[0], b[0]}) == 3
     assert len({plain[2], a[2], b[2]}) == 3  # image-aware values are salted too
     assert plain[1] == a[1] == b[1] and plain[5] == a[5] == b[5]
+
+
+# ---- item 3, in part: echo without logprobs; /generate's logprob options ----
+
+
+@pytest.mark.parametrize("token_input", [False, True])
+def test_echo_puts_the_prompt_first(client, tokenizer, token_input):
+    """SGLang's run_completion with echo: each choice's text starts with its prompt, streamed or not."""
+    prompts = ["Once upon a time", "The weather"]
+    given = [tokenizer.encode(p) for p in prompts] if token_input else prompts
+    kw = {"model": SERVED, "prompt": given, "max_tokens": 4, "temperature": 0, "echo": True}
+    plain = client.completions.create(**{**kw, "echo": False})
+    r = client.completions.create(**kw)
+    assert [c.text for c in r.choices] == [p + c.text for p, c in zip(prompts, plain.choices, strict=True)]
+    assert r.usage.model_dump() == plain.usage.model_dump()
+    texts: dict[int, str] = {}
+    for chunk in client.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+    assert [texts[i] for i in range(2)] == [c.text for c in r.choices]
+
+
+def test_echo_with_logprobs_is_refused(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=SERVED, prompt="Hi", max_tokens=2, echo=True, logprobs=1)
+    assert "not supported" in e.value.body["message"]
+
+
+def test_generate_logprob_options(cluster, tokenizer):
+    sp = {"max_new_tokens": 3, "temperature": 0}
+    body = {"input_ids": [1, 2, 3, 4], "sampling_params": sp, "return_logprob": True, "top_logprobs_num": 2}
+    plain = cluster.http.post("/generate", json=body).json()["meta_info"]
+    assert all(e[2] is None for e in plain["output_token_logprobs"])
+    assert "input_token_logprobs" not in plain
+    texts = cluster.http.post("/generate", json={**body, "return_text_in_logprobs": True}).json()["meta_info"]
+    assert [e[2] for e in texts["output_token_logprobs"]] == [
+        tokenizer.token_bytes(e[1]).decode("utf-8", errors="replace") for e in plain["output_token_logprobs"]
+    ]
+    assert all(isinstance(e[2], str) for top in texts["output_top_logprobs"] for e in top)
+    # prompt positions are not computed yet: asking for them is refused; from the prompt's end, nothing to give
+    r = cluster.http.post("/generate", json={**body, "logprob_start_len": 0})
+    assert "not supported" in _error(r, 400, "logprob_start_len")
+    end = cluster.http.post("/generate", json={**body, "logprob_start_len": 4}).json()["meta_info"]
+    assert end["input_token_logprobs"] == [] and len(end["output_token_logprobs"]) == 3
