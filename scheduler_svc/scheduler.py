@@ -139,6 +139,10 @@ def validate_request(req: GenerateRequest, vocab_size: int) -> None:
     for ok, param, what in checks:
         if not ok:
             raise InvalidRequestError(f"{param} {what}", param=param)
+    for param, ids in (("stop_token_ids", st.stop_token_ids), ("logit_bias", s.logit_bias)):
+        bad = sorted({t for t in ids if not 0 <= t < vocab_size})
+        if bad:  # a bias on a row the logits do not have would fail the worker's step, not this request
+            raise InvalidRequestError(f"{param}: token ids {bad} are outside [0, {vocab_size})", param=param)
 
 
 class Scheduler:

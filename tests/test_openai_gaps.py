@@ -419,3 +419,34 @@ def test_generate_logprob_options(cluster, tokenizer):
     assert "not supported" in _error(r, 400, "logprob_start_len")
     end = cluster.http.post("/generate", json={**body, "logprob_start_len": 4}).json()["meta_info"]
     assert end["input_token_logprobs"] == [] and len(end["output_token_logprobs"]) == 3
+
+
+def test_scheduler_refuses_ids_outside_the_vocabulary_from_grpc_callers(cluster):
+    """Callers that skip the gateway (grpcurl, another client) get INVALID_ARGUMENT, not a failed worker step."""
+    import grpc
+
+    from protos import common_pb2, scheduler_pb2
+
+    for sampling, stopping in [
+        (
+            common_pb2.SamplingParams(
+                temperature=1.0, top_p=1.0, repetition_penalty=1.0, logit_bias={VOCAB + 1: 2.0}
+            ),
+            {},
+        ),
+        (
+            common_pb2.SamplingParams(temperature=1.0, top_p=1.0, repetition_penalty=1.0),
+            {"stop_token_ids": [VOCAB]},
+        ),
+    ]:
+        req = scheduler_pb2.GenerateRequest(
+            request_id=f"grpc-vocab-{len(stopping)}",
+            input_ids=[1, 2, 3],
+            sampling=sampling,
+            stopping=scheduler_pb2.StoppingCriteria(max_new_tokens=2, **stopping),
+            n=1,
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            list(cluster._stub.Generate(req, timeout=30))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and str(VOCAB) in e.value.details()
+    assert cluster.chat(USER, max_tokens=2).status_code == 200
