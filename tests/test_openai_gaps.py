@@ -450,3 +450,14 @@ def test_scheduler_refuses_ids_outside_the_vocabulary_from_grpc_callers(cluster)
             list(cluster._stub.Generate(req, timeout=30))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and str(VOCAB) in e.value.details()
     assert cluster.chat(USER, max_tokens=2).status_code == 200
+
+
+@pytest.mark.parametrize(("key", "value"), [("temperature", -1), ("max_new_tokens", -1), ("top_p", 2)])
+def test_generate_invalid_sampling_params_are_400s_on_a_kept_connection(cluster, key, value):
+    """The issue's cases (once 500s that dropped the keep-alive connection; fixed with 5220f1e): a 400 naming the
+    parameter, and the same connection serves the next request."""
+    r = cluster.http.post("/generate", json={"text": "a", "sampling_params": {key: value}})
+    _error(r, 400, f"sampling_params.{key}")
+    assert r.headers.get("connection", "keep-alive") != "close"
+    ok = cluster.http.post("/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 1}})
+    assert ok.status_code == 200
