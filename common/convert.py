@@ -118,6 +118,7 @@ def request_to_proto(r: GenerateRequest) -> scheduler_pb2.GenerateRequest:
         ),
         n=r.n,
         stream=r.stream,
+        cache_salt=r.cache_salt,
     )
 
 
@@ -139,6 +140,7 @@ def request_from_proto(p: scheduler_pb2.GenerateRequest) -> GenerateRequest:
         ),
         n=max(1, p.n),
         stream=p.stream,
+        cache_salt=p.cache_salt,
     )
 
 

@@ -72,6 +72,7 @@ class GenerateRequest:
     stopping: StoppingCriteria = field(default_factory=StoppingCriteria)
     n: int = 1
     stream: bool = True
+    cache_salt: str = ""  # prompts share prefix-cache pages only with prompts of the same salt
 
 
 @dataclass(frozen=True)

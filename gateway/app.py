@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,31 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common.errors import InvalidRequestError, MiradorError, PayloadTooLargeError, UnavailableError
+from common.errors import (
+    InvalidRequestError,
+    MiradorError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnavailableError,
+)
 from common.grpc_utils import create_channel
 from common.service_main import settle_gc
+from gateway import native
 from gateway.config import GatewayArgs
 from gateway.errors import RETRY_AFTER_S, error_body, error_response, from_validation_error
 from gateway.metrics import GatewayMetrics
 from gateway.metrics import render as render_metrics
-from gateway.openapi import HEALTH_RESPONSES, METRICS_RESPONSES, generation_responses, info_responses, install
+from gateway.openapi import (
+    FLUSH_RESPONSES,
+    HEALTH_RESPONSES,
+    METRICS_RESPONSES,
+    generation_responses,
+    info_responses,
+    install,
+    model_responses,
+)
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateBody
 from gateway.request_context import RequestContext
 from gateway.responses import (
@@ -37,6 +54,7 @@ from gateway.responses import (
     CompletionChunk,
     CompletionResponse,
     GenerateResponse,
+    ModelEntry,
     ModelInfo,
     ModelList,
     ServerInfo,
@@ -283,6 +301,17 @@ def create_app(args: GatewayArgs) -> FastAPI:
     async def _mirador_error(_: Request, e: MiradorError):
         return error_response(e)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        """Routing errors (404 unknown path, 405 wrong method) in OpenAI's shape, not FastAPI's {"detail"}."""
+        message = {404: "no such route", 405: "method not allowed on this route"}.get(
+            e.status_code, str(e.detail)
+        )
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(message, kind, None, e.status_code), e.status_code, headers=getattr(e, "headers", None)
+        )
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
@@ -338,22 +367,46 @@ def create_app(args: GatewayArgs) -> FastAPI:
         responses=generation_responses(GenerateResponse | list[GenerateResponse], GenerateResponse),
     )
     async def generate(request: Request):
-        return await handle(request, GenerateBody, gw.serving.generate_native)
+        return await handle(request, GenerateBody, partial(native.generate, gw.serving))
+
+    def model_entry() -> dict[str, Any]:
+        return {
+            "id": gw.card.served_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "mirador",
+            "root": gw.card.model_path,
+            "max_model_len": gw.card.context_length,
+        }
 
     @app.get("/v1/models", responses=info_responses(ModelList))
     async def models():
+        return {"object": "list", "data": [model_entry()]}
+
+    @app.get("/v1/models/{model_id:path}", responses=model_responses(ModelEntry))
+    async def model(model_id: str):
+        """OpenAI's models.retrieve; an id not served here is a 404 in OpenAI's shape."""
+        if model_id != gw.card.served_name:
+            raise NotFoundError(
+                f"The model `{model_id}` does not exist; this server serves `{gw.card.served_name}`",
+                param="model",
+                code="model_not_found",
+            )
+        return model_entry()
+
+    @app.post("/flush_cache", responses=FLUSH_RESPONSES)
+    async def flush_cache():
+        """SGLang's: empty the prefix cache and the image embedding cache, only while no request is live."""
+        resp = await gw.scheduler.flush_cache()
+        if not resp.flushed:
+            raise InvalidRequestError(
+                f"cache not flushed: {resp.num_requests} requests are running or queued; retry when idle",
+                code="requests_running",
+            )
         return {
-            "object": "list",
-            "data": [
-                {
-                    "id": gw.card.served_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "mirador",
-                    "root": gw.card.model_path,
-                    "max_model_len": gw.card.context_length,
-                }
-            ],
+            "flushed": True,
+            "num_pages_freed": resp.num_pages_freed,
+            "num_embeddings_freed": resp.num_embeddings_freed,
         }
 
     @app.get("/health", response_class=Response, responses=HEALTH_RESPONSES)

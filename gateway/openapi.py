@@ -10,9 +10,16 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateBody
-from gateway.responses import ChatCompletionChunk, CompletionChunk, ErrorResponse, GenerateResponse
+from gateway.responses import (
+    ChatCompletionChunk,
+    CompletionChunk,
+    ErrorResponse,
+    FlushCacheResult,
+    GenerateResponse,
+)
 from processor import sampling
 from processor.request_builder import ROLES
+from processor.sampling import CONSTRAINT_KEYS
 
 
 def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
@@ -62,6 +69,17 @@ def generation_responses(model: Any, event: type[BaseModel]) -> dict[int | str, 
 def info_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     return {200: {"model": model}, 401: _UNAUTHORIZED}
 
+
+def model_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": model}, 401: _UNAUTHORIZED, 404: _error("the model is not served here")}
+
+
+FLUSH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": FlushCacheResult, "description": "both caches are empty (what a lease held stays)"},
+    400: _error("requests are running or queued: nothing was flushed"),
+    401: _UNAUTHORIZED,
+    503: _error("not ready, restarting or shutting down", retry_after=True),
+}
 
 HEALTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "every service is serving (no body)", "content": None},
@@ -162,6 +180,15 @@ def _body_rules(model_names: list[str], vocab_size: int) -> dict[str, dict[str, 
         },
         "seed": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 2**63 - 1}, {"type": "null"}]},
         "stop_token_ids": {"anyOf": [{"type": "array", "items": token_id}, {"type": "null"}]},
+        # not implemented yet: anything else is a 400 that says so
+        "response_format": {
+            "anyOf": [{"type": "object", "properties": {"type": {"const": "text"}}}, {"type": "null"}]
+        },
+        **{name: {"type": "null"} for name in CONSTRAINT_KEYS},
+    }
+    chat_only = {
+        "tools": {"anyOf": [{"type": "array", "items": {"type": "object"}}, {"type": "null"}]},
+        "tool_choice": {"anyOf": [{"const": "none"}, {"type": "null"}]},
     }
     prompt = {
         "anyOf": [
@@ -174,10 +201,19 @@ def _body_rules(model_names: list[str], vocab_size: int) -> dict[str, dict[str, 
     return {
         "ChatCompletionRequest": {
             **sampling,
+            **chat_only,
             "messages": {"type": "array", "minItems": 1, "items": MESSAGE_SCHEMA},
         },
-        "CompletionRequest": {**sampling, "prompt": prompt, "echo": {"type": "boolean", "const": False}},
-        "GenerateBody": {"text": {"type": "string", "minLength": 1}, "input_ids": token_ids},
+        "CompletionRequest": {**sampling, "prompt": prompt, "echo": {"type": "boolean"}},
+        "GenerateBody": {
+            "text": {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                ]
+            },
+            "input_ids": {"anyOf": [token_ids, {"type": "array", "minItems": 1, "items": token_ids}]},
+        },
     }
 
 

@@ -28,7 +28,7 @@ class SamplingRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: str | None = None  # the served model when omitted, as SGLang and vLLM do
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
@@ -52,6 +52,14 @@ class SamplingRequest(BaseModel):
     user: str | None = None
     rid: str | None = None
     return_token_ids: bool = False  # vLLM extra: prompt_token_ids and each choice's token_ids in the response
+    # vLLM extra: prompts share prefix-cache pages only with prompts of the same salt (tenant isolation)
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
+    # constrained decoding is not implemented: declared so that a request asking for it is refused, not ignored
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    json_schema: str | dict[str, Any] | None = None
+    structural_tag: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -70,6 +78,18 @@ class SamplingRequest(BaseModel):
                 raise InvalidRequestError("logit_bias values must be in [-100, 100]", param="logit_bias")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError("seed must be in [0, 2**63)", param="seed")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise InvalidRequestError(
+                f"response_format type {kind!r} is not supported yet (structured output is not implemented); "
+                "only 'text' is",
+                param="response_format",
+            )
+        for name in sampling.CONSTRAINT_KEYS:
+            if getattr(self, name) is not None:
+                raise InvalidRequestError(
+                    f"{name} is not supported yet (constrained decoding is not implemented)", param=name
+                )
         return self
 
     @property
@@ -88,6 +108,7 @@ class SamplingRequest(BaseModel):
         max_new_tokens: int,
         return_logprob: bool,
         top_logprobs: int,
+        vocab_size: int | None = None,
     ) -> tuple[SamplingParams, StoppingCriteria]:
         return sampling.build(
             self.model_dump(),
@@ -96,6 +117,7 @@ class SamplingRequest(BaseModel):
             max_new_tokens=max_new_tokens,
             return_logprob=return_logprob,
             top_logprobs=top_logprobs,
+            vocab_size=vocab_size,
         )
 
 
@@ -105,6 +127,9 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_logprobs(self):
@@ -112,6 +137,25 @@ class ChatCompletionRequest(SamplingRequest):
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         if not self.messages:
             raise InvalidRequestError("messages must be a non-empty list", param="messages")
+        if self.tool_choice not in (None, "none") or (self.tools and self.tool_choice is None):
+            # with tools, OpenAI's default tool_choice is "auto": the model may call one, which needs a parser
+            raise InvalidRequestError(
+                "tool calling is not supported yet: tool_choice other than 'none' (the default when tools are "
+                "given is 'auto') cannot be honoured",
+                param="tool_choice" if self.tool_choice is not None else "tools",
+            )
+        if self.continue_final_message and self.add_generation_prompt:
+            raise InvalidRequestError(
+                "continue_final_message and add_generation_prompt cannot both be true",
+                param="continue_final_message",
+            )
+        if self.continue_final_message and (
+            not isinstance(self.messages[-1], dict) or self.messages[-1].get("role") != "assistant"
+        ):
+            raise InvalidRequestError(
+                "continue_final_message needs the last message to be the assistant's",
+                param="continue_final_message",
+            )
         return self
 
 
@@ -124,8 +168,11 @@ class CompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _check_prompt(self):
-        if self.echo:
-            raise InvalidRequestError("echo is not supported", param="echo")
+        if self.echo and self.logprobs is not None:  # the prompt's tokens would need their log-probabilities
+            raise InvalidRequestError(
+                "echo with logprobs is not supported yet (prompt log-probabilities are not computed)",
+                param="echo",
+            )
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if self.prompt == "" or self.prompt == []:
@@ -153,35 +200,47 @@ class GenerateBody(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    text: str | None = None
-    input_ids: list[int] | None = None
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
     image_data: str | list[str] | None = None
     sampling_params: dict[str, Any] = Field(default_factory=dict)
     stream: bool = False
     return_logprob: bool = False
     top_logprobs_num: int = Field(0, ge=0, le=20)
+    # SGLang: where prompt log-probabilities start (-1: none); prompt positions are not computed yet
+    logprob_start_len: int = Field(-1, ge=-1)
+    return_text_in_logprobs: bool = False  # each logprob entry's third element: the token's text, not null
     rid: str | None = None
+    cache_salt: str | None = None  # as on the OpenAI routes (vLLM's)
 
     def to_completion(self, model: str) -> CompletionRequest:
         """The same request as a text completion, which is how it is served; a field it refuses is named as the
         caller wrote it (`sampling_params.max_new_tokens`, not `max_tokens`)."""
         fields = sampling.from_sglang(self.sampling_params)
         fields.setdefault("max_tokens", 128)
+        if self.zero_new_tokens:  # answered without generating; the rest of the request is still checked
+            fields["max_tokens"] = 1
         body = {"model": model, "prompt": self.text or self.input_ids, "image_data": self.image_data}
         try:
             return CompletionRequest.model_validate(
-                {**body, "stream": self.stream, "rid": self.rid, **fields}
+                {**body, "stream": self.stream, "rid": self.rid, "cache_salt": self.cache_salt, **fields}
             )
         except ValidationError as e:  # e.g. top_p=0 or frequency_penalty=[]: each was a 500 once
             first = e.errors()[0]
-            param = self._param(".".join(str(x) for x in first.get("loc", ())))
+            param = self.sglang_param(".".join(str(x) for x in first.get("loc", ())))
             raise InvalidRequestError(f"{param}: {first.get('msg', 'invalid value')}", param=param) from None
         except InvalidRequestError as e:
             if e.param:
-                e.param = self._param(e.param)
+                e.param = self.sglang_param(e.param)
             raise
 
-    def _param(self, name: str) -> str:
+    @property
+    def zero_new_tokens(self) -> bool:
+        """max_new_tokens 0: SGLang answers with the prompt's meta_info and no completion tokens."""
+        value = self.sampling_params.get("max_new_tokens")
+        return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
+
+    def sglang_param(self, name: str) -> str:
         head, dot, rest = name.partition(".")
         if head == "prompt":
             head = "text" if self.text is not None else "input_ids"
@@ -193,6 +252,20 @@ class GenerateBody(BaseModel):
     def _check(self):
         if (self.text is None) == (self.input_ids is None):
             raise InvalidRequestError("give exactly one of text and input_ids", param="text")
-        if self.text == "" or self.input_ids == []:
-            raise InvalidRequestError("the prompt must not be empty", param="text")
+        prompts = [self.text] if isinstance(self.text, str) else self.text or self.input_ids
+        if self.input_ids and isinstance(self.input_ids[0], int):
+            prompts = [self.input_ids]
+        if not prompts or any(not p for p in prompts):
+            raise InvalidRequestError(
+                "the prompt must not be empty", param="text" if self.text is not None else "input_ids"
+            )
+        n = self.sampling_params.get("n")
+        n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1  # n itself is checked later
+        if len(prompts) * n > MAX_CHOICES:
+            raise InvalidRequestError(f"a batch may ask for at most {MAX_CHOICES} completions", param="text")
         return self
+
+    @property
+    def is_batch(self) -> bool:
+        """`text` as a list or `input_ids` as a list of lists: the answer is a list too."""
+        return isinstance(self.text, list) or bool(self.input_ids and isinstance(self.input_ids[0], list))

@@ -112,6 +112,7 @@ class ChatChunkChoice(_Out):
     logprobs: ChatLogprobs | None
     finish_reason: str | None
     matched_stop: int | str | None = Field(default=None, description="in each choice's last event")
+    token_ids: list[int] = Field(default=None, description="with return_token_ids: this event's token ids")
 
 
 class ChatCompletionChunk(_Out):
@@ -123,7 +124,12 @@ class ChatCompletionChunk(_Out):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = Field(
-        default=None, description="with stream_options.include_usage: null until the end"
+        default=None,
+        description="with stream_options.include_usage: null until the end; with continuous_usage_stats: the "
+        "counts so far on every event",
+    )
+    prompt_token_ids: list[int] = Field(
+        default=None, description="with return_token_ids: in each choice's first event"
     )
 
 
@@ -133,6 +139,10 @@ class CompletionChunkChoice(_Out):
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
     matched_stop: int | str | None
+    token_ids: list[int] = Field(default=None, description="with return_token_ids: this event's token ids")
+    prompt_token_ids: list[int] = Field(
+        default=None, description="with return_token_ids: in each choice's first event"
+    )
 
 
 class CompletionChunk(_Out):
@@ -144,7 +154,9 @@ class CompletionChunk(_Out):
     model: str
     choices: list[CompletionChunkChoice]
     usage: Usage | None = Field(
-        default=None, description="with stream_options.include_usage: null until the end"
+        default=None,
+        description="with stream_options.include_usage: null until the end; with continuous_usage_stats: the "
+        "counts so far on every event",
     )
 
 
@@ -160,11 +172,19 @@ class GenerateMeta(_Out):
     completion_tokens: int
     cached_tokens: int
     finish_reason: FinishReason | None
-    output_token_logprobs: list[tuple[float, int, None]] = Field(
+    output_token_logprobs: list[tuple[float, int, str | None]] = Field(
         default=None, description="with return_logprob"
     )
-    output_top_logprobs: list[list[tuple[float, int, None]]] = Field(
+    output_top_logprobs: list[list[tuple[float, int, str | None]]] = Field(
         default=None, description="with return_logprob"
+    )
+    input_token_logprobs: list[tuple[float | None, int, str | None]] = Field(
+        default=None,
+        description="with return_logprob and logprob_start_len at or past the prompt's end: empty",
+    )
+    input_top_logprobs: list[list[tuple[float, int, str | None]]] = Field(
+        default=None,
+        description="with return_logprob and logprob_start_len at or past the prompt's end: empty",
     )
 
 
@@ -187,6 +207,12 @@ class ModelEntry(_Out):
 class ModelList(_Out):
     object: Literal["list"]
     data: list[ModelEntry]
+
+
+class FlushCacheResult(_Out):
+    flushed: Literal[True]
+    num_pages_freed: int
+    num_embeddings_freed: int
 
 
 class ModelInfo(_Out):

@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from common.errors import InvalidRequestError, MiradorError, NotFoundError
@@ -17,7 +17,7 @@ from common.log import request_id_var
 from common.types import GenerateOutput, GenerateRequest, TokenLogprob
 from gateway.errors import sse_error
 from gateway.metrics import GatewayMetrics
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, GenerateBody, SamplingRequest
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from gateway.request_context import arrival_var
 from processor import sampling
 from processor.request_builder import PreparedPrompt, RequestBuilder
@@ -27,17 +27,24 @@ logger = logging.getLogger(__name__)
 
 
 def _chunker(rid: str, obj: str, created: int, req: SamplingRequest):
-    """Formats one SSE event of a stream; usage is carried (null until the end) only with include_usage."""
-    with_usage = bool(req.stream_options and req.stream_options.include_usage)
+    """Formats one SSE event of a stream; usage is carried (null until the end) only with include_usage or
+    continuous_usage_stats (then every event carries the counts so far, and `chunk` writes them all)."""
+    opts = req.stream_options
+    with_usage = bool(opts and (opts.include_usage or opts.continuous_usage_stats))
     # the fields every event repeats are encoded once per stream; an event encodes only its choices (and usage)
     head = json.dumps({"id": rid, "object": obj, "created": created, "model": req.model}, ensure_ascii=False)
     prefix = f'data: {head[:-1]}, "choices": '
 
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+    def chunk(
+        choices: list[dict[str, Any]],
+        usage: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
         body = json.dumps(choices, ensure_ascii=False)
+        tail = ", " + json.dumps(extra, ensure_ascii=False)[1:-1] if extra else ""
         if with_usage:
-            return f'{prefix}{body}, "usage": {json.dumps(usage, ensure_ascii=False)}}}\n\n'
-        return f"{prefix}{body}}}\n\n"
+            return f'{prefix}{body}, "usage": {json.dumps(usage, ensure_ascii=False)}{tail}}}\n\n'
+        return f"{prefix}{body}{tail}}}\n\n"
 
     suffix = ', "usage": null}\n\n' if with_usage else "}\n\n"
 
@@ -50,9 +57,83 @@ def _chunker(rid: str, obj: str, created: int, req: SamplingRequest):
     return chunk
 
 
+class _StreamUsage:
+    """A stream's token counts: the scheduler's exact ones for each finished choice, the ids seen so far for the
+    others (what continuous_usage_stats reports on every event)."""
+
+    def __init__(self, greqs: list[GenerateRequest]):
+        self.prompt = sum(len(g.input_ids) for g in greqs)
+        self.seen: dict[tuple[int, int], int] = {}
+        self.done: dict[tuple[int, int], int] = {}
+        self.cached: dict[int, int] = {}
+        self.first_sent: set[int] = set()  # choices whose prompt_token_ids went out (return_token_ids)
+
+    @staticmethod
+    def continuous(req: SamplingRequest) -> bool:
+        return bool(req.stream_options and req.stream_options.continuous_usage_stats)
+
+    def add(self, k: int, out: GenerateOutput) -> None:
+        key = (k, out.index)
+        self.seen[key] = self.seen.get(key, 0) + len(out.token_ids)
+        if out.finish_reason is not None:
+            self.done[key] = out.completion_tokens
+            self.cached[k] = max(self.cached.get(k, 0), out.cached_tokens)
+
+    def total(self) -> dict[str, Any]:
+        completion = sum(self.done.get(key, n) for key, n in self.seen.items())
+        return OpenAIServing._usage(self.prompt, completion, sum(self.cached.values()))
+
+    def now(self, req: SamplingRequest) -> dict[str, Any] | None:
+        """The usage an event carries: the counts so far with continuous_usage_stats, else null."""
+        return self.total() if self.continuous(req) else None
+
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's, SGLang's and vLLM's default for /v1/completions
 # the choices of a plain text delta, as json.dumps writes them (tests/test_openai_params.py checks they agree)
 CHAT_DELTA = '[{"index": %d, "delta": {"content": %s}, "logprobs": null, "finish_reason": null}]'
 TEXT_DELTA = '[{"index": %d, "text": %s, "logprobs": null, "finish_reason": null, "matched_stop": null}]'
+
+
+async def _tagged(stream: AsyncIterator[GenerateOutput]) -> AsyncIterator[tuple[int, GenerateOutput]]:
+    """One request's outputs as `_merge` gives several (the common case: no queue, no tasks)."""
+    try:
+        async for out in stream:
+            yield 0, out
+    finally:
+        await stream.aclose()
+
+
+async def _merge(streams: list[AsyncIterator[GenerateOutput]]) -> AsyncIterator[tuple[int, GenerateOutput]]:
+    """Outputs of several streams in arrival order, tagged with their stream's position; the first error ends
+    all of them (each closed, so the scheduler aborts what still runs)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int, stream: AsyncIterator[GenerateOutput]) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((k, out))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait((k, e))
+            return
+        queue.put_nowait((k, None))
+
+    tasks = [asyncio.create_task(pump(k, s)) for k, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            k, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield k, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
 
 
 @dataclass
@@ -82,7 +163,11 @@ class OpenAIServing:
 
     # ---- shared ----
 
-    def check_model(self, name: str) -> None:
+    def check_model(self, req: SamplingRequest) -> None:
+        """The model asked for is served here; one not named is (both peers default to the served model)."""
+        if req.model is None:
+            req.model = self.card.served_name
+        name = req.model
         if name not in (self.card.served_name, self.card.model_path):
             raise NotFoundError(
                 f"The model `{name}` does not exist; this server serves `{self.card.served_name}`",
@@ -114,6 +199,7 @@ class OpenAIServing:
             max_new_tokens=max_new,
             return_logprob=return_logprob,
             top_logprobs=top_logprobs,
+            vocab_size=self.builder.config.text.vocab_size,
         )
         return GenerateRequest(
             request_id=self._request_id(req, index),
@@ -123,6 +209,7 @@ class OpenAIServing:
             stopping=stopping,
             n=req.n,
             stream=stream,
+            cache_salt=req.cache_salt or "",
         )
 
     @staticmethod
@@ -179,20 +266,34 @@ class OpenAIServing:
 
         return rest()
 
+    async def _started_all(self, greqs: list[GenerateRequest]) -> AsyncIterator[tuple[int, GenerateOutput]]:
+        """Several requests' outputs as they come, each tagged with its request's position; all have started
+        (an error before any first output is an HTTP error, as in `_started`)."""
+        started = await asyncio.gather(*(self._started(g) for g in greqs), return_exceptions=True)
+        errors = [e for e in started if isinstance(e, BaseException)]
+        if errors:
+            for s in started:
+                if not isinstance(s, BaseException):
+                    await s.aclose()
+            raise errors[0]
+        return _tagged(started[0]) if len(started) == 1 else _merge(started)
+
     # ---- chat ----
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
-        self.check_model(req.model)
+        self.check_model(req)
         self._log_unknown(req)
         prompt = await self.builder.from_messages(
             req.messages,
             add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            tools=req.tools,
             chat_template_kwargs=req.chat_template_kwargs,
         )
         greq = self._build(req, prompt, req.logprobs, req.top_logprobs or 0, stream=req.stream)
         rid, created = f"chatcmpl-{greq.request_id}", int(time.time())
         if req.stream:
-            return self._chat_stream(req, await self._started(greq), rid, created)
+            return self._chat_stream(req, await self._started_all([greq]), rid, created, greq)
         choices = await self._collect(greq)
         first = next(iter(choices.values()))
         usage = [first["prompt"], sum(c["completion"] for c in choices.values()), first["cached"]]
@@ -219,53 +320,44 @@ class OpenAIServing:
         return body
 
     async def _chat_stream(
-        self, req: ChatCompletionRequest, outs: AsyncIterator[GenerateOutput], rid: str, created: int
+        self,
+        req: ChatCompletionRequest,
+        outs: AsyncIterator[GenerateOutput],
+        rid: str,
+        created: int,
+        greq: GenerateRequest,
     ) -> AsyncIterator[str]:
         chunk = _chunker(rid, "chat.completion.chunk", created, req)
-
+        usage = _StreamUsage([greq])
+        plain = not (req.logprobs or req.return_token_ids or usage.continuous(req))
         started: set[int] = set()
-        totals = [0, 0, 0]
         try:
-            async for out in outs:
+            async for _, out in outs:
                 i = out.index
                 if i not in started:
                     started.add(i)
-                    yield chunk(
-                        [
-                            {
-                                "index": i,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ]
-                    )
-                if (out.text or out.logprobs) and not req.logprobs:
+                    first = {"index": i, "delta": {"role": "assistant", "content": ""}}
+                    extra = {"prompt_token_ids": list(greq.input_ids)} if req.return_token_ids else None
+                    yield chunk([{**first, "logprobs": None, "finish_reason": None}], usage.now(req), extra)
+                usage.add(0, out)
+                if (out.text or out.logprobs) and plain:
                     yield chunk.delta(CHAT_DELTA, i, out.text)
-                elif out.text or out.logprobs:
-                    lp = {"content": self._logprobs_chat(out.logprobs)}
-                    yield chunk(
-                        [{"index": i, "delta": {"content": out.text}, "logprobs": lp, "finish_reason": None}]
-                    )
+                elif out.text or out.logprobs or (out.token_ids and req.return_token_ids):
+                    lp = {"content": self._logprobs_chat(out.logprobs)} if req.logprobs else None
+                    choice = {
+                        "index": i,
+                        "delta": {"content": out.text},
+                        "logprobs": lp,
+                        "finish_reason": None,
+                    }
+                    if req.return_token_ids:
+                        choice["token_ids"] = list(out.token_ids)
+                    yield chunk([choice], usage.now(req))
                 if out.finish_reason is not None:
-                    totals = [
-                        out.prompt_tokens,
-                        totals[1] + out.completion_tokens,
-                        max(totals[2], out.cached_tokens),
-                    ]
-                    yield chunk(
-                        [
-                            {
-                                "index": i,
-                                "delta": {},
-                                "logprobs": None,
-                                "finish_reason": out.finish_reason,
-                                "matched_stop": out.matched_stop,
-                            }
-                        ]
-                    )
+                    last = {"index": i, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}
+                    yield chunk([{**last, "matched_stop": out.matched_stop}], usage.now(req))
             if req.stream_options and req.stream_options.include_usage:
-                yield chunk([], self._usage(*totals))
+                yield chunk([], usage.total())
         except MiradorError as e:
             yield sse_error(e)
         yield "data: [DONE]\n\n"
@@ -273,14 +365,14 @@ class OpenAIServing:
     # ---- text completions ----
 
     async def completions(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
-        self.check_model(req.model)
+        self.check_model(req)
         self._log_unknown(req)
+        if req.requested_max_tokens is None:
+            req.max_tokens = DEFAULT_COMPLETION_MAX_TOKENS
         images = [req.image_data] if isinstance(req.image_data, str) else list(req.image_data or [])
         prompts = req.prompts
-        if len(prompts) > 1 and (req.stream or images):
-            raise InvalidRequestError(
-                "several prompts in one request cannot stream or carry images", param="prompt"
-            )
+        if len(prompts) > 1 and images:
+            raise InvalidRequestError("several prompts in one request cannot carry images", param="prompt")
         built = [await self.builder.from_prompt(p, images) for p in prompts]
         n_lp = req.logprobs or 0
         greqs = [
@@ -288,8 +380,10 @@ class OpenAIServing:
             for i, b in enumerate(built)
         ]
         rid, created = f"cmpl-{greqs[0].request_id}", int(time.time())
+        echoes = [self._echo(p, b) if req.echo else "" for p, b in zip(prompts, built, strict=True)]
         if req.stream:
-            return self._completion_stream(req, await self._started(greqs[0]), rid, created)
+            outs = await self._started_all(greqs)
+            return self._completion_stream(req, outs, rid, created, greqs, echoes)
         results = await asyncio.gather(*(self._collect(g) for g in greqs))
         choices, usage = [], [0, 0, 0]
         for k, per_choice in enumerate(results):
@@ -297,7 +391,7 @@ class OpenAIServing:
                 choices.append(
                     {
                         "index": k * req.n + i,
-                        "text": c["text"],
+                        "text": echoes[k] + c["text"],
                         "logprobs": self._logprobs_text(c["logprobs"]) if req.logprobs is not None else None,
                         "finish_reason": c["finish"],
                         "matched_stop": c["stop"],
@@ -321,6 +415,12 @@ class OpenAIServing:
             "usage": self._usage(*usage),
         }
 
+    def _echo(self, prompt: str | list[int], built: PreparedPrompt) -> str:
+        """The prompt as `echo` puts it before the completion: as written, or token ids decoded."""
+        if isinstance(prompt, str):
+            return prompt
+        return self.tokenizer.decode(built.input_ids, skip_special_tokens=False)
+
     async def _collect(self, greq: GenerateRequest) -> dict[int, dict[str, Any]]:
         choices: dict[int, dict[str, Any]] = {}
         async for out in self._generate(greq):
@@ -340,8 +440,13 @@ class OpenAIServing:
                 )
         return choices
 
-    def _logprobs_text(self, lps: list[TokenLogprob]) -> dict[str, Any]:
+    def _logprobs_text(self, lps: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+        """OpenAI's legacy logprobs; `text_offset` counts characters from `offset` (a stream's text so far)."""
         tokens = [self.tokenizer.token_bytes(lp.token_id).decode("utf-8", errors="replace") for lp in lps]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
         return {
             "tokens": tokens,
             "token_logprobs": [lp.logprob for lp in lps],
@@ -352,115 +457,55 @@ class OpenAIServing:
                 }
                 for lp in lps
             ],
-            "text_offset": [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))],
+            "text_offset": offsets,
         }
 
     async def _completion_stream(
-        self, req: CompletionRequest, outs: AsyncIterator[GenerateOutput], rid: str, created: int
+        self,
+        req: CompletionRequest,
+        outs: AsyncIterator[tuple[int, GenerateOutput]],
+        rid: str,
+        created: int,
+        greqs: list[GenerateRequest],
+        echoes: list[str],
     ) -> AsyncIterator[str]:
+        """Each event's choice index is prompt x n + choice, as in the answer that does not stream; with echo, a
+        choice's first event starts with its prompt."""
         chunk = _chunker(rid, "text_completion", created, req)
-
-        totals = [0, 0, 0]
+        usage = _StreamUsage(greqs)
+        plain = not (req.logprobs is not None or req.return_token_ids or usage.continuous(req))
+        offsets: dict[int, int] = {}  # choice -> characters of its logprob tokens so far
+        echoed: set[int] = set()  # choices whose first event (with the prompt) went out
         try:
-            async for out in outs:
-                lp = self._logprobs_text(out.logprobs) if req.logprobs is not None else None
-                if lp is None and out.finish_reason is None and out.matched_stop is None:
+            async for k, out in outs:
+                index = k * req.n + out.index
+                usage.add(k, out)
+                if echoes[k] and index not in echoed:
+                    echoed.add(index)
+                    out = replace(out, text=echoes[k] + out.text)
+                lp = None
+                if req.logprobs is not None:
+                    lp = self._logprobs_text(out.logprobs, offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
+                if plain and out.finish_reason is None and out.matched_stop is None:
                     if out.text:
-                        yield chunk.delta(TEXT_DELTA, out.index, out.text)
-                elif out.text or out.logprobs or out.finish_reason is not None:
-                    yield chunk(
-                        [
-                            {
-                                "index": out.index,
-                                "text": out.text,
-                                "logprobs": lp,
-                                "finish_reason": out.finish_reason,
-                                "matched_stop": out.matched_stop,
-                            }
-                        ]
-                    )
-                if out.finish_reason is not None:
-                    totals = [
-                        out.prompt_tokens,
-                        totals[1] + out.completion_tokens,
-                        max(totals[2], out.cached_tokens),
-                    ]
+                        yield chunk.delta(TEXT_DELTA, index, out.text)
+                elif out.text or out.logprobs or out.token_ids or out.finish_reason is not None:
+                    choice = {
+                        "index": index,
+                        "text": out.text,
+                        "logprobs": lp,
+                        "finish_reason": out.finish_reason,
+                        "matched_stop": out.matched_stop,
+                    }
+                    if req.return_token_ids:
+                        choice["token_ids"] = list(out.token_ids)
+                        if index not in usage.first_sent:
+                            choice["prompt_token_ids"] = list(greqs[k].input_ids)
+                            usage.first_sent.add(index)
+                    yield chunk([choice], usage.now(req))
             if req.stream_options and req.stream_options.include_usage:
-                yield chunk([], self._usage(*totals))
+                yield chunk([], usage.total())
         except MiradorError as e:
             yield sse_error(e)
         yield "data: [DONE]\n\n"
-
-    # ---- SGLang's native /generate ----
-
-    async def generate_native(self, body: GenerateBody) -> dict[str, Any] | AsyncIterator[str]:
-        req = body.to_completion(self.card.served_name)
-        images = [req.image_data] if isinstance(req.image_data, str) else list(req.image_data or [])
-        prompt = await self.builder.from_prompt(req.prompts[0], images, "input_ids")
-        greq = self._build(req, prompt, body.return_logprob, body.top_logprobs_num, stream=body.stream)
-
-        def meta(out: GenerateOutput, text_len: int, lps: list[TokenLogprob]) -> dict[str, Any]:
-            m: dict[str, Any] = {
-                "id": greq.request_id,
-                "prompt_tokens": out.prompt_tokens or len(greq.input_ids),
-                "completion_tokens": out.completion_tokens,
-                "cached_tokens": out.cached_tokens,
-                "finish_reason": None,
-            }
-            if out.finish_reason is not None:
-                fr: dict[str, Any] = {"type": out.finish_reason}
-                if out.finish_reason == "length":
-                    fr["length"] = out.completion_tokens
-                if out.matched_stop is not None:
-                    fr["matched"] = out.matched_stop
-                m["finish_reason"] = fr
-            if body.return_logprob:
-                m["output_token_logprobs"] = [[lp.logprob, lp.token_id, None] for lp in lps]
-                m["output_top_logprobs"] = [[[v, t, None] for t, v in lp.top_logprobs] for lp in lps]
-            return m
-
-        if body.stream:
-            outs = await self._started(greq)
-
-            async def stream() -> AsyncIterator[str]:
-                texts: dict[int, str] = {}
-                ids: dict[int, list[int]] = {}
-                lps: dict[int, list[TokenLogprob]] = {}
-                try:
-                    async for out in outs:
-                        texts[out.index] = texts.get(out.index, "") + out.text
-                        ids.setdefault(out.index, []).extend(out.token_ids)
-                        lps.setdefault(out.index, []).extend(out.logprobs)
-                        body_ = {
-                            "text": texts[out.index],
-                            "output_ids": ids[out.index],
-                            "index": out.index,
-                            "meta_info": meta(out, len(texts[out.index]), lps[out.index]),
-                        }
-                        yield f"data: {json.dumps(body_, ensure_ascii=False)}\n\n"
-                except MiradorError as e:
-                    yield sse_error(e)
-                yield "data: [DONE]\n\n"
-
-            return stream()
-        results = await self._collect(greq)
-        outs = []
-        for i, c in sorted(results.items()):
-            fake = GenerateOutput(
-                greq.request_id,
-                i,
-                finish_reason=c["finish"],
-                matched_stop=c["stop"],
-                prompt_tokens=c["prompt"],
-                completion_tokens=c["completion"],
-                cached_tokens=c["cached"],
-            )
-            outs.append(
-                {
-                    "text": c["text"],
-                    "output_ids": c["ids"],
-                    "index": i,
-                    "meta_info": meta(fake, len(c["text"]), c["logprobs"]),
-                }
-            )
-        return outs[0] if len(outs) == 1 else outs

@@ -183,6 +183,7 @@ class Engine:
             max_new_tokens=max_new,
             return_logprob=return_logprob,
             top_logprobs=top_logprobs,
+            vocab_size=self.policy.vocab_size,
         )
         return GenerateRequest(
             rid or uuid.uuid4().hex,

@@ -31,6 +31,8 @@ _RESERVED_TEMPLATE_KWARGS = {
     "conversation",
     "messages",
     "add_generation_prompt",
+    "continue_final_message",
+    "tools",
 }
 
 
@@ -76,8 +78,12 @@ class RequestBuilder:
         messages: list[dict[str, Any]],
         *,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> PreparedPrompt:
+        """`continue_final_message` leaves the last (assistant) turn open, so the model continues its text;
+        `tools` are rendered by the template as the model was trained to see them."""
         reserved = sorted(set(chat_template_kwargs or {}) & _RESERVED_TEMPLATE_KWARGS)
         if reserved:
             raise InvalidRequestError(
@@ -88,8 +94,11 @@ class RequestBuilder:
             raise InvalidRequestError(
                 f"model {self.config.architecture} does not take images", param="messages"
             )
+        extra = {"tools": tools} if tools else {}
+        if continue_final_message:
+            extra["continue_final_message"] = True
         text = self.tokenizer.apply_chat_template(
-            normalized, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+            normalized, add_generation_prompt=add_generation_prompt, **extra, **(chat_template_kwargs or {})
         )
         ids = await self._encode(text)
         images = await self.load_images(refs)

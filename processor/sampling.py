@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from common.errors import InvalidRequestError
@@ -39,10 +39,20 @@ SGLANG_KEYS = {
 }
 
 
+# SGLang's constrained decoding keys: not implemented yet, so a request that sets one is refused, never ignored
+CONSTRAINT_KEYS = ("regex", "ebnf", "json_schema", "structural_tag")
+
+
 def from_sglang(sampling_params: Mapping[str, Any] | None) -> dict[str, Any]:
     """SGLang's sampling_params -> the OpenAI field names `build` takes (unknown keys are logged and dropped)."""
     sp = dict(sampling_params or {})
-    unknown = sorted(set(sp) - SGLANG_KEYS)
+    for key in CONSTRAINT_KEYS:
+        if sp.get(key) is not None:
+            raise InvalidRequestError(
+                f"sampling_params.{key} is not supported yet (constrained decoding is not implemented)",
+                param=f"sampling_params.{key}",
+            )
+    unknown = sorted(set(sp) - SGLANG_KEYS - set(CONSTRAINT_KEYS))
     if unknown:
         logger.warning("ignoring unknown sampling_params: %s", ", ".join(unknown))
     fields = {k: v for k, v in sp.items() if k in SGLANG_KEYS}
@@ -63,8 +73,10 @@ def build(
     max_new_tokens: int,
     return_logprob: bool = False,
     top_logprobs: int = 0,
+    vocab_size: int | None = None,
 ) -> tuple[SamplingParams, StoppingCriteria]:
-    """OpenAI-named fields (None = not given) -> the worker's and the scheduler's parameters."""
+    """OpenAI-named fields (None = not given) -> the worker's and the scheduler's parameters; token ids (stop
+    tokens, logit bias keys) must lie in [0, vocab_size) when it is given."""
 
     def pick(name: str, fallback: Any) -> Any:
         value = fields.get(name)
@@ -91,6 +103,9 @@ def build(
     except (TypeError, ValueError, AttributeError):
         raise InvalidRequestError("logit_bias must map token ids to numbers", param="logit_bias") from None
     _in_range("logit_bias", *bias, low=0)
+    if vocab_size is not None:
+        _in_vocab("stop_token_ids", stop_ids, vocab_size)
+        _in_vocab("logit_bias", list(bias), vocab_size)
     seed = fields.get("seed")
     if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
         raise InvalidRequestError("seed must be an integer in [0, 2**63)", param="seed")
@@ -147,6 +162,15 @@ def _in_range(param: str, *values: int, low: int) -> None:
     for v in values:
         if not low <= v <= INT32_MAX:
             raise InvalidRequestError(f"{param} must be in [{low}, {INT32_MAX}], got {v}", param=param)
+
+
+def _in_vocab(param: str, ids: Sequence[int], vocab_size: int) -> None:
+    """A 400 naming every id the model has no logit for (a silently unmatched stop id, a bias on nothing)."""
+    bad = sorted({t for t in ids if not 0 <= t < vocab_size})
+    if bad:
+        raise InvalidRequestError(
+            f"{param}: token ids {bad} are outside the vocabulary [0, {vocab_size})", param=param
+        )
 
 
 def max_new_tokens_for(

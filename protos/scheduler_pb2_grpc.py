@@ -59,6 +59,11 @@ class SchedulerStub:
                 request_serializer=protos_dot_scheduler__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_scheduler__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.FlushCache = channel.unary_unary(
+                '/mirador.scheduler.v1.Scheduler/FlushCache',
+                request_serializer=protos_dot_scheduler__pb2.FlushCacheRequest.SerializeToString,
+                response_deserializer=protos_dot_scheduler__pb2.FlushCacheResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -102,6 +107,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FlushCache(self, request, context):
+        """/ Empty the prefix cache and the vision service's embedding cache, only while no request is running or queued
+        / (SGLang's /flush_cache).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +142,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=protos_dot_scheduler__pb2.GetServerInfoRequest.FromString,
                     response_serializer=protos_dot_scheduler__pb2.ServerInfo.SerializeToString,
+            ),
+            'FlushCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlushCache,
+                    request_deserializer=protos_dot_scheduler__pb2.FlushCacheRequest.FromString,
+                    response_serializer=protos_dot_scheduler__pb2.FlushCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +284,33 @@ class Scheduler:
             '/mirador.scheduler.v1.Scheduler/GetServerInfo',
             protos_dot_scheduler__pb2.GetServerInfoRequest.SerializeToString,
             protos_dot_scheduler__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlushCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mirador.scheduler.v1.Scheduler/FlushCache',
+            protos_dot_scheduler__pb2.FlushCacheRequest.SerializeToString,
+            protos_dot_scheduler__pb2.FlushCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

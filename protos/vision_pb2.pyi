@@ -174,3 +174,13 @@ class VisionStats(_message.Message):
     batches: int
     graph_batches: int
     def __init__(self, encode_calls: _Optional[int] = ..., images_encoded: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_entries: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., encode_ns_total: _Optional[int] = ..., pulls_by_reference: _Optional[int] = ..., pulls_by_value: _Optional[int] = ..., open_leases: _Optional[int] = ..., batches: _Optional[int] = ..., graph_batches: _Optional[int] = ...) -> None: ...
+
+class FlushCacheRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class FlushCacheResponse(_message.Message):
+    __slots__ = ("num_freed",)
+    NUM_FREED_FIELD_NUMBER: _ClassVar[int]
+    num_freed: int
+    def __init__(self, num_freed: _Optional[int] = ...) -> None: ...

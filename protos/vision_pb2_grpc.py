@@ -64,6 +64,11 @@ class VisionStub:
                 request_serializer=protos_dot_vision__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=protos_dot_vision__pb2.VisionStats.FromString,
                 _registered_method=True)
+        self.FlushCache = channel.unary_unary(
+                '/mirador.vision.v1.Vision/FlushCache',
+                request_serializer=protos_dot_vision__pb2.FlushCacheRequest.SerializeToString,
+                response_deserializer=protos_dot_vision__pb2.FlushCacheResponse.FromString,
+                _registered_method=True)
 
 
 class VisionServicer:
@@ -116,6 +121,13 @@ class VisionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FlushCache(self, request, context):
+        """/ Drop every cached embedding that no lease holds (the scheduler's FlushCache).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +160,11 @@ def add_VisionServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=protos_dot_vision__pb2.GetStatsRequest.FromString,
                     response_serializer=protos_dot_vision__pb2.VisionStats.SerializeToString,
+            ),
+            'FlushCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.FlushCache,
+                    request_deserializer=protos_dot_vision__pb2.FlushCacheRequest.FromString,
+                    response_serializer=protos_dot_vision__pb2.FlushCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +329,33 @@ class Vision:
             '/mirador.vision.v1.Vision/GetStats',
             protos_dot_vision__pb2.GetStatsRequest.SerializeToString,
             protos_dot_vision__pb2.VisionStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FlushCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mirador.vision.v1.Vision/FlushCache',
+            protos_dot_vision__pb2.FlushCacheRequest.SerializeToString,
+            protos_dot_vision__pb2.FlushCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -142,6 +142,12 @@ class SchedulerClient:
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e, f"scheduler at {self.address}") from None
 
+    async def flush_cache(self) -> scheduler_pb2.FlushCacheResponse:
+        try:
+            return await self._stub.FlushCache(scheduler_pb2.FlushCacheRequest(), timeout=30)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e, f"scheduler at {self.address}") from None
+
     async def server_info(self) -> scheduler_pb2.ServerInfo:
         try:
             return await self._stub.GetServerInfo(scheduler_pb2.GetServerInfoRequest(), timeout=5)

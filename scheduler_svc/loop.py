@@ -157,6 +157,17 @@ class SchedulerLoop:
             logger.info("request %s aborted by its caller", request_id)
             self._wake.set()
 
+    async def flush_cache(self) -> tuple[bool, int, int, int]:
+        """(flushed, live requests, KV pages freed, embeddings dropped): the prefix cache and the vision service's
+        embeddings are emptied only while no request is live, as SGLang's flush_cache."""
+        live = len(self.core.requests)
+        if live:
+            return False, live, 0, 0
+        pages = self.core.cache.reset()
+        embeddings = await self.vision.flush_cache() if self.vision is not None else 0
+        logger.info("cache flushed: %d KV pages, %d image embeddings", pages, embeddings)
+        return True, 0, pages, embeddings
+
     def abort(self, request_id: str) -> bool:
         found = self.core.abort_request(request_id)
         self._deliver()

@@ -150,6 +150,6 @@ class RadixCache:
                 out.append(node)
         return out
 
-    def reset(self) -> None:
-        """Drop every unlocked node (used by flush_cache)."""
-        self.evict(self.num_cached_pages)
+    def reset(self) -> int:
+        """Drop every unlocked node (flush_cache, a restarted worker); returns the pages freed."""
+        return self.evict(self.num_cached_pages)

@@ -159,6 +159,10 @@ def validate_request(req: GenerateRequest, vocab_size: int) -> None:
     for ok, param, what in checks:
         if not ok:
             raise InvalidRequestError(f"{param} {what}", param=param)
+    for param, ids in (("stop_token_ids", st.stop_token_ids), ("logit_bias", s.logit_bias)):
+        bad = sorted({t for t in ids if not 0 <= t < vocab_size})
+        if bad:  # a bias on a row the logits do not have would fail the worker's step, not this request
+            raise InvalidRequestError(f"{param}: token ids {bad} are outside [0, {vocab_size})", param=param)
 
 
 class Scheduler:
@@ -209,7 +213,9 @@ class Scheduler:
                 f"the prompt is {n_prompt} tokens, more than the KV cache holds", param="messages"
             )
         state = RequestState(
-            req, now if now is not None else time.monotonic(), cache_key(list(req.input_ids), req.mm_items)
+            req,
+            now if now is not None else time.monotonic(),
+            cache_key(list(req.input_ids), req.mm_items, req.cache_salt),
         )
         stop = req.stopping
         for i in range(max(1, req.n)):

@@ -25,10 +25,16 @@ def image_key_value(content_key: str) -> int:
     return -(int.from_bytes(digest, "little") >> 1) - 1
 
 
-def cache_key(input_ids: list[int], mm_items: tuple[MultimodalItem, ...]) -> list[int]:
+def cache_key(input_ids: list[int], mm_items: tuple[MultimodalItem, ...], salt: str = "") -> list[int]:
+    """The prompt's prefix-cache key. A salt (a tenant's cache_salt) replaces the first token by a value of the salt
+    and that token, so the whole path from the root differs and no page is shared with another salt's prompts;
+    its images' values are salted too, which keeps them apart even where a key is compared from an image on."""
     key = list(input_ids)
     for item in mm_items:
-        key[item.offset : item.end] = [image_key_value(item.content_key)] * item.num_tokens
+        value = image_key_value(f"{salt}\0{item.content_key}" if salt else item.content_key)
+        key[item.offset : item.end] = [value] * item.num_tokens
+    if salt and key:
+        key[0] = image_key_value(f"salt\0{salt}\0{key[0]}")
     return key
 
 

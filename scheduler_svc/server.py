@@ -249,6 +249,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         core = self.loop.core
         return scheduler_pb2.SchedulerStats(**core.snapshot(), **core.stats.counters())
 
+    async def FlushCache(self, request, context):
+        try:
+            flushed, live, pages, embeddings = await self._ready().flush_cache()
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+        return scheduler_pb2.FlushCacheResponse(
+            flushed=flushed, num_requests=live, num_pages_freed=pages, num_embeddings_freed=embeddings
+        )
+
     async def GetServerInfo(self, request, context):
         try:
             self._ready()

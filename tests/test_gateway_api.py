@@ -416,7 +416,7 @@ BAD = {
     ),
     "sglang_param_out_of_range_streamed": (
         lambda c, m, d: c.http.post(
-            "/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 0}, "stream": True}
+            "/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": -1}, "stream": True}
         ),
         400,
         "sampling_params.max_new_tokens",

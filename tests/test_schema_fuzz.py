@@ -60,6 +60,7 @@ def api_schema(cluster):
 GENERATING = ["/v1/chat/completions", "/v1/completions", "/generate"]
 INFO = [
     "/v1/models",
+    "/v1/models/{model_id}",
     "/health",
     "/model_info",
     "/get_model_info",
@@ -67,6 +68,7 @@ INFO = [
     "/get_server_info",
     "/metrics",
 ]
+ACTIONS = ["/flush_cache"]  # POST without a body
 EXAMPLES = 60  # requests per generating route
 
 
@@ -98,14 +100,14 @@ def _tokens_asked(body: Any) -> int:
         CONTEXT,
         *(_count(params.get(k), CONTEXT) for k in ("max_tokens", "max_completion_tokens", "max_new_tokens")),
     )
-    prompt = body.get("prompt")
+    prompt = body.get("prompt", body.get("text", body.get("input_ids")))  # /generate takes batches too
     num_prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
     return per_completion * _count(params.get("n"), 1) * num_prompts
 
 
 def test_the_schema_lists_every_route(api_schema):
     published = {(op.ok().method.upper(), op.ok().path) for op in api_schema.get_all_operations()}
-    assert published == {("POST", p) for p in GENERATING} | {("GET", p) for p in INFO}
+    assert published == {("POST", p) for p in GENERATING + ACTIONS} | {("GET", p) for p in INFO}
 
 
 def _fuzz(operation, cluster, session, max_examples: int) -> None:
@@ -151,3 +153,8 @@ def test_the_schemas_own_examples_succeed_as_declared(api_schema, cluster, sessi
 @pytest.mark.parametrize("path", INFO)
 def test_info_routes_answer_as_declared(api_schema, cluster, session, path):
     _fuzz(api_schema[path]["GET"], cluster, session, 3)
+
+
+@pytest.mark.parametrize("path", ACTIONS)
+def test_actions_answer_as_declared(api_schema, cluster, session, path):
+    _fuzz(api_schema[path]["POST"], cluster, session, 3)

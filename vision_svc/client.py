@@ -59,6 +59,14 @@ class VisionClient:
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e, f"vision service at {self.address}") from None
 
+    async def flush_cache(self) -> int:
+        """Drop the cached embeddings no lease holds; returns how many."""
+        try:
+            resp = await self._stub.FlushCache(vision_pb2.FlushCacheRequest(), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e, f"vision service at {self.address}") from None
+        return resp.num_freed
+
     async def stats(self) -> vision_pb2.VisionStats:
         try:
             return await self._stub.GetStats(vision_pb2.GetStatsRequest(), timeout=5)

@@ -212,6 +212,14 @@ class EmbeddingPool:
         for dst, src, m in row_runs(pages, n, self.page_rows):
             flat[dst : dst + m].copy_(rows[src : src + m])
 
+    def clear(self) -> int:
+        """Drop every entry no lease or copy holds; returns how many went."""
+        with self._lock:
+            keys = [k for k, e in self._entries.items() if not e.pins]
+            for k in keys:
+                self._free_pages(self._entries.pop(k).page_ids)
+        return len(keys)
+
     def touch(self, key: str) -> bool:
         with self._lock:
             if key in self._entries:

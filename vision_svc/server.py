@@ -140,6 +140,12 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             embedding_sharing=enc.cache.kind,
         )
 
+    async def FlushCache(self, request, context):
+        try:
+            return vision_pb2.FlushCacheResponse(num_freed=self._ready().cache.clear())
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+
     async def GetStats(self, request, context):
         enc = self.encoder
         if enc is None:
