@@ -48,10 +48,15 @@ def _chunker(rid: str, obj: str, created: int, req: SamplingRequest):
 
     suffix = ', "usage": null}\n\n' if with_usage else "}\n\n"
 
-    def delta(template: str, index: int, text: str) -> str:
+    def delta(template: str, index: int, text: str, counts: tuple[int, int, int] | None = None) -> str:
         """The event of a plain text delta (no logprobs, not the last): what `chunk` writes for it, from a
-        template, with only the text encoded (most events of a stream are these)."""
-        return prefix + template % (index, json.dumps(text, ensure_ascii=False)) + suffix
+        template, with only the text encoded (most events of a stream are these). `counts` (prompt, completion,
+        cached) is the usage so far that continuous_usage_stats puts on every event."""
+        text = template % (index, json.dumps(text, ensure_ascii=False))
+        if counts is None:
+            return prefix + text + suffix
+        prompt, completion, cached = counts
+        return prefix + text + USAGE_SUFFIX % (prompt, completion, prompt + completion, cached)
 
     chunk.delta = delta
     return chunk
@@ -79,9 +84,13 @@ class _StreamUsage:
             self.done[key] = out.completion_tokens
             self.cached[k] = max(self.cached.get(k, 0), out.cached_tokens)
 
-    def total(self) -> dict[str, Any]:
+    def counts(self) -> tuple[int, int, int]:
+        """(prompt, completion, cached) tokens so far."""
         completion = sum(self.done.get(key, n) for key, n in self.seen.items())
-        return OpenAIServing._usage(self.prompt, completion, sum(self.cached.values()))
+        return self.prompt, completion, sum(self.cached.values())
+
+    def total(self) -> dict[str, Any]:
+        return OpenAIServing._usage(*self.counts())
 
     def now(self, req: SamplingRequest) -> dict[str, Any] | None:
         """The usage an event carries: the counts so far with continuous_usage_stats, else null."""
@@ -92,6 +101,11 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's, SGLang's and vLLM's default for 
 # the choices of a plain text delta, as json.dumps writes them (tests/test_openai_params.py checks they agree)
 CHAT_DELTA = '[{"index": %d, "delta": {"content": %s}, "logprobs": null, "finish_reason": null}]'
 TEXT_DELTA = '[{"index": %d, "text": %s, "logprobs": null, "finish_reason": null, "matched_stop": null}]'
+# OpenAIServing._usage as json.dumps writes it, closing the event (continuous_usage_stats on a plain delta)
+USAGE_SUFFIX = (
+    ', "usage": {"prompt_tokens": %d, "completion_tokens": %d, "total_tokens": %d, '
+    '"prompt_tokens_details": {"cached_tokens": %d}}}\n\n'
+)
 
 
 async def _tagged(stream: AsyncIterator[GenerateOutput]) -> AsyncIterator[tuple[int, GenerateOutput]]:
@@ -329,7 +343,8 @@ class OpenAIServing:
     ) -> AsyncIterator[str]:
         chunk = _chunker(rid, "chat.completion.chunk", created, req)
         usage = _StreamUsage([greq])
-        plain = not (req.logprobs or req.return_token_ids or usage.continuous(req))
+        plain = not (req.logprobs or req.return_token_ids)
+        continuous = usage.continuous(req)
         started: set[int] = set()
         try:
             async for _, out in outs:
@@ -341,7 +356,7 @@ class OpenAIServing:
                     yield chunk([{**first, "logprobs": None, "finish_reason": None}], usage.now(req), extra)
                 usage.add(0, out)
                 if (out.text or out.logprobs) and plain:
-                    yield chunk.delta(CHAT_DELTA, i, out.text)
+                    yield chunk.delta(CHAT_DELTA, i, out.text, usage.counts() if continuous else None)
                 elif out.text or out.logprobs or (out.token_ids and req.return_token_ids):
                     lp = {"content": self._logprobs_chat(out.logprobs)} if req.logprobs else None
                     choice = {
@@ -473,7 +488,8 @@ class OpenAIServing:
         choice's first event starts with its prompt."""
         chunk = _chunker(rid, "text_completion", created, req)
         usage = _StreamUsage(greqs)
-        plain = not (req.logprobs is not None or req.return_token_ids or usage.continuous(req))
+        plain = not (req.logprobs is not None or req.return_token_ids)
+        continuous = usage.continuous(req)
         offsets: dict[int, int] = {}  # choice -> characters of its logprob tokens so far
         echoed: set[int] = set()  # choices whose first event (with the prompt) went out
         try:
@@ -489,7 +505,7 @@ class OpenAIServing:
                     offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
                 if plain and out.finish_reason is None and out.matched_stop is None:
                     if out.text:
-                        yield chunk.delta(TEXT_DELTA, index, out.text)
+                        yield chunk.delta(TEXT_DELTA, index, out.text, usage.counts() if continuous else None)
                 elif out.text or out.logprobs or out.token_ids or out.finish_reason is not None:
                     choice = {
                         "index": index,

@@ -548,7 +548,7 @@ def test_engine_gives_the_cluster_outputs(cluster, default_model):
 def test_plain_delta_events_are_what_the_general_encoder_writes(with_usage, text):
     """Plain text deltas are written from templates (gateway/serving.py); byte for byte what `chunk` writes."""
     from gateway.protocol import ChatCompletionRequest
-    from gateway.serving import CHAT_DELTA, TEXT_DELTA, _chunker
+    from gateway.serving import CHAT_DELTA, TEXT_DELTA, OpenAIServing, _chunker
 
     req = ChatCompletionRequest(
         model="m",
@@ -566,3 +566,16 @@ def test_plain_delta_events_are_what_the_general_encoder_writes(with_usage, text
         assert chunk.delta(TEXT_DELTA, index, text) == chunk(plain)
         event = json.loads(chunk.delta(CHAT_DELTA, index, text).removeprefix("data: "))
         assert event["choices"][0]["delta"]["content"] == text
+    # continuous_usage_stats: the usage so far closes every plain delta, from a template too
+    req = ChatCompletionRequest(
+        model="m",
+        messages=[{"role": "user", "content": "x"}],
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )
+    chunk = _chunker("rid-1", "chat.completion.chunk", 123, req)
+    counts = (17, 5, 16)
+    chat = [{"index": 1, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]
+    assert chunk.delta(CHAT_DELTA, 1, text, counts) == chunk(chat, OpenAIServing._usage(*counts))
+    plain = [{"index": 1, "text": text, "logprobs": None, "finish_reason": None, "matched_stop": None}]
+    assert chunk.delta(TEXT_DELTA, 1, text, counts) == chunk(plain, OpenAIServing._usage(*counts))
