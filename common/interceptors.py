@@ -1,5 +1,5 @@
-"""Server interceptors that run inside each call: the caller check of common/security.py and the in-flight count
-a draining service waits on.
+"""Server interceptors that run inside each call: the caller check of common/security.py, the per-RPC metrics of
+common/metrics.py and the in-flight count a draining service waits on.
 
 grpc aio interceptors see only the method name and metadata, not the call's context (the peer's certificate), and
 cannot observe when a call ends; so each wraps the method handler's behavior in one of the same kind.
@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -24,33 +25,39 @@ _KINDS = {
 
 def wrap_handler(
     handler: grpc.RpcMethodHandler,
-    enter: Callable[[grpc.aio.ServicerContext], Awaitable[None]],
-    leave: Callable[[], None] | None = None,
+    enter: Callable[[grpc.aio.ServicerContext], Awaitable[Any]],
+    leave: Callable[[Any, grpc.aio.ServicerContext, BaseException | None], None] | None = None,
 ) -> grpc.RpcMethodHandler:
-    """The same handler, but each call first awaits `enter(context)` (which may abort the call) and calls `leave()`
-    once the call is over, however it ended."""
+    """The same handler, but each call first awaits `enter(context)` (which may abort the call), and once the call
+    is over, however it ended, calls `leave(what enter returned, context, the exception that ended it or None)`."""
 
     def wrap(behavior, streaming: bool):
         if streaming and inspect.isasyncgenfunction(behavior):
 
             async def gen(request, context):
-                await enter(context)
+                state, error = await enter(context), None
                 try:
                     async for item in behavior(request, context):
                         yield item
+                except BaseException as e:
+                    error = e
+                    raise
                 finally:
                     if leave is not None:
-                        leave()
+                        leave(state, context, error)
 
             return gen
 
         async def call(request, context):
-            await enter(context)
+            state, error = await enter(context), None
             try:
                 return await behavior(request, context)
+            except BaseException as e:
+                error = e
+                raise
             finally:
                 if leave is not None:
-                    leave()
+                    leave(state, context, error)
 
         return call
 
@@ -82,7 +89,7 @@ class Activity(grpc.aio.ServerInterceptor):
     async def _enter(self, context) -> None:
         self.in_flight += 1
 
-    def _leave(self) -> None:
+    def _leave(self, state, context, error) -> None:
         self.in_flight -= 1
         self.last_end = time.monotonic()
 

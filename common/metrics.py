@@ -9,7 +9,6 @@ when it runs several worker processes (the client picks its value store at impor
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
@@ -20,6 +19,8 @@ import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from common.interceptors import wrap_handler
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,15 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith(self._IGNORED):
             return handler
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        return _wrap(handler, self, method)
+        timed = not handler.response_streaming  # streams are long-lived: errors counted, not timed
+
+        async def enter(context) -> float | None:
+            return time.perf_counter() if timed else None
+
+        def leave(started, context, error) -> None:
+            self.record(method, context, started, error)
+
+        return wrap_handler(handler, enter, leave)
 
     def record(self, method: str, context, started: float | None, error: BaseException | None) -> None:
         code = context.code()
@@ -120,55 +129,6 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
             self.errors.labels(self.service, method, name).inc()
         if started is not None:
             self.latency.labels(self.service, method).observe(time.perf_counter() - started)
-
-
-def _wrap(handler: grpc.RpcMethodHandler, metrics: RpcMetrics, method: str) -> grpc.RpcMethodHandler:
-    if handler.response_streaming:
-        behavior = handler.unary_stream if not handler.request_streaming else handler.stream_stream
-        if not inspect.isasyncgenfunction(behavior):
-            return handler  # a streaming method written with context.write: not timed
-
-        async def gen(request, context):
-            error = None
-            try:
-                async for item in behavior(request, context):
-                    yield item
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                metrics.record(method, context, None, error)
-
-        factory = (
-            grpc.stream_stream_rpc_method_handler
-            if handler.request_streaming
-            else grpc.unary_stream_rpc_method_handler
-        )
-        wrapped = gen
-    else:
-        behavior = handler.unary_unary if not handler.request_streaming else handler.stream_unary
-
-        async def call(request, context):
-            started, error = time.perf_counter(), None
-            try:
-                return await behavior(request, context)
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                metrics.record(method, context, started, error)
-
-        factory = (
-            grpc.stream_unary_rpc_method_handler
-            if handler.request_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        wrapped = call
-    return factory(
-        wrapped,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
 
 
 _transfer: Histogram | None = None
