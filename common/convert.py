@@ -13,6 +13,7 @@ from common.types import (
     GenerateOutput,
     GenerateRequest,
     MultimodalItem,
+    PromptLogprobs,
     SamplingParams,
     SeqFailure,
     SeqInit,
@@ -119,6 +120,7 @@ def request_to_proto(r: GenerateRequest) -> scheduler_pb2.GenerateRequest:
         n=r.n,
         stream=r.stream,
         cache_salt=r.cache_salt,
+        logprob_start_len=r.logprob_start_len if r.logprob_start_len >= 0 else None,
     )
 
 
@@ -141,6 +143,7 @@ def request_from_proto(p: scheduler_pb2.GenerateRequest) -> GenerateRequest:
         n=max(1, p.n),
         stream=p.stream,
         cache_salt=p.cache_salt,
+        logprob_start_len=p.logprob_start_len if p.HasField("logprob_start_len") else -1,
     )
 
 
@@ -162,10 +165,8 @@ def output_to_proto(
             o.completion_tokens,
             o.cached_tokens,
         )
-    for lp in o.logprobs:
-        m = msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob)
-        for t, v in lp.top_logprobs:
-            m.top_logprobs.add(token_id=t, logprob=v)
+    _logprobs_to_proto(o.logprobs, msg.logprobs)
+    _logprobs_to_proto(o.prompt_logprobs, msg.prompt_logprobs)
     if isinstance(o.matched_stop, str):
         msg.matched_stop_str = o.matched_stop
     elif isinstance(o.matched_stop, int):
@@ -185,11 +186,23 @@ def output_from_proto(p: scheduler_pb2.GenerateResponse) -> GenerateOutput:
         prompt_tokens=p.usage.prompt_tokens,
         completion_tokens=p.usage.completion_tokens,
         cached_tokens=p.usage.cached_tokens,
-        logprobs=[
-            TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top_logprobs))
-            for lp in p.logprobs
-        ],
+        logprobs=_logprobs_from_proto(p.logprobs),
+        prompt_logprobs=_logprobs_from_proto(p.prompt_logprobs),
     )
+
+
+def _logprobs_to_proto(lps: list[TokenLogprob], field) -> None:
+    for lp in lps:
+        m = field.add(token_id=lp.token_id, logprob=lp.logprob)
+        for t, v in lp.top_logprobs:
+            m.top_logprobs.add(token_id=t, logprob=v)
+
+
+def _logprobs_from_proto(field) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top_logprobs))
+        for lp in field
+    ]
 
 
 def outputs_to_batch(
@@ -203,7 +216,13 @@ def outputs_to_batch(
     rids, indexes, texts, counts, token_ids = [], [], [], [], []
     as_messages: set[str] = set()
     for o in outs:
-        if o.finish_reason is None and not o.logprobs and o.error is None and o.request_id not in as_messages:
+        if (
+            o.finish_reason is None
+            and not o.logprobs
+            and not o.prompt_logprobs
+            and o.error is None
+            and o.request_id not in as_messages
+        ):
             rids.append(o.request_id)
             indexes.append(o.index)
             texts.append(o.text)
@@ -255,6 +274,8 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
             start_pos=s.start_pos,
             input_ids=s.input_ids,
             sample=s.sample,
+            logprob_row_start=s.logprob_row_start,
+            logprob_targets=s.logprob_targets,
         )
         if s.init is not None:
             i = s.init
@@ -294,6 +315,8 @@ def plan_from_proto(p: worker_pb2.StepRequest) -> StepPlan:
                 s.page_table_start,
                 tuple(s.page_ids),
                 init,
+                s.logprob_row_start,
+                tuple(s.logprob_targets),
             )
         )
     seqs.extend(SeqStep(sid, pos) for sid, pos in zip(p.decode_seq_ids, p.decode_start_pos, strict=True))
@@ -333,7 +356,22 @@ def step_output_to_proto(o: StepOutput) -> worker_pb2.StepResult:
                 m = add(seq_id=r.seq_id, token_id=r.token_id, logprob=r.logprob)
                 for t, v in r.top_logprobs:
                     m.top_logprobs.add(token_id=t, logprob=v)
+    for p in o.prompt_logprobs:
+        m = msg.prompt_logprobs.add(seq_id=p.seq_id, logprobs=p.logprobs)
+        if p.top_logprobs:
+            m.num_top = len(p.top_logprobs[0])
+            m.top_token_ids.extend(t for row in p.top_logprobs for t, _ in row)
+            m.top_logprobs.extend(v for row in p.top_logprobs for _, v in row)
     return msg
+
+
+def _prompt_logprobs_from_proto(p: worker_pb2.PromptLogprobs) -> PromptLogprobs:
+    k, ids, values = p.num_top, list(p.top_token_ids), list(p.top_logprobs)
+    top = tuple(
+        tuple(zip(ids[i * k : (i + 1) * k], values[i * k : (i + 1) * k], strict=True))
+        for i in range(len(p.logprobs))
+    )
+    return PromptLogprobs(p.seq_id, tuple(p.logprobs), top if k else ())
 
 
 def step_output_from_proto(p: worker_pb2.StepResult) -> StepOutput:
@@ -353,6 +391,7 @@ def step_output_from_proto(p: worker_pb2.StepResult) -> StepOutput:
         end_unix_ns=p.end_unix_ns,
         sampled_seq_ids=tuple(p.sampled_seq_ids),
         sampled_token_ids=tuple(p.sampled_token_ids),
+        prompt_logprobs=tuple(_prompt_logprobs_from_proto(x) for x in p.prompt_logprobs),
     )
 
 

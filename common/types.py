@@ -73,6 +73,13 @@ class GenerateRequest:
     n: int = 1
     stream: bool = True
     cache_salt: str = ""  # prompts share prefix-cache pages only with prompts of the same salt
+    logprob_start_len: int = -1  # prompt log-probabilities from this position on (-1: none)
+
+    @property
+    def prompt_logprob_from(self) -> int | None:
+        """The first prompt position whose log-probability is computed (position 0 has none), or None."""
+        start = self.logprob_start_len
+        return max(start, 1) if 0 <= start < len(self.input_ids) and len(self.input_ids) > 1 else None
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,8 @@ class GenerateOutput:
     completion_tokens: int = 0
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # on a choice's first output, with logprob_start_len: positions max(start, 1) .. end of the prompt
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     error: str | None = None
     error_code: str = "internal"  # "invalid_argument" | "unavailable" | "resource_exhausted" | "internal"
 
@@ -121,6 +130,9 @@ class SeqStep:
     page_table_start: int = 0
     page_ids: tuple[int, ...] = ()
     init: SeqInit | None = None
+    # prompt log-probabilities: rows logprob_row_start + i of this chunk score logprob_targets[i]
+    logprob_row_start: int = 0
+    logprob_targets: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -161,6 +173,19 @@ class SeqResult:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """The log-probabilities of one chunk's logprob_targets, with each row's top alternatives."""
+
+    seq_id: str
+    logprobs: tuple[float, ...]
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
+
+    def entries(self, targets: tuple[int, ...] | list[int]) -> list[TokenLogprob]:
+        tops = self.top_logprobs or ((),) * len(self.logprobs)
+        return [TokenLogprob(t, lp, top) for t, lp, top in zip(targets, self.logprobs, tops, strict=True)]
+
+
+@dataclass(frozen=True)
 class SeqFailure:
     seq_id: str
     reason: str  # "embedding_missing" | "internal"
@@ -180,6 +205,7 @@ class StepOutput:
     # tokens without logprobs may come in columns instead of `results`: sampled_token_ids[i] for sampled_seq_ids[i]
     sampled_seq_ids: tuple[str, ...] = ()
     sampled_token_ids: tuple[int, ...] = ()
+    prompt_logprobs: tuple[PromptLogprobs, ...] = ()
 
     def sampled(self) -> list[tuple[str, int]]:
         """(sequence id, token) of every token sampled, columns first."""

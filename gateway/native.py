@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from common.errors import InvalidRequestError, MiradorError
@@ -24,25 +25,21 @@ async def generate(serving: OpenAIServing, body: GenerateBody) -> dict[str, Any]
         raise InvalidRequestError("a batch of prompts cannot carry images", param="image_data")
     param = "text" if body.text is not None else "input_ids"
     built = [await serving.builder.from_prompt(p, images, param) for p in prompts]
+    start = body.logprob_start_len if body.return_logprob else -1
     try:
         greqs = [  # one id per prompt (the request's, then -1, -2 ...), so the scheduler can tell them apart
-            serving._build(req, b, body.return_logprob, body.top_logprobs_num, stream=body.stream, index=k)
+            serving._build(req, b, body.return_logprob, body.top_logprobs_num, body.stream, k, start)
             for k, b in enumerate(built)
         ]
     except InvalidRequestError as e:  # named as the caller wrote it: sampling_params.stop_token_ids
         if e.param:
             e.param = body.sglang_param(e.param)
         raise
-    if body.return_logprob and body.logprob_start_len >= 0:
-        shortest = min(len(g.input_ids) for g in greqs)
-        if body.logprob_start_len < shortest:  # past the prompt there is nothing to compute: an empty list
-            raise InvalidRequestError(
-                "logprob_start_len inside the prompt is not supported yet (prompt log-probabilities are not "
-                "computed); -1 or the prompt's length give output log-probabilities only",
-                param="logprob_start_len",
-            )
     batch = body.is_batch
-    if body.zero_new_tokens:  # nothing to generate: the prompt's counts, as SGLang answers
+    if body.zero_new_tokens and any(g.prompt_logprob_from is not None for g in greqs):
+        # scoring prompts: the prefill runs and nothing is generated
+        greqs = [replace(g, stopping=replace(g.stopping, max_new_tokens=0, min_new_tokens=0)) for g in greqs]
+    elif body.zero_new_tokens:  # nothing to generate or score: the prompt's counts, as SGLang answers
         outs = [
             _answer(body, g, k * req.n, _Choice(finish="length"), serving.tokenizer)
             for k, g in enumerate(greqs)
@@ -68,6 +65,7 @@ class _Choice:
         self.text = ""
         self.ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] = []
         self.finish = finish
         self.matched: str | int | None = None
         self.prompt = self.completion = self.cached = 0
@@ -76,6 +74,8 @@ class _Choice:
         self.text += out.text
         self.ids.extend(out.token_ids)
         self.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs:
+            self.prompt_logprobs = out.prompt_logprobs
         if out.finish_reason is not None:
             self.finish, self.matched = out.finish_reason, out.matched_stop
             self.prompt, self.completion, self.cached = (
@@ -110,20 +110,18 @@ def _answer(
             fr["matched"] = c.matched
         meta["finish_reason"] = fr
     if body.return_logprob:
-        text = _token_text(tokenizer) if body.return_text_in_logprobs else lambda _: None
+        text = tokenizer.token_text if body.return_text_in_logprobs else lambda _: None
         meta["output_token_logprobs"] = [[lp.logprob, lp.token_id, text(lp.token_id)] for lp in c.logprobs]
         meta["output_top_logprobs"] = [[[v, t, text(t)] for t, v in lp.top_logprobs] for lp in c.logprobs]
-        if body.logprob_start_len >= 0:
-            meta["input_token_logprobs"] = []
-            meta["input_top_logprobs"] = []
+        if body.logprob_start_len >= 0:  # positions logprob_start_len .. the prompt's end; 0 has none
+            first = greq.input_ids[:1] if body.logprob_start_len == 0 else ()
+            inputs = [[None, t, text(t)] for t in first]
+            inputs += [[lp.logprob, lp.token_id, text(lp.token_id)] for lp in c.prompt_logprobs]
+            meta["input_token_logprobs"] = inputs
+            tops = [None for _ in first]
+            tops += [[[v, t, text(t)] for t, v in lp.top_logprobs] for lp in c.prompt_logprobs]
+            meta["input_top_logprobs"] = tops
     return {"text": c.text, "output_ids": c.ids, "index": index, "meta_info": meta}
-
-
-def _token_text(tokenizer: Tokenizer):
-    def text(token_id: int) -> str:
-        return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
-
-    return text
 
 
 async def _events(answers: list[dict[str, Any]]) -> AsyncIterator[str]:

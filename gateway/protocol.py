@@ -168,11 +168,6 @@ class CompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _check_prompt(self):
-        if self.echo and self.logprobs is not None:  # the prompt's tokens would need their log-probabilities
-            raise InvalidRequestError(
-                "echo with logprobs is not supported yet (prompt log-probabilities are not computed)",
-                param="echo",
-            )
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if self.prompt == "" or self.prompt == []:
@@ -207,7 +202,7 @@ class GenerateBody(BaseModel):
     stream: bool = False
     return_logprob: bool = False
     top_logprobs_num: int = Field(0, ge=0, le=20)
-    # SGLang: where prompt log-probabilities start (-1: none); prompt positions are not computed yet
+    # SGLang: prompt log-probabilities from this position to the prompt's end (-1: none); position 0 has none
     logprob_start_len: int = Field(-1, ge=-1)
     return_text_in_logprobs: bool = False  # each logprob entry's third element: the token's text, not null
     rid: str | None = None

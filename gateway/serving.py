@@ -201,6 +201,7 @@ class OpenAIServing:
         top_logprobs: int,
         stream: bool,
         index: int = 0,
+        logprob_start_len: int = -1,
     ) -> GenerateRequest:
         if len(prompt.mm_items) > self.max_images:
             raise InvalidRequestError(f"at most {self.max_images} images per request", param="messages")
@@ -224,6 +225,7 @@ class OpenAIServing:
             n=req.n,
             stream=stream,
             cache_salt=req.cache_salt or "",
+            logprob_start_len=logprob_start_len,
         )
 
     @staticmethod
@@ -390,8 +392,9 @@ class OpenAIServing:
             raise InvalidRequestError("several prompts in one request cannot carry images", param="prompt")
         built = [await self.builder.from_prompt(p, images) for p in prompts]
         n_lp = req.logprobs or 0
+        prompt_lps = 0 if req.echo and req.logprobs is not None else -1  # echo scores the prompt's tokens
         greqs = [
-            self._build(req, b, req.logprobs is not None, n_lp, stream=req.stream, index=i)
+            self._build(req, b, req.logprobs is not None, n_lp, req.stream, i, logprob_start_len=prompt_lps)
             for i, b in enumerate(built)
         ]
         rid, created = f"cmpl-{greqs[0].request_id}", int(time.time())
@@ -407,7 +410,11 @@ class OpenAIServing:
                     {
                         "index": k * req.n + i,
                         "text": echoes[k] + c["text"],
-                        "logprobs": self._logprobs_text(c["logprobs"]) if req.logprobs is not None else None,
+                        "logprobs": self._logprobs_text(
+                            c["logprobs"], 0, greqs[k], c["prompt_lps"] if req.echo else None
+                        )
+                        if req.logprobs is not None
+                        else None,
                         "finish_reason": c["finish"],
                         "matched_stop": c["stop"],
                         **(
@@ -440,8 +447,11 @@ class OpenAIServing:
         choices: dict[int, dict[str, Any]] = {}
         async for out in self._generate(greq):
             c = choices.setdefault(
-                out.index, {"text": "", "logprobs": [], "ids": [], "finish": None, "stop": None}
+                out.index,
+                {"text": "", "logprobs": [], "ids": [], "finish": None, "stop": None, "prompt_lps": []},
             )
+            if out.prompt_logprobs:
+                c["prompt_lps"] = out.prompt_logprobs
             c["text"] += out.text
             c["ids"].extend(out.token_ids)
             c["logprobs"].extend(out.logprobs)
@@ -455,25 +465,29 @@ class OpenAIServing:
                 )
         return choices
 
-    def _logprobs_text(self, lps: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
-        """OpenAI's legacy logprobs; `text_offset` counts characters from `offset` (a stream's text so far)."""
-        tokens = [self.tokenizer.token_bytes(lp.token_id).decode("utf-8", errors="replace") for lp in lps]
+    def _logprobs_text(
+        self,
+        lps: list[TokenLogprob],
+        offset: int = 0,
+        greq: GenerateRequest | None = None,
+        prompt_lps: list[TokenLogprob] | None = None,
+    ) -> dict[str, Any]:
+        """OpenAI's legacy logprobs; `text_offset` counts characters from `offset` (a stream's text so far). With
+        echo, the prompt's tokens come first (`prompt_lps`: positions 1 on; the first token has null entries)."""
+        text = self.tokenizer.token_text
+        ids = [lp.token_id for lp in lps]
+        values: list[float | None] = [lp.logprob for lp in lps]
+        tops: list[dict[str, float] | None] = [{text(t): v for t, v in lp.top_logprobs} for lp in lps]
+        if greq is not None and prompt_lps is not None:
+            ids[:0] = greq.input_ids
+            values[:0] = [None, *(lp.logprob for lp in prompt_lps)]
+            tops[:0] = [None, *({text(t): v for t, v in lp.top_logprobs} for lp in prompt_lps)]
+        tokens = [text(t) for t in ids]
         offsets = []
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [
-                {
-                    self.tokenizer.token_bytes(t).decode("utf-8", errors="replace"): v
-                    for t, v in lp.top_logprobs
-                }
-                for lp in lps
-            ],
-            "text_offset": offsets,
-        }
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
     async def _completion_stream(
         self,
@@ -496,12 +510,14 @@ class OpenAIServing:
             async for k, out in outs:
                 index = k * req.n + out.index
                 usage.add(k, out)
-                if echoes[k] and index not in echoed:
+                echo = bool(echoes[k]) and index not in echoed  # this choice's first event: the prompt first
+                if echo:
                     echoed.add(index)
                     out = replace(out, text=echoes[k] + out.text)
                 lp = None
                 if req.logprobs is not None:
-                    lp = self._logprobs_text(out.logprobs, offsets.get(index, 0))
+                    prompt_lps = out.prompt_logprobs if echo else None
+                    lp = self._logprobs_text(out.logprobs, offsets.get(index, 0), greqs[k], prompt_lps)
                     offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp["tokens"])
                 if plain and out.finish_reason is None and out.matched_stop is None:
                     if out.text:

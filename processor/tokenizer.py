@@ -47,6 +47,10 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(list(ids))
 
+    def token_text(self, token_id: int) -> str:
+        """A token's own text (a piece of a UTF-8 character shows as U+FFFD), as logprob entries name tokens."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes a token stands for (byte-level BPE pieces may be part of a UTF-8 character)."""
         if self._byte_decoder is None:

@@ -70,7 +70,7 @@ class SequenceInit(_message.Message):
     def __init__(self, mm_items: _Optional[_Iterable[_Union[_common_pb2.MultimodalItem, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
-    __slots__ = ("seq_id", "init", "page_table_start", "page_ids", "start_pos", "input_ids", "sample")
+    __slots__ = ("seq_id", "init", "page_table_start", "page_ids", "start_pos", "input_ids", "sample", "logprob_row_start", "logprob_targets")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     INIT_FIELD_NUMBER: _ClassVar[int]
     PAGE_TABLE_START_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,8 @@ class SequenceStep(_message.Message):
     START_POS_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_ROW_START_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_TARGETS_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     init: SequenceInit
     page_table_start: int
@@ -85,7 +87,9 @@ class SequenceStep(_message.Message):
     start_pos: int
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     sample: bool
-    def __init__(self, seq_id: _Optional[str] = ..., init: _Optional[_Union[SequenceInit, _Mapping]] = ..., page_table_start: _Optional[int] = ..., page_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ...) -> None: ...
+    logprob_row_start: int
+    logprob_targets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_id: _Optional[str] = ..., init: _Optional[_Union[SequenceInit, _Mapping]] = ..., page_table_start: _Optional[int] = ..., page_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., logprob_row_start: _Optional[int] = ..., logprob_targets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("step_id", "free_seq_ids", "seqs", "sent_unix_ns", "prefetch_keys", "decode_seq_ids", "decode_start_pos", "prefetch_leases")
@@ -130,7 +134,7 @@ class SequenceFailure(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., reason: _Optional[_Union[FailureReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "results", "failures", "num_tokens", "prepare_ns", "forward_ns", "start_unix_ns", "end_unix_ns", "sampled_seq_ids", "sampled_token_ids")
+    __slots__ = ("step_id", "results", "failures", "num_tokens", "prepare_ns", "forward_ns", "start_unix_ns", "end_unix_ns", "sampled_seq_ids", "sampled_token_ids", "prompt_logprobs")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +145,7 @@ class StepResult(_message.Message):
     END_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     results: _containers.RepeatedCompositeFieldContainer[SequenceResult]
     failures: _containers.RepeatedCompositeFieldContainer[SequenceFailure]
@@ -151,4 +156,19 @@ class StepResult(_message.Message):
     end_unix_ns: int
     sampled_seq_ids: _containers.RepeatedScalarFieldContainer[str]
     sampled_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step_id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[SequenceResult, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[SequenceFailure, _Mapping]]] = ..., num_tokens: _Optional[int] = ..., prepare_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., start_unix_ns: _Optional[int] = ..., end_unix_ns: _Optional[int] = ..., sampled_seq_ids: _Optional[_Iterable[str]] = ..., sampled_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[PromptLogprobs]
+    def __init__(self, step_id: _Optional[int] = ..., results: _Optional[_Iterable[_Union[SequenceResult, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[SequenceFailure, _Mapping]]] = ..., num_tokens: _Optional[int] = ..., prepare_ns: _Optional[int] = ..., forward_ns: _Optional[int] = ..., start_unix_ns: _Optional[int] = ..., end_unix_ns: _Optional[int] = ..., sampled_seq_ids: _Optional[_Iterable[str]] = ..., sampled_token_ids: _Optional[_Iterable[int]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[PromptLogprobs, _Mapping]]] = ...) -> None: ...
+
+class PromptLogprobs(_message.Message):
+    __slots__ = ("seq_id", "logprobs", "num_top", "top_token_ids", "top_logprobs")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOP_FIELD_NUMBER: _ClassVar[int]
+    TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: str
+    logprobs: _containers.RepeatedScalarFieldContainer[float]
+    num_top: int
+    top_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, seq_id: _Optional[str] = ..., logprobs: _Optional[_Iterable[float]] = ..., num_top: _Optional[int] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...

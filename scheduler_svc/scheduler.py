@@ -122,6 +122,7 @@ class _Sent:
     epoch: int
     computed_after: int
     sample: bool
+    prompt_lp_pos: int = -1  # the first prompt position the chunk's logprob_targets score
 
 
 @dataclass
@@ -152,7 +153,7 @@ def validate_request(req: GenerateRequest, vocab_size: int) -> None:
         (0 <= s.min_p <= 1, "min_p", "must be in [0, 1]"),
         (s.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
         (0 <= s.top_logprobs <= 20, "top_logprobs", "must be in [0, 20]"),
-        (st.max_new_tokens >= 1, "max_tokens", "must be >= 1"),
+        (st.max_new_tokens >= 0, "max_tokens", "must be >= 0"),  # 0: SGLang's prompt scoring
         (0 <= st.min_new_tokens <= st.max_new_tokens, "min_tokens", "must be in [0, max_tokens]"),
         (1 <= req.n <= 128, "n", "must be in [1, 128]"),
     ]
@@ -486,7 +487,10 @@ class Scheduler:
         """Match the prefix cache, make sure images are encoded, take pages. Returns (tokens, cache hit) when
         admitted, 0 when the sequence waits for its images, None when pages ran out."""
         total = len(seq.token_ids)
-        pages, node = self.cache.match_prefix(seq.key[: total - 1])
+        usable = total - 1  # the last token is always computed: its row samples the next one
+        if seq.req.needs_prompt_lps:  # rows from logprob_start_len - 1 on are computed to score the prompt
+            usable = min(usable, seq.req.request.prompt_logprob_from - 1)
+        pages, node = self.cache.match_prefix(seq.key[:usable])
         matched = len(pages) * self.policy.page_size
         req = seq.req
         needed = [
@@ -547,7 +551,7 @@ class Scheduler:
         start = seq.num_computed
         total = len(seq.token_ids)
         decode = seq.prefill_done
-        sample = decode or start + n == total
+        sample = (decode or start + n == total) and seq.max_new_tokens > 0
         init = None
         if not seq.worker_has_state:
             req = seq.req.request
@@ -566,6 +570,7 @@ class Scheduler:
             )
             seq.worker_has_state = True
             seq.table_dirty_from = 0
+        lp_row, lp_targets = (0, ()) if decode else seq.req.prompt_lp_rows(start, n)
         step = SeqStep(
             seq_id=seq.seq_id,
             start_pos=start,
@@ -574,12 +579,15 @@ class Scheduler:
             page_table_start=seq.table_dirty_from,
             page_ids=tuple(seq.page_ids[seq.table_dirty_from :]),
             init=init,
+            logprob_row_start=lp_row,
+            logprob_targets=lp_targets,
         )
         seq.table_dirty_from = len(seq.page_ids)
         seq.num_computed = start + n
         if sample:
             seq.num_pending_samples += 1
-        sent.append(_Sent(seq, seq.epoch, seq.num_computed, sample))
+        lp_pos = start + lp_row + 1 if lp_targets else -1
+        sent.append(_Sent(seq, seq.epoch, seq.num_computed, sample, lp_pos))
         return step
 
     def _preempt(self, seq: Sequence, step_id: int) -> None:
@@ -646,6 +654,7 @@ class Scheduler:
         failed = {f.seq_id: f for f in out.failures}
         results = {r.seq_id: r for r in out.results}
         tokens = dict(zip(out.sampled_seq_ids, out.sampled_token_ids, strict=True))
+        scored = {p.seq_id: p for p in out.prompt_logprobs}
         self.stats.worker_forward_ns_total += out.forward_ns
         self.observer.step(bool(sent), out.forward_ns * 1e-9)
         num_tokens = 0
@@ -657,8 +666,12 @@ class Scheduler:
                 self._on_failure(seq, failed[seq.seq_id].reason, failed[seq.seq_id].message)
                 continue
             seq.num_confirmed = max(seq.num_confirmed, s.computed_after)
+            if s.prompt_lp_pos >= 0 and seq.seq_id in scored:
+                seq.req.add_prompt_lps(s.prompt_lp_pos, scored[seq.seq_id])
             if not s.sample:
                 self._cache_unfinished(seq, s.computed_after)
+                if seq.max_new_tokens == 0 and s.computed_after >= seq.req.num_prompt_tokens:
+                    self._finish(seq, "length", emit=True)  # scored the prompt, generates nothing
                 continue
             num_tokens += self._on_sample(seq, s.computed_after, tokens, results)
         finished = SeqStatus.FINISHED
@@ -783,6 +796,9 @@ class Scheduler:
     def _emit(self, seq: Sequence, final: bool = False, error: tuple[str, str] | None = None) -> None:
         req = seq.req
         out = GenerateOutput(seq.request_id, seq.index, seq.pending_text, seq.pending_ids)
+        if not seq.prompt_lps_sent:
+            seq.prompt_lps_sent = True
+            out.prompt_logprobs = req.prompt_logprobs()
         if seq.pending_logprobs:
             out.logprobs, seq.pending_logprobs = seq.pending_logprobs, []
         seq.pending_text, seq.pending_ids = "", []

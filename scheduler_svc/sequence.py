@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from common.types import GenerateRequest, MultimodalItem, TokenLogprob
+from common.types import GenerateRequest, MultimodalItem, PromptLogprobs, TokenLogprob
 from processor.text_stream import TextStream
 from scheduler_svc.radix_cache import TreeNode
 
@@ -49,6 +49,7 @@ class RequestState:
     prefetch_step: int | None = None  # the step that told the worker to pull this request's embeddings
     num_unfinished: int = 0
     error: str | None = None
+    prompt_lps: dict[int, TokenLogprob] = field(default_factory=dict)  # position -> its prompt logprob
 
     @property
     def request_id(self) -> str:
@@ -57,6 +58,38 @@ class RequestState:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.request.input_ids)
+
+    # ---- prompt log-probabilities (logprob_start_len) ----
+
+    @property
+    def needs_prompt_lps(self) -> bool:
+        """Prompt log-probabilities were asked for and some are not computed yet: a prefill must compute every
+        position from the first one asked (so the prefix cache may serve only the tokens before it)."""
+        first = self.request.prompt_logprob_from
+        return first is not None and len(self.prompt_lps) < self.num_prompt_tokens - first
+
+    def prompt_lp_rows(self, start: int, n: int) -> tuple[int, tuple[int, ...]]:
+        """For a prefill chunk of positions [start, start + n): the first row (of the chunk) that scores a prompt
+        token, and the tokens those rows score (row r predicts position start + r + 1)."""
+        first = self.request.prompt_logprob_from
+        if first is None or not self.needs_prompt_lps:
+            return 0, ()
+        a, b = max(start, first - 1), min(start + n, self.num_prompt_tokens - 1)
+        if a >= b:
+            return 0, ()
+        return a - start, tuple(self.request.input_ids[a + 1 : b + 1])
+
+    def add_prompt_lps(self, first_pos: int, result: PromptLogprobs) -> None:
+        targets = self.request.input_ids[first_pos : first_pos + len(result.logprobs)]
+        for i, entry in enumerate(result.entries(targets)):
+            self.prompt_lps.setdefault(first_pos + i, entry)
+
+    def prompt_logprobs(self) -> list[TokenLogprob]:
+        """Positions max(logprob_start_len, 1) to the prompt's end, once all are computed (else empty)."""
+        first = self.request.prompt_logprob_from
+        if first is None or self.needs_prompt_lps:
+            return []
+        return [self.prompt_lps[p] for p in range(first, self.num_prompt_tokens)]
 
 
 class Sequence:
@@ -97,6 +130,7 @@ class Sequence:
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] = []
         self.preempted_in_step = -1
+        self.prompt_lps_sent = False  # its first output carried the prompt log-probabilities
 
     @property
     def prefill_done(self) -> bool:

@@ -38,8 +38,7 @@ def tokenizer(default_model):
 # ---- completions ----
 
 
-# SGLang basic/test_openai_server.py::TestOpenAIServer::test_completion (run_completion); echo with logprobs needs
-# prompt log-probabilities, not computed yet: a 400
+# SGLang basic/test_openai_server.py::TestOpenAIServer::test_completion (run_completion)
 @pytest.mark.parametrize("echo", [False, True])
 @pytest.mark.parametrize("logprobs", [None, 5])
 @pytest.mark.parametrize("use_list_input", [False, True])
@@ -57,10 +56,6 @@ def test_completion(client, tokenizer, echo, logprobs, use_list_input, n, token_
         "logprobs": logprobs,
         "n": n,
     }
-    if echo and logprobs:
-        with pytest.raises(openai.BadRequestError):
-            client.completions.create(**kw, echo=True)
-        return
     r = client.completions.create(**kw, echo=echo)
     if echo:
         assert all(c.text.startswith(PROMPT) for c in r.choices)
@@ -71,7 +66,12 @@ def test_completion(client, tokenizer, echo, logprobs, use_list_input, n, token_
         lp = r.choices[0].logprobs
         assert isinstance(lp.tokens[0], str) and isinstance(lp.top_logprobs[1], dict)
         assert 0 < len(lp.top_logprobs[1]) <= logprobs
-        assert lp.token_logprobs[0] is not None  # without echo the first logprob is the first output token's
+        if echo:  # the prompt's tokens come first; nothing predicts the first one
+            assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+            assert "".join(lp.tokens[:num_prompt_tokens]) == PROMPT and len(lp.tokens) > num_prompt_tokens
+            assert None not in lp.token_logprobs[1:]
+        else:  # the first logprob is the first output token's
+            assert lp.token_logprobs[0] is not None
         assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
     else:
         assert r.choices[0].logprobs is None
@@ -81,9 +81,8 @@ def test_completion(client, tokenizer, echo, logprobs, use_list_input, n, token_
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
-# SGLang basic/test_openai_server.py::TestOpenAIServer::test_completion_stream (run_completion_stream); echo
-# without logprobs (with them: a 400, see test_completion)
-@pytest.mark.parametrize(("echo", "logprobs"), [(False, None), (False, 5), (True, None)])
+# SGLang basic/test_openai_server.py::TestOpenAIServer::test_completion_stream (run_completion_stream)
+@pytest.mark.parametrize(("echo", "logprobs"), [(False, None), (False, 5), (True, None), (True, 5)])
 @pytest.mark.parametrize("use_list_input", [False, True])
 @pytest.mark.parametrize("n", [1, 2])
 def test_completion_stream(client, echo, logprobs, use_list_input, n):
@@ -108,12 +107,17 @@ def test_completion_stream(client, echo, logprobs, use_list_input, n):
             assert chunk.choices == []
             continue
         choice = chunk.choices[0]
-        if echo and choice.index not in seen:
+        first_event = choice.index not in seen
+        if echo and first_event:
             assert choice.text.startswith(PROMPT)
         seen.add(choice.index)
         if logprobs and choice.logprobs and choice.logprobs.tokens:
             assert isinstance(choice.logprobs.tokens[0], str)
-            assert isinstance(choice.logprobs.top_logprobs[0], dict) and choice.logprobs.top_logprobs[0]
+            first = choice.logprobs.top_logprobs[0]
+            if echo and first_event:  # the prompt's first token: null entries
+                assert first is None and choice.logprobs.token_logprobs[0] is None
+            else:
+                assert isinstance(first, dict) and first
     assert seen == set(range((2 if use_list_input else 1) * n))
     assert len(usages) == 1
     usage = usages[0]

@@ -377,7 +377,7 @@ def test_cache_key_salt_changes_the_first_page_and_image_values():
     assert plain[1] == a[1] == b[1] and plain[5] == a[5] == b[5]
 
 
-# ---- item 3, in part: echo without logprobs; /generate's logprob options ----
+# ---- item 3: echo; /generate's logprob options (prompt log-probabilities: tests/test_prompt_logprobs.py) ----
 
 
 @pytest.mark.parametrize("token_input", [False, True])
@@ -397,12 +397,6 @@ def test_echo_puts_the_prompt_first(client, tokenizer, token_input):
     assert [texts[i] for i in range(2)] == [c.text for c in r.choices]
 
 
-def test_echo_with_logprobs_is_refused(client):
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=SERVED, prompt="Hi", max_tokens=2, echo=True, logprobs=1)
-    assert "not supported" in e.value.body["message"]
-
-
 def test_generate_logprob_options(cluster, tokenizer):
     sp = {"max_new_tokens": 3, "temperature": 0}
     body = {"input_ids": [1, 2, 3, 4], "sampling_params": sp, "return_logprob": True, "top_logprobs_num": 2}
@@ -414,9 +408,11 @@ def test_generate_logprob_options(cluster, tokenizer):
         tokenizer.token_bytes(e[1]).decode("utf-8", errors="replace") for e in plain["output_token_logprobs"]
     ]
     assert all(isinstance(e[2], str) for top in texts["output_top_logprobs"] for e in top)
-    # prompt positions are not computed yet: asking for them is refused; from the prompt's end, nothing to give
-    r = cluster.http.post("/generate", json={**body, "logprob_start_len": 0})
-    assert "not supported" in _error(r, 400, "logprob_start_len")
+    # from position 0: the first entry is null (nothing predicts it); from the prompt's end, nothing to give
+    start = cluster.http.post("/generate", json={**body, "logprob_start_len": 0}).json()["meta_info"]
+    assert [e[1] for e in start["input_token_logprobs"]] == [1, 2, 3, 4]
+    assert start["input_token_logprobs"][0][0] is None and start["input_top_logprobs"][0] is None
+    assert all(len(top) == 2 for top in start["input_top_logprobs"][1:])
     end = cluster.http.post("/generate", json={**body, "logprob_start_len": 4}).json()["meta_info"]
     assert end["input_token_logprobs"] == [] and len(end["output_token_logprobs"]) == 3
 

@@ -26,6 +26,7 @@ from worker_svc import memory
 from worker_svc.attention import create_attention_backend, resolve_backend
 from worker_svc.attention.base import AttentionMetadata, KVCache
 from worker_svc.embeddings import EmbeddingSource, ResidentEmbeddings
+from worker_svc.prompt_logprobs import PendingPromptLogprobs, ScoredRows, score_rows
 from worker_svc.sampler import PendingSample, Sampler
 from worker_svc.step_inputs import SeqInputs, StepInputs, Updates
 
@@ -61,6 +62,7 @@ class _SeqState:
     keys: list[str]
     delta: int
     sampled: bool  # a token of this sequence is on the device (decode steps may follow)
+    top_logprobs: int = 0  # alternatives per prompt log-probability
     embeds: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -75,6 +77,7 @@ class InflightStep:
     failures: list[SeqFailure]
     num_tokens: int = 0
     pending: PendingSample | None = None
+    prompt_logprobs: PendingPromptLogprobs | None = None
     started: torch.cuda.Event | None = None
     done: torch.cuda.Event | None = None
     host_forward_ns: int = 0  # without a GPU the forward runs inside launch: its wall time
@@ -200,8 +203,8 @@ class ModelRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
             with torch.inference_mode():
-                logits, _ = self._forward_eager(StepInputs(seqs, Updates()), [])
-                del logits
+                logits, _, hidden = self._forward_eager(StepInputs(seqs, Updates()), [])
+                del logits, hidden
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) - base
 
@@ -331,8 +334,11 @@ class ModelRunner:
             logits = self.graphs.replay(step_inputs.graph_size, step_inputs.num_seqs)
             sample_rows = views["src_rows"][: step_inputs.num_seqs]
         else:
-            logits, views = self._forward_eager(step_inputs, overrides)
+            logits, views, hidden = self._forward_eager(step_inputs, overrides)
             sample_rows = views["sample_rows"]
+            scored = self._scored_rows(seqs)
+            if scored:
+                step.prompt_logprobs = score_rows(hidden, scored, self.model.compute_logits)
         if step_inputs.sample_rows:
             step.pending = self.sampler.sample(logits, step_inputs.sample_rows)
             self.token_buf.index_copy_(0, sample_rows.long(), step.pending.token_ids.to(self.token_buf.dtype))
@@ -370,7 +376,18 @@ class ModelRunner:
             forward_ns,
             step.start_ns,
             time.time_ns(),
+            prompt_logprobs=tuple(step.prompt_logprobs.result()) if step.prompt_logprobs else (),
         )
+
+    def _scored_rows(self, seqs: list[SeqStep]) -> list[ScoredRows]:
+        """The rows of this step's packed batch that score prompt tokens, per sequence."""
+        out, row0 = [], 0
+        for s in seqs:
+            if s.logprob_targets:
+                top_n = self.seqs[s.seq_id].top_logprobs
+                out.append(ScoredRows(s.seq_id, row0 + s.logprob_row_start, s.logprob_targets, top_n))
+            row0 += s.num_tokens
+        return out
 
     # ---- per-sequence state ----
 
@@ -391,8 +408,11 @@ class ModelRunner:
         """What the scheduler sent, checked before anything is touched: a bad sequence fails alone (an id past the
         vocabulary would be a device-side assert that ends the process; a zero grid a ZeroDivisionError)."""
         vocab = self.model_config.text.vocab_size
-        if s.input_ids and not (min(s.input_ids) >= 0 and max(s.input_ids) < vocab):
-            raise InvalidRequestError(f"sequence {s.seq_id}: token ids outside [0, {vocab})")
+        for ids in (s.input_ids, s.logprob_targets):
+            if ids and not (min(ids) >= 0 and max(ids) < vocab):
+                raise InvalidRequestError(f"sequence {s.seq_id}: token ids outside [0, {vocab})")
+        if s.logprob_targets and not (0 <= s.logprob_row_start <= len(s.input_ids) - len(s.logprob_targets)):
+            raise InvalidRequestError(f"sequence {s.seq_id}: prompt log-probability rows outside the chunk")
         if s.page_ids and not (min(s.page_ids) > 0 and max(s.page_ids) < self.kv_cache.num_pages):
             raise InvalidRequestError(f"sequence {s.seq_id}: page ids outside [1, {self.kv_cache.num_pages})")
         if s.init is None:
@@ -437,6 +457,7 @@ class ModelRunner:
                 keys=[m.content_key for m in init.mm_items],
                 delta=self.model.position_delta(spans),
                 sampled=bool(init.output_token_ids),
+                top_logprobs=init.sampling.top_logprobs,
             )
             self.sampler.add_row(row, init.sampling, init.prompt_token_ids, init.output_token_ids)
             if init.output_token_ids:
@@ -567,9 +588,9 @@ class ModelRunner:
 
     def _forward_eager(
         self, inputs: StepInputs, overrides: list[tuple[int, torch.Tensor]]
-    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-        """Logits [num sampled, vocab] of a step run kernel by kernel (None if it samples nothing), and its
-        device sections."""
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], torch.Tensor]:
+        """Logits [num sampled, vocab] of a step run kernel by kernel (None if it samples nothing), its device
+        sections and its final hidden states [num_tokens, hidden] (padding rows excluded)."""
         views = inputs.to_device(self.device)
         self._apply_updates(views)
         ids = views["ids"]
@@ -603,10 +624,9 @@ class ModelRunner:
         else:
             hidden = self.model(embeds, positions, meta)
         if not inputs.sample_rows:  # prefill chunks that do not end a prompt: no logits
-            return None, views
-        if len(inputs.sample_rows) != n:
-            hidden = hidden.index_select(0, views["sample_idx"])
-        return self.model.compute_logits(hidden), views
+            return None, views, hidden
+        last = hidden if len(inputs.sample_rows) == n else hidden.index_select(0, views["sample_idx"])
+        return self.model.compute_logits(last), views, hidden
 
     def _decode_body(self, src_rows: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata):
         """What a decode CUDA graph holds: each row's last token, through the model, to logits [G, vocab]."""
