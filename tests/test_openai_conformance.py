@@ -584,3 +584,29 @@ def test_parallel_image_requests(client):
         for r in pool.map(ask, range(4)):
             assert [c.index for c in r.choices] == [0, 1]
             assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+# SGLang test_srt_endpoint.py::TestSRTEndpoint::test_logprob_start_len, test_logprob_with_chunked_prefill and
+# test_logprob_grammar's shape: a batch of prompts, each start inside its prompt; prompt_tokens = start + number of
+# input logprobs, completion_tokens = number of output logprobs; the input tokens' texts end the prompt
+@pytest.mark.parametrize("max_new_tokens", [0, 4])
+def test_generate_logprob_start_len(cluster, max_new_tokens):
+    prompts = ["I have a very good idea on how to", "Today is a sunny day and I like"]
+    for start in (0, 2, 5):
+        body = {
+            "text": prompts,
+            "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True},
+            "return_logprob": True,
+            "top_logprobs_num": 5,
+            "return_text_in_logprobs": True,
+            "logprob_start_len": start,
+        }
+        r = cluster.http.post("/generate", json=body)
+        assert r.status_code == 200, r.text
+        for prompt, res in zip(prompts, r.json(), strict=True):
+            meta = res["meta_info"]
+            assert meta["prompt_tokens"] == start + len(meta["input_token_logprobs"])
+            assert len(meta["input_top_logprobs"]) == len(meta["input_token_logprobs"])
+            assert prompt.endswith("".join(e[2] for e in meta["input_token_logprobs"]))
+            assert meta["completion_tokens"] == len(meta["output_token_logprobs"]) == max_new_tokens
+            assert res["text"] == "".join(e[2] for e in meta["output_token_logprobs"])
