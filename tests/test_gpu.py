@@ -62,3 +62,36 @@ def test_vision_tower_on_cuda_matches_hf(default_model):
         patches = [pre(img) for img in _images()]
         ours = vision(torch.cat([torch.from_numpy(p) for p, _ in patches]).cuda(), [g for _, g in patches])
     torch.testing.assert_close(ours.cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [10_000, 13])
+def test_cuda_prompt_logprobs_equal_hf_cpu(chunk, default_model):
+    """Prompt log-probabilities (issue 11) on CUDA float32, piecewise-graphed prompt steps included: every
+    position's target and top-3 against HF's log-softmax on the CPU."""
+    from common.types import SamplingParams, SeqInit, SeqStep, StepPlan
+    from worker_svc.model_runner import ModelRunner, RunnerConfig
+
+    hf = HFReference(default_model)
+    msgs = [{"role": "user", "content": "Write two sentences about the sea and the ships that sail on it."}]
+    ids = hf.inputs(msgs, [])["input_ids"][0].tolist()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf.model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    cfg = RunnerConfig(str(default_model), "float32", "cuda", page_size=4, max_total_tokens=4096)
+    runner = ModelRunner(cfg, None)
+    init = SeqInit((), SamplingParams(temperature=0.0, top_logprobs=3), len(ids))
+    pages = tuple(range(1, len(ids) // 4 + 3))
+    got = []
+    for start in range(0, len(ids), chunk):
+        n = min(chunk, len(ids) - start)
+        end = min(start + n, len(ids) - 1)  # rows start .. end - 1 score positions start + 1 .. end
+        targets = tuple(ids[start + 1 : end + 1])
+        step = SeqStep(
+            "s", start, tuple(ids[start : start + n]), start + n == len(ids), 0,
+            pages if start == 0 else (), init if start == 0 else None, 0, targets,
+        )  # fmt: skip
+        out = runner.step(StepPlan(start + 1, (step,)))
+        got += [e for p in out.prompt_logprobs for e in p.entries(targets)]
+    assert [e.token_id for e in got] == ids[1:]
+    for pos, e in enumerate(got, start=1):
+        assert abs(e.logprob - float(ref[pos - 1, ids[pos]])) < 1e-3
+        assert [v for _, v in e.top_logprobs] == pytest.approx(ref[pos - 1].topk(3).values.tolist(), abs=1e-3)
