@@ -83,6 +83,7 @@ def _up(argv: list[str]) -> int:
         logging.getLogger("mirador").info("no --model given: using the embedded default model")
         ns.model_path = str(default_model_dir())
         ns.served_model_name = ns.served_model_name or DEFAULT_SERVED_NAME
+    from common.errors import MiradorError
     from processor.hub import resolve_model_path
 
     try:
@@ -90,18 +91,27 @@ def _up(argv: list[str]) -> int:
         _check_architecture(ns.model_path)
         up = UpArgs.from_cli_args(ns)
         configure_from_args(up, "admin")  # up's own health checks of the services it starts
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, MiradorError) as e:
         parser.error(str(e))
     return run_up(up)
 
 
 def _check_architecture(model_path: str) -> None:
     """Fail before starting any service when config.json names an architecture no family serves (ValueError,
-    listing the supported ones)."""
-    from models.registry import get_entry
-    from processor.model_config import load_model_config
+    listing the supported ones); log the family otherwise."""
+    import json
+    from pathlib import Path
 
-    get_entry(load_model_config(model_path).architecture)
+    from models.registry import get_entry, supported_architectures
+
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --model must point at a Hugging Face model directory")
+    archs = json.loads(path.read_text()).get("architectures") or []
+    if not archs:
+        raise ValueError(f"{path} names no architecture; supported: {', '.join(supported_architectures())}")
+    get_entry(archs[0])
+    logging.getLogger("mirador").info("model %s: architecture %s", model_path, archs[0])
 
 
 def _default_model(argv: list[str]) -> int:
