@@ -134,4 +134,3 @@ class Qwen2VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, meta.full, cos, sin, attention)
         return self.merger(x)
-

@@ -19,7 +19,9 @@ from worker_svc.model_runner import ModelRunner, RunnerConfig
 def setup(request, default_model, second_model, qwen2_vl_model):
     model_dir = {"default": default_model, "second": second_model, "qwen2_vl": qwen2_vl_model}[request.param]
     cfg = load_model_config(model_dir)
-    vision = load_model(vision_model_class(cfg.architecture), cfg, model_dir, torch.float32, torch.device("cpu"))
+    vision = load_model(
+        vision_model_class(cfg.architecture), cfg, model_dir, torch.float32, torch.device("cpu")
+    )
     pre = Qwen2VLImagePreprocessor(Qwen2VLMediaSpec.from_model_dir(model_dir))
     return model_dir, HFReference(model_dir), vision, pre
 

@@ -34,4 +34,6 @@ def media_spec_class(model_type: str):
 
 def vision_config_parser(model_type: str) -> Callable[[dict[str, Any], int], Any]:
     """(vision_config dict, the language model's hidden size) -> VisionConfig for this model_type."""
-    return _load(_VISION_CONFIG_PARSERS.get(model_type, _VISION_CONFIG_PARSERS[_DEFAULT_VISION_CONFIG_PARSER]))
+    return _load(
+        _VISION_CONFIG_PARSERS.get(model_type, _VISION_CONFIG_PARSERS[_DEFAULT_VISION_CONFIG_PARSER])
+    )
