@@ -114,6 +114,13 @@ def test_up_refuses_an_unsupported_architecture(tmp_path, qwen2_vl_model):
     assert ARCH in supported_architectures()
 
 
+def test_bench_hf_backend_loads_the_family_class(qwen2_vl_model):
+    from mirador.bench.hf import load_model as load_hf
+
+    model, random_weights = load_hf(qwen2_vl_model, "cpu", "float32")
+    assert type(model).__name__ == ARCH and not random_weights
+
+
 # ---- the whole cluster ------------------------------------------------------------------------------------------
 
 
@@ -190,3 +197,31 @@ def test_repeated_image_hits_the_prefix_cache(cluster, hf):
     assert ids.count(151655) == 12  # 120x90 -> 112x84 pixels, 8x6 patches, 12 merged
     assert after.vision_encode_calls == before.vision_encode_calls
     assert first["choices"][0]["token_ids"] == second["choices"][0]["token_ids"] == out_ref
+
+
+# ---- on CUDA (the lead's GPU run) -------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cuda_tower_backends_and_graphs_match_hf(qwen2_vl_model, hf, dtype):
+    """The fast paths (auto attention backend: varlen for bf16, triton for fp32; Triton QuickGELU; CUDA graphs)
+    against HF's tower on the CPU."""
+    from vision_svc.graphs import VisionGraphs
+
+    cfg = load_model_config(qwen2_vl_model)
+    tower = load_model(vision_model_class(ARCH), cfg, qwen2_vl_model, dtype, torch.device("cuda"))
+    tower.set_attention_backend("auto")
+    images = [noise_image(150, 100, 5), noise_image(60, 300, 6), noise_image(448, 448, 7)]
+    feats = hf.image_processor(images=images, return_tensors="pt")
+    grids = [tuple(int(v) for v in g) for g in feats["image_grid_thw"]]
+    with torch.no_grad():
+        ref = hf.model.model.visual(feats["pixel_values"], grid_thw=feats["image_grid_thw"]).pooler_output
+        eager = tower(feats["pixel_values"].cuda(), grids).float().cpu()
+        graphs = VisionGraphs(tower, buckets=(512, 2048), still=False)
+        graphs.capture()
+        replayed = graphs.run(feats["pixel_values"], grids).float().cpu()
+    rel = 1e-4 if dtype == torch.float32 else 3e-2
+    assert float((eager - ref).norm() / ref.norm()) < rel
+    assert float((replayed - eager).norm() / eager.norm()) < rel
