@@ -163,6 +163,18 @@ def test_cluster_greedy_equals_hf(cluster, hf, case):
     assert len(set(out_ref)) > 1, "a constant answer would not show a wrong image or position"
 
 
+def test_in_process_engine_equals_hf(qwen2_vl_model, hf):
+    """The in-process engine (no HTTP, no gRPC) serves the family too."""
+    from mirador.engine import Engine
+
+    ours, ref, images = case_messages("two_images")
+    prompt_ref, out_ref = hf.generate(ref, images, MAX_TOKENS)
+    with Engine(str(qwen2_vl_model), page_size=4) as engine:
+        out = engine.chat(ours, sampling_params={"temperature": 0, "max_new_tokens": MAX_TOKENS})
+    assert out["output_ids"] == out_ref
+    assert out["meta_info"]["prompt_tokens"] == len(prompt_ref)
+
+
 def _tokens(c: Cluster, messages) -> list[int]:
     body = c.chat_ok(messages, max_tokens=12, temperature=0, return_token_ids=True)
     return body["choices"][0]["token_ids"]
