@@ -203,11 +203,12 @@ def default_model_dir(cache_dir: str | Path | None = None, family: str = DEFAULT
     return ensure_model(cache_root(cache_dir) / "models", name, config, preprocessor=preprocessor)
 
 
-# Hub ids whose configs ship with Mirador (dimensions only: serve them with --load-format dummy)
+# Hub ids whose configs ship with Mirador (dimensions only: serve them with --load-format dummy), as published
 BUNDLED_CONFIGS = {
     "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2.5-vl-3b-instruct.json",
     "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b-instruct.json",
     "Qwen/Qwen2.5-VL-72B-Instruct": "qwen2.5-vl-72b-instruct.json",
+    "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b-instruct.json",
 }
 
 
