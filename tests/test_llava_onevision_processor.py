@@ -133,3 +133,32 @@ def test_settings_from_a_model_directory(tmp_path):
     assert spec.max_crops == 4 and spec.pinpoints[-1] == (768, 768)
     assert spec.layout(3000, 3000).rows == 2
     assert spec.fingerprint() != LlavaOnevisionMediaSpec().fingerprint()
+
+
+def test_packed_features_equal_hf_and_the_count():
+    """Our feature packing against LlavaOnevisionModel.pack_image_features (bound to a stand-in config): the same
+    rows in the same order, and as many as the placeholder count."""
+    import torch
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    from models.llava_onevision import pack_image_features
+
+    spec = LlavaOnevisionMediaSpec()
+    stub = types.SimpleNamespace(
+        config=types.SimpleNamespace(
+            vision_config=types.SimpleNamespace(image_size=384, patch_size=14),
+            image_grid_pinpoints=[list(p) for p in spec.pinpoints],
+        )
+    )
+    hf_pack = types.MethodType(LlavaOnevisionModel.pack_image_features, stub)
+    newline = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    for width, height in [(500, 300), (60, 1000), (384, 384), (1920, 1080), (4000, 3000)]:
+        num_crops = spec.layout(width, height).num_crops
+        feats = torch.randn(num_crops, 729, 8, generator=torch.Generator().manual_seed(width))
+        (ref,), _ = hf_pack([feats], torch.tensor([[height, width]]), newline)
+        ours = pack_image_features(feats, spec.feature_grid(width, height), newline)
+        assert torch.equal(ours, ref), (width, height)
+        assert ours.shape[0] == spec.num_image_tokens(width, height)
+    (ref,), _ = hf_pack([feats[:1]], torch.tensor([[height, width]]), newline)
+    ours = pack_image_features(feats[:1], None, newline)
+    assert torch.equal(ours, ref) and ours.shape[0] == spec.num_image_tokens(width, height, num_images=2)

@@ -69,6 +69,26 @@ class AnyresLayout:
 
 
 @dataclass(frozen=True)
+class FeatureGrid:
+    """The crop grid's features after unpadding: rows [top, bottom) and columns [left, right) of its
+    (rows * side) x (cols * side) feature map, then pooled (bilinear) to `pooled` where the anyres_max cap applies;
+    each remaining row ends with one image-newline feature."""
+
+    rows: int  # crops down
+    cols: int  # crops across
+    top: int
+    bottom: int
+    left: int
+    right: int
+    pooled: tuple[int, int] | None
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        """(rows, columns) of features that reach the language model, newlines not counted."""
+        return self.pooled or (self.bottom - self.top, self.right - self.left)
+
+
+@dataclass(frozen=True)
 class LlavaOnevisionMediaSpec:
     """Preprocessing settings (preprocessor_config.json, config.json) and the geometry they imply."""
 
@@ -139,26 +159,30 @@ class LlavaOnevisionMediaSpec:
     def num_image_tokens(self, width: int, height: int, num_images: int = 1) -> int:
         """Placeholder tokens of one image: LlavaOnevisionProcessor.replace_image_token's count."""
         side = self.features_per_side
-        # several images: each is its base features and one newline; one image: base, then its unpadded grid
-        count = side * side + (1 if num_images != 1 else self._unpadded(width, height))
+        if num_images != 1:  # several images: each is its base features and one newline
+            count = side * side + 1
+        else:  # one image: its base features, then the unpadded grid with a newline per row
+            h, w = self.feature_grid(width, height).out_hw
+            count = side * side + h * w + h
         return count - (1 if self.feature_select_strategy == "default" else 0)
 
-    def _unpadded(self, width: int, height: int) -> int:
-        """Features of the crop grid after the padding rows/columns are cut away and the anyres_max cap pools them,
-        plus one newline per remaining row."""
+    def feature_grid(self, width: int, height: int) -> FeatureGrid:
+        """Which features of a single image's crop grid are kept (unpadding: the rows or columns that only saw
+        the padding around the resized image are cut) and the size the anyres_max cap pools them to."""
         lay = self.layout(width, height)
         side = self.features_per_side
-        cur_h, cur_w = side * lay.rows, side * lay.cols
-        if width / height > cur_w / cur_h:
-            new_h = int(round(height * (cur_w / width), 7))
-            cur_h -= (cur_h - new_h) // 2 * 2
+        grid_h, grid_w = side * lay.rows, side * lay.cols
+        top, bottom, left, right = 0, grid_h, 0, grid_w
+        if width / height > grid_w / grid_h:
+            pad = (grid_h - int(round(height * (grid_w / width), 7))) // 2
+            top, bottom = pad, grid_h - pad
         else:
-            new_w = int(round(width * (cur_h / height), 7))
-            cur_w -= (cur_w - new_w) // 2 * 2
+            pad = (grid_w - int(round(width * (grid_h / height), 7))) // 2
+            left, right = pad, grid_w - pad
+        cur_h, cur_w = bottom - top, right - left
         ratio = math.sqrt(cur_h * cur_w / (self.max_crops * side * side))
-        if ratio > 1.1:
-            cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
-        return cur_h * cur_w + cur_h
+        pooled = (int(cur_h // ratio), int(cur_w // ratio)) if ratio > 1.1 else None
+        return FeatureGrid(lay.rows, lay.cols, top, bottom, left, right, pooled)
 
     def fingerprint(self) -> str:
         """Everything that changes pixel values, crops or counts: part of each image's content key."""
