@@ -103,6 +103,7 @@ class LlavaOnevisionMediaSpec:
     resample: int = 3  # PIL bicubic
 
     image_placeholder = "<image>"
+    image_marker = "<image>"  # an image in a prompt with no placeholder
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> LlavaOnevisionMediaSpec:

@@ -53,6 +53,7 @@ class Qwen2VLMediaSpec:
     resample: int = 3  # PIL bicubic
 
     image_placeholder = "<|image_pad|>"
+    image_marker = "<|vision_start|><|image_pad|><|vision_end|>"  # an image in a prompt with no placeholder
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> Qwen2VLMediaSpec:
