@@ -1,5 +1,5 @@
-"""SiLU-and-multiply over a merged gate-up projection: the Triton kernel and the torch reference (HF's
-act(gate_proj(x)) * up_proj(x) in the activations' dtype)."""
+"""SiLU-and-multiply over a merged gate-up projection (HF's act(gate_proj(x)) * up_proj(x)) and QuickGELU (Qwen2-VL's
+vision MLP, x * sigmoid(1.702 x)): each Triton kernel and its torch reference, in the activations' dtype."""
 
 from __future__ import annotations
 
@@ -56,3 +56,49 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if triton_enabled(x):
         return silu_and_mul_triton(x)
     return silu_and_mul_ref(x)
+
+
+QUICK_GELU_ALPHA = 1.702
+
+
+def quick_gelu_ref(x: torch.Tensor) -> torch.Tensor:  # [num_tokens, width] -> same
+    """HF's QuickGELUActivation: three element-wise ops, each rounded to x's dtype."""
+    return x * torch.sigmoid(QUICK_GELU_ALPHA * x)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _quick_gelu_kernel(x_ptr, o_ptr, stride_xt, stride_ot, width, alpha, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < width
+        x = tl.load(x_ptr + row * stride_xt + cols, mask=mask, other=0.0)
+        dtype = o_ptr.dtype.element_ty
+        xf = x.to(tl.float32)
+        # round where the reference rounds: the scaled input and the sigmoid, before the product
+        z = (xf * alpha).to(dtype).to(tl.float32)
+        s = (1.0 / (1.0 + tl.exp(-z))).to(dtype).to(tl.float32)
+        tl.store(o_ptr + row * stride_ot + cols, (xf * s).to(dtype), mask=mask)
+
+
+def quick_gelu_triton(x: torch.Tensor) -> torch.Tensor:  # [num_tokens, width] -> [num_tokens, width]
+    """One pass over x instead of the reference's three."""
+    num_tokens, width = x.shape
+    out = torch.empty(num_tokens, width, dtype=x.dtype, device=x.device)
+    if num_tokens == 0:
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    grid = (num_tokens, triton.cdiv(width, BLOCK))
+    _quick_gelu_kernel[grid](
+        x, out, x.stride(0), out.stride(0), width, QUICK_GELU_ALPHA, BLOCK=BLOCK, num_warps=4
+    )
+    return out
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x) over [num_tokens, width] (other shapes: the reference)."""
+    if x.dim() == 2 and triton_enabled(x):
+        return quick_gelu_triton(x)
+    return quick_gelu_ref(x)

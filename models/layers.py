@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.activation import silu_and_mul
+from kernels.activation import quick_gelu, silu_and_mul
 from kernels.norm import fused_add_rms_norm, rms_norm
 
 ACTIVATIONS = {
     "silu": nn.functional.silu,
     "gelu": nn.functional.gelu,
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "quick_gelu": quick_gelu,
 }
 
 

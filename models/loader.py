@@ -107,9 +107,11 @@ def dummy_tensor(
     head_scale: float,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """A random weight that keeps activations at unit scale: norms 1, biases N(0, 0.02), embeddings N(0, 1),
+    """A random weight that keeps activations at unit scale: biases N(0, 0.02), norm weights 1, embeddings N(0, 1),
     matrices N(0, 1/fan_in), and an output head whose logits have standard deviation `head_scale` (peaky, so
     greedy choices are not near-ties that float noise can flip)."""
+    if name.endswith(".bias"):  # (LayerNorm biases too)
+        return torch.randn(shape, generator=generator, device=device) * 0.02
     if (
         name.endswith(("norm.weight", "layernorm.weight", "ln_q.weight"))
         or ".norm1." in name
@@ -117,8 +119,6 @@ def dummy_tensor(
     ):
         return torch.ones(shape, device=device)
     t = torch.randn(shape, generator=generator, device=device)
-    if name.endswith(".bias"):
-        return t * 0.02
     if name.endswith("embed_tokens.weight"):
         return t
     if name == "lm_head.weight":

@@ -1,7 +1,8 @@
-"""Qwen2.5-VL language model (Qwen2 decoder with multimodal rotary positions) for the worker.
+"""Qwen2.5-VL language model (Qwen2 decoder with multimodal rotary positions) for the worker; Qwen2-VL's is the
+same model (the registry maps both architectures here).
 
-Parameter names match the Hub checkpoint (model.layers.*, lm_head.*); the vision tower lives in
-models/qwen2_5_vl_vision.py and runs in the vision service.
+Parameter names match the Hub checkpoint (model.layers.*, lm_head.*); the vision towers live in
+models/qwen2_5_vl_vision.py and models/qwen2_vl_vision.py and run in the vision service.
 """
 
 from __future__ import annotations

@@ -33,7 +33,10 @@ Grid = tuple[int, int, int]
 
 
 def _window_side(cfg: VisionConfig) -> int:
-    side = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size  # merged units per window side
+    """Merged units per window side; 0 for a tower without windowed attention (window_size 0, as Qwen2-VL's)."""
+    if cfg.window_size <= 0:
+        return 0
+    side = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
     if side < 1:
         raise ValueError(f"window_size {cfg.window_size} is smaller than one merged patch")
     return side
@@ -56,6 +59,8 @@ class PaddedShape:
         unit, side = cfg.spatial_merge_size**2, _window_side(cfg)
         if num_rows <= 0 or num_rows % unit or max_frames < 1:
             raise ValueError(f"padded rows {num_rows} must be a positive multiple of {unit}; max_frames >= 1")
+        if side == 0:  # no windowed blocks: no window segments at all
+            return cls(num_rows, max_frames, 0, 0, max_frames + 1)
         max_window = side * side * unit
         # a frame of gh x gw merged units makes ceil(gh/side)*ceil(gw/side) < gh*gw/side + 1 windows
         real = num_rows // (unit * side) + max_frames + 1
@@ -117,9 +122,12 @@ def _segment_lengths(
     orders, window_lengths, full_lengths, positions = [], [], [], []
     base = 0
     for t, h, w in grids:
-        order, counts = _image_windows(t, h, w, merge, side)
-        orders.append(order + base)
-        window_lengths.extend((counts * unit).tolist())
+        if side:
+            order, counts = _image_windows(t, h, w, merge, side)
+            orders.append(order + base)
+            window_lengths.extend((counts * unit).tolist())
+        else:  # no windows: the units stay in the processor's order
+            orders.append(np.arange(base, base + t * (h // merge) * (w // merge)))
         full_lengths.extend([h * w] * t)
         positions.append(_image_positions(t, h, w, merge))
         base += t * (h // merge) * (w // merge)
@@ -128,8 +136,9 @@ def _segment_lengths(
         raise ValueError(f"{base * unit} patches in {len(full_lengths)} frames do not fit {pad}")
     padding = num_rows - base * unit
     if pad is not None and padding:
-        window_lengths.extend([pad.max_window] * (padding // pad.max_window))
-        window_lengths.extend([padding % pad.max_window] if padding % pad.max_window else [])
+        if pad.max_window:
+            window_lengths.extend([pad.max_window] * (padding // pad.max_window))
+            window_lengths.extend([padding % pad.max_window] if padding % pad.max_window else [])
         full_lengths.append(padding)
     order = np.concatenate([*orders, np.arange(base, num_rows // unit)])
     pos = np.zeros((num_rows, 2), dtype=np.int64)

@@ -29,6 +29,13 @@ _REGISTRY: dict[str, ModelEntry] = {
         image_processor="models.qwen2_vl_image:Qwen2VLImagePreprocessor",
         fast_image_processor="models.qwen2_vl_image:FastQwen2VLImagePreprocessor",
     ),
+    # the same Qwen2 language model with M-RoPE; its own tower (LayerNorm blocks, fc1/fc2 MLP, no windows)
+    "Qwen2VLForConditionalGeneration": ModelEntry(
+        language_model="models.qwen2_5_vl:Qwen2_5_VLForCausalLM",
+        vision_model="models.qwen2_vl_vision:Qwen2VisionTransformer",
+        image_processor="models.qwen2_vl_image:Qwen2VLImagePreprocessor",
+        fast_image_processor="models.qwen2_vl_image:FastQwen2VLImagePreprocessor",
+    ),
 }
 
 

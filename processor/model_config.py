@@ -38,7 +38,7 @@ class VisionConfig:
     spatial_merge_size: int = 2
     temporal_patch_size: int = 2
     in_channels: int = 3
-    window_size: int = 112
+    window_size: int = 112  # 0: no windowed attention (every block attends to its whole frame)
     fullatt_block_indexes: tuple[int, ...] = ()
     hidden_act: str = "silu"
     tokens_per_second: int = 2
@@ -106,22 +106,9 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     )
     vision = None
     if isinstance(raw.get("vision_config"), dict):
-        v = raw["vision_config"]
-        vision = VisionConfig(
-            depth=int(v.get("depth", v.get("num_hidden_layers", 32))),
-            hidden_size=int(v.get("hidden_size", v.get("embed_dim", 1280))),
-            intermediate_size=int(v.get("intermediate_size", 3420)),
-            num_heads=int(v.get("num_heads", v.get("num_attention_heads", 16))),
-            out_hidden_size=int(v.get("out_hidden_size", hidden)),
-            patch_size=int(v.get("patch_size", 14)),
-            spatial_merge_size=int(v.get("spatial_merge_size", 2)),
-            temporal_patch_size=int(v.get("temporal_patch_size", 2)),
-            in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
-            window_size=int(v.get("window_size", 112)),
-            fullatt_block_indexes=_as_tuple(v.get("fullatt_block_indexes")),
-            hidden_act=v.get("hidden_act", "silu"),
-            tokens_per_second=int(v.get("tokens_per_second", 2)),
-        )
+        from processor.models import vision_config_parser
+
+        vision = vision_config_parser(raw.get("model_type", ""))(raw["vision_config"], hidden)
     dtype = raw.get("torch_dtype") or raw.get("dtype") or text_raw.get("torch_dtype") or "float32"
     return ModelConfig(
         architecture=archs[0],

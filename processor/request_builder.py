@@ -139,9 +139,7 @@ class RequestBuilder:
                 f"model {self.config.architecture} does not take images", param="image_data"
             )
         if refs and ids.count(self.image_token_id) == 0:
-            marker = self.tokenizer.encode(
-                "<|vision_start|>" + self.media_spec.image_placeholder + "<|vision_end|>"
-            )
+            marker = self.tokenizer.encode(self.media_spec.image_marker)
             ids = marker * len(refs) + ids
         images = await self.load_images(refs)
         return self._expand(ids, images, prompt if isinstance(prompt, str) else "")

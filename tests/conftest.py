@@ -84,5 +84,11 @@ def second_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen2_vl_model() -> Path:
+    """The tiny Qwen2-VL (`mirador default-model --family qwen2-vl`)."""
+    return default_model_dir(family="qwen2-vl")
+
+
+@pytest.fixture(scope="session")
 def log_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cluster-logs")

@@ -166,18 +166,22 @@ def sample_photo(name: str) -> Path:
 
 
 class HFReference:
-    """Hugging Face transformers on the same directory: the tokenizer's chat template, Qwen2VLImageProcessorPil
-    for the grids, each <|image_pad|> expanded (what Qwen2_5_VLProcessor does), and generate(do_sample=False)."""
+    """Hugging Face transformers on the same directory (the class its config.json names): the tokenizer's chat
+    template, Qwen2VLImageProcessorPil for the grids, each <|image_pad|> expanded (what Qwen2_5_VLProcessor and
+    Qwen2VLProcessor do), and generate(do_sample=False)."""
 
     def __init__(self, model_dir: Path):
+        import json
+
         import torch
-        from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration
+        import transformers
+        from transformers import PreTrainedTokenizerFast
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         self.torch = torch
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            str(model_dir), dtype=torch.float32
-        ).eval()
+        arch = json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0]
+        model_cls = getattr(transformers, arch)  # e.g. Qwen2VLForConditionalGeneration
+        self.model = model_cls.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         self.tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(model_dir))
         self.image_token_id = self.model.config.image_token_id

@@ -114,6 +114,21 @@ def test_silu_and_mul_triton(num_tokens, inter, dtype):
     _assert_parity(out, activation.silu_and_mul_ref(x))
 
 
+@needs_triton
+@over_dtypes
+@pytest.mark.parametrize("num_tokens,width", [(1, 96), (7, 1100), (33, 40), (2, 5120)])
+def test_quick_gelu_triton(num_tokens, width, dtype):
+    x = 3 * _randn(num_tokens, width, dtype=dtype, seed=num_tokens + width)
+    _assert_parity(activation.quick_gelu_triton(x), activation.quick_gelu_ref(x))
+
+
+def test_quick_gelu_ref_is_hf_quick_gelu():
+    from transformers.activations import QuickGELUActivation
+
+    x = 3 * _randn(5, 64, dtype=torch.float32, seed=1)
+    torch.testing.assert_close(activation.quick_gelu_ref(x), QuickGELUActivation()(x), rtol=0, atol=0)
+
+
 # --- M-RoPE --------------------------------------------------------------------------------------------------
 
 
@@ -249,6 +264,7 @@ def test_zero_tokens(impl):
     out, residual = op(norm, "fused_add_rms_norm")(x, x.clone(), weight, 1e-6)
     assert out.shape == residual.shape == (0, 96)
     assert op(activation, "silu_and_mul")(x).shape == (0, 48)
+    assert op(activation, "quick_gelu")(x).shape == (0, 96)
     q, k, v = _qkv(0, 4, 2, 16, "fused", torch.float32, 0)
     no_positions = torch.zeros(3, 0, dtype=torch.long, device=DEVICE)
     op(rotary, "apply_mrope")(q, k, no_positions, _inv_freq(16), (2, 3, 3))

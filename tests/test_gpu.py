@@ -22,40 +22,46 @@ def _images():
     return [noise_image(150, 100, 5), noise_image(60, 300, 6)]
 
 
-@pytest.mark.parametrize("which", ["default", "second"])
+@pytest.mark.parametrize("which", ["default", "second", "qwen2_vl"])
 @pytest.mark.parametrize("chunk", [10_000, 13])
-def test_cuda_float32_greedy_equals_hf_cpu(which, chunk, default_model, second_model):
-    model_dir = default_model if which == "default" else second_model
+def test_cuda_float32_greedy_equals_hf_cpu(which, chunk, default_model, second_model, qwen2_vl_model):
+    model_dir = {"default": default_model, "second": second_model, "qwen2_vl": qwen2_vl_model}[which]
     hf = HFReference(model_dir)
     _, ref = hf.generate(MSGS, _images(), 20)
     ours, _ = runner_generate(model_dir, hf, MSGS, _images(), 20, "cuda", "float32", chunk)
     assert ours == ref
 
 
-def test_cuda_bfloat16_tracks_hf_bfloat16(default_model):
-    hf = HFReference(default_model)
+@pytest.mark.parametrize("which", ["default", "qwen2_vl"])
+def test_cuda_bfloat16_tracks_hf_bfloat16(which, default_model, qwen2_vl_model):
+    model_dir = {"default": default_model, "qwen2_vl": qwen2_vl_model}[which]
+    hf = HFReference(model_dir)
     hf.model.to("cuda", torch.bfloat16)
     inputs = {k: v.to("cuda") for k, v in hf.inputs(MSGS, _images()).items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     with torch.no_grad():
         ref = hf.model(**inputs).logits[0, -1].float().cpu()
     hf.model.to("cpu", torch.float32)
-    _, ours = runner_generate(default_model, hf, MSGS, _images(), 1, "cuda", "bfloat16")
+    _, ours = runner_generate(model_dir, hf, MSGS, _images(), 1, "cuda", "bfloat16")
     assert ours.argmax() == ref.argmax()
     assert (ours - ref).abs().max() / ref.abs().max() < 0.05
 
 
-def test_vision_tower_on_cuda_matches_hf(default_model):
+@pytest.mark.parametrize("which", ["default", "qwen2_vl"])
+def test_vision_tower_on_cuda_matches_hf(which, default_model, qwen2_vl_model):
     from models.loader import load_model
-    from models.qwen2_5_vl_vision import Qwen2_5_VisionTransformer
     from models.qwen2_vl_image import Qwen2VLImagePreprocessor
+    from models.registry import vision_model_class
     from processor.model_config import load_model_config
     from processor.models.qwen2_vl import Qwen2VLMediaSpec
 
-    hf = HFReference(default_model)
-    cfg = load_model_config(default_model)
-    vision = load_model(Qwen2_5_VisionTransformer, cfg, default_model, torch.float32, torch.device("cuda"))
-    pre = Qwen2VLImagePreprocessor(Qwen2VLMediaSpec.from_model_dir(default_model))
+    model_dir = {"default": default_model, "qwen2_vl": qwen2_vl_model}[which]
+    hf = HFReference(model_dir)
+    cfg = load_model_config(model_dir)
+    vision = load_model(
+        vision_model_class(cfg.architecture), cfg, model_dir, torch.float32, torch.device("cuda")
+    )
+    pre = Qwen2VLImagePreprocessor(Qwen2VLMediaSpec.from_model_dir(model_dir))
     feats = hf.image_processor(images=_images(), return_tensors="pt")
     with torch.no_grad():
         ref = hf.model.model.visual(feats["pixel_values"], grid_thw=feats["image_grid_thw"]).pooler_output

@@ -1,4 +1,4 @@
-"""A Qwen2.5-VL-7B-shaped model (bundled config, random bf16 weights) through the whole cluster on a GPU (fast
+"""A Qwen2.5-VL-7B-shaped model and a Qwen2-VL-7B-shaped one (bundled configs, random bf16 weights) through the whole cluster on a GPU (fast
 attention backend, CUDA graphs, GPU sampler, pipelined worker) against the in-process reference path (torch_native
 attention, no graphs). Skipped without CUDA; run on the GPU machine."""
 
@@ -39,11 +39,12 @@ def _conversations() -> list[list[dict]]:
     return convs
 
 
-def test_7b_cluster_greedy_equals_the_in_process_reference(log_dir):
+@pytest.mark.parametrize("hub_id", [MODEL, "Qwen/Qwen2-VL-7B-Instruct"])
+def test_7b_cluster_greedy_equals_the_in_process_reference(log_dir, hub_id):
     from mirador.engine import Engine
     from processor.hub import resolve_model_path
 
-    model = resolve_model_path(MODEL, "dummy")
+    model = resolve_model_path(hub_id, "dummy")
     convs = _conversations()
     params = {"temperature": 0, "max_new_tokens": TOKENS, "ignore_eos": True}
     with Engine(

@@ -7,19 +7,21 @@ import torch
 
 from common.types import MultimodalItem, SamplingParams, SeqInit, SeqStep, StepPlan
 from models.loader import load_model
-from models.qwen2_5_vl_vision import Qwen2_5_VisionTransformer
 from models.qwen2_vl_image import Qwen2VLImagePreprocessor
+from models.registry import vision_model_class
 from processor.model_config import load_model_config
 from processor.models.qwen2_vl import Qwen2VLMediaSpec
 from tests.helpers import HFReference, noise_image, sample_photo
 from worker_svc.model_runner import ModelRunner, RunnerConfig
 
 
-@pytest.fixture(scope="module", params=["default", "second"])
-def setup(request, default_model, second_model):
-    model_dir = default_model if request.param == "default" else second_model
+@pytest.fixture(scope="module", params=["default", "second", "qwen2_vl"])
+def setup(request, default_model, second_model, qwen2_vl_model):
+    model_dir = {"default": default_model, "second": second_model, "qwen2_vl": qwen2_vl_model}[request.param]
     cfg = load_model_config(model_dir)
-    vision = load_model(Qwen2_5_VisionTransformer, cfg, model_dir, torch.float32, torch.device("cpu"))
+    vision = load_model(
+        vision_model_class(cfg.architecture), cfg, model_dir, torch.float32, torch.device("cpu")
+    )
     pre = Qwen2VLImagePreprocessor(Qwen2VLMediaSpec.from_model_dir(model_dir))
     return model_dir, HFReference(model_dir), vision, pre
 

@@ -68,6 +68,7 @@ def test_checkpoint_names_split_fused_parameters(default_model):
         ("Qwen/Qwen2.5-VL-3B-Instruct", 36, 2048, 16, 2, 151936),
         ("Qwen/Qwen2.5-VL-7B-Instruct", 28, 3584, 28, 4, 152064),
         ("qwen2.5-vl-72b-instruct", 80, 8192, 64, 8, 152064),
+        ("Qwen/Qwen2-VL-7B-Instruct", 28, 3584, 28, 4, 152064),
     ],
 )
 def test_bundled_configs_resolve_offline_for_dummy_weights(name, layers, hidden, heads, kv_heads, vocab):

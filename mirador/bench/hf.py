@@ -38,20 +38,23 @@ def load_model(model_path: Path, device: str, dtype: str) -> tuple[Any, bool]:
     """(model, random_weights): the checkpoint when the directory has safetensors, else random weights built
     from config.json directly on the device in the dtype (a 7B model is never materialised on the CPU)."""
     import torch
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig
+
+    from processor.model_config import load_model_config
 
     torch_dtype = getattr(torch, dtype)
+    # the class config.json names (Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration, ...)
+    model_cls = getattr(transformers, load_model_config(model_path).architecture)
     if any(model_path.glob("*.safetensors")):
         try:  # straight onto the device; older transformers need accelerate for a device_map
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                str(model_path), dtype=torch_dtype, device_map=device
-            )
+            model = model_cls.from_pretrained(str(model_path), dtype=torch_dtype, device_map=device)
         except (ImportError, ValueError):
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(model_path), dtype=torch_dtype)
+            model = model_cls.from_pretrained(str(model_path), dtype=torch_dtype)
         return model.to(device).eval(), False
     config = AutoConfig.from_pretrained(str(model_path))
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch_dtype)
+        model = model_cls._from_config(config, dtype=torch_dtype)
     return model.eval(), True
 
 

@@ -1,17 +1,39 @@
-"""Torch-free per-family media arithmetic (placeholder counts, grids, settings), keyed by model_type."""
+"""Torch-free per-family media arithmetic (placeholder counts, grids, settings) and vision-config parsing, keyed by
+model_type."""
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from typing import Any
 
 _REGISTRY = {
     "qwen2_5_vl": "processor.models.qwen2_vl:Qwen2VLMediaSpec",
     "qwen2_vl": "processor.models.qwen2_vl:Qwen2VLMediaSpec",
 }
 
+# config.json's `vision_config` -> processor.model_config.VisionConfig; the keys differ between families (Qwen2-VL's
+# `hidden_size` is the merger's output width, Qwen2.5-VL's the tower's own). Unknown types use Qwen2.5-VL's keys.
+_VISION_CONFIG_PARSERS = {
+    "qwen2_5_vl": "processor.models.qwen2_vl:parse_qwen2_5_vl_vision",
+    "qwen2_vl": "processor.models.qwen2_vl:parse_qwen2_vl_vision",
+}
+_DEFAULT_VISION_CONFIG_PARSER = "qwen2_5_vl"
+
+
+def _load(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
 
 def media_spec_class(model_type: str):
     if model_type not in _REGISTRY:
         raise ValueError(f"no media processor for model_type {model_type!r}; supported: {sorted(_REGISTRY)}")
-    module, _, name = _REGISTRY[model_type].partition(":")
-    return getattr(importlib.import_module(module), name)
+    return _load(_REGISTRY[model_type])
+
+
+def vision_config_parser(model_type: str) -> Callable[[dict[str, Any], int], Any]:
+    """(vision_config dict, the language model's hidden size) -> VisionConfig for this model_type."""
+    return _load(
+        _VISION_CONFIG_PARSERS.get(model_type, _VISION_CONFIG_PARSERS[_DEFAULT_VISION_CONFIG_PARSER])
+    )

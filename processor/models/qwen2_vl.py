@@ -1,4 +1,5 @@
-"""Qwen2-VL / Qwen2.5-VL image geometry: smart resize, patch grid and placeholder count, without pixels."""
+"""Qwen2-VL / Qwen2.5-VL image geometry (smart resize, patch grid and placeholder count, without pixels) and their
+vision configs."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common.errors import InvalidRequestError
+from processor.model_config import VisionConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -50,6 +53,7 @@ class Qwen2VLMediaSpec:
     resample: int = 3  # PIL bicubic
 
     image_placeholder = "<|image_pad|>"
+    image_marker = "<|vision_start|><|image_pad|><|vision_end|>"  # an image in a prompt with no placeholder
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> Qwen2VLMediaSpec:
@@ -101,3 +105,44 @@ class Qwen2VLMediaSpec:
             ],
             separators=(",", ":"),
         )
+
+
+def parse_qwen2_5_vl_vision(v: dict[str, Any], text_hidden: int) -> VisionConfig:
+    """Qwen2.5-VL's vision_config (the Hub's and transformers 5's use the same keys): `hidden_size` is the tower's
+    width, `out_hidden_size` the merger's output; window attention except in `fullatt_block_indexes`."""
+    return VisionConfig(
+        depth=int(v.get("depth", v.get("num_hidden_layers", 32))),
+        hidden_size=int(v.get("hidden_size", v.get("embed_dim", 1280))),
+        intermediate_size=int(v.get("intermediate_size", 3420)),
+        num_heads=int(v.get("num_heads", v.get("num_attention_heads", 16))),
+        out_hidden_size=int(v.get("out_hidden_size", text_hidden)),
+        patch_size=int(v.get("patch_size", 14)),
+        spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+        temporal_patch_size=int(v.get("temporal_patch_size", 2)),
+        in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
+        window_size=int(v.get("window_size", 112)),
+        fullatt_block_indexes=tuple(int(i) for i in v.get("fullatt_block_indexes") or ()),
+        hidden_act=v.get("hidden_act", "silu"),
+        tokens_per_second=int(v.get("tokens_per_second", 2)),
+    )
+
+
+def parse_qwen2_vl_vision(v: dict[str, Any], text_hidden: int) -> VisionConfig:
+    """Qwen2-VL's vision_config: `embed_dim` is the tower's width and `hidden_size` the merger's output (the
+    language model's width); the MLP is embed_dim * mlp_ratio wide; every block attends to its whole frame."""
+    depth = int(v.get("depth", v.get("num_hidden_layers", 32)))
+    embed_dim = int(v.get("embed_dim", 1280))
+    return VisionConfig(
+        depth=depth,
+        hidden_size=embed_dim,
+        intermediate_size=int(embed_dim * float(v.get("mlp_ratio", 4))),
+        num_heads=int(v.get("num_heads", v.get("num_attention_heads", 16))),
+        out_hidden_size=int(v.get("hidden_size", text_hidden)),
+        patch_size=int(v.get("patch_size", 14)),
+        spatial_merge_size=int(v.get("spatial_merge_size", 2)),
+        temporal_patch_size=int(v.get("temporal_patch_size", 2)),
+        in_channels=int(v.get("in_channels", v.get("in_chans", 3))),
+        window_size=0,
+        fullatt_block_indexes=tuple(range(depth)),
+        hidden_act=v.get("hidden_act", "quick_gelu"),
+    )
