@@ -21,6 +21,8 @@ from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingR
 from gateway.request_context import arrival_var
 from processor import sampling
 from processor.request_builder import PreparedPrompt, RequestBuilder
+from processor.tool_parsers import ToolCall, ToolCallStream, ToolParser
+from processor.tools import tool_call_grammar
 from scheduler_svc.client import SchedulerClient
 
 logger = logging.getLogger(__name__)
@@ -167,8 +169,10 @@ class OpenAIServing:
         card: ModelCard,
         max_images: int,
         metrics: GatewayMetrics | None = None,
+        tool_parser: ToolParser | None = None,
     ):
         self.metrics = metrics or GatewayMetrics(card.served_name)
+        self.tool_parser = tool_parser
         self.builder = builder
         self.tokenizer = builder.tokenizer
         self.scheduler = scheduler
@@ -304,11 +308,20 @@ class OpenAIServing:
             tools=req.tools,
             chat_template_kwargs=req.chat_template_kwargs,
         )
+        parser = self._tool_parser_for(req)
         greq = self._build(req, prompt, req.logprobs, req.top_logprobs or 0, stream=req.stream)
+        if parser is not None:
+            grammar = tool_call_grammar(
+                req.tools, req.resolved_tool_choice, parser.lark_start, parser.lark_end
+            )
+            greq = self._constrain(greq, grammar)
         rid, created = f"chatcmpl-{greq.request_id}", int(time.time())
         if req.stream:
-            return self._chat_stream(req, await self._started_all([greq]), rid, created, greq)
+            return self._chat_stream(req, await self._started_all([greq]), rid, created, greq, parser)
         choices = await self._collect(greq)
+        if parser is not None:
+            for c in choices.values():
+                c["text"], c["calls"], c["finish"] = parser.parse(c["text"], c["finish"])
         first = next(iter(choices.values()))
         usage = [first["prompt"], sum(c["completion"] for c in choices.values()), first["cached"]]
         body = {
@@ -319,7 +332,7 @@ class OpenAIServing:
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": c["text"]},
+                    "message": self._message(c),
                     "logprobs": {"content": self._logprobs_chat(c["logprobs"])} if req.logprobs else None,
                     "finish_reason": c["finish"],
                     "matched_stop": c["stop"],
@@ -340,10 +353,12 @@ class OpenAIServing:
         rid: str,
         created: int,
         greq: GenerateRequest,
+        parser: ToolParser | None = None,
     ) -> AsyncIterator[str]:
         chunk = _chunker(rid, "chat.completion.chunk", created, req)
         usage = _StreamUsage([greq])
-        plain = not (req.logprobs or req.return_token_ids)
+        plain = not (req.logprobs or req.return_token_ids or parser)
+        calls: dict[int, ToolCallStream] = {}  # choice -> its tool call splitter (with a parser)
         continuous = usage.continuous(req)
         started: set[int] = set()
         try:
@@ -357,6 +372,11 @@ class OpenAIServing:
                 usage.add(0, out)
                 if (out.text or out.logprobs) and plain:
                     yield chunk.delta(CHAT_DELTA, i, out.text, usage.counts() if continuous else None)
+                elif parser is not None:
+                    for event in self._tool_stream_events(req, calls.setdefault(i, parser.stream()), out):
+                        yield chunk([event], usage.now(req))
+                    if out.finish_reason is not None:
+                        out = replace(out, finish_reason=calls[i].finish_reason)
                 elif out.text or out.logprobs or (out.token_ids and req.return_token_ids):
                     lp = {"content": self._logprobs_chat(out.logprobs)} if req.logprobs else None
                     choice = {
@@ -376,6 +396,78 @@ class OpenAIServing:
         except MiradorError as e:
             yield sse_error(e)
         yield "data: [DONE]\n\n"
+
+    # ---- tool calls ----
+
+    def _tool_parser_for(self, req: ChatCompletionRequest) -> ToolParser | None:
+        """The parser that reads this request's output for calls; None when tool_choice is "none" (or no tools),
+        where the output is plain content."""
+        if not req.resolved_tool_choice.parses:
+            return None
+        if self.tool_parser is None:
+            raise InvalidRequestError(
+                "tool calling needs a tool call parser for this model: start the gateway with --tool-call-parser",
+                param="tool_choice",
+            )
+        return self.tool_parser
+
+    @staticmethod
+    def _constrain(greq: GenerateRequest, grammar: tuple[str, str] | None) -> GenerateRequest:
+        """The one place where the grammar that forces tool calls ("lark", text) joins the request. Until
+        grammar-constrained decoding is merged (issue 13's other half) a forced choice is refused, never left
+        unenforced."""
+        if grammar is None:
+            return greq
+        raise InvalidRequestError(
+            'tool_choice "required" or a named function needs grammar support (constrained decoding), which '
+            "this build does not have yet",
+            param="tool_choice",
+        )
+
+    @staticmethod
+    def _message(c: dict[str, Any]) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": c["text"]}
+        if c.get("calls"):
+            message["tool_calls"] = [call.to_openai() for call in c["calls"]]
+        return message
+
+    def _tool_stream_events(
+        self, req: ChatCompletionRequest, calls: ToolCallStream, out: GenerateOutput
+    ) -> list[dict[str, Any]]:
+        """One output of a choice as OpenAI's tool-call stream: content deltas, and for each finished call a
+        delta with its index, id, type, name and empty arguments, then one that appends the arguments. The
+        output's logprobs and token ids ride on its first event (on an empty delta if it has none)."""
+        i = out.index
+        events = calls.feed(out.text) if out.text else []
+        if out.finish_reason is not None:
+            events += calls.finish(out.finish_reason)
+        deltas: list[dict[str, Any]] = []
+        for e in events:
+            if isinstance(e, ToolCall):
+                k = calls.num_emitted
+                calls.num_emitted += 1
+                head = {
+                    "index": k,
+                    "id": e.id,
+                    "type": "function",
+                    "function": {"name": e.name, "arguments": ""},
+                }
+                deltas.append({"tool_calls": [head]})
+                deltas.append({"tool_calls": [{"index": k, "function": {"arguments": e.arguments}}]})
+            else:
+                deltas.append({"content": e})
+        extras = bool(out.logprobs) or bool(out.token_ids and req.return_token_ids)
+        if not deltas and extras:
+            deltas.append({})
+        choices = []
+        for n, delta in enumerate(deltas):
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
+            if n == 0 and req.logprobs:
+                choice["logprobs"] = {"content": self._logprobs_chat(out.logprobs)}
+            if n == 0 and req.return_token_ids:
+                choice["token_ids"] = list(out.token_ids)
+            choices.append(choice)
+        return choices
 
     # ---- text completions ----
 
