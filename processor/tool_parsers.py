@@ -134,7 +134,9 @@ class ToolCallStream:
             k = self.buf.find(p.start)
             if k >= 0:
                 self._content(self.buf[:k], out)
-                self.gap_before_call, self.gap = self.gap, ""
+                if not self.after_call:  # calls in a row keep the gap before the first
+                    self.gap_before_call = self.gap
+                self.gap = ""
                 self.buf, self.in_call = self.buf[k + len(p.start) :], True
                 continue
             keep = _partial_suffix(self.buf, p.start)
@@ -164,6 +166,7 @@ class ToolCallStream:
             text = text.lstrip()
             if not text:
                 return
+            text = self.gap_before_call + text  # content resumes: as separated as before the calls
         self.after_call = False
         text = self.gap + text
         body = text.rstrip()
