@@ -401,3 +401,56 @@ def test_tool_messages_with_text_parts_and_images_in_history(builder):
         '<|im_start|>assistant\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\n<tool_response>\nab\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def random_walk(ll_tokenizer, lark: str, rng, max_steps: int = 300) -> str | None:
+    """Sample tokens the grammar allows (biased toward closing strings and objects, so walks end) until it may
+    stop; the text, or None when the walk ran out of steps."""
+    import llguidance.numpy as llnp
+    import numpy as np
+
+    tok, ll = ll_tokenizer
+    matcher = llguidance.LLMatcher(ll, llguidance.LLMatcher.grammar_from_lark(lark))
+    mask = llnp.allocate_token_bitmask(1, ll.vocab_size)
+    closing = [tok.convert_tokens_to_ids(t) for t in ('"', "}", "</tool_call>", "Ċ")]
+    ids: list[int] = []
+    for _ in range(max_steps):
+        if matcher.is_accepting() and (matcher.is_stopped() or rng.random() < 0.5):
+            return tok.decode(ids)
+        llnp.fill_next_token_bitmask(matcher, mask, 0)
+        bits = np.unpackbits(mask[0].view(np.uint8), bitorder="little")[: ll.vocab_size]
+        bits[ll.eos_token] = 0
+        allowed = np.flatnonzero(bits)
+        preferred = [t for t in closing if bits[t]]
+        if preferred and rng.random() < 0.4:
+            token = int(rng.choice(preferred))
+        else:
+            token = int(rng.choice(allowed[:64]) if rng.random() < 0.7 else rng.choice(allowed))
+        assert matcher.consume_token(token), matcher.get_error()
+        ids.append(token)
+    return None
+
+
+@pytest.mark.parametrize("choice", [ToolChoice("required"), ToolChoice("function", "get_weather")])
+def test_whatever_the_grammar_lets_through_parses_into_valid_calls(ll_tokenizer, choice):
+    """Random walks through the grammar (what a random-weight model under the mask can write): every finished
+    walk is one or more calls (one of the named function) whose arguments validate against the tool's schema."""
+    import jsonschema
+    import numpy as np
+
+    rng = np.random.default_rng(13)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    lark = tool_call_grammar(TOOLS, choice)[1]
+    finished = 0
+    for _ in range(12):
+        text = random_walk(ll_tokenizer, lark, rng)
+        if text is None:
+            continue
+        finished += 1
+        content, calls, finish = HermesToolParser().parse(text, "stop")
+        assert content is None and calls and finish == "tool_calls", text
+        if choice.mode == "function":
+            assert [c.name for c in calls] == [choice.name]
+        for c in calls:
+            jsonschema.validate(json.loads(c.arguments), schemas[c.name])
+    assert finished >= 6
