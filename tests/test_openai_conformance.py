@@ -8,6 +8,7 @@ from __future__ import annotations
 import openai
 import pytest
 
+from common.types import GenerateRequest
 from processor.tokenizer import Tokenizer
 from tests.helpers import SERVED, Cluster, image_part, noise_image
 
@@ -462,6 +463,12 @@ def test_tool_choice(client, choice):
     if choice in ("none", "auto"):
         r = client.chat.completions.create(**kw)
         assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    elif "constraint" in GenerateRequest.__dataclass_fields__:  # grammar support merged: the call is forced
+        r = client.chat.completions.create(**{**kw, "max_tokens": 64})
+        assert (
+            r.choices[0].finish_reason == "tool_calls"
+            and r.choices[0].message.tool_calls[0].function.name == "f"
+        )
     else:
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(**kw)
