@@ -15,13 +15,14 @@ from typing import Any
 from common.errors import InvalidRequestError, MiradorError, NotFoundError
 from common.log import request_id_var
 from common.types import GenerateOutput, GenerateRequest, TokenLogprob
+from gateway import tool_calls
 from gateway.errors import sse_error
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from gateway.request_context import arrival_var
 from processor import sampling
 from processor.request_builder import PreparedPrompt, RequestBuilder
-from processor.tool_parsers import ToolCall, ToolCallStream, ToolParser
+from processor.tool_parsers import ToolCallStream, ToolParser
 from processor.tools import tool_call_grammar
 from scheduler_svc.client import SchedulerClient
 
@@ -332,7 +333,7 @@ class OpenAIServing:
             "choices": [
                 {
                     "index": i,
-                    "message": self._message(c),
+                    "message": tool_calls.message(c["text"], c.get("calls")),
                     "logprobs": {"content": self._logprobs_chat(c["logprobs"])} if req.logprobs else None,
                     "finish_reason": c["finish"],
                     "matched_stop": c["stop"],
@@ -424,44 +425,17 @@ class OpenAIServing:
             param="tool_choice",
         )
 
-    @staticmethod
-    def _message(c: dict[str, Any]) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": c["text"]}
-        if c.get("calls"):
-            message["tool_calls"] = [call.to_openai() for call in c["calls"]]
-        return message
-
     def _tool_stream_events(
         self, req: ChatCompletionRequest, calls: ToolCallStream, out: GenerateOutput
     ) -> list[dict[str, Any]]:
-        """One output of a choice as OpenAI's tool-call stream: content deltas, and for each finished call a
-        delta with its index, id, type, name and empty arguments, then one that appends the arguments. The
-        output's logprobs and token ids ride on its first event (on an empty delta if it has none)."""
-        i = out.index
-        events = calls.feed(out.text) if out.text else []
-        if out.finish_reason is not None:
-            events += calls.finish(out.finish_reason)
-        deltas: list[dict[str, Any]] = []
-        for e in events:
-            if isinstance(e, ToolCall):
-                k = calls.num_emitted
-                calls.num_emitted += 1
-                head = {
-                    "index": k,
-                    "id": e.id,
-                    "type": "function",
-                    "function": {"name": e.name, "arguments": ""},
-                }
-                deltas.append({"tool_calls": [head]})
-                deltas.append({"tool_calls": [{"index": k, "function": {"arguments": e.arguments}}]})
-            else:
-                deltas.append({"content": e})
-        extras = bool(out.logprobs) or bool(out.token_ids and req.return_token_ids)
-        if not deltas and extras:
+        """The choices of one output's tool-call stream events; its logprobs and token ids ride on the first
+        (an empty delta when the output added nothing yet: a call still open, a held marker)."""
+        deltas = tool_calls.stream_deltas(calls, out.text, out.finish_reason)
+        if not deltas and (out.logprobs or (out.token_ids and req.return_token_ids)):
             deltas.append({})
         choices = []
         for n, delta in enumerate(deltas):
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": None}
+            choice = {"index": out.index, "delta": delta, "logprobs": None, "finish_reason": None}
             if n == 0 and req.logprobs:
                 choice["logprobs"] = {"content": self._logprobs_chat(out.logprobs)}
             if n == 0 and req.return_token_ids:
