@@ -34,8 +34,8 @@ class ToolChoice:
 
 def check_tools(tools: Any, tool_choice: Any) -> ToolChoice:
     """Validate `tools` and `tool_choice` (a 400 naming the problem) and resolve the choice: "auto" when tools are
-    given without a choice (OpenAI's default), "none" without tools; "required" with an empty list of tools acts
-    as "none" (vLLM, following OpenAI)."""
+    given without a choice (OpenAI's default), "none" without tools; "required" or "auto" with an empty list of
+    tools act as "none" (vLLM does so for "required", following OpenAI)."""
     if tools is not None:
         _check_tool_list(tools)
     if tool_choice is None:
@@ -49,7 +49,7 @@ def check_tools(tools: Any, tool_choice: Any) -> ToolChoice:
             raise InvalidRequestError(
                 f"tool_choice {tool_choice!r} is not valid; {_CHOICE_USAGE}", param="tool_choice"
             )
-        return ToolChoice("none" if tool_choice == "required" and not tools else tool_choice)
+        return ToolChoice(tool_choice if tools else "none")  # nothing to call
     function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     if tool_choice.get("type", "function") != "function" or not isinstance(name, str) or not name:

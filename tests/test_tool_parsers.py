@@ -182,6 +182,7 @@ def test_registry_defaults_by_family():
         (TOOLS, "none", ToolChoice("none")),
         (TOOLS, "required", ToolChoice("required")),
         ([], "required", ToolChoice("none")),
+        ([], "auto", ToolChoice("none")),
         (TOOLS, {"type": "function", "function": {"name": "search"}}, ToolChoice("function", "search")),
     ],
 )
