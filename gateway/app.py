@@ -63,6 +63,7 @@ from gateway.serving import ModelCard, OpenAIServing
 from processor.media import MediaPolicy
 from processor.model_config import load_generation_defaults, load_generation_eos
 from processor.request_builder import RequestBuilder
+from processor.tool_parsers import tool_parser
 from scheduler_svc.client import SchedulerClient
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class Gateway:
             generation_defaults=load_generation_defaults(args.model_path),
         )
         self.metrics = GatewayMetrics(self.card.served_name)
+        self.tool_parser = tool_parser(args.tool_call_parser, cfg.model_type)
         self.scheduler: SchedulerClient | None = None
         self.serving: OpenAIServing | None = None
         self._synced = False
@@ -102,7 +104,12 @@ class Gateway:
         self._health_channel = create_channel(self.args.scheduler_address)
         self._health = health_pb2_grpc.HealthStub(self._health_channel)
         self.serving = OpenAIServing(
-            self.builder, self.scheduler, self.card, self.args.max_images_per_request, self.metrics
+            self.builder,
+            self.scheduler,
+            self.card,
+            self.args.max_images_per_request,
+            self.metrics,
+            self.tool_parser,
         )
         await self.builder.warmup()
         settle_gc()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from common.args import ObservabilityArgs, arg
 from common.security import InternalAuthArgs
+from processor.tool_parsers import TOOL_PARSERS
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ class GatewayArgs(InternalAuthArgs, ObservabilityArgs):
         "HTTP worker processes; each keeps its own stream to the scheduler (request ids stay unique, aborts and "
         "disconnects work from any of them)",
     )
+    tool_call_parser: str = arg(
+        "",
+        f"how tool calls are read from the output ({', '.join(sorted(TOOL_PARSERS))}); empty: the model family's "
+        "default (qwen25 for Qwen2-VL and Qwen2.5-VL)",
+    )
     log_level: str = arg("info", "logging level")
     log_requests_max_chars: int = arg(2048, "with --log-requests: characters of each body logged")
     metrics_multiproc_dir: str = arg(
@@ -65,6 +71,8 @@ class GatewayArgs(InternalAuthArgs, ObservabilityArgs):
     def __post_init__(self):
         if not self.model_path:
             raise ValueError("--model-path is required")
+        if self.tool_call_parser and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"--tool-call-parser must be one of {sorted(TOOL_PARSERS)}")
         if self.gateway_workers < 1:
             raise ValueError("--gateway-workers must be >= 1")
         if self.media_fetch_timeout_s <= 0:

@@ -103,6 +103,24 @@ _IMAGE_URL = {
     "minLength": 1,
     "description": "data: URI, http(s) URL, or an allowed local path",
 }
+TOOL_SCHEMA = {
+    "type": "object",
+    "required": ["function"],
+    "properties": {
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"},
+                "description": {"type": "string"},
+                "parameters": {"type": "object"},
+                "strict": {"type": ["boolean", "null"]},
+            },
+        },
+    },
+}
+
 MESSAGE_SCHEMA = {
     "type": "object",
     "required": ["role"],
@@ -143,6 +161,26 @@ MESSAGE_SCHEMA = {
                 },
             ]
         },
+        "tool_calls": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["function"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "type": {"const": "function"},
+                    "function": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "arguments": {"type": "string", "contentMediaType": "application/json"},
+                        },
+                    },
+                },
+            },
+        },
+        "tool_call_id": {"type": "string"},
     },
 }
 
@@ -187,8 +225,25 @@ def _body_rules(model_names: list[str], vocab_size: int) -> dict[str, dict[str, 
         **{name: {"type": "null"} for name in CONSTRAINT_KEYS},
     }
     chat_only = {
-        "tools": {"anyOf": [{"type": "array", "items": {"type": "object"}}, {"type": "null"}]},
-        "tool_choice": {"anyOf": [{"const": "none"}, {"type": "null"}]},
+        "tools": {"anyOf": [{"type": "array", "items": TOOL_SCHEMA}, {"type": "null"}]},
+        "tool_choice": {
+            "anyOf": [
+                {"enum": ["none", "auto", "required"]},
+                {
+                    "type": "object",
+                    "required": ["function"],
+                    "properties": {
+                        "type": {"const": "function"},
+                        "function": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {"name": {"type": "string", "minLength": 1}},
+                        },
+                    },
+                },
+                {"type": "null"},
+            ]
+        },
     }
     prompt = {
         "anyOf": [

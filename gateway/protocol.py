@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from common.errors import InvalidRequestError
 from common.types import SamplingParams, StoppingCriteria
 from processor import sampling
+from processor.tools import ToolChoice, check_tools
 
 MAX_CHOICES = 1024  # completions one request may ask for (prompts x n)
 # a completion field -> the SGLang sampling_params key it comes from
@@ -128,8 +129,9 @@ class ChatCompletionRequest(SamplingRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    _tool_choice: ToolChoice = PrivateAttr(default=ToolChoice("none"))
 
     @model_validator(mode="after")
     def _check_logprobs(self):
@@ -137,13 +139,7 @@ class ChatCompletionRequest(SamplingRequest):
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         if not self.messages:
             raise InvalidRequestError("messages must be a non-empty list", param="messages")
-        if self.tool_choice not in (None, "none") or (self.tools and self.tool_choice is None):
-            # with tools, OpenAI's default tool_choice is "auto": the model may call one, which needs a parser
-            raise InvalidRequestError(
-                "tool calling is not supported yet: tool_choice other than 'none' (the default when tools are "
-                "given is 'auto') cannot be honoured",
-                param="tool_choice" if self.tool_choice is not None else "tools",
-            )
+        self._tool_choice = check_tools(self.tools, self.tool_choice)
         if self.continue_final_message and self.add_generation_prompt:
             raise InvalidRequestError(
                 "continue_final_message and add_generation_prompt cannot both be true",
@@ -157,6 +153,11 @@ class ChatCompletionRequest(SamplingRequest):
                 param="continue_final_message",
             )
         return self
+
+    @property
+    def resolved_tool_choice(self) -> ToolChoice:
+        """tool_choice with OpenAI's default filled in ("auto" with tools, else "none")."""
+        return self._tool_choice
 
 
 class CompletionRequest(SamplingRequest):

@@ -51,9 +51,21 @@ class ChatLogprobs(_Out):
     content: list[ChatTokenLogprob]
 
 
+class FunctionCall(_Out):
+    name: str
+    arguments: str = Field(description="a JSON object, as a string")
+
+
+class ToolCall(_Out):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(_Out):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null when the message holds tool calls and no text")
+    tool_calls: list[ToolCall] = Field(default=None, description="when the model called tools")
 
 
 class ChatChoice(_Out):
@@ -101,9 +113,26 @@ class CompletionResponse(_Out):
     usage: Usage
 
 
+class FunctionCallDelta(_Out):
+    name: str = Field(default=None, description="in a call's first delta")
+    arguments: str = Field(description="appended to the call's arguments so far")
+
+
+class ToolCallDelta(_Out):
+    index: int
+    id: str = Field(default=None, description="in a call's first delta")
+    type: Literal["function"] = Field(default=None, description="in a call's first delta")
+    function: FunctionCallDelta
+
+
 class ChatDelta(_Out):
     role: Literal["assistant"] = Field(default=None, description="in each choice's first event")
-    content: str = Field(default=None, description="absent in each choice's last event")
+    content: str = Field(
+        default=None, description="absent in each choice's last event and in tool call deltas"
+    )
+    tool_calls: list[ToolCallDelta] = Field(
+        default=None, description="a call's first delta (index, id, type, name), then its arguments"
+    )
 
 
 class ChatChunkChoice(_Out):

@@ -15,12 +15,15 @@ from typing import Any
 from common.errors import InvalidRequestError, MiradorError, NotFoundError
 from common.log import request_id_var
 from common.types import GenerateOutput, GenerateRequest, TokenLogprob
+from gateway import tool_calls
 from gateway.errors import sse_error
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from gateway.request_context import arrival_var
 from processor import sampling
 from processor.request_builder import PreparedPrompt, RequestBuilder
+from processor.tool_parsers import ToolCallStream, ToolParser
+from processor.tools import tool_call_grammar
 from scheduler_svc.client import SchedulerClient
 
 logger = logging.getLogger(__name__)
@@ -167,8 +170,10 @@ class OpenAIServing:
         card: ModelCard,
         max_images: int,
         metrics: GatewayMetrics | None = None,
+        tool_parser: ToolParser | None = None,
     ):
         self.metrics = metrics or GatewayMetrics(card.served_name)
+        self.tool_parser = tool_parser
         self.builder = builder
         self.tokenizer = builder.tokenizer
         self.scheduler = scheduler
@@ -306,11 +311,20 @@ class OpenAIServing:
             tools=req.tools,
             chat_template_kwargs=req.chat_template_kwargs,
         )
+        parser = self._tool_parser_for(req)
         greq = self._build(req, prompt, req.logprobs, req.top_logprobs or 0, stream=req.stream)
+        if parser is not None:
+            grammar = tool_call_grammar(
+                req.tools, req.resolved_tool_choice, parser.lark_start, parser.lark_end
+            )
+            greq = self._constrain(greq, grammar)
         rid, created = f"chatcmpl-{greq.request_id}", int(time.time())
         if req.stream:
-            return self._chat_stream(req, await self._started_all([greq]), rid, created, greq)
+            return self._chat_stream(req, await self._started_all([greq]), rid, created, greq, parser)
         choices = await self._collect(greq)
+        if parser is not None:
+            for c in choices.values():
+                c["text"], c["calls"], c["finish"] = parser.parse(c["text"], c["finish"])
         first = next(iter(choices.values()))
         usage = [first["prompt"], sum(c["completion"] for c in choices.values()), first["cached"]]
         body = {
@@ -321,7 +335,7 @@ class OpenAIServing:
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": c["text"]},
+                    "message": tool_calls.message(c["text"], c.get("calls")),
                     "logprobs": {"content": self._logprobs_chat(c["logprobs"])} if req.logprobs else None,
                     "finish_reason": c["finish"],
                     "matched_stop": c["stop"],
@@ -342,10 +356,12 @@ class OpenAIServing:
         rid: str,
         created: int,
         greq: GenerateRequest,
+        parser: ToolParser | None = None,
     ) -> AsyncIterator[str]:
         chunk = _chunker(rid, "chat.completion.chunk", created, req)
         usage = _StreamUsage([greq])
-        plain = not (req.logprobs or req.return_token_ids)
+        plain = not (req.logprobs or req.return_token_ids or parser)
+        calls: dict[int, ToolCallStream] = {}  # choice -> its tool call splitter (with a parser)
         continuous = usage.continuous(req)
         started: set[int] = set()
         try:
@@ -359,6 +375,11 @@ class OpenAIServing:
                 usage.add(0, out)
                 if (out.text or out.logprobs) and plain:
                     yield chunk.delta(CHAT_DELTA, i, out.text, usage.counts() if continuous else None)
+                elif parser is not None:
+                    for event in self._tool_stream_events(req, calls.setdefault(i, parser.stream()), out):
+                        yield chunk([event], usage.now(req))
+                    if out.finish_reason is not None:
+                        out = replace(out, finish_reason=calls[i].finish_reason)
                 elif out.text or out.logprobs or (out.token_ids and req.return_token_ids):
                     lp = {"content": self._logprobs_chat(out.logprobs)} if req.logprobs else None
                     choice = {
@@ -378,6 +399,51 @@ class OpenAIServing:
         except MiradorError as e:
             yield sse_error(e)
         yield "data: [DONE]\n\n"
+
+    # ---- tool calls ----
+
+    def _tool_parser_for(self, req: ChatCompletionRequest) -> ToolParser | None:
+        """The parser that reads this request's output for calls; None when tool_choice is "none" (or no tools),
+        where the output is plain content."""
+        if not req.resolved_tool_choice.parses:
+            return None
+        if self.tool_parser is None:
+            raise InvalidRequestError(
+                "tool calling needs a tool call parser for this model: start the gateway with --tool-call-parser",
+                param="tool_choice",
+            )
+        return self.tool_parser
+
+    @staticmethod
+    def _constrain(greq: GenerateRequest, grammar: tuple[str, str] | None) -> GenerateRequest:
+        """The one place where the grammar that forces tool calls ("lark", text) joins the request. Until
+        grammar-constrained decoding is merged (issue 13's other half) a forced choice is refused, never left
+        unenforced."""
+        if grammar is None:
+            return greq
+        raise InvalidRequestError(
+            'tool_choice "required" or a named function needs grammar support (constrained decoding), which '
+            "this build does not have yet",
+            param="tool_choice",
+        )
+
+    def _tool_stream_events(
+        self, req: ChatCompletionRequest, calls: ToolCallStream, out: GenerateOutput
+    ) -> list[dict[str, Any]]:
+        """The choices of one output's tool-call stream events; its logprobs and token ids ride on the first
+        (an empty delta when the output added nothing yet: a call still open, a held marker)."""
+        deltas = tool_calls.stream_deltas(calls, out.text, out.finish_reason)
+        if not deltas and (out.logprobs or (out.token_ids and req.return_token_ids)):
+            deltas.append({})
+        choices = []
+        for n, delta in enumerate(deltas):
+            choice = {"index": out.index, "delta": delta, "logprobs": None, "finish_reason": None}
+            if n == 0 and req.logprobs:
+                choice["logprobs"] = {"content": self._logprobs_chat(out.logprobs)}
+            if n == 0 and req.return_token_ids:
+                choice["token_ids"] = list(out.token_ids)
+            choices.append(choice)
+        return choices
 
     # ---- text completions ----
 

@@ -17,6 +17,7 @@ from processor.media import MediaFetcher, MediaPolicy, content_key, image_size
 from processor.model_config import ModelConfig, load_model_config
 from processor.models import media_spec_class
 from processor.tokenizer import Tokenizer
+from processor.tools import template_tool_calls
 
 ROLES = {"system", "user", "assistant", "developer", "tool"}
 _INLINE_BYTES = 1 << 20  # images smaller than this are described on the event loop
@@ -94,6 +95,9 @@ class RequestBuilder:
             raise InvalidRequestError(
                 f"model {self.config.architecture} does not take images", param="messages"
             )
+        if tools and "tools" not in (self.tokenizer.chat_template or ""):
+            # the template would drop them silently: the model would never learn of its tools
+            raise InvalidRequestError("this model's chat template does not render tools", param="tools")
         extra = {"tools": tools} if tools else {}
         if continue_final_message:
             extra["continue_final_message"] = True
@@ -220,6 +224,12 @@ def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], list[ImageR
             raise InvalidRequestError(
                 f"messages[{i}].role must be one of {sorted(ROLES)}, got {role!r}",
                 param=f"messages[{i}].role",
+            )
+        if role == "assistant" and msg.get("tool_calls") is not None:
+            msg = {**msg, "tool_calls": template_tool_calls(msg["tool_calls"], f"messages[{i}].tool_calls")}
+        if role == "tool" and not isinstance(msg.get("tool_call_id", ""), str):
+            raise InvalidRequestError(
+                f"messages[{i}].tool_call_id must be a string", param=f"messages[{i}].tool_call_id"
             )
         content = msg.get("content")
         if content is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import openai
 import pytest
 
+from common.types import GenerateRequest
 from processor.tokenizer import Tokenizer
 from tests.helpers import SERVED, Cluster, image_part, noise_image
 
@@ -453,7 +454,8 @@ def test_structured_output_is_refused(client, extra):
 
 
 # SGLang function_call/test_tool_choice.py (tool_choice "auto", "required", a named function) and vLLM
-# chat_completion/test_tool_choice_null.py: tool calling is not implemented, so only "none" is served
+# chat_completion/test_tool_choice_null.py: "auto" and "none" are served (random weights call no tool); "required"
+# and a named function need grammar-constrained decoding to be enforced, so until it is wired they are refused
 @pytest.mark.parametrize(
     "choice", ["auto", "required", {"type": "function", "function": {"name": "f"}}, "none"]
 )
@@ -462,11 +464,19 @@ def test_tool_choice(client, choice):
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     ]
     kw = {"model": SERVED, "messages": CHAT, "max_tokens": 2, "tools": tools, "tool_choice": choice}
-    if choice == "none":
-        assert client.chat.completions.create(**kw).choices[0].message.tool_calls is None
+    if choice in ("none", "auto"):
+        r = client.chat.completions.create(**kw)
+        assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    elif "constraint" in GenerateRequest.__dataclass_fields__:  # grammar support merged: the call is forced
+        r = client.chat.completions.create(**{**kw, "max_tokens": 64})
+        assert (
+            r.choices[0].finish_reason == "tool_calls"
+            and r.choices[0].message.tool_calls[0].function.name == "f"
+        )
     else:
-        with pytest.raises(openai.BadRequestError):
+        with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(**kw)
+        assert "grammar" in e.value.body["message"]
 
 
 # vLLM chat_completion/test_chat_logit_bias_validation.py and test_chat_stop_token_ids_validation.py

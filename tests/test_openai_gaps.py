@@ -68,25 +68,13 @@ def _error(r, status: int, param: str | None) -> str:
         ({"regex": "[ab]+"}, "regex"),
         ({"ebnf": 'root ::= "a"'}, "ebnf"),
         ({"json_schema": '{"type": "object"}'}, "json_schema"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        (
-            {
-                "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-                "tool_choice": "required",
-            },
-            "tool_choice",
-        ),
-        ({"tool_choice": "auto"}, "tool_choice"),
     ],
 )
 def test_unimplemented_features_are_refused(cluster, body, param):
     msg = _error(cluster.chat(USER, max_tokens=2, **body), 400, param)
     assert "not supported" in msg
-    if param != "tools" and param != "tool_choice":  # completions take the same fields
-        r = cluster.http.post(
-            "/v1/completions", json={"model": SERVED, "prompt": "a", "max_tokens": 2, **body}
-        )
-        assert "not supported" in _error(r, 400, param)
+    r = cluster.http.post("/v1/completions", json={"model": SERVED, "prompt": "a", "max_tokens": 2, **body})
+    assert "not supported" in _error(r, 400, param)  # completions take the same fields
 
 
 @pytest.mark.parametrize("key", ["regex", "ebnf", "json_schema", "structural_tag"])
@@ -103,8 +91,8 @@ def test_text_response_format_and_tool_choice_none_are_served(client):
 
 
 def test_tools_with_tool_choice_none_are_served(client):
-    """tool_choice none: no tool is called, so no parser is needed; the tools go to the chat template (Qwen2.5-VL's
-    renders none)."""
+    """tool_choice none: no tool is called and the output is not parsed; the tools still go to the chat template
+    (as vLLM renders them). Tool calling itself: tests/test_tool_calls_api.py."""
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     r = client.chat.completions.create(
         model=SERVED, messages=USER, max_tokens=2, tools=[tool], tool_choice="none"
