@@ -70,7 +70,7 @@ class GetSharedPoolRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SharedPool(_message.Message):
-    __slots__ = ("pool_id", "kind", "num_pages", "page_rows", "hidden_size", "dtype", "device", "shm_name", "cuda_handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "probe_scale")
+    __slots__ = ("pool_id", "kind", "num_pages", "page_rows", "hidden_size", "dtype", "device", "shm_name", "cuda_handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "probe_scale", "ready_event_handles")
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class SharedPool(_message.Message):
     EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
     EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     PROBE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    READY_EVENT_HANDLES_FIELD_NUMBER: _ClassVar[int]
     pool_id: str
     kind: str
     num_pages: int
@@ -103,7 +104,8 @@ class SharedPool(_message.Message):
     event_handle: bytes
     event_sync_required: bool
     probe_scale: float
-    def __init__(self, pool_id: _Optional[str] = ..., kind: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., shm_name: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., probe_scale: _Optional[float] = ...) -> None: ...
+    ready_event_handles: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, pool_id: _Optional[str] = ..., kind: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., shm_name: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., probe_scale: _Optional[float] = ..., ready_event_handles: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ReleaseEmbeddingsRequest(_message.Message):
     __slots__ = ("lease_id", "pool_id")

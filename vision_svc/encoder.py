@@ -4,6 +4,7 @@ however many callers ask for it at the same time. Free of protobuf; the servicer
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -246,15 +247,19 @@ class VisionEncoder:
                 batch.append(entry)
                 rows += self._patches(entry[0])
             try:
-                done = await loop.run_in_executor(self._executor, self.run_batch, [p for p, _ in batch])
+                done, finish = await loop.run_in_executor(
+                    self._executor, self.launch_batch, [p for p, _ in batch]
+                )
             except BaseException as e:  # noqa: BLE001 - every image of the batch fails with it
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
-            for p, fut in batch:
+            for p, fut in batch:  # answered now: with early answers the device may still be running it
                 if not fut.done():
                     fut.set_result(done[p.item.content_key])
+            # images that arrive meanwhile gather for the next forward, as before
+            await loop.run_in_executor(self._executor, finish)
 
     @staticmethod
     def _patches(p: _Prepared) -> int:
@@ -318,29 +323,60 @@ class VisionEncoder:
 
     @torch.inference_mode()
     def run_batch(self, batch: Sequence[_Prepared]) -> dict[str, EncodedItem]:
+        """Encode a batch and wait until its rows are in the pool."""
+        out, finish = self.launch_batch(batch, early=False)
+        finish()
+        return out
+
+    @property
+    def answers_early(self) -> bool:
+        """Whether batches are answered once queued on the device: a CUDA IPC pool, whose leases name a ready
+        event that the worker's stream waits on (no host waits for the tower; in-process readers share the
+        stream)."""
+        return bool(self.cache.ready_events)
+
+    @torch.inference_mode()
+    def launch_batch(
+        self, batch: Sequence[_Prepared], early: bool | None = None
+    ) -> tuple[dict[str, EncodedItem], Callable[[], None]]:
+        """Queue a batch's tower and pool writes. With `early` (default: `answers_early`) its results are final
+        when this returns while the device still runs it (leases carry the pool's ready event); `finish` waits for
+        the device and records the timings either way."""
+        early = self.answers_early if early is None else early
         t0 = time.perf_counter_ns()
         grids = [p.grid for p in batch]
         emb = self.forward([p.payload for p in batch], grids)
-        start = 0
+        rows, start = [], 0
         for p in batch:
-            self.cache.put(p.item.content_key, emb[start : start + p.item.num_tokens])
+            rows.append((p.item.content_key, emb[start : start + p.item.num_tokens]))
             start += p.item.num_tokens
-        if self.device.type == "cuda":  # the rows are in the pool before anyone hears they are cached
-            torch.cuda.synchronize(self.device)
-        forward_ns = time.perf_counter_ns() - t0
-        self.on_batch_encoded(forward_ns * 1e-9)
+        written = self.cache.put_many(rows, ready_event=early)
         total = sum(map(self._patches, batch))
         self.stats.batches += 1
         if self.graphs is not None and self.graphs.bucket_for(total, len(batch), self.graphs.in_features):
             self.stats.graph_batches += 1
+        launch_ns = time.perf_counter_ns() - t0
         out = {}
-        for p in batch:
-            ns = p.host_ns + forward_ns * self._patches(p) // max(1, total)
+        for p in batch:  # early: the time until answered; else finish() puts in the device's time
             self.stats.images_encoded += 1
-            self.stats.encode_ns_total += ns
+            ns = p.host_ns + launch_ns * self._patches(p) // max(1, total)
             out[p.item.content_key] = EncodedItem(p.item.content_key, p.item.num_tokens, False, ns)
-        logger.info("encoded %d image(s), %d patches in %.1f ms", len(batch), total, forward_ns / 1e6)
-        return out
+
+        def finish() -> None:
+            if written is not None:
+                written.synchronize()
+            elif self.device.type == "cuda":  # the rows are in the pool before anyone hears they are cached
+                torch.cuda.synchronize(self.device)
+            forward_ns = time.perf_counter_ns() - t0
+            self.on_batch_encoded(forward_ns * 1e-9)
+            for p in batch:
+                ns = p.host_ns + forward_ns * self._patches(p) // max(1, total)
+                self.stats.encode_ns_total += ns
+                if not early:
+                    out[p.item.content_key] = dataclasses.replace(out[p.item.content_key], encode_ns=ns)
+            logger.info("encoded %d image(s), %d patches in %.1f ms", len(batch), total, forward_ns / 1e6)
+
+        return out, finish
 
     # ---- warm-up ----
 
