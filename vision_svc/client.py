@@ -53,6 +53,16 @@ class VisionClient:
         granted = lease_from_proto(resp.lease) if resp.HasField("lease") else None
         return [encoded_from_proto(e) for e in resp.items], granted
 
+    async def prepare(self, items: Sequence[MultimodalItem], timeout_s: float = 5.0) -> int:
+        """Hint that these items' Encode is coming: the vision service decodes them now. Returns how many
+        started; a hint is best effort, so failures are logged, not raised."""
+        request = vision_pb2.PrepareRequest(items=[mm_item_to_proto(m) for m in items])
+        try:
+            return (await self._stub.Prepare(request, timeout=timeout_s)).num_started
+        except grpc.aio.AioRpcError as e:
+            logger.debug("prepare hint to %s failed: %s", self.address, e.code())
+            return 0
+
     async def info(self) -> vision_pb2.VisionInfo:
         try:
             return await self._stub.GetInfo(vision_pb2.GetInfoRequest(), timeout=10)

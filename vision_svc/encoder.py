@@ -49,6 +49,10 @@ class EncoderConfig:
     warmup: bool = True  # run representative image shapes before serving
 
 
+MAX_PREPARED_AHEAD = 16  # decoded images held for an encode that has not come yet
+PREPARED_AHEAD_TTL_S = 10.0  # after which a hint's pixels are dropped
+
+
 def _ignore(_seconds: float) -> None:
     pass
 
@@ -62,6 +66,7 @@ class VisionStats:
     encode_ns_total: int = 0
     batches: int = 0  # encoder forwards (each holds every image that was ready when it started)
     graph_batches: int = 0  # of them replayed from a CUDA graph
+    prepared_ahead: int = 0  # images an encode found decoded by a prepare hint
 
 
 @dataclass
@@ -111,6 +116,8 @@ class VisionEncoder:
         self.on_preprocessed: Callable[[float], None] = _ignore
         self.on_batch_encoded: Callable[[float], None] = _ignore
         self._inflight: dict[str, asyncio.Future] = {}
+        # prepare hints: key -> (host half running or done, when it is dropped unless an encode takes it)
+        self._ahead: dict[str, tuple[asyncio.Future, float]] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="vision-encode")
         threads = cfg.preprocess_threads or max(1, (os.cpu_count() or 2) // 2)
         self._host_pool = ThreadPoolExecutor(threads, thread_name_prefix="vision-host")
@@ -151,9 +158,7 @@ class VisionEncoder:
                 self._inflight[item.content_key] = loop.create_future()
         if todo:
             try:
-                prepared = await asyncio.gather(
-                    *(loop.run_in_executor(self._host_pool, self.prepare, item) for item in todo)
-                )
+                prepared = await asyncio.gather(*(self._prepared(item) for item in todo))
                 done = await asyncio.gather(*(self._submit(p) for p in prepared))
                 for item, enc in zip(todo, done, strict=True):
                     results[item.content_key] = enc
@@ -170,6 +175,44 @@ class VisionEncoder:
             results[item.content_key] = EncodedItem(item.content_key, item.num_tokens, True)
         self.stats.cache_hits += sum(1 for r in results.values() if r.cache_hit)
         return [results[i.content_key] for i in items]
+
+    def prepare_ahead(self, items: Sequence[MultimodalItem]) -> int:
+        """Start the host half (decode) of items that are neither cached, encoding nor prepared, so that their
+        encode finds them decoded; returns how many started. Errors are kept for nobody: the encode prepares
+        again and reports its own."""
+        loop = asyncio.get_running_loop()
+        self._expire_ahead()
+        started = 0
+        for item in items:
+            key = item.content_key
+            if key in self._ahead or key in self._inflight or key in self.cache:
+                continue
+            if len(self._ahead) >= MAX_PREPARED_AHEAD:
+                break
+            fut = loop.run_in_executor(self._host_pool, self.prepare, item)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+            self._ahead[key] = (fut, time.monotonic() + PREPARED_AHEAD_TTL_S)
+            started += 1
+        return started
+
+    def _expire_ahead(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, (_, deadline) in self._ahead.items() if deadline < now]:
+            del self._ahead[key]
+
+    async def _prepared(self, item: MultimodalItem) -> _Prepared:
+        """The host half of an item: a prepare hint's when one ran for it and agrees, else done now."""
+        self._expire_ahead()
+        ahead = self._ahead.pop(item.content_key, None)
+        if ahead is not None:
+            try:
+                p = await ahead[0]
+            except Exception:  # noqa: BLE001 - prepared again below, which raises for this caller
+                p = None
+            if p is not None and p.grid == tuple(item.grid_thw) and p.item.num_tokens == item.num_tokens:
+                self.stats.prepared_ahead += 1
+                return dataclasses.replace(p, item=item)
+        return await asyncio.get_running_loop().run_in_executor(self._host_pool, self.prepare, item)
 
     def get_embeddings(
         self, keys: Sequence[str], device: torch.device | None = None, dtype: torch.dtype | None = None
