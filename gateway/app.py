@@ -117,7 +117,7 @@ class Gateway:
     def _hint_vision(self, items: list[MultimodalItem]) -> None:
         """A request's images are fetched: the vision service starts decoding them while the request is tokenized
         and scheduled (best effort; the encode decodes them itself when the hint did not arrive)."""
-        task = asyncio.get_running_loop().create_task(self.vision.prepare(items))
+        task = self.vision.prepare(items)
         self._hints.add(task)
         task.add_done_callback(self._hints.discard)
 

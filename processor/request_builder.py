@@ -187,6 +187,7 @@ class RequestBuilder:
                     for _ref, data, key, grid in images
                 ]
             )
+            await asyncio.sleep(0)  # one turn of the loop: a hint's call goes out now, not after tokenization
         return images
 
     def _describe(self, ref: ImageRef, data: bytes) -> tuple[ImageRef, bytes, str, tuple[int, int, int], int]:

@@ -3,6 +3,7 @@ made from its model thread)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,15 +54,21 @@ class VisionClient:
         granted = lease_from_proto(resp.lease) if resp.HasField("lease") else None
         return [encoded_from_proto(e) for e in resp.items], granted
 
-    async def prepare(self, items: Sequence[MultimodalItem], timeout_s: float = 5.0) -> int:
-        """Hint that these items' Encode is coming: the vision service decodes them now. Returns how many
-        started; a hint is best effort, so failures are logged, not raised."""
+    def prepare(self, items: Sequence[MultimodalItem], timeout_s: float = 5.0) -> asyncio.Task:
+        """Hint that these items' Encode is coming: the vision service decodes them now. The call starts at the
+        event loop's next turn (a caller that goes on computing should yield once); the task returns how many
+        started. A hint is best effort: failures are logged, not raised."""
         request = vision_pb2.PrepareRequest(items=[mm_item_to_proto(m) for m in items])
-        try:
-            return (await self._stub.Prepare(request, timeout=timeout_s)).num_started
-        except grpc.aio.AioRpcError as e:
-            logger.debug("prepare hint to %s failed: %s", self.address, e.code())
-            return 0
+        call = self._stub.Prepare(request, timeout=timeout_s)  # queued now, ahead of the task below
+
+        async def answered() -> int:
+            try:
+                return (await call).num_started
+            except grpc.aio.AioRpcError as e:
+                logger.debug("prepare hint to %s failed: %s", self.address, e.code())
+                return 0
+
+        return asyncio.get_running_loop().create_task(answered())
 
     async def info(self) -> vision_pb2.VisionInfo:
         try:
