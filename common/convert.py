@@ -434,8 +434,12 @@ def encoded_to_proto(e: EncodedItem) -> vision_pb2.EncodedItem:
 
 def location_to_proto(loc: EmbeddingLocation) -> common_pb2.EmbeddingLocation:
     return common_pb2.EmbeddingLocation(
-        content_key=loc.content_key, page_ids=loc.page_ids, num_rows=loc.num_rows
+        content_key=loc.content_key, page_ids=loc.page_ids, num_rows=loc.num_rows, ready_event=loc.ready_event
     )
+
+
+def location_from_proto(p: common_pb2.EmbeddingLocation) -> EmbeddingLocation:
+    return EmbeddingLocation(p.content_key, tuple(p.page_ids), p.num_rows, p.ready_event)
 
 
 def lease_to_proto(lease: EmbeddingLease) -> common_pb2.EmbeddingLease:
@@ -450,5 +454,5 @@ def lease_from_proto(p: common_pb2.EmbeddingLease) -> EmbeddingLease:
     return EmbeddingLease(
         p.pool_id,
         p.lease_id,
-        tuple(EmbeddingLocation(x.content_key, tuple(x.page_ids), x.num_rows) for x in p.locations),
+        tuple(location_from_proto(x) for x in p.locations),
     )

@@ -41,7 +41,7 @@ ADMIN = "admin"
 CALLERS = {
     "mirador.scheduler.v1.Scheduler": ("gateway",),
     "mirador.worker.v1.Worker": ("scheduler",),
-    "mirador.vision.v1.Vision": ("scheduler", "worker"),
+    "mirador.vision.v1.Vision": ("scheduler", "worker", "gateway"),  # the gateway only sends Prepare hints
 }
 _OPEN_PREFIX = "/grpc.health.v1.Health/"
 _AUTH_HEADER = "authorization"

@@ -253,6 +253,9 @@ class EmbeddingLocation:
     content_key: str
     page_ids: tuple[int, ...]
     num_rows: int
+    # 0: the rows are in the pool; k > 0: they are still being written, and a reader first waits (on its device)
+    # for the pool's ready event k - 1 (vision.v1.SharedPool.ready_event_handles)
+    ready_event: int = 0
 
 
 @dataclass(frozen=True)

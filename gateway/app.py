@@ -32,6 +32,7 @@ from common.errors import (
 )
 from common.grpc_utils import create_channel
 from common.service_main import settle_gc
+from common.types import MultimodalItem
 from gateway import native
 from gateway.config import GatewayArgs
 from gateway.errors import RETRY_AFTER_S, error_body, error_response, from_validation_error
@@ -65,6 +66,7 @@ from processor.model_config import load_generation_defaults, load_generation_eos
 from processor.request_builder import RequestBuilder
 from processor.tool_parsers import tool_parser
 from scheduler_svc.client import SchedulerClient
+from vision_svc.client import VisionClient
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +97,17 @@ class Gateway:
         self.metrics = GatewayMetrics(self.card.served_name)
         self.tool_parser = tool_parser(args.tool_call_parser, cfg.model_type)
         self.scheduler: SchedulerClient | None = None
+        self.vision: VisionClient | None = None  # for decode hints (--vision-address)
+        self._hints: set[asyncio.Task] = set()
         self.serving: OpenAIServing | None = None
         self._synced = False
 
     async def start(self) -> None:
         """gRPC channels belong to the event loop that serves: create them inside it."""
         self.scheduler = SchedulerClient(self.args.scheduler_address, timeout_s=self.args.request_timeout_s)
+        if self.args.vision_address and self.builder.media_spec is not None:
+            self.vision = VisionClient(self.args.vision_address)
+            self.builder.on_images = self._hint_vision
         self._health_channel = create_channel(self.args.scheduler_address)
         self._health = health_pb2_grpc.HealthStub(self._health_channel)
         self.serving = OpenAIServing(
@@ -113,6 +120,13 @@ class Gateway:
         )
         await self.builder.warmup()
         settle_gc()
+
+    def _hint_vision(self, items: list[MultimodalItem]) -> None:
+        """A request's images are fetched: the vision service starts decoding them while the request is tokenized
+        and scheduled (best effort; the encode decodes them itself when the hint did not arrive)."""
+        task = self.vision.prepare(items)
+        self._hints.add(task)
+        task.add_done_callback(self._hints.discard)
 
     async def sync_with_scheduler(self) -> None:
         """Adopt the scheduler's effective limits (e.g. a --context-length override) once it answers."""
@@ -131,6 +145,8 @@ class Gateway:
 
     async def close(self) -> None:
         await self.scheduler.close()
+        if self.vision is not None:
+            await self.vision.close()
         await self._health_channel.close()
         await self.builder.aclose()
 

@@ -19,6 +19,11 @@ class GatewayArgs(InternalAuthArgs, ObservabilityArgs):
     host: str = arg("127.0.0.1", "HTTP address to listen on")
     port: int = arg(8000, "HTTP port")
     scheduler_address: str = arg("127.0.0.1:50051", "host:port of the scheduler service")
+    vision_address: str = arg(
+        "",
+        "host:port of the vision service, for decode hints: a request's images start decoding there as soon as "
+        "they are fetched, while the request is tokenized and scheduled ('' : no hints)",
+    )
     served_model_name: str = arg("", "model name clients send (default: the model path)")
     allow_private_media_urls: bool = arg(
         False,

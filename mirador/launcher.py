@@ -191,7 +191,7 @@ def service_args(up: UpArgs) -> dict[str, ArgsBase]:
             vision_address=addr["vision"],
             connect_timeout_s=up.startup_timeout_s,
         ),
-        "gateway": _pick(GatewayArgs, up, scheduler_address=addr["scheduler"]),
+        "gateway": _pick(GatewayArgs, up, scheduler_address=addr["scheduler"], vision_address=addr["vision"]),
     }
 
 

@@ -7,6 +7,7 @@ Shared by the gateway and the in-process engine. Media is fetched concurrently; 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ class RequestBuilder:
         )
         self.image_token_id = self.config.image_token_id
         self._settings = self.media_spec.fingerprint() if self.media_spec else ""
+        # called with a request's images as soon as they are fetched and described, before the chat template
+        # and tokenization (the gateway hints the vision service to start decoding them)
+        self.on_images: Callable[[list[MultimodalItem]], None] | None = None
 
     async def aclose(self) -> None:
         await self.fetcher.aclose()
@@ -101,11 +105,11 @@ class RequestBuilder:
         extra = {"tools": tools} if tools else {}
         if continue_final_message:
             extra["continue_final_message"] = True
+        images = await self.load_images(refs)  # first: their decoding can start while the text is tokenized
         text = self.tokenizer.apply_chat_template(
             normalized, add_generation_prompt=add_generation_prompt, **extra, **(chat_template_kwargs or {})
         )
         ids = await self._encode(text)
-        images = await self.load_images(refs)
         return self._expand(ids, images, text)
 
     async def warmup(self) -> None:
@@ -177,7 +181,16 @@ class RequestBuilder:
                 f"the request's images hold {total} pixels; at most {self.policy.max_request_pixels} per request",
                 param="messages",
             )
-        return [d[:4] for d in described]
+        images = [d[:4] for d in described]
+        if self.on_images is not None and images:
+            self.on_images(
+                [
+                    MultimodalItem(key, 0, self.media_spec.num_image_tokens(grid), grid, "image", data)
+                    for _ref, data, key, grid in images
+                ]
+            )
+            await asyncio.sleep(0)  # one turn of the loop: a hint's call goes out now, not after tokenization
+        return images
 
     def _describe(self, ref: ImageRef, data: bytes) -> tuple[ImageRef, bytes, str, tuple[int, int, int], int]:
         width, height = image_size(data, self.policy, ref.param)

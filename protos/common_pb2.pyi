@@ -88,14 +88,16 @@ class TopLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class EmbeddingLocation(_message.Message):
-    __slots__ = ("content_key", "page_ids", "num_rows")
+    __slots__ = ("content_key", "page_ids", "num_rows", "ready_event")
     CONTENT_KEY_FIELD_NUMBER: _ClassVar[int]
     PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
+    READY_EVENT_FIELD_NUMBER: _ClassVar[int]
     content_key: str
     page_ids: _containers.RepeatedScalarFieldContainer[int]
     num_rows: int
-    def __init__(self, content_key: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., num_rows: _Optional[int] = ...) -> None: ...
+    ready_event: int
+    def __init__(self, content_key: _Optional[str] = ..., page_ids: _Optional[_Iterable[int]] = ..., num_rows: _Optional[int] = ..., ready_event: _Optional[int] = ...) -> None: ...
 
 class EmbeddingLease(_message.Message):
     __slots__ = ("pool_id", "lease_id", "locations")

@@ -25,45 +25,49 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/vision.proto\x12\x11mirador.vision.v1\x1a\x13protos/common.proto\"P\n\rEncodeRequest\x12\x30\n\x05items\x18\x01 \x03(\x0b\x32!.mirador.common.v1.MultimodalItem\x12\r\n\x05lease\x18\x02 \x01(\x08\"\\\n\x0b\x45ncodedItem\x12\x13\n\x0b\x63ontent_key\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x11\n\tencode_ns\x18\x04 \x01(\x03\"q\n\x0e\x45ncodeResponse\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.mirador.vision.v1.EncodedItem\x12\x30\n\x05lease\x18\x02 \x01(\x0b\x32!.mirador.common.v1.EmbeddingLease\"B\n\x14GetEmbeddingsRequest\x12\x14\n\x0c\x63ontent_keys\x18\x01 \x03(\t\x12\x14\n\x0c\x62y_reference\x18\x02 \x01(\x08\"I\n\tEmbedding\x12\x13\n\x0b\x63ontent_key\x18\x01 \x01(\t\x12\'\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x19.mirador.common.v1.Tensor\"\xbb\x01\n\x15GetEmbeddingsResponse\x12\x30\n\nembeddings\x18\x01 \x03(\x0b\x32\x1c.mirador.vision.v1.Embedding\x12\x14\n\x0cmissing_keys\x18\x02 \x03(\t\x12\x37\n\tlocations\x18\x03 \x03(\x0b\x32$.mirador.common.v1.EmbeddingLocation\x12\x10\n\x08lease_id\x18\x04 \x01(\x04\x12\x0f\n\x07pool_id\x18\x05 \x01(\t\"\x16\n\x14GetSharedPoolRequest\"\xe6\x02\n\nSharedPool\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tnum_pages\x18\x03 \x01(\x05\x12\x11\n\tpage_rows\x18\x04 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x10\n\x08shm_name\x18\x08 \x01(\t\x12\x13\n\x0b\x63uda_handle\x18\t \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\n \x01(\x03\x12\x1c\n\x14storage_offset_bytes\x18\x0b \x01(\x03\x12\x1a\n\x12ref_counter_handle\x18\x0c \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\r \x01(\x03\x12\x14\n\x0c\x65vent_handle\x18\x0e \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x0f \x01(\x08\x12\x13\n\x0bprobe_scale\x18\x10 \x01(\x02\"=\n\x18ReleaseEmbeddingsRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\"\x1b\n\x19ReleaseEmbeddingsResponse\"\x10\n\x0eGetInfoRequest\"\xd6\x01\n\nVisionInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x1a\n\x12\x63\x61\x63he_budget_bytes\x18\x05 \x01(\x03\x12\x19\n\x11\x61ttention_backend\x18\x06 \x01(\t\x12\x17\n\x0fimage_processor\x18\x07 \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\x08 \x01(\x08\x12\x19\n\x11\x65mbedding_sharing\x18\t \x01(\t\"\x11\n\x0fGetStatsRequest\"\x98\x02\n\x0bVisionStats\x12\x14\n\x0c\x65ncode_calls\x18\x01 \x01(\x03\x12\x16\n\x0eimages_encoded\x18\x02 \x01(\x03\x12\x12\n\ncache_hits\x18\x03 \x01(\x03\x12\x15\n\rcache_entries\x18\x04 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x03\x12\x11\n\tevictions\x18\x06 \x01(\x03\x12\x17\n\x0f\x65ncode_ns_total\x18\x07 \x01(\x03\x12\x1a\n\x12pulls_by_reference\x18\x08 \x01(\x03\x12\x16\n\x0epulls_by_value\x18\t \x01(\x03\x12\x13\n\x0bopen_leases\x18\n \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x0b \x01(\x03\x12\x15\n\rgraph_batches\x18\x0c \x01(\x03\"\x13\n\x11\x46lushCacheRequest\"\'\n\x12\x46lushCacheResponse\x12\x11\n\tnum_freed\x18\x01 \x01(\x05\x32\xfc\x04\n\x06Vision\x12M\n\x06\x45ncode\x12 .mirador.vision.v1.EncodeRequest\x1a!.mirador.vision.v1.EncodeResponse\x12\x62\n\rGetEmbeddings\x12\'.mirador.vision.v1.GetEmbeddingsRequest\x1a(.mirador.vision.v1.GetEmbeddingsResponse\x12W\n\rGetSharedPool\x12\'.mirador.vision.v1.GetSharedPoolRequest\x1a\x1d.mirador.vision.v1.SharedPool\x12n\n\x11ReleaseEmbeddings\x12+.mirador.vision.v1.ReleaseEmbeddingsRequest\x1a,.mirador.vision.v1.ReleaseEmbeddingsResponse\x12K\n\x07GetInfo\x12!.mirador.vision.v1.GetInfoRequest\x1a\x1d.mirador.vision.v1.VisionInfo\x12N\n\x08GetStats\x12\".mirador.vision.v1.GetStatsRequest\x1a\x1e.mirador.vision.v1.VisionStats\x12Y\n\nFlushCache\x12$.mirador.vision.v1.FlushCacheRequest\x1a%.mirador.vision.v1.FlushCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/vision.proto\x12\x11mirador.vision.v1\x1a\x13protos/common.proto\"B\n\x0ePrepareRequest\x12\x30\n\x05items\x18\x01 \x03(\x0b\x32!.mirador.common.v1.MultimodalItem\"&\n\x0fPrepareResponse\x12\x13\n\x0bnum_started\x18\x01 \x01(\x05\"P\n\rEncodeRequest\x12\x30\n\x05items\x18\x01 \x03(\x0b\x32!.mirador.common.v1.MultimodalItem\x12\r\n\x05lease\x18\x02 \x01(\x08\"\\\n\x0b\x45ncodedItem\x12\x13\n\x0b\x63ontent_key\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x11\n\tencode_ns\x18\x04 \x01(\x03\"q\n\x0e\x45ncodeResponse\x12-\n\x05items\x18\x01 \x03(\x0b\x32\x1e.mirador.vision.v1.EncodedItem\x12\x30\n\x05lease\x18\x02 \x01(\x0b\x32!.mirador.common.v1.EmbeddingLease\"B\n\x14GetEmbeddingsRequest\x12\x14\n\x0c\x63ontent_keys\x18\x01 \x03(\t\x12\x14\n\x0c\x62y_reference\x18\x02 \x01(\x08\"I\n\tEmbedding\x12\x13\n\x0b\x63ontent_key\x18\x01 \x01(\t\x12\'\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x19.mirador.common.v1.Tensor\"\xbb\x01\n\x15GetEmbeddingsResponse\x12\x30\n\nembeddings\x18\x01 \x03(\x0b\x32\x1c.mirador.vision.v1.Embedding\x12\x14\n\x0cmissing_keys\x18\x02 \x03(\t\x12\x37\n\tlocations\x18\x03 \x03(\x0b\x32$.mirador.common.v1.EmbeddingLocation\x12\x10\n\x08lease_id\x18\x04 \x01(\x04\x12\x0f\n\x07pool_id\x18\x05 \x01(\t\"\x16\n\x14GetSharedPoolRequest\"\x83\x03\n\nSharedPool\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tnum_pages\x18\x03 \x01(\x05\x12\x11\n\tpage_rows\x18\x04 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x10\n\x08shm_name\x18\x08 \x01(\t\x12\x13\n\x0b\x63uda_handle\x18\t \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\n \x01(\x03\x12\x1c\n\x14storage_offset_bytes\x18\x0b \x01(\x03\x12\x1a\n\x12ref_counter_handle\x18\x0c \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\r \x01(\x03\x12\x14\n\x0c\x65vent_handle\x18\x0e \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x0f \x01(\x08\x12\x13\n\x0bprobe_scale\x18\x10 \x01(\x02\x12\x1b\n\x13ready_event_handles\x18\x11 \x03(\x0c\"=\n\x18ReleaseEmbeddingsRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x04\x12\x0f\n\x07pool_id\x18\x02 \x01(\t\"\x1b\n\x19ReleaseEmbeddingsResponse\"\x10\n\x0eGetInfoRequest\"\xd6\x01\n\nVisionInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x13\n\x0bhidden_size\x18\x02 \x01(\x05\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x1a\n\x12\x63\x61\x63he_budget_bytes\x18\x05 \x01(\x03\x12\x19\n\x11\x61ttention_backend\x18\x06 \x01(\t\x12\x17\n\x0fimage_processor\x18\x07 \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\x08 \x01(\x08\x12\x19\n\x11\x65mbedding_sharing\x18\t \x01(\t\"\x11\n\x0fGetStatsRequest\"\xb7\x02\n\x0bVisionStats\x12\x14\n\x0c\x65ncode_calls\x18\x01 \x01(\x03\x12\x16\n\x0eimages_encoded\x18\x02 \x01(\x03\x12\x12\n\ncache_hits\x18\x03 \x01(\x03\x12\x15\n\rcache_entries\x18\x04 \x01(\x03\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x03\x12\x11\n\tevictions\x18\x06 \x01(\x03\x12\x17\n\x0f\x65ncode_ns_total\x18\x07 \x01(\x03\x12\x1a\n\x12pulls_by_reference\x18\x08 \x01(\x03\x12\x16\n\x0epulls_by_value\x18\t \x01(\x03\x12\x13\n\x0bopen_leases\x18\n \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x0b \x01(\x03\x12\x15\n\rgraph_batches\x18\x0c \x01(\x03\x12\x1d\n\x15images_prepared_ahead\x18\r \x01(\x03\"\x13\n\x11\x46lushCacheRequest\"\'\n\x12\x46lushCacheResponse\x12\x11\n\tnum_freed\x18\x01 \x01(\x05\x32\xce\x05\n\x06Vision\x12M\n\x06\x45ncode\x12 .mirador.vision.v1.EncodeRequest\x1a!.mirador.vision.v1.EncodeResponse\x12\x62\n\rGetEmbeddings\x12\'.mirador.vision.v1.GetEmbeddingsRequest\x1a(.mirador.vision.v1.GetEmbeddingsResponse\x12W\n\rGetSharedPool\x12\'.mirador.vision.v1.GetSharedPoolRequest\x1a\x1d.mirador.vision.v1.SharedPool\x12n\n\x11ReleaseEmbeddings\x12+.mirador.vision.v1.ReleaseEmbeddingsRequest\x1a,.mirador.vision.v1.ReleaseEmbeddingsResponse\x12K\n\x07GetInfo\x12!.mirador.vision.v1.GetInfoRequest\x1a\x1d.mirador.vision.v1.VisionInfo\x12N\n\x08GetStats\x12\".mirador.vision.v1.GetStatsRequest\x1a\x1e.mirador.vision.v1.VisionStats\x12Y\n\nFlushCache\x12$.mirador.vision.v1.FlushCacheRequest\x1a%.mirador.vision.v1.FlushCacheResponse\x12P\n\x07Prepare\x12!.mirador.vision.v1.PrepareRequest\x1a\".mirador.vision.v1.PrepareResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.vision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODEREQUEST']._serialized_start=63
-  _globals['_ENCODEREQUEST']._serialized_end=143
-  _globals['_ENCODEDITEM']._serialized_start=145
-  _globals['_ENCODEDITEM']._serialized_end=237
-  _globals['_ENCODERESPONSE']._serialized_start=239
-  _globals['_ENCODERESPONSE']._serialized_end=352
-  _globals['_GETEMBEDDINGSREQUEST']._serialized_start=354
-  _globals['_GETEMBEDDINGSREQUEST']._serialized_end=420
-  _globals['_EMBEDDING']._serialized_start=422
-  _globals['_EMBEDDING']._serialized_end=495
-  _globals['_GETEMBEDDINGSRESPONSE']._serialized_start=498
-  _globals['_GETEMBEDDINGSRESPONSE']._serialized_end=685
-  _globals['_GETSHAREDPOOLREQUEST']._serialized_start=687
-  _globals['_GETSHAREDPOOLREQUEST']._serialized_end=709
-  _globals['_SHAREDPOOL']._serialized_start=712
-  _globals['_SHAREDPOOL']._serialized_end=1070
-  _globals['_RELEASEEMBEDDINGSREQUEST']._serialized_start=1072
-  _globals['_RELEASEEMBEDDINGSREQUEST']._serialized_end=1133
-  _globals['_RELEASEEMBEDDINGSRESPONSE']._serialized_start=1135
-  _globals['_RELEASEEMBEDDINGSRESPONSE']._serialized_end=1162
-  _globals['_GETINFOREQUEST']._serialized_start=1164
-  _globals['_GETINFOREQUEST']._serialized_end=1180
-  _globals['_VISIONINFO']._serialized_start=1183
-  _globals['_VISIONINFO']._serialized_end=1397
-  _globals['_GETSTATSREQUEST']._serialized_start=1399
-  _globals['_GETSTATSREQUEST']._serialized_end=1416
-  _globals['_VISIONSTATS']._serialized_start=1419
-  _globals['_VISIONSTATS']._serialized_end=1699
-  _globals['_FLUSHCACHEREQUEST']._serialized_start=1701
-  _globals['_FLUSHCACHEREQUEST']._serialized_end=1720
-  _globals['_FLUSHCACHERESPONSE']._serialized_start=1722
-  _globals['_FLUSHCACHERESPONSE']._serialized_end=1761
-  _globals['_VISION']._serialized_start=1764
-  _globals['_VISION']._serialized_end=2400
+  _globals['_PREPAREREQUEST']._serialized_start=63
+  _globals['_PREPAREREQUEST']._serialized_end=129
+  _globals['_PREPARERESPONSE']._serialized_start=131
+  _globals['_PREPARERESPONSE']._serialized_end=169
+  _globals['_ENCODEREQUEST']._serialized_start=171
+  _globals['_ENCODEREQUEST']._serialized_end=251
+  _globals['_ENCODEDITEM']._serialized_start=253
+  _globals['_ENCODEDITEM']._serialized_end=345
+  _globals['_ENCODERESPONSE']._serialized_start=347
+  _globals['_ENCODERESPONSE']._serialized_end=460
+  _globals['_GETEMBEDDINGSREQUEST']._serialized_start=462
+  _globals['_GETEMBEDDINGSREQUEST']._serialized_end=528
+  _globals['_EMBEDDING']._serialized_start=530
+  _globals['_EMBEDDING']._serialized_end=603
+  _globals['_GETEMBEDDINGSRESPONSE']._serialized_start=606
+  _globals['_GETEMBEDDINGSRESPONSE']._serialized_end=793
+  _globals['_GETSHAREDPOOLREQUEST']._serialized_start=795
+  _globals['_GETSHAREDPOOLREQUEST']._serialized_end=817
+  _globals['_SHAREDPOOL']._serialized_start=820
+  _globals['_SHAREDPOOL']._serialized_end=1207
+  _globals['_RELEASEEMBEDDINGSREQUEST']._serialized_start=1209
+  _globals['_RELEASEEMBEDDINGSREQUEST']._serialized_end=1270
+  _globals['_RELEASEEMBEDDINGSRESPONSE']._serialized_start=1272
+  _globals['_RELEASEEMBEDDINGSRESPONSE']._serialized_end=1299
+  _globals['_GETINFOREQUEST']._serialized_start=1301
+  _globals['_GETINFOREQUEST']._serialized_end=1317
+  _globals['_VISIONINFO']._serialized_start=1320
+  _globals['_VISIONINFO']._serialized_end=1534
+  _globals['_GETSTATSREQUEST']._serialized_start=1536
+  _globals['_GETSTATSREQUEST']._serialized_end=1553
+  _globals['_VISIONSTATS']._serialized_start=1556
+  _globals['_VISIONSTATS']._serialized_end=1867
+  _globals['_FLUSHCACHEREQUEST']._serialized_start=1869
+  _globals['_FLUSHCACHEREQUEST']._serialized_end=1888
+  _globals['_FLUSHCACHERESPONSE']._serialized_start=1890
+  _globals['_FLUSHCACHERESPONSE']._serialized_end=1929
+  _globals['_VISION']._serialized_start=1932
+  _globals['_VISION']._serialized_end=2650
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PrepareRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[_common_pb2.MultimodalItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.MultimodalItem, _Mapping]]] = ...) -> None: ...
+
+class PrepareResponse(_message.Message):
+    __slots__ = ("num_started",)
+    NUM_STARTED_FIELD_NUMBER: _ClassVar[int]
+    num_started: int
+    def __init__(self, num_started: _Optional[int] = ...) -> None: ...
+
 class EncodeRequest(_message.Message):
     __slots__ = ("items", "lease")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
@@ -70,7 +82,7 @@ class GetSharedPoolRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SharedPool(_message.Message):
-    __slots__ = ("pool_id", "kind", "num_pages", "page_rows", "hidden_size", "dtype", "device", "shm_name", "cuda_handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "probe_scale")
+    __slots__ = ("pool_id", "kind", "num_pages", "page_rows", "hidden_size", "dtype", "device", "shm_name", "cuda_handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "probe_scale", "ready_event_handles")
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +99,7 @@ class SharedPool(_message.Message):
     EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
     EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     PROBE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    READY_EVENT_HANDLES_FIELD_NUMBER: _ClassVar[int]
     pool_id: str
     kind: str
     num_pages: int
@@ -103,7 +116,8 @@ class SharedPool(_message.Message):
     event_handle: bytes
     event_sync_required: bool
     probe_scale: float
-    def __init__(self, pool_id: _Optional[str] = ..., kind: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., shm_name: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., probe_scale: _Optional[float] = ...) -> None: ...
+    ready_event_handles: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, pool_id: _Optional[str] = ..., kind: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_rows: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., shm_name: _Optional[str] = ..., cuda_handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., probe_scale: _Optional[float] = ..., ready_event_handles: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ReleaseEmbeddingsRequest(_message.Message):
     __slots__ = ("lease_id", "pool_id")
@@ -148,7 +162,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VisionStats(_message.Message):
-    __slots__ = ("encode_calls", "images_encoded", "cache_hits", "cache_entries", "cache_bytes", "evictions", "encode_ns_total", "pulls_by_reference", "pulls_by_value", "open_leases", "batches", "graph_batches")
+    __slots__ = ("encode_calls", "images_encoded", "cache_hits", "cache_entries", "cache_bytes", "evictions", "encode_ns_total", "pulls_by_reference", "pulls_by_value", "open_leases", "batches", "graph_batches", "images_prepared_ahead")
     ENCODE_CALLS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_ENCODED_FIELD_NUMBER: _ClassVar[int]
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +175,7 @@ class VisionStats(_message.Message):
     OPEN_LEASES_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     GRAPH_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_PREPARED_AHEAD_FIELD_NUMBER: _ClassVar[int]
     encode_calls: int
     images_encoded: int
     cache_hits: int
@@ -173,7 +188,8 @@ class VisionStats(_message.Message):
     open_leases: int
     batches: int
     graph_batches: int
-    def __init__(self, encode_calls: _Optional[int] = ..., images_encoded: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_entries: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., encode_ns_total: _Optional[int] = ..., pulls_by_reference: _Optional[int] = ..., pulls_by_value: _Optional[int] = ..., open_leases: _Optional[int] = ..., batches: _Optional[int] = ..., graph_batches: _Optional[int] = ...) -> None: ...
+    images_prepared_ahead: int
+    def __init__(self, encode_calls: _Optional[int] = ..., images_encoded: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_entries: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evictions: _Optional[int] = ..., encode_ns_total: _Optional[int] = ..., pulls_by_reference: _Optional[int] = ..., pulls_by_value: _Optional[int] = ..., open_leases: _Optional[int] = ..., batches: _Optional[int] = ..., graph_batches: _Optional[int] = ..., images_prepared_ahead: _Optional[int] = ...) -> None: ...
 
 class FlushCacheRequest(_message.Message):
     __slots__ = ()

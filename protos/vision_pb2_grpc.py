@@ -69,6 +69,11 @@ class VisionStub:
                 request_serializer=protos_dot_vision__pb2.FlushCacheRequest.SerializeToString,
                 response_deserializer=protos_dot_vision__pb2.FlushCacheResponse.FromString,
                 _registered_method=True)
+        self.Prepare = channel.unary_unary(
+                '/mirador.vision.v1.Vision/Prepare',
+                request_serializer=protos_dot_vision__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=protos_dot_vision__pb2.PrepareResponse.FromString,
+                _registered_method=True)
 
 
 class VisionServicer:
@@ -128,6 +133,16 @@ class VisionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prepare(self, request, context):
+        """/ A hint from the gateway, sent as soon as a request's images are fetched (before its chat template,
+        / tokenization and scheduling): decode them now on the host threads, so that the Encode that follows finds
+        / them decoded. Answers at once; nothing is encoded, leased or cached on the device. Items already cached,
+        / being encoded or being prepared are skipped; prepared items nobody encodes are dropped after a few seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +180,11 @@ def add_VisionServicer_to_server(servicer, server):
                     servicer.FlushCache,
                     request_deserializer=protos_dot_vision__pb2.FlushCacheRequest.FromString,
                     response_serializer=protos_dot_vision__pb2.FlushCacheResponse.SerializeToString,
+            ),
+            'Prepare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prepare,
+                    request_deserializer=protos_dot_vision__pb2.PrepareRequest.FromString,
+                    response_serializer=protos_dot_vision__pb2.PrepareResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +376,33 @@ class Vision:
             '/mirador.vision.v1.Vision/FlushCache',
             protos_dot_vision__pb2.FlushCacheRequest.SerializeToString,
             protos_dot_vision__pb2.FlushCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prepare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mirador.vision.v1.Vision/Prepare',
+            protos_dot_vision__pb2.PrepareRequest.SerializeToString,
+            protos_dot_vision__pb2.PrepareResponse.FromString,
             options,
             channel_credentials,
             insecure,

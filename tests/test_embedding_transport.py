@@ -96,6 +96,34 @@ def test_shared_memory_pool_maps_in_place_and_checks_the_probe():
         pool.close()
 
 
+def test_lease_names_the_ready_event_until_the_rows_are_written():
+    """Entries written behind a ready event (an early encode answer) are leased with it until it completes."""
+
+    class _Written:
+        done = False
+
+        def query(self):
+            return self.done
+
+    pool = _pool()
+    pool.put_many([("a", _rows(4)), ("b", _rows(4, seed=1))])
+    written = _Written()
+    pool._entries["a"].ready_event, pool._entries["a"].written = 3, written  # noqa: SLF001
+    lease_id, found, _ = pool.lease(["a", "b"])
+    assert [loc.ready_event for loc in found] == [3, 0]
+    written.done = True
+    assert [loc.ready_event for loc in pool.lease(["a", "b"])[1]] == [0, 0]
+    assert pool._entries["a"].written is None  # noqa: SLF001 - forgotten once complete
+
+
+def test_location_ready_event_round_trips():
+    from common.convert import lease_from_proto, lease_to_proto
+    from common.types import EmbeddingLease, EmbeddingLocation
+
+    lease = EmbeddingLease("p", 3, (EmbeddingLocation("a", (1, 2), 70, 5), EmbeddingLocation("b", (3,), 2)))
+    assert lease_from_proto(lease_to_proto(lease)) == lease
+
+
 # ---- across processes: the real vision service ----
 
 
@@ -343,6 +371,64 @@ def test_cuda_ipc_pool_is_bit_equal_to_bytes(default_model, log_dir):
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+def _early_writer(conn, hidden: int, num_rows: int) -> None:
+    """Child process: a CUDA IPC pool whose rows are written behind ~1 s of device work, leased at once."""
+    from vision_svc.embedding_pool import EmbeddingPool
+
+    pool = EmbeddingPool(1 << 20, hidden, torch.bfloat16, torch.device("cuda"), page_rows=16)
+    conn.send(pool.shared_info())
+    conn.recv()  # mapped
+    rows = (
+        (torch.arange(num_rows * hidden, device="cuda") % 251 + 1).view(num_rows, hidden).to(torch.bfloat16)
+    )
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # the device is busy for about a second before the rows are written
+    pool.put_many([("k", rows)], ready_event=True)
+    lease_id, found, _ = pool.lease(["k"])
+    conn.send((lease_id, found, rows.cpu()))
+    conn.recv()  # the reader is done: the pool may go
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lease_before_the_rows_are_written_waits_on_the_device():
+    """An encode answered while the device still writes the rows: the lease names the pool's ready event and the
+    reader's stream waits for it, so the copy sees the rows (without the wait it reads the unwritten pages)."""
+    import multiprocessing
+
+    from common.types import EmbeddingLease
+    from vision_svc.client import VisionEmbeddingSource
+    from vision_svc.embedding_pool import open_ready_events
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_early_writer, args=(child, 64, 40))
+    proc.start()
+    try:
+        info = parent.recv()
+        assert len(info.ready_event_handles) > 0
+        src = VisionEmbeddingSource(f"127.0.0.1:{free_port()}")  # nobody listens: the release just fails
+        src._pool, src._keep = map_shared_pool(info)  # noqa: SLF001
+        src._ready_events, src.pool_id = open_ready_events(info), info.pool_id  # noqa: SLF001
+        parent.send("mapped")
+        lease_id, found, want = parent.recv()
+        t0 = time.perf_counter()
+        assert found[0].ready_event > 0  # answered while the device is still busy
+        got = src.take(
+            EmbeddingLease(info.pool_id, lease_id, tuple(found)), set(), torch.device("cuda"), torch.bfloat16
+        )
+        assert time.perf_counter() - t0 < 0.5  # queued, not waited for on the host
+        assert torch.equal(got["k"].cpu(), want)
+        src.close()
+        parent.send("done")
+        proc.join(30)
+        assert proc.exitcode == 0
+    finally:
+        if proc.is_alive():
+            proc.kill()
 
 
 # ---- the worker's resident store ----

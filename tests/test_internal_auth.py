@@ -161,7 +161,7 @@ def test_mtls_admits_each_service_s_callers_by_certificate_name(tls_cluster, tls
     allowed = {
         "worker": {"scheduler", "admin"},
         "scheduler": {"gateway", "admin"},
-        "vision": {"scheduler", "worker", "admin"},
+        "vision": {"scheduler", "worker", "gateway", "admin"},
     }
     for service, port in ports(tls_cluster).items():
         for role in ("gateway", "scheduler", "worker", "vision", "admin"):

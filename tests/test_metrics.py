@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 
 import pytest
 
@@ -81,6 +82,15 @@ def test_metrics_move_by_what_requests_did(cluster):
     assert delta("vision", "mirador:embedding_cache_hits_total", **vis) == 1
     assert delta("vision", "mirador:vision_encode_seconds_count", **vis) == 1
     assert delta("vision", "mirador:rpc_latency_seconds_count", method="Encode") == 2
+    # each request's gateway hinted the vision service to decode its image (fire and forget: may land late)
+    deadline = time.monotonic() + 5
+    while delta("vision", "mirador:rpc_latency_seconds_count", method="Prepare") < 2:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+        after["vision"] = samples(cluster.scrape("vision"))
+    assert delta("vision", "mirador:rpc_latency_seconds_count", method="Prepare") == 2
+    assert delta("vision", "mirador:vision_images_prepared_ahead_total", **vis) <= 1  # the first, unless late
     assert value(after["vision"], "mirador:embedding_cache_bytes", **vis) > 0
 
 

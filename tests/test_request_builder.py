@@ -487,3 +487,31 @@ class TestFromPrompt:
         with pytest.raises(InvalidRequestError) as e:
             asyncio.run(builder.from_prompt("x", [uri(png(56, 56)), "data:image/png;base64,%%%"]))
         assert e.value.param == "image_data[1]"
+
+
+def test_images_are_handed_on_as_soon_as_they_are_fetched(model_dir):
+    """`on_images` sees each image (key, grid, tokens, bytes) before the chat template and tokenization run: the
+    gateway's hint to the vision service to start decoding."""
+    b = RequestBuilder(model_dir)
+    seen, order = [], []
+    b.on_images = lambda items: (seen.extend(items), order.append("images"))
+    encode = b.tokenizer.encode
+    b.tokenizer.encode = lambda text: (order.append("tokenize"), encode(text))[1]
+    buf = io.BytesIO()
+    Image.new("RGB", (84, 56), (10, 200, 30)).save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "hi"}],
+        }
+    ]
+    try:
+        prompt = asyncio.run(b.from_messages(msgs))
+    finally:
+        asyncio.run(b.aclose())
+    assert order == ["images", "tokenize"]
+    (item,) = prompt.mm_items
+    assert [(m.content_key, m.grid_thw, m.num_tokens, m.data) for m in seen] == [
+        (item.content_key, item.grid_thw, item.num_tokens, item.data)
+    ]

@@ -79,3 +79,35 @@ def test_a_key_that_is_not_the_bytes_is_refused_and_nothing_is_cached_under_it(e
         asyncio.run(fast.encode([forged]))
     assert not fast.cache.touch(item_b.content_key)
     assert asyncio.run(fast.encode([item_b]))[0].cache_hit is False  # encoded from its own bytes
+
+
+def test_a_prepare_hint_decodes_ahead_and_the_encode_uses_it(encoders):
+    """Prepare starts the host half; the encode that follows takes its pixels (counted) and encodes exactly what
+    an encode without the hint does. A hint whose grid disagrees is not used (the encode prepares anew)."""
+    fast, _ = encoders
+    data = png_bytes(noise_image(84, 56, seed=11))
+    item = _item(fast, data)
+
+    async def hinted():
+        assert fast.prepare_ahead([item]) == 1
+        assert fast.prepare_ahead([item]) == 0  # already on its way
+        return await fast.encode([item])
+
+    before = fast.stats.prepared_ahead
+    asyncio.run(hinted())
+    assert fast.stats.prepared_ahead - before == 1 and not fast._ahead  # noqa: SLF001
+    alone = fast.forward([fast.prepare(item).payload], [item.grid_thw])
+    torch.testing.assert_close(fast.cache.get(item.content_key), alone, rtol=1e-4, atol=1e-4)
+
+    other = _item(fast, png_bytes(noise_image(84, 56, seed=12)))
+    wrong = MultimodalItem(other.content_key, 0, other.num_tokens + 1, other.grid_thw, "image", other.data)
+
+    async def mismatched():
+        fast.prepare_ahead(
+            [wrong]
+        )  # its own prepare fails (grid / tokens disagree): nothing is kept for others
+        return await fast.encode([other])
+
+    before = fast.stats.prepared_ahead
+    assert not asyncio.run(mismatched())[0].cache_hit
+    assert fast.stats.prepared_ahead == before and other.content_key in fast.cache

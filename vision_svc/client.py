@@ -3,6 +3,7 @@ made from its model thread)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,22 @@ class VisionClient:
         granted = lease_from_proto(resp.lease) if resp.HasField("lease") else None
         return [encoded_from_proto(e) for e in resp.items], granted
 
+    def prepare(self, items: Sequence[MultimodalItem], timeout_s: float = 5.0) -> asyncio.Task:
+        """Hint that these items' Encode is coming: the vision service decodes them now. The call starts at the
+        event loop's next turn (a caller that goes on computing should yield once); the task returns how many
+        started. A hint is best effort: failures are logged, not raised."""
+        request = vision_pb2.PrepareRequest(items=[mm_item_to_proto(m) for m in items])
+        call = self._stub.Prepare(request, timeout=timeout_s)  # queued now, ahead of the task below
+
+        async def answered() -> int:
+            try:
+                return (await call).num_started
+            except grpc.aio.AioRpcError as e:
+                logger.debug("prepare hint to %s failed: %s", self.address, e.code())
+                return 0
+
+        return asyncio.get_running_loop().create_task(answered())
+
     async def info(self) -> vision_pb2.VisionInfo:
         try:
             return await self._stub.GetInfo(vision_pb2.GetInfoRequest(), timeout=10)
@@ -94,6 +111,7 @@ class VisionEmbeddingSource:
         self.pool_id = ""
         self._pool = None
         self._keep = None
+        self._ready_events: list = []  # the pool's ready events, opened in this process (cuda_ipc)
         self._streams: dict = {}
         self._releaser = ThreadPoolExecutor(1, thread_name_prefix="embedding-release")
         self.stats = TransferStats()
@@ -101,6 +119,7 @@ class VisionEmbeddingSource:
     def connect(self) -> str:
         """Choose the transport (logged); returns it."""
         self.transport, self.pool_id, self._pool, self._keep = "grpc", "", None, None
+        self._ready_events = []
         self.connected = True
         why = "sharing disabled (--no-share-embeddings)"
         if self.share:
@@ -121,15 +140,18 @@ class VisionEmbeddingSource:
         return self.transport
 
     def _map(self, info) -> str:
-        from vision_svc.embedding_pool import SharedPoolInfo, map_shared_pool
+        from vision_svc.embedding_pool import SharedPoolInfo, map_shared_pool, open_ready_events
 
         if not info.kind:
             return "the vision service does not share its pool"
         fields = {f: getattr(info, f) for f in SharedPoolInfo.__dataclass_fields__}
+        fields["ready_event_handles"] = tuple(fields["ready_event_handles"])
         pool_info = SharedPoolInfo(**fields)
         try:
             self._pool, self._keep = map_shared_pool(pool_info)
+            self._ready_events = open_ready_events(pool_info)
         except Exception as e:  # noqa: BLE001 - another host, another IPC namespace, no CUDA here
+            self._pool = self._keep = None
             return f"cannot map its {info.kind} pool: {type(e).__name__}: {e}"
         self.transport, self.pool_id = info.kind, info.pool_id
         return ""
@@ -162,7 +184,7 @@ class VisionEmbeddingSource:
                 return self.fetch(keys, device, dtype)
             try:
                 found = {
-                    loc.content_key: self._copy(loc.page_ids, loc.num_rows, device, dtype)
+                    loc.content_key: self._copy(loc.page_ids, loc.num_rows, loc.ready_event, device, dtype)
                     for loc in resp.locations
                 }
                 self._sync(device, found.values())
@@ -192,9 +214,15 @@ class VisionEmbeddingSource:
         found: dict = {}
         if self._pool is not None and lease.pool_id == self.pool_id:
             pool = self._pool
+            waited: set[int] = set()
             for loc in lease.locations:
                 if loc.content_key in skip:
                     continue
+                if (
+                    loc.ready_event and loc.ready_event not in waited
+                ):  # still being written: wait on the device
+                    waited.add(loc.ready_event)
+                    torch.cuda.current_stream(device).wait_event(self._ready_event(loc.ready_event))
                 out = torch.empty((loc.num_rows, pool.shape[2]), dtype=pool.dtype, device=device)
                 self.stats.copy_ops += copy_rows(pool, loc.page_ids, loc.num_rows, out)
                 found[loc.content_key] = out if dtype == pool.dtype else out.to(dtype)
@@ -221,15 +249,22 @@ class VisionEmbeddingSource:
             lambda f: f.exception() and logger.warning("lease %d: %s", lease_id, f.exception())
         )
 
-    def _copy(self, page_ids, num_rows: int, device, dtype):
+    def _ready_event(self, ready_event: int):
+        if not 0 < ready_event <= len(self._ready_events):
+            raise ValueError(f"ready event {ready_event} of a pool with {len(self._ready_events)}")
+        return self._ready_events[ready_event - 1]
+
+    def _copy(self, page_ids, num_rows: int, ready_event: int, device, dtype):
         """One copy per run of pages from the mapped pool into a fresh buffer on the worker's device (a side
-        stream on a GPU, so the copy never waits behind a running step)."""
+        stream on a GPU, so the copy never waits behind a running step), after the rows' ready event if any."""
         import torch
 
         from vision_svc.embedding_pool import copy_rows
 
         pool = self._pool
         with self._stream(device):
+            if ready_event:
+                torch.cuda.current_stream(device).wait_event(self._ready_event(ready_event))
             out = torch.empty((num_rows, pool.shape[2]), dtype=pool.dtype, device=device)
             self.stats.copy_ops += copy_rows(pool, page_ids, num_rows, out)
             if dtype != pool.dtype:

@@ -19,6 +19,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,6 +51,9 @@ class SharedPoolInfo:
     ref_counter_offset: int = 0
     event_handle: bytes = b""
     event_sync_required: bool = False
+    ready_event_handles: tuple[
+        bytes, ...
+    ] = ()  # cuda_ipc: the pool's ready events (EmbeddingLocation.ready_event)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -61,6 +65,11 @@ class _Entry:
     page_ids: list[int]
     num_rows: int
     pins: int = 0
+    ready_event: int = 0  # while `written` has not completed: 1 + the ready event recorded after the write
+    written: Any = None  # an event (query()) that completes once the rows are in the pool; None: they are
+
+
+NUM_READY_EVENTS = 16  # a ring: a slot recorded again later only makes a reader wait for a later batch
 
 
 def probe_pattern(n: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -136,6 +145,14 @@ class EmbeddingPool:
         self._leases: dict[int, tuple[list[str], float]] = {}
         self._lease_ids = itertools.count(1)
         self._lock = threading.Lock()
+        # cuda_ipc: interprocess events recorded after a batch's rows are written, so an encode can be answered
+        # while the device still computes them and a reader in another process waits on the device, not the host
+        self.ready_events: list[torch.cuda.Event] = []
+        if self.kind == "cuda_ipc":
+            self.ready_events = [torch.cuda.Event(interprocess=True) for _ in range(NUM_READY_EVENTS)]
+            for ev in self.ready_events:  # created now, on the pool's device (torch makes events lazily)
+                ev.record(torch.cuda.current_stream(device))
+        self._next_ready = 0
         self.evictions = 0
         self.pulls_by_reference = 0
         self.pulls_by_value = 0
@@ -197,20 +214,52 @@ class EmbeddingPool:
 
     def put(self, key: str, rows: torch.Tensor) -> None:
         """Store rows [n, hidden] under key (one device copy into the pool's pages)."""
+        with self._lock:
+            self._put(key, rows)
+
+    def put_many(self, items: Sequence[tuple[str, torch.Tensor]], ready_event: bool = False) -> Any:
+        """Store several entries. With `ready_event` (a cuda_ipc pool) also record the next ready event behind
+        their copies on the current stream: until it completes, leases name it (EmbeddingLocation.ready_event)
+        and a reader waits for it on its device instead of anyone waiting on a host. Returns an event that
+        completes with the copies (None without `ready_event`). Under the lock: no lease sees an entry before
+        it is marked."""
+        stored: list[str] = []
+        with self._lock:
+            try:
+                stored += [key for key, rows in items if self._put(key, rows)]
+            finally:  # entries stored before a failure are marked too
+                written = self._record_ready(stored) if ready_event else None
+        return written
+
+    def _record_ready(self, keys: list[str]) -> torch.cuda.Event:
+        """Under the lock: record the next ready event (and a host-waitable one) and mark `keys` pending."""
+        stream = torch.cuda.current_stream(self.device)
+        slot = self._next_ready
+        self._next_ready = (slot + 1) % len(self.ready_events)
+        self.ready_events[slot].record(stream)
+        written = torch.cuda.Event(blocking=True)  # a host waiting on it sleeps instead of spinning
+        written.record(stream)
+        for key in keys:
+            e = self._entries[key]
+            e.ready_event, e.written = slot + 1, written
+        return written
+
+    def _put(self, key: str, rows: torch.Tensor) -> bool:
+        """Under the lock. False when the key's old rows are being copied (they stay)."""
         n = rows.shape[0]
         need = -(-n // self.page_rows)
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                if old.pins:  # a client is copying the old rows: keep them until its lease ends
-                    self._entries[key] = old
-                    return
-                self._free_pages(old.page_ids)
-            pages = self._alloc(need)
-            self._entries[key] = _Entry(pages, n)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            if old.pins:  # a client is copying the old rows: keep them until its lease ends
+                self._entries[key] = old
+                return False
+            self._free_pages(old.page_ids)
+        pages = self._alloc(need)
+        self._entries[key] = _Entry(pages, n)
         flat = self.data.view(-1, self.hidden_size)
         for dst, src, m in row_runs(pages, n, self.page_rows):
             flat[dst : dst + m].copy_(rows[src : src + m])
+        return True
 
     def clear(self) -> int:
         """Drop every entry no lease or copy holds; returns how many went."""
@@ -258,13 +307,20 @@ class EmbeddingPool:
                 self._entries.move_to_end(k)
                 e.pins += 1
                 pinned.append(k)
-                found.append(EmbeddingLocation(k, tuple(e.page_ids), e.num_rows))
+                found.append(EmbeddingLocation(k, tuple(e.page_ids), e.num_rows, self._pending_event(e)))
             lease_id = 0
             if pinned:
                 lease_id = next(self._lease_ids)
                 self._leases[lease_id] = (pinned, time.monotonic() + self.lease_ttl_s)
             self.pulls_by_reference += len(found)
         return lease_id, found, missing
+
+    @staticmethod
+    def _pending_event(e: _Entry) -> int:
+        """Under the lock: 1 + the ready event a reader must wait on before reading e's rows, 0 if none."""
+        if e.written is not None and e.written.query():
+            e.ready_event, e.written = 0, None
+        return e.ready_event
 
     def release(self, lease_id: int) -> bool:
         with self._lock:
@@ -351,6 +407,7 @@ class EmbeddingPool:
                 ref_counter_offset=int(rc_offset),
                 event_handle=bytes(ev_handle or b""),
                 event_sync_required=bool(ev_sync),
+                ready_event_handles=tuple(bytes(e.ipc_handle()) for e in self.ready_events),
             )
         return base
 
@@ -403,3 +460,11 @@ def map_shared_pool(info: SharedPoolInfo) -> tuple[torch.Tensor, object]:
     if not torch.equal(seen, probe_pattern(n, info.probe_scale, dtype)):
         raise ValueError("the mapped pool's probe page does not match (not the same memory)")
     return t, keep
+
+
+def open_ready_events(info: SharedPoolInfo) -> list[torch.cuda.Event]:
+    """The pool's ready events opened in this process (cuda_ipc; none for other kinds)."""
+    if info.kind != "cuda_ipc":
+        return []
+    device = torch.device(info.device)
+    return [torch.cuda.Event.from_ipc_handle(device, h) for h in info.ready_event_handles]

@@ -4,6 +4,7 @@ however many callers ask for it at the same time. Free of protobuf; the servicer
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -48,6 +49,10 @@ class EncoderConfig:
     warmup: bool = True  # run representative image shapes before serving
 
 
+MAX_PREPARED_AHEAD = 16  # decoded images held for an encode that has not come yet
+PREPARED_AHEAD_TTL_S = 10.0  # after which a hint's pixels are dropped
+
+
 def _ignore(_seconds: float) -> None:
     pass
 
@@ -61,6 +66,7 @@ class VisionStats:
     encode_ns_total: int = 0
     batches: int = 0  # encoder forwards (each holds every image that was ready when it started)
     graph_batches: int = 0  # of them replayed from a CUDA graph
+    prepared_ahead: int = 0  # images an encode found decoded by a prepare hint
 
 
 @dataclass
@@ -110,6 +116,8 @@ class VisionEncoder:
         self.on_preprocessed: Callable[[float], None] = _ignore
         self.on_batch_encoded: Callable[[float], None] = _ignore
         self._inflight: dict[str, asyncio.Future] = {}
+        # prepare hints: key -> (host half running or done, when it is dropped unless an encode takes it)
+        self._ahead: dict[str, tuple[asyncio.Future, float]] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="vision-encode")
         threads = cfg.preprocess_threads or max(1, (os.cpu_count() or 2) // 2)
         self._host_pool = ThreadPoolExecutor(threads, thread_name_prefix="vision-host")
@@ -150,9 +158,7 @@ class VisionEncoder:
                 self._inflight[item.content_key] = loop.create_future()
         if todo:
             try:
-                prepared = await asyncio.gather(
-                    *(loop.run_in_executor(self._host_pool, self.prepare, item) for item in todo)
-                )
+                prepared = await asyncio.gather(*(self._prepared(item) for item in todo))
                 done = await asyncio.gather(*(self._submit(p) for p in prepared))
                 for item, enc in zip(todo, done, strict=True):
                     results[item.content_key] = enc
@@ -169,6 +175,44 @@ class VisionEncoder:
             results[item.content_key] = EncodedItem(item.content_key, item.num_tokens, True)
         self.stats.cache_hits += sum(1 for r in results.values() if r.cache_hit)
         return [results[i.content_key] for i in items]
+
+    def prepare_ahead(self, items: Sequence[MultimodalItem]) -> int:
+        """Start the host half (decode) of items that are neither cached, encoding nor prepared, so that their
+        encode finds them decoded; returns how many started. Errors are kept for nobody: the encode prepares
+        again and reports its own."""
+        loop = asyncio.get_running_loop()
+        self._expire_ahead()
+        started = 0
+        for item in items:
+            key = item.content_key
+            if key in self._ahead or key in self._inflight or key in self.cache:
+                continue
+            if len(self._ahead) >= MAX_PREPARED_AHEAD:
+                break
+            fut = loop.run_in_executor(self._host_pool, self.prepare, item)
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+            self._ahead[key] = (fut, time.monotonic() + PREPARED_AHEAD_TTL_S)
+            started += 1
+        return started
+
+    def _expire_ahead(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, (_, deadline) in self._ahead.items() if deadline < now]:
+            del self._ahead[key]
+
+    async def _prepared(self, item: MultimodalItem) -> _Prepared:
+        """The host half of an item: a prepare hint's when one ran for it and agrees, else done now."""
+        self._expire_ahead()
+        ahead = self._ahead.pop(item.content_key, None)
+        if ahead is not None:
+            try:
+                p = await ahead[0]
+            except Exception:  # noqa: BLE001 - prepared again below, which raises for this caller
+                p = None
+            if p is not None and p.grid == tuple(item.grid_thw) and p.item.num_tokens == item.num_tokens:
+                self.stats.prepared_ahead += 1
+                return dataclasses.replace(p, item=item)
+        return await asyncio.get_running_loop().run_in_executor(self._host_pool, self.prepare, item)
 
     def get_embeddings(
         self, keys: Sequence[str], device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -246,15 +290,19 @@ class VisionEncoder:
                 batch.append(entry)
                 rows += self._patches(entry[0])
             try:
-                done = await loop.run_in_executor(self._executor, self.run_batch, [p for p, _ in batch])
+                done, finish = await loop.run_in_executor(
+                    self._executor, self.launch_batch, [p for p, _ in batch]
+                )
             except BaseException as e:  # noqa: BLE001 - every image of the batch fails with it
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
-            for p, fut in batch:
+            for p, fut in batch:  # answered now: with early answers the device may still be running it
                 if not fut.done():
                     fut.set_result(done[p.item.content_key])
+            # images that arrive meanwhile gather for the next forward, as before
+            await loop.run_in_executor(self._executor, finish)
 
     @staticmethod
     def _patches(p: _Prepared) -> int:
@@ -318,29 +366,60 @@ class VisionEncoder:
 
     @torch.inference_mode()
     def run_batch(self, batch: Sequence[_Prepared]) -> dict[str, EncodedItem]:
+        """Encode a batch and wait until its rows are in the pool."""
+        out, finish = self.launch_batch(batch, early=False)
+        finish()
+        return out
+
+    @property
+    def answers_early(self) -> bool:
+        """Whether batches are answered once queued on the device: a CUDA IPC pool, whose leases name a ready
+        event that the worker's stream waits on (no host waits for the tower; in-process readers share the
+        stream)."""
+        return bool(self.cache.ready_events)
+
+    @torch.inference_mode()
+    def launch_batch(
+        self, batch: Sequence[_Prepared], early: bool | None = None
+    ) -> tuple[dict[str, EncodedItem], Callable[[], None]]:
+        """Queue a batch's tower and pool writes. With `early` (default: `answers_early`) its results are final
+        when this returns while the device still runs it (leases carry the pool's ready event); `finish` waits for
+        the device and records the timings either way."""
+        early = self.answers_early if early is None else early
         t0 = time.perf_counter_ns()
         grids = [p.grid for p in batch]
         emb = self.forward([p.payload for p in batch], grids)
-        start = 0
+        rows, start = [], 0
         for p in batch:
-            self.cache.put(p.item.content_key, emb[start : start + p.item.num_tokens])
+            rows.append((p.item.content_key, emb[start : start + p.item.num_tokens]))
             start += p.item.num_tokens
-        if self.device.type == "cuda":  # the rows are in the pool before anyone hears they are cached
-            torch.cuda.synchronize(self.device)
-        forward_ns = time.perf_counter_ns() - t0
-        self.on_batch_encoded(forward_ns * 1e-9)
+        written = self.cache.put_many(rows, ready_event=early)
         total = sum(map(self._patches, batch))
         self.stats.batches += 1
         if self.graphs is not None and self.graphs.bucket_for(total, len(batch), self.graphs.in_features):
             self.stats.graph_batches += 1
+        launch_ns = time.perf_counter_ns() - t0
         out = {}
-        for p in batch:
-            ns = p.host_ns + forward_ns * self._patches(p) // max(1, total)
+        for p in batch:  # early: the time until answered; else finish() puts in the device's time
             self.stats.images_encoded += 1
-            self.stats.encode_ns_total += ns
+            ns = p.host_ns + launch_ns * self._patches(p) // max(1, total)
             out[p.item.content_key] = EncodedItem(p.item.content_key, p.item.num_tokens, False, ns)
-        logger.info("encoded %d image(s), %d patches in %.1f ms", len(batch), total, forward_ns / 1e6)
-        return out
+
+        def finish() -> None:
+            if written is not None:
+                written.synchronize()
+            elif self.device.type == "cuda":  # the rows are in the pool before anyone hears they are cached
+                torch.cuda.synchronize(self.device)
+            forward_ns = time.perf_counter_ns() - t0
+            self.on_batch_encoded(forward_ns * 1e-9)
+            for p in batch:
+                ns = p.host_ns + forward_ns * self._patches(p) // max(1, total)
+                self.stats.encode_ns_total += ns
+                if not early:
+                    out[p.item.content_key] = dataclasses.replace(out[p.item.content_key], encode_ns=ns)
+            logger.info("encoded %d image(s), %d patches in %.1f ms", len(batch), total, forward_ns / 1e6)
+
+        return out, finish
 
     # ---- warm-up ----
 

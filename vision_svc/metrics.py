@@ -63,6 +63,12 @@ def install(encoder_ref: Callable, model_name: str) -> ScrapeCollector:
             "vision_images_encoded", "Images run through the vision tower.", labels, s.images_encoded
         )
         yield counter(
+            "vision_images_prepared_ahead",
+            "Images an encode found already decoded by the gateway's Prepare hint.",
+            labels,
+            s.prepared_ahead,
+        )
+        yield counter(
             "embedding_cache_evictions", "Embeddings evicted from the cache.", labels, cache.evictions
         )
         yield gauge(

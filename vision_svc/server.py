@@ -87,6 +87,13 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             resp.lease.CopyFrom(lease_to_proto(lease))
         return resp
 
+    async def Prepare(self, request, context):
+        try:
+            started = self._ready().prepare_ahead([mm_item_from_proto(m) for m in request.items])
+        except Exception as e:  # noqa: BLE001
+            await abort_with(context, e)
+        return vision_pb2.PrepareResponse(num_started=started)
+
     async def GetEmbeddings(self, request, context):
         try:
             enc = self._ready()
@@ -164,6 +171,7 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             open_leases=enc.cache.open_leases,
             batches=s.batches,
             graph_batches=s.graph_batches,
+            images_prepared_ahead=s.prepared_ahead,
         )
 
 

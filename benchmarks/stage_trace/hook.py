@@ -81,8 +81,9 @@ def _install():
         from vision_svc.server import VisionServicer
 
         _wrap(VisionServicer, "Encode", "vis.Encode")
+        _wrap(VisionServicer, "Prepare", "vis.Prepare")  # the gateway's decode hint
         _wrap(VisionEncoder, "prepare", "vis.prepare")
-        _wrap(VisionEncoder, "run_batch", "vis.batch")
+        _wrap(VisionEncoder, "launch_batch", "vis.batch")  # answered once queued on the device
         _wrap(VisionServicer, "GetEmbeddings", "vis.GetEmbeddings")
     elif role == "worker":
         from worker_svc.embeddings import ResidentEmbeddings
@@ -92,6 +93,9 @@ def _install():
         _wrap(ModelRunner, "collect", "wk.collect")
         _wrap(ModelRunner, "_fetch_embeddings", "wk.fetch")
         _wrap(ResidentEmbeddings, "_pull", "wk.pull")
+        from vision_svc.client import VisionEmbeddingSource
+
+        _wrap(VisionEmbeddingSource, "take", "wk.take")  # the lease's copy, behind the pool's ready event
 
 
 try:
