@@ -151,7 +151,9 @@ class LlavaOnevisionVisionModel(nn.Module):
     embeddings [sum of num_tokens, text hidden], image by image in the order given."""
 
     checkpoint_prefixes = (
-        ("model.vision_tower.", "vision_tower."),
+        # transformers 5's module names: its SiglipVisionModel holds the embeddings and encoder itself
+        ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+        ("model.vision_tower.", "vision_tower.vision_model."),
         ("model.multi_modal_projector.", "multi_modal_projector."),
         ("model.image_newline", "image_newline"),
         ("vision_tower.", "vision_tower."),
