@@ -260,3 +260,53 @@ def test_the_same_image_alone_and_in_company_is_two_embeddings(cluster, hf):
         _, out_ref = hf.generate(ref, [img] * n, 8)
         body = cluster.chat_ok(msgs, max_tokens=8, temperature=0, return_token_ids=True)
         assert body["choices"][0]["token_ids"] == out_ref, n
+
+
+def test_raw_prompt_with_images_gets_the_image_marker(cluster, hf):
+    """/generate with image_data and no placeholder in the text: each image is prepended as `<image>` (the media
+    spec's marker), counted as in a prompt of that many images, and the output equals HF's on that prompt."""
+    from tests.helpers import data_uri, png_bytes
+
+    a, b = noise_image(150, 100, 21), noise_image(70, 90, 22)
+    for images in ([a], [a, b]):
+        body = cluster.http.post(
+            "/generate",
+            json={
+                "text": "Describe",
+                "image_data": [data_uri(png_bytes(img)) for img in images],
+                "sampling_params": {"max_new_tokens": 8, "temperature": 0},
+            },
+        ).json()
+        text = "<image>" * len(images) + "Describe"
+        feats = hf.image_processor(images=[images], return_tensors="pt")
+        inputs = {**feats, "batch_num_images": [len(images)]}
+        pieces = text.split("<image>")
+        text = pieces[0] + "".join(
+            hf.counter.replace_image_token(inputs, i) + p for i, p in enumerate(pieces[1:])
+        )
+        ids = hf.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = hf.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=feats["pixel_values"],
+                image_sizes=feats["image_sizes"],
+                batch_num_images=torch.tensor([len(images)]),
+                max_new_tokens=8,
+                do_sample=False,
+            )
+        assert body["meta_info"]["prompt_tokens"] == ids.shape[1]
+        assert body["output_ids"] == out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("chunk", [10_000, 13])
+def test_runner_in_process_equals_hf(llava_onevision_model, hf, chunk):
+    """The worker runner and vision encoder in process (what the GPU tests run on CUDA), prefill in one piece
+    and in 13-token chunks that cut through image spans."""
+    from tests.helpers import runner_generate
+
+    for case in ("img_pooled", "two_images"):
+        _, ref, images = _case(case)
+        _, out_ref = hf.generate(ref, images, 12)
+        ours, _ = runner_generate(llava_onevision_model, hf, ref, images, 12, "cpu", "float32", chunk)
+        assert ours == out_ref, case
