@@ -176,7 +176,9 @@ def cluster(llava_onevision_model, log_dir):
 def _case(case: str):
     if case not in SIZES:
         return case_messages(case)
-    img = noise_image(*SIZES[case], seed=sum(SIZES[case]))
+    img = noise_image(
+        *SIZES[case], seed=sum(SIZES[case]) + 1
+    )  # seeds whose answers are not one repeated token
     text = {"type": "text", "text": "Describe the picture in detail, please."}
     return (
         [{"role": "user", "content": [image_part(img), text]}],
