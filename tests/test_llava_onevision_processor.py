@@ -1,4 +1,4 @@
-"""LLaVA-OneVision's processor as pure code (issue 14, ahead of the model): anyres layouts, placeholder counts and
+"""LLaVA-OneVision's processor as pure code (issue 14; the served model is tests/test_llava_onevision.py): anyres layouts, placeholder counts and
 pixel values against transformers' LlavaOnevisionImageProcessorPil and LlavaOnevisionProcessor's own counting
 code (the processor object itself needs torchvision for its video half, so its methods run on a stand-in)."""
 
