@@ -33,8 +33,8 @@ commands:
   scheduler       run the scheduler service alone
   worker          run the worker service alone
   vision          run the vision service alone
-  default-model   build (if needed) and print the embedded default model's directory (--family qwen2-vl: another
-                  family's tiny model)
+  default-model   build (if needed) and print the embedded default model's directory (--family qwen2-vl,
+                  --family llava-onevision: another family's tiny model)
   bench           benchmark a running gateway (like SGLang's bench_serving) or HF transformers
   certs           write a private CA and per-service certificates for mutual TLS (--tls-dir)
 

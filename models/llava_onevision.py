@@ -1,15 +1,18 @@
-"""LLaVA-OneVision's image-feature packing (what follows the SigLIP tower and the projector): the base crop's
-features, then the crop grid reassembled into one feature map, unpadded, pooled by the anyres_max cap, with an
-image-newline feature closing each row. The geometry is processor/models/llava_onevision.py's `FeatureGrid`.
-
-Not served yet (issue 14): the tower, the projector and the registry entry come next.
+"""LLaVA-OneVision for the worker and the vision service: the language model (Qwen2 with plain 1-D rotary
+positions) and the image-feature packing that follows the SigLIP tower and the projector (models/siglip_vision.py):
+the base crop's features, then the crop grid reassembled into one feature map, unpadded, pooled by the anyres_max
+cap, with an image-newline feature closing each row. The geometry is processor/models/llava_onevision.py's
+`FeatureGrid`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
+from models.qwen2_5_vl import Qwen2_5_VLForCausalLM, Span
 from processor.models.llava_onevision import FeatureGrid
 
 
@@ -31,3 +34,28 @@ def pack_image_features(
     newline = image_newline.to(x)[:, None, None].expand(hidden, x.shape[1], 1)
     x = torch.cat([x, newline], dim=-1)  # [hidden, rows, cols + 1]
     return torch.cat([base, x.flatten(1).t()])
+
+
+class LlavaOnevisionForCausalLM(Qwen2_5_VLForCausalLM):
+    """The Qwen2 language model of LLaVA-OneVision. Our decoder's M-RoPE with three equal position rows (and the
+    whole rotary band on the first axis) is 1-D RoPE, so only the positions differ: image tokens count like text."""
+
+    # Hub layout (language_model.model.*, language_model.lm_head.*) and transformers 5's module names
+    checkpoint_prefixes = (
+        ("model.language_model.", "model."),
+        ("language_model.model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("lm_head.", "lm_head."),
+    )
+    hub_prefix = "language_model."
+
+    def positions(self, spans: Sequence[Span], start: int, end: int) -> torch.Tensor:
+        # [3, end - start]: the sequence index on every axis
+        return torch.arange(start, end, dtype=torch.long).expand(3, -1).contiguous()
+
+    def position_delta(self, spans: Sequence[Span]) -> int:
+        return 0
+
+    def valid_span(self, num_tokens: int, grid: tuple[int, ...]) -> bool:
+        """(num_crops, height, width): the positions do not depend on it; the vision service checks the count."""
+        return len(grid) == 3 and min(grid) >= 1 and num_tokens >= 1

@@ -1,8 +1,6 @@
 """LLaVA-OneVision image preprocessing (the exact path: transformers' LlavaOnevisionImageProcessorPil step for step,
 on the host): anyres crops of the image in a single-image prompt, one mean-padded square in a multi-image prompt,
 then rescale and normalize. The geometry is processor/models/llava_onevision.py's.
-
-Not served yet (issue 14): the SigLIP tower and the language model come next.
 """
 
 from __future__ import annotations
@@ -19,7 +17,15 @@ class LlavaOnevisionImagePreprocessor:
         self._mean = np.array(spec.image_mean, dtype=np.float32)
         self._std = np.array(spec.image_std, dtype=np.float32)
 
-    def __call__(self, image: Image.Image, num_images: int = 1) -> np.ndarray:
+    def __call__(
+        self, image: Image.Image, grid: tuple[int, int, int] | None = None
+    ) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """The vision service's call: (crops, grid) for an image whose requested grid says whether it is tiled
+        (more than one crop: the prompt's only image) or one square of a multi-image prompt."""
+        num_images = 1 if grid is None or grid[0] > 1 else 2
+        return self.crops(image, num_images), self.spec.image_grid(image.width, image.height, num_images)
+
+    def crops(self, image: Image.Image, num_images: int = 1) -> np.ndarray:
         """RGB image -> crops [num_crops, C, crop, crop] float32: the base image then the grid row by row (or
         the one square of a multi-image prompt)."""
         s = self.spec

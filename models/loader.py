@@ -113,7 +113,9 @@ def dummy_tensor(
     if name.endswith(".bias"):  # (LayerNorm biases too)
         return torch.randn(shape, generator=generator, device=device) * 0.02
     if (
-        name.endswith(("norm.weight", "layernorm.weight", "ln_q.weight"))
+        name.endswith(
+            ("norm.weight", "layernorm.weight", "ln_q.weight", "layer_norm1.weight", "layer_norm2.weight")
+        )
         or ".norm1." in name
         or ".norm2." in name
     ):
@@ -121,7 +123,7 @@ def dummy_tensor(
     t = torch.randn(shape, generator=generator, device=device)
     if name.endswith("embed_tokens.weight"):
         return t
-    if name == "lm_head.weight":
+    if name.endswith("lm_head.weight"):  # (language_model.lm_head.weight in LLaVA's Hub layout)
         return t * (head_scale / shape[1] ** 0.5)
     fan_in = 1
     for d in shape[1:]:

@@ -173,6 +173,14 @@ class Qwen2_5_VLForCausalLM(nn.Module):
     def position_delta(self, spans: Sequence[Span]) -> int:
         return mrope_delta(spans, self.merge)
 
+    def valid_span(self, num_tokens: int, grid: tuple[int, ...]) -> bool:
+        """Whether an image span of num_tokens fits its (t, h, w) patch grid (the positions come from it)."""
+        if len(grid) != 3:
+            return False
+        t, h, w = grid
+        m = self.merge
+        return min(t, h, w) >= 1 and not h % m and not w % m and t * h * w // m**2 == num_tokens
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 

@@ -285,6 +285,7 @@ class Qwen2_5_VisionTransformer(nn.Module):
     [N / merge^2, out_hidden_size], image by image in the order given."""
 
     checkpoint_prefixes = (("model.visual.", ""), ("visual.", ""))
+    hub_prefix = "visual."  # where the Hub checkpoint keeps our names (the tiny-model builder writes there)
     packed_modules_mapping: dict[str, tuple[str, ...]] = {"gate_up_proj": ("gate_proj", "up_proj")}
 
     def __init__(self, config: ModelConfig):

@@ -34,8 +34,12 @@ class Qwen2VLImagePreprocessor:
         self._mean = np.array(spec.image_mean, dtype=np.float32)
         self._std = np.array(spec.image_std, dtype=np.float32)
 
-    def __call__(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int]]:
-        """RGB image -> (patches [grid_t*grid_h*grid_w, C*T*P*P] float32, (t, h, w))."""
+    def __call__(
+        self, image: Image.Image, grid: tuple[int, int, int] | None = None
+    ) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """RGB image -> (patches [grid_t*grid_h*grid_w, C*T*P*P] float32, (t, h, w)). The requested `grid` does
+        not change a Qwen-VL image's layout (it follows from the image alone)."""
+        del grid
         s = self.spec
         width, height = s.resized_size(*image.size)
         if (width, height) != image.size:

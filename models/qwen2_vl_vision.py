@@ -74,6 +74,7 @@ class Qwen2VisionTransformer(nn.Module):
     [N / merge^2, out_hidden_size], image by image in the order given."""
 
     checkpoint_prefixes = (("model.visual.", ""), ("visual.", ""))
+    hub_prefix = "visual."  # where the Hub checkpoint keeps our names (the tiny-model builder writes there)
     packed_modules_mapping: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, config: ModelConfig):

@@ -36,6 +36,13 @@ _REGISTRY: dict[str, ModelEntry] = {
         image_processor="models.qwen2_vl_image:Qwen2VLImagePreprocessor",
         fast_image_processor="models.qwen2_vl_image:FastQwen2VLImagePreprocessor",
     ),
+    # Qwen2 language model with 1-D rotary positions; SigLIP tower, projector and anyres packing; crops of the
+    # exact (host) path only
+    "LlavaOnevisionForConditionalGeneration": ModelEntry(
+        language_model="models.llava_onevision:LlavaOnevisionForCausalLM",
+        vision_model="models.siglip_vision:LlavaOnevisionVisionModel",
+        image_processor="models.llava_onevision_image:LlavaOnevisionImagePreprocessor",
+    ),
 }
 
 

@@ -42,6 +42,8 @@ class VisionConfig:
     fullatt_block_indexes: tuple[int, ...] = ()
     hidden_act: str = "silu"
     tokens_per_second: int = 2
+    image_size: int = 0  # the tower's fixed input side (SigLIP); 0: any size (Qwen-VL towers)
+    layer_norm_eps: float = 1e-6
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,9 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=int(text_raw.get("max_position_embeddings", 32768)),
         hidden_act=text_raw.get("hidden_act", "silu"),
         mrope_section=_as_tuple(rope.get("mrope_section")),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", text_raw.get("tie_word_embeddings", False))),
+        # tied when either level says so: LLaVA checkpoints keep the flag in text_config (transformers' rule)
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings"))
+        or bool((raw.get("text_config") or {}).get("tie_word_embeddings")),
     )
     vision = None
     if isinstance(raw.get("vision_config"), dict):
@@ -116,8 +120,8 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         text=text,
         vision=vision,
         torch_dtype=str(dtype),
-        image_token_id=raw.get("image_token_id"),
-        video_token_id=raw.get("video_token_id"),
+        image_token_id=raw.get("image_token_id", raw.get("image_token_index")),
+        video_token_id=raw.get("video_token_id", raw.get("video_token_index")),
         vision_start_token_id=raw.get("vision_start_token_id"),
         vision_end_token_id=raw.get("vision_end_token_id"),
         eos_token_ids=_as_tuple(text_raw.get("eos_token_id")),

@@ -68,7 +68,6 @@ class RequestBuilder:
             else None
         )
         self.image_token_id = self.config.image_token_id
-        self._settings = self.media_spec.fingerprint() if self.media_spec else ""
         # called with a request's images as soon as they are fetched and described, before the chat template
         # and tokenization (the gateway hints the vision service to start decoding them)
         self.on_images: Callable[[list[MultimodalItem]], None] | None = None
@@ -169,12 +168,14 @@ class RequestBuilder:
             )
         datas = await asyncio.gather(*(self.fetcher.fetch(r.url, r.param) for r in refs))
 
-        async def describe(ref: ImageRef, data: bytes):
+        async def describe(ref: ImageRef, data: bytes, num_images: int):
             if len(data) < _INLINE_BYTES:  # a header read and a short hash: cheaper than a thread hop
-                return self._describe(ref, data)
-            return await asyncio.to_thread(self._describe, ref, data)
+                return self._describe(ref, data, num_images)
+            return await asyncio.to_thread(self._describe, ref, data, num_images)
 
-        described = await asyncio.gather(*(describe(r, d) for r, d in zip(refs, datas, strict=True)))
+        described = await asyncio.gather(
+            *(describe(r, d, len(refs)) for r, d in zip(refs, datas, strict=True))
+        )
         total = sum(pixels for *_, pixels in described)
         if total > self.policy.max_request_pixels:  # what the vision service would decode for this request
             raise PayloadTooLargeError(
@@ -192,10 +193,15 @@ class RequestBuilder:
             await asyncio.sleep(0)  # one turn of the loop: a hint's call goes out now, not after tokenization
         return images
 
-    def _describe(self, ref: ImageRef, data: bytes) -> tuple[ImageRef, bytes, str, tuple[int, int, int], int]:
+    def _describe(
+        self, ref: ImageRef, data: bytes, num_images: int
+    ) -> tuple[ImageRef, bytes, str, tuple[int, int, int], int]:
+        """The image's grid in a prompt of `num_images` images (a family may lay out an image differently when it
+        has company) and its content key: the bytes and whatever else the family says fixes the embedding."""
         width, height = image_size(data, self.policy, ref.param)
-        grid = self.media_spec.image_grid(width, height)
-        return ref, data, content_key(data, self._settings), grid, width * height
+        grid = self.media_spec.image_grid(width, height, num_images)
+        key = content_key(data, self.media_spec.item_settings(grid))
+        return ref, data, key, grid, width * height
 
     def _expand(self, ids: list[int], images, text: str) -> PreparedPrompt:
         pads = (

@@ -90,5 +90,11 @@ def qwen2_vl_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def llava_onevision_model() -> Path:
+    """The tiny LLaVA-OneVision (`mirador default-model --family llava-onevision`)."""
+    return default_model_dir(family="llava-onevision")
+
+
+@pytest.fixture(scope="session")
 def log_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cluster-logs")

@@ -225,6 +225,64 @@ class HFReference:
             return self.model(**inputs).logits[0, -1].float()
 
 
+class LlavaOnevisionHFReference(HFReference):
+    """LlavaOnevisionForConditionalGeneration on the same directory: the tokenizer's chat template, each <image>
+    expanded by LlavaOnevisionProcessor's own counting code (bound to a stand-in: the processor object wants
+    torchvision for its video half), pixels from LlavaOnevisionImageProcessorPil with the prompt's images as one
+    sample (so a multi-image prompt gets one square per image), and generate(do_sample=False)."""
+
+    def __init__(self, model_dir: Path):
+        import json
+        import types
+
+        import torch
+        from transformers import LlavaOnevisionForConditionalGeneration, PreTrainedTokenizerFast
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+        from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+        self.torch = torch
+        self.model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            str(model_dir), dtype=torch.float32
+        ).eval()
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+        self.image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(str(model_dir))
+        self.image_token_id = self.model.config.image_token_id
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        side = cfg["vision_config"]["image_size"] // cfg["vision_config"]["patch_size"]
+        counter = types.SimpleNamespace(
+            image_processor=self.image_processor,
+            num_image_tokens=side * side,
+            vision_aspect_ratio=cfg["vision_aspect_ratio"],
+            vision_feature_select_strategy=cfg["vision_feature_select_strategy"],
+            image_token="<image>",
+        )
+        for name in ("_get_unpadded_features", "_get_number_of_features", "replace_image_token"):
+            setattr(counter, name, types.MethodType(getattr(LlavaOnevisionProcessor, name), counter))
+        self.counter = counter
+
+    def inputs(self, messages: list[dict[str, Any]], images: list[Image.Image]) -> dict[str, Any]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        out: dict[str, Any] = {}
+        if images:
+            feats = self.image_processor(images=[images], return_tensors="pt")
+            image_inputs = {**feats, "batch_num_images": [len(images)]}
+            pieces = text.split("<image>")
+            assert len(pieces) == len(images) + 1
+            text = pieces[0] + "".join(
+                self.counter.replace_image_token(image_inputs, i) + p for i, p in enumerate(pieces[1:])
+            )
+            out.update(
+                pixel_values=feats["pixel_values"],
+                image_sizes=feats["image_sizes"],
+                batch_num_images=self.torch.tensor([len(images)]),
+            )
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out.update(input_ids=ids, attention_mask=self.torch.ones_like(ids))
+        return out
+
+
 def runner_generate(
     model_dir: Path,
     hf: HFReference,
@@ -251,12 +309,12 @@ def runner_generate(
     encoder = VisionEncoder(EncoderConfig(str(model_dir), dtype, device))
     items, pos = [], 0
     for img in images:
-        grid = encoder.spec.image_grid(*img.size)
+        grid = encoder.spec.image_grid(*img.size, len(images))
         n = encoder.spec.num_image_tokens(grid)
         off = ids.index(hf.image_token_id, pos)
         data = png_bytes(img)
         items.append(
-            MultimodalItem(content_key(data, encoder.spec.fingerprint()), off, n, grid, "image", data)
+            MultimodalItem(content_key(data, encoder.spec.item_settings(grid)), off, n, grid, "image", data)
         )
         pos = off + n
     asyncio.run(encoder.encode(items))

@@ -101,3 +101,89 @@ def test_cuda_prompt_logprobs_equal_hf_cpu(chunk, default_model):
     for pos, e in enumerate(got, start=1):
         assert abs(e.logprob - float(ref[pos - 1, ids[pos]])) < 1e-3
         assert [v for _, v in e.top_logprobs] == pytest.approx(ref[pos - 1].topk(3).values.tolist(), abs=1e-3)
+
+
+# ---- LLaVA-OneVision (issue 14) --------------------------------------------------------------------------------
+
+LLAVA_ONE = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it"}]}]
+
+
+def _llava_cases():
+    """(messages, images): one tiled image past the anyres_max cap, and two squares."""
+    return [(LLAVA_ONE, [noise_image(400, 300, 8)]), (MSGS, _images())]
+
+
+@pytest.mark.parametrize("chunk", [10_000, 13])
+def test_llava_onevision_cuda_float32_greedy_equals_hf_cpu(chunk, llava_onevision_model):
+    from tests.helpers import LlavaOnevisionHFReference
+
+    hf = LlavaOnevisionHFReference(llava_onevision_model)
+    for msgs, images in _llava_cases():
+        _, ref = hf.generate(msgs, images, 20)
+        ours, _ = runner_generate(llava_onevision_model, hf, msgs, images, 20, "cuda", "float32", chunk)
+        assert ours == ref
+
+
+def test_llava_onevision_cuda_bfloat16_tracks_hf_bfloat16(llava_onevision_model):
+    from tests.helpers import LlavaOnevisionHFReference
+
+    hf = LlavaOnevisionHFReference(llava_onevision_model)
+    for msgs, images in _llava_cases():
+        hf.model.to("cuda", torch.bfloat16)
+        inputs = {k: v.to("cuda") for k, v in hf.inputs(msgs, images).items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+        with torch.no_grad():
+            ref = hf.model(**inputs).logits[0, -1].float().cpu()
+        hf.model.to("cpu", torch.float32)
+        _, ours = runner_generate(llava_onevision_model, hf, msgs, images, 1, "cuda", "bfloat16")
+        assert ours.argmax() == ref.argmax()
+        assert (ours - ref).abs().max() / ref.abs().max() < 0.05
+
+
+@pytest.mark.parametrize(
+    ("dtype", "backend"),
+    [
+        (torch.float32, "torch_native"),
+        (torch.float32, "triton"),
+        (torch.bfloat16, "varlen"),
+        (torch.bfloat16, "triton"),
+    ],
+)
+def test_llava_onevision_tower_on_cuda_matches_hf(dtype, backend, llava_onevision_model):
+    """SigLIP, projector and packing on CUDA through each vision attention backend (crops as equal segments:
+    varlen takes the dense cuDNN path) against HF's get_image_features on the CPU in float32."""
+    from models.llava_onevision_image import LlavaOnevisionImagePreprocessor
+    from models.loader import load_model
+    from models.registry import vision_model_class
+    from processor.model_config import load_model_config
+    from processor.models.llava_onevision import LlavaOnevisionMediaSpec
+    from tests.helpers import LlavaOnevisionHFReference
+
+    hf = LlavaOnevisionHFReference(llava_onevision_model)
+    cfg = load_model_config(llava_onevision_model)
+    spec = LlavaOnevisionMediaSpec.from_model_dir(llava_onevision_model)
+    tower = load_model(
+        vision_model_class(cfg.architecture), cfg, llava_onevision_model, dtype, torch.device("cuda")
+    )
+    tower.set_attention_backend(backend)
+    pre = LlavaOnevisionImagePreprocessor(spec)
+    for _, images in _llava_cases():
+        feats = hf.image_processor(images=[images], return_tensors="pt")
+        with torch.no_grad():
+            ref = hf.model.model.get_image_features(
+                feats["pixel_values"],
+                feats["image_sizes"],
+                vision_feature_layer=-1,
+                vision_feature_select_strategy="full",
+                vision_aspect_ratio="anyres_max_9",
+                batch_num_images=torch.tensor([len(images)]),
+            ).pooler_output
+            ref = torch.cat(list(ref))
+            grids = [spec.image_grid(*img.size, len(images)) for img in images]
+            crops = torch.cat(
+                [torch.from_numpy(pre(img, g)[0]) for img, g in zip(images, grids, strict=True)]
+            )
+            ours = tower(crops.cuda(), grids).float().cpu()
+        rel = 1e-4 if dtype == torch.float32 else 3e-2
+        assert ours.shape == ref.shape
+        assert float((ours - ref).norm() / ref.norm()) < rel

@@ -1,4 +1,4 @@
-"""LLaVA-OneVision's processor as pure code (issue 14, ahead of the model): anyres layouts, placeholder counts and
+"""LLaVA-OneVision's processor as pure code (issue 14; the served model is tests/test_llava_onevision.py): anyres layouts, placeholder counts and
 pixel values against transformers' LlavaOnevisionImageProcessorPil and LlavaOnevisionProcessor's own counting
 code (the processor object itself needs torchvision for its video half, so its methods run on a stand-in)."""
 
@@ -74,17 +74,20 @@ def test_placeholder_counts_equal_hf(strategy):
     for width, height in SIZES:
         for num_images in (1, 2):
             ref = hf.replace_image_token(_inputs(width, height, num_images), 0).count("<image>")
-            assert spec.num_image_tokens(width, height, num_images) == ref, (width, height, num_images)
+            assert spec.count_image_tokens(width, height, num_images) == ref, (width, height, num_images)
+            # the builder's interface: the grid carries the prompt's image count
+            grid = spec.image_grid(width, height, num_images)
+            assert spec.num_image_tokens(grid) == ref, (width, height, num_images)
 
 
 def test_counts_cover_the_cap_and_the_newlines():
     """Hand-checked cases: a 384x384 image is one crop (27x27 features, 27 newlines, plus the base 729); a large
     photo's 6x6 grid is pooled by the anyres_max_9 cap."""
     spec = LlavaOnevisionMediaSpec()
-    assert spec.num_image_tokens(384, 384) == 729 + 27 * 27 + 27
+    assert spec.count_image_tokens(384, 384) == 729 + 27 * 27 + 27
     assert spec.layout(4000, 3000).rows * spec.layout(4000, 3000).cols > 9
-    assert spec.num_image_tokens(4000, 3000) < 729 + 10 * (27 * 27 + 27)
-    assert spec.num_image_tokens(384, 384, num_images=3) == 730
+    assert spec.count_image_tokens(4000, 3000) < 729 + 10 * (27 * 27 + 27)
+    assert spec.count_image_tokens(384, 384, num_images=3) == 730
 
 
 def test_layouts_and_pixels_equal_hf(hf_image_processor):
@@ -93,13 +96,13 @@ def test_layouts_and_pixels_equal_hf(hf_image_processor):
     for width, height in [(10, 10), (500, 300), (60, 1000), (1920, 1080)]:
         img = noise_image(width, height, width * 3 + height)
         ref = hf_image_processor(images=[img], return_tensors="np")["pixel_values"][0]
-        crops = ours(img)
+        crops = ours.crops(img)
         assert crops.shape == ref.shape and spec.layout(width, height).num_crops == ref.shape[0]
         sizes = hf_image_processor(images=[img], return_tensors="np")["image_sizes"][0]
         assert tuple(sizes) == (height, width)  # what the counting code is given
         assert np.array_equal(crops, ref), (width, height)
         ref_multi = hf_image_processor(images=[[img, img]], return_tensors="np")["pixel_values"][0]
-        multi = ours(img, num_images=2)
+        multi = ours.crops(img, num_images=2)
         assert multi.shape == ref_multi.shape == (1, 3, 384, 384)
         assert np.array_equal(multi, ref_multi), (width, height)
 
@@ -158,7 +161,7 @@ def test_packed_features_equal_hf_and_the_count():
         (ref,), _ = hf_pack([feats], torch.tensor([[height, width]]), newline)
         ours = pack_image_features(feats, spec.feature_grid(width, height), newline)
         assert torch.equal(ours, ref), (width, height)
-        assert ours.shape[0] == spec.num_image_tokens(width, height)
+        assert ours.shape[0] == spec.count_image_tokens(width, height)
     (ref,), _ = hf_pack([feats[:1]], torch.tensor([[height, width]]), newline)
     ours = pack_image_features(feats[:1], None, newline)
-    assert torch.equal(ours, ref) and ours.shape[0] == spec.num_image_tokens(width, height, num_images=2)
+    assert torch.equal(ours, ref) and ours.shape[0] == spec.count_image_tokens(width, height, num_images=2)

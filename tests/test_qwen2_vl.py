@@ -98,7 +98,7 @@ def test_padded_forward_equals_eager(qwen2_vl_model):
 
 def test_up_refuses_an_unsupported_architecture(tmp_path, qwen2_vl_model):
     config = json.loads((qwen2_vl_model / "config.json").read_text())
-    config["architectures"] = ["LlavaOnevisionForConditionalGeneration"]
+    config["architectures"] = ["UnheardOfForConditionalGeneration"]
     (tmp_path / "config.json").write_text(json.dumps(config))
     r = subprocess.run(
         [sys.executable, "-m", "mirador", "up", "--model", str(tmp_path), "--port", "0"],
@@ -108,7 +108,7 @@ def test_up_refuses_an_unsupported_architecture(tmp_path, qwen2_vl_model):
         timeout=120,
     )
     assert r.returncode == 2, r.stderr
-    assert "'LlavaOnevisionForConditionalGeneration' is not supported" in r.stderr
+    assert "'UnheardOfForConditionalGeneration' is not supported" in r.stderr
     for arch in supported_architectures():
         assert arch in r.stderr
     assert ARCH in supported_architectures()

@@ -125,7 +125,12 @@ class VisionEncoder:
         self._drainer: asyncio.Task | None = None
         self.on_fatal = None  # the servicer's Fatal.report: the batch loop dying stops the service
         self.graphs = None
-        if self.device.type == "cuda" and cfg.cuda_graph:
+        # a tower whose shapes vary in ways the padded buckets do not cover says so (supports_cuda_graphs)
+        if (
+            self.device.type == "cuda"
+            and cfg.cuda_graph
+            and getattr(self.model, "supports_cuda_graphs", True)
+        ):
             from vision_svc.graphs import DEFAULT_BUCKETS, VisionGraphs
 
             t0 = time.perf_counter()
@@ -304,9 +309,8 @@ class VisionEncoder:
             # images that arrive meanwhile gather for the next forward, as before
             await loop.run_in_executor(self._executor, finish)
 
-    @staticmethod
-    def _patches(p: _Prepared) -> int:
-        return p.grid[0] * p.grid[1] * p.grid[2]
+    def _patches(self, p: _Prepared) -> int:
+        return self.spec.num_patches(p.grid)
 
     # ---- host half (preprocessing threads) ----
 
@@ -314,7 +318,7 @@ class VisionEncoder:
         """Check the key against the bytes, decode and resize (fast path: to uint8 pixels; exact path: to float32
         patches) and check the geometry against the request's."""
         t0 = time.perf_counter_ns()
-        if item.content_key != content_key(item.data, self.spec.fingerprint()):
+        if item.content_key != content_key(item.data, self.spec.item_settings(tuple(item.grid_thw))):
             # the key names the embedding every later request with it is answered with: it must be the bytes'
             raise InvalidRequestError(
                 f"image {item.content_key[:12]}: the content key is not the SHA-256 of these bytes and this "
@@ -324,9 +328,11 @@ class VisionEncoder:
             host = self.fast.load(item.data)
             payload, grid, n = host.pixels, tuple(host.grid), host.num_tokens
         else:
-            payload, grid = self.preprocess(decode_image(item.data).image)
+            # the request's grid says how the image is laid out in its prompt (LLaVA-OneVision tiles an image
+            # only when it is the prompt's one image); the geometry checked below is the image's own
+            payload, grid = self.preprocess(decode_image(item.data).image, tuple(item.grid_thw))
             grid = tuple(grid)
-            n = grid[0] * grid[1] * grid[2] // self.spec.merge_size**2
+            n = self.spec.num_image_tokens(grid)
         if grid != tuple(item.grid_thw) or n != item.num_tokens:
             raise InvalidRequestError(
                 f"image {item.content_key[:12]}: grid {grid} / {n} tokens disagree with the "
@@ -449,9 +455,8 @@ class VisionEncoder:
             grid = self.spec.image_grid(56, 56)
             n = self.spec.num_image_tokens(grid)
             data = buf.getvalue()
-            items.append(
-                MultimodalItem(content_key(data, self.spec.fingerprint()), 0, n, grid, "image", data)
-            )
+            key = content_key(data, self.spec.item_settings(grid))
+            items.append(MultimodalItem(key, 0, n, grid, "image", data))
         list(self._host_pool.map(self.prepare, items * self._host_pool._max_workers))  # noqa: SLF001
 
     @torch.inference_mode()
@@ -467,7 +472,7 @@ class VisionEncoder:
                 payloads.append(img)
                 grids.append(self.spec.image_grid(w, h))
             else:
-                patches, grid = self.preprocess(Image.fromarray(img))
+                patches, grid = self.preprocess(Image.fromarray(img), self.spec.image_grid(w, h))
                 payloads.append(patches)
                 grids.append(tuple(grid))
         self.forward(payloads, grids)

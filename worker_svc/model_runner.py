@@ -421,17 +421,8 @@ class ModelRunner:
         for ids in (init.prompt_token_ids, init.output_token_ids, tuple(init.sampling.logit_bias)):
             if ids and not (min(ids) >= 0 and max(ids) < vocab):
                 raise InvalidRequestError(f"sequence {s.seq_id}: token ids outside [0, {vocab})")
-        merge = self.model_config.vision.spatial_merge_size if self.model_config.vision else 1
         for m in init.mm_items:
-            t, h, w = (tuple(m.grid_thw) + (0, 0, 0))[:3]
-            if (
-                len(m.grid_thw) != 3
-                or min(t, h, w) < 1
-                or h % merge
-                or w % merge
-                or t * h * w // merge**2 != m.num_tokens
-                or m.offset < 0
-            ):
+            if m.offset < 0 or not self.model.valid_span(m.num_tokens, tuple(m.grid_thw)):
                 raise InvalidRequestError(
                     f"sequence {s.seq_id}: image span of {m.num_tokens} tokens at {m.offset} does not fit its "
                     f"grid {tuple(m.grid_thw)}"

@@ -1,9 +1,8 @@
 """LLaVA-OneVision image geometry, without pixels: anyres tiling (the best grid resolution, the aspect-kept resize
 and its padding, the 384-pixel crops plus a base image), and the placeholder count after unpadding, the anyres_max
 cap and one image-newline token per feature row, as transformers' LlavaOnevisionProcessor counts them. A prompt
-with several images takes each as one padded square (no tiles): the count depends on the number of images.
-
-Not served yet (issue 14): the model and its registry entries come next; this is the processor's arithmetic.
+with several images takes each as one padded square (no tiles): the count depends on the number of images, so an
+image's grid is (num_crops, height, width), which says both.
 """
 
 from __future__ import annotations
@@ -12,8 +11,10 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common.errors import InvalidRequestError
+from processor.model_config import VisionConfig
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -114,11 +115,17 @@ class LlavaOnevisionMediaSpec:
             else {}
         )
         cfg = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+        return cls.from_configs(cfg, pre)
+
+    @classmethod
+    def from_configs(cls, cfg: dict[str, Any], pre: dict[str, Any]) -> LlavaOnevisionMediaSpec:
+        """From config.json and preprocessor_config.json (the tower packs with config.json's alone)."""
         vision = cfg.get("vision_config") or {}
         size = pre.get("size") or {}
         pinpoints = pre.get("image_grid_pinpoints") or cfg.get("image_grid_pinpoints") or DEFAULT_PINPOINTS
+        crop = vision.get("image_size", cls.crop_size)
         return cls(
-            crop_size=int(size.get("height", size.get("shortest_edge", cls.crop_size))),
+            crop_size=int(size.get("height", size.get("shortest_edge", crop))),
             vision_patch_size=int(vision.get("patch_size", cls.vision_patch_size)),
             pinpoints=tuple((int(h), int(w)) for h, w in pinpoints),
             vision_aspect_ratio=cfg.get("vision_aspect_ratio", cls.vision_aspect_ratio),
@@ -157,7 +164,35 @@ class LlavaOnevisionMediaSpec:
         rows, cols = best[0] // self.crop_size, best[1] // self.crop_size
         return AnyresLayout(True, best, resized, ((top, top + r_y), (left, left + r_x)), rows, cols)
 
-    def num_image_tokens(self, width: int, height: int, num_images: int = 1) -> int:
+    # ---- the media-spec interface (request builder, vision service) ----
+
+    def image_grid(self, width: int, height: int, num_images: int = 1) -> tuple[int, int, int]:
+        """(num_crops, height, width): the crops the tower encodes (1: a square of a multi-image prompt; the base
+        image and its tiles otherwise) and the original size, which fix the packing and the count."""
+        return self.layout(width, height, num_images).num_crops, height, width
+
+    def num_image_tokens(self, grid: tuple[int, int, int]) -> int:
+        num_crops, height, width = grid
+        return self.count_image_tokens(width, height, 1 if num_crops > 1 else 2)
+
+    def num_patches(self, grid: tuple[int, int, int]) -> int:
+        """Rows the tower runs for this image (its share of a batch)."""
+        return grid[0] * self.features_per_side**2
+
+    def item_settings(self, grid: tuple[int, int, int]) -> str:
+        """What besides the bytes determines the image's embedding: the settings and whether it is tiled."""
+        return f"{self.fingerprint()}|crops={'tiled' if grid[0] > 1 else 'square'}"
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of an image whose grid is its own size (warm-up images)."""
+        return width, height
+
+    def feature_grid_of(self, grid: tuple[int, int, int]) -> FeatureGrid | None:
+        """The packing of an image with this grid: None for a square of a multi-image prompt."""
+        num_crops, height, width = grid
+        return self.feature_grid(width, height) if num_crops > 1 else None
+
+    def count_image_tokens(self, width: int, height: int, num_images: int = 1) -> int:
         """Placeholder tokens of one image: LlavaOnevisionProcessor.replace_image_token's count."""
         side = self.features_per_side
         if num_images != 1:  # several images: each is its base features and one newline
@@ -202,3 +237,24 @@ class LlavaOnevisionMediaSpec:
             ],
             separators=(",", ":"),
         )
+
+
+def parse_llava_onevision_vision(v: dict[str, Any], text_hidden: int) -> VisionConfig:
+    """LLaVA-OneVision's vision_config (a SigLIP tower; the Hub's and transformers 5's use the same keys): the
+    projector maps its `hidden_size` to the language model's width."""
+    return VisionConfig(
+        depth=int(v.get("num_hidden_layers", 27)),
+        hidden_size=int(v.get("hidden_size", 1152)),
+        intermediate_size=int(v.get("intermediate_size", 4304)),
+        num_heads=int(v.get("num_attention_heads", 16)),
+        out_hidden_size=text_hidden,
+        patch_size=int(v.get("patch_size", 14)),
+        spatial_merge_size=1,
+        temporal_patch_size=1,
+        in_channels=int(v.get("num_channels", 3)),
+        window_size=0,
+        fullatt_block_indexes=(),
+        hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
+        image_size=int(v.get("image_size", 384)),
+        layer_norm_eps=float(v.get("layer_norm_eps", 1e-6)),
+    )

@@ -80,14 +80,24 @@ class Qwen2VLMediaSpec:
         )
         return w, h
 
-    def image_grid(self, width: int, height: int) -> tuple[int, int, int]:
-        """(t, h, w) in patches for a still image."""
+    def image_grid(self, width: int, height: int, num_images: int = 1) -> tuple[int, int, int]:
+        """(t, h, w) in patches for a still image (the same however many images the prompt has)."""
+        del num_images
         w, h = self.resized_size(width, height)
         return 1, h // self.patch_size, w // self.patch_size
 
     def num_image_tokens(self, grid: tuple[int, int, int]) -> int:
         t, h, w = grid
         return t * h * w // (self.merge_size**2)
+
+    def num_patches(self, grid: tuple[int, int, int]) -> int:
+        """Rows the tower runs for this image (its share of a batch)."""
+        return grid[0] * grid[1] * grid[2]
+
+    def item_settings(self, grid: tuple[int, int, int]) -> str:
+        """What besides the bytes determines the image's embedding (the grid follows from bytes and settings)."""
+        del grid
+        return self.fingerprint()
 
     def fingerprint(self) -> str:
         """Everything that changes pixel values or geometry: part of each image's content key."""
