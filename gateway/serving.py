@@ -224,6 +224,7 @@ class OpenAIServing:
             n=req.n,
             stream=stream,
             cache_salt=req.cache_salt or "",
+            constraint=req.constraint,
         )
 
     @staticmethod

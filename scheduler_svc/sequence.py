@@ -49,6 +49,7 @@ class RequestState:
     prefetch_step: int | None = None  # the step that told the worker to pull this request's embeddings
     num_unfinished: int = 0
     error: str | None = None
+    grammar_pending: bool = False  # its constraint is compiling: not admitted until it is ready
 
     @property
     def request_id(self) -> str:
@@ -97,6 +98,9 @@ class Sequence:
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] = []
         self.preempted_in_step = -1
+        # grammar-constrained decoding: the llguidance matcher, advanced by every accepted output token; the
+        # sequence samples only once its previous token is known (the mask depends on it)
+        self.matcher = None
 
     @property
     def prefill_done(self) -> bool:
