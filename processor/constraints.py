@@ -79,7 +79,7 @@ def _schema_text(schema: Any, param: str) -> str:
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, Mapping):
         raise InvalidRequestError(f"{param} must be a JSON schema object", param=param)
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    return json.dumps(schema, separators=(",", ":"))  # key order kept: it is the order properties come in
 
 
 def to_grammar(c: Constraint) -> str:

@@ -114,6 +114,9 @@ class StepObserver:
     def queued(self, seconds: float) -> None:
         pass
 
+    def grammar_compiled(self, seconds: float) -> None:  # called on a grammar thread
+        pass
+
 
 @dataclass
 class _Sent:
@@ -197,7 +200,10 @@ class Scheduler:
             from scheduler_svc.grammar import GrammarBackend
 
             self.grammar = GrammarBackend(
-                self.tokenizer.hf, self.policy.vocab_size, self.policy.eos_token_ids
+                self.tokenizer.hf,
+                self.policy.vocab_size,
+                self.policy.eos_token_ids,
+                on_compile=lambda seconds: self.observer.grammar_compiled(seconds),
             )
         return self.grammar
 
