@@ -24,9 +24,10 @@ SCHEMAS = {
                 "type": "object",
                 "properties": {
                     "id": {"type": "integer", "minimum": 1, "maximum": 999},
-                    "email": {"type": "string", "format": "email", "maxLength": 24},
+                    "key": {"type": "string", "format": "uuid"},
+                    "ip": {"type": "string", "format": "ipv4"},
                 },
-                "required": ["id", "email"],
+                "required": ["id", "key", "ip"],
                 "additionalProperties": False,
             },
             "ok": {"type": "boolean"},
@@ -96,9 +97,14 @@ def _response_format(name: str) -> dict:
     return {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name], "strict": True}}
 
 
-def _chat(client, name: str, i: int, stream: bool, n: int = 2, **extra) -> list[tuple[str, str]]:
-    """(text, finish_reason) of each choice."""
-    messages = [{"role": "user", "content": f"Request {i}: describe item {i * 7 % 13} as {name} JSON."}]
+def _chat(
+    client, name: str, i: int, stream: bool, n: int = 2, pad: int = 0, **extra
+) -> list[tuple[str, str]]:
+    """(text, finish_reason) of each choice; `pad` words of preamble make the prompt longer."""
+    preamble = " ".join(f"w{i}x{j}" for j in range(pad))
+    messages = [
+        {"role": "user", "content": f"{preamble}Request {i}: describe item {i * 7 % 13} as {name} JSON."}
+    ]
     kw = dict(model=SERVED, messages=messages, max_tokens=96, temperature=1.0, n=n, seed=i, **extra)
     if "response_format" not in kw:
         kw["response_format"] = _response_format(name)
@@ -159,13 +165,13 @@ def test_json_object_with_an_image(cluster, client):
         kw = dict(
             model=SERVED,
             messages=messages,
-            max_tokens=128,
+            max_tokens=48,
             temperature=1.0,
-            n=3,
+            n=2,
             response_format={"type": "json_object"},
         )
         if stream:
-            texts = [""] * 3
+            texts = [""] * 2
             for chunk in client.chat.completions.create(stream=True, **kw):
                 for c in chunk.choices:
                     texts[c.index] += c.delta.content or ""
@@ -298,7 +304,7 @@ def test_constrained_requests_survive_preemption(default_model, log_dir):
         client = openai.OpenAI(base_url=c.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
         jobs = [(name, i) for name in ("nested", "pattern_format", "optional") for i in range(8)]
         with ThreadPoolExecutor(24) as pool:
-            results = list(pool.map(lambda job: _chat(client, *job, stream=False, n=1), jobs))
+            results = list(pool.map(lambda job: _chat(client, *job, stream=False, n=1, pad=40), jobs))
         for (name, _), choices in zip(jobs, results, strict=True):
             for text, reason in choices:
                 assert reason == "stop", text
