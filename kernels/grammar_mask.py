@@ -18,12 +18,27 @@ def apply_token_bitmask_ref(logits: torch.Tensor, bitmask: torch.Tensor, rows: t
     """logits [B, V] float (modified in place); bitmask [R, W] int32; rows [R] int64: the logits row of mask r."""
     vocab = logits.shape[1]
     num_rows, num_words = bitmask.shape
-    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).view(num_rows, num_words * 32).bool()  # [R, 32 W]
-    if allowed.shape[1] < vocab:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    sub = logits.index_select(0, rows).masked_fill_(~allowed[:, :vocab], float("-inf"))
-    logits.index_copy_(0, rows, sub)
+    bits = _bit_values(bitmask.device)
+    allowed = (bitmask[:, :, None] & bits).view(num_rows, num_words * 32) != 0  # [R, 32 W]
+    n = min(vocab, num_words * 32)
+    whole = num_rows == logits.shape[0] and bool((rows == torch.arange(num_rows, device=rows.device)).all())
+    sub = logits if whole else logits.index_select(0, rows)
+    sub[:, :n].masked_fill_(~allowed[:, :n], float("-inf"))
+    sub[:, n:] = float("-inf")  # tokens past the mask are not allowed
+    if not whole:
+        logits.index_copy_(0, rows, sub)
+
+
+_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_values(device: torch.device) -> torch.Tensor:
+    """[32] int32: 1 << k for each bit (bit 31 is the sign bit)."""
+    if device not in _BITS:
+        _BITS[device] = torch.tensor(
+            [1 << k for k in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device
+        )
+    return _BITS[device]
 
 
 if HAS_TRITON:

@@ -149,3 +149,13 @@ def test_sampler_masks_rows_and_keeps_logprobs_finite():
     assert out.token_ids[1:3] == free.token_ids[1:3]  # unconstrained rows: unchanged
     assert all(np.isfinite(out.logprobs[b]) for b in (0, 3))
     assert all(np.isfinite(lp) for b in (0, 3) for _, lp in out.top_logprobs[b])
+
+
+def test_bitmask_reference_on_the_whole_batch():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 200, generator=g)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 6), dtype=torch.int32, generator=g)  # 192 < 200 tokens
+    rows = torch.arange(3)
+    got = logits.clone()
+    apply_token_bitmask_ref(got, bitmask, rows)
+    assert torch.equal(got, _expected(logits, bitmask, rows))
