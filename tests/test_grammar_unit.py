@@ -159,3 +159,33 @@ def test_bitmask_reference_on_the_whole_batch():
     got = logits.clone()
     apply_token_bitmask_ref(got, bitmask, rows)
     assert torch.equal(got, _expected(logits, bitmask, rows))
+
+
+def test_masks_cross_the_step_protocol():
+    from common.convert import plan_from_proto, plan_to_proto
+    from common.types import SeqStep, StepPlan
+
+    bitmask = np.arange(6, dtype="<i4").tobytes()
+    plan = StepPlan(3, (SeqStep("a#0", 5), SeqStep("b#0", 7)), mask_seq_ids=("b#0",), token_bitmask=bitmask)
+    back = plan_from_proto(plan_to_proto(plan))
+    assert back.mask_seq_ids == ("b#0",) and back.token_bitmask == bitmask
+
+
+def test_the_grammar_backend_keeps_the_scheduler_torch_free(default_model):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from processor.tokenizer import Tokenizer\n"
+        "from scheduler_svc.grammar import GrammarBackend\n"
+        "from common.types import Constraint\n"
+        f"b = GrammarBackend(Tokenizer({str(default_model)!r}).hf, 151936, (151645,))\n"
+        "m = b.compile(Constraint('json_object')).result()\n"
+        "b.fill([m])\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "False", out.stderr

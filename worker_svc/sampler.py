@@ -278,8 +278,13 @@ class Sampler:
         if masks is not None:
             if len(lp_b):
                 lp_logits = logits.clone()
-            bitmask = torch.from_numpy(masks[0]).to(logits.device)
-            apply_token_bitmask(logits, bitmask, torch.from_numpy(masks[1]).to(logits.device))
+            # pinned and asynchronous, so the host goes on preparing the next step (torch's pinned allocator keeps
+            # the buffers until the copies have run)
+            host = [torch.from_numpy(a) for a in masks]
+            if self._pin:
+                host = [t.pin_memory() for t in host]
+            bitmask, mask_rows = (t.to(logits.device, non_blocking=self._pin) for t in host)
+            apply_token_bitmask(logits, bitmask, mask_rows)
         if len(sampled_b) < batch:
             tokens = logits.argmax(dim=-1)
         else:
