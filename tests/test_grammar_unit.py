@@ -189,3 +189,14 @@ def test_the_grammar_backend_keeps_the_scheduler_torch_free(default_model):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_sglang_sampling_params_carry_constraints():
+    from processor import sampling
+
+    fields = sampling.from_sglang({"max_new_tokens": 8, "regex": "[0-9]+", "json_schema": None})
+    assert fields == {"max_tokens": 8, "regex": "[0-9]+"}
+    assert constraints.from_fields(fields) == Constraint("regex", "[0-9]+")
+    with pytest.raises(InvalidRequestError) as e:
+        sampling.from_sglang({"structural_tag": "{}"})
+    assert e.value.param == "sampling_params.structural_tag"
