@@ -6,7 +6,10 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict
 
+from common.errors import InvalidRequestError
 from common.types import (
+    CONSTRAINT_KINDS,
+    Constraint,
     EmbeddingLease,
     EmbeddingLocation,
     EncodedItem,
@@ -121,6 +124,7 @@ def request_to_proto(r: GenerateRequest) -> scheduler_pb2.GenerateRequest:
         stream=r.stream,
         cache_salt=r.cache_salt,
         logprob_start_len=r.logprob_start_len if r.logprob_start_len >= 0 else None,
+        constraint=constraint_to_proto(r.constraint),
     )
 
 
@@ -144,7 +148,25 @@ def request_from_proto(p: scheduler_pb2.GenerateRequest) -> GenerateRequest:
         stream=p.stream,
         cache_salt=p.cache_salt,
         logprob_start_len=p.logprob_start_len if p.HasField("logprob_start_len") else -1,
+        constraint=constraint_from_proto(p.constraint) if p.HasField("constraint") else None,
     )
+
+
+def constraint_to_proto(c: Constraint | None) -> common_pb2.Constraint | None:
+    if c is None:
+        return None
+    return common_pb2.Constraint(
+        kind=common_pb2.ConstraintKind.Value(f"CONSTRAINT_KIND_{c.kind.upper()}"), text=c.text
+    )
+
+
+def constraint_from_proto(p: common_pb2.Constraint) -> Constraint:
+    """Raises InvalidRequestError for a kind this build does not know (a newer caller's)."""
+    name = common_pb2.ConstraintKind.Name(p.kind) if p.kind in common_pb2.ConstraintKind.values() else ""
+    kind = name.removeprefix("CONSTRAINT_KIND_").lower()
+    if kind not in CONSTRAINT_KINDS:
+        raise InvalidRequestError(f"constraint kind {p.kind} is not supported", param="constraint")
+    return Constraint(kind, p.text)
 
 
 def output_to_proto(
@@ -259,6 +281,8 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
         sent_unix_ns=plan.sent_unix_ns,
         prefetch_keys=plan.prefetch_keys,
         prefetch_leases=[lease_to_proto(x) for x in plan.prefetch_leases],
+        mask_seq_ids=plan.mask_seq_ids,
+        token_bitmask=plan.token_bitmask,
     )
     add = req.seqs.add
     decode_ids, decode_pos = [], []
@@ -327,6 +351,8 @@ def plan_from_proto(p: worker_pb2.StepRequest) -> StepPlan:
         p.sent_unix_ns,
         tuple(p.prefetch_keys),
         prefetch_leases=tuple(lease_from_proto(x) for x in p.prefetch_leases),
+        mask_seq_ids=tuple(p.mask_seq_ids),
+        token_bitmask=p.token_bitmask,
     )
 
 

@@ -61,6 +61,22 @@ class StoppingCriteria:
     skip_special_tokens: bool = True
 
 
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "ebnf", "lark")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A grammar the output must match: `kind` names the language of `text` (a JSON schema as JSON text, "" for
+    json_object, a regex, an EBNF/GBNF grammar, or a Lark grammar in llguidance's dialect)."""
+
+    kind: str
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise ValueError(f"constraint kind {self.kind!r} is not one of {', '.join(CONSTRAINT_KINDS)}")
+
+
 @dataclass(frozen=True)
 class GenerateRequest:
     """A tokenized request as the scheduler receives it."""
@@ -80,6 +96,8 @@ class GenerateRequest:
         """The first prompt position whose log-probability is computed (position 0 has none), or None."""
         start = self.logprob_start_len
         return max(start, 1) if 0 <= start < len(self.input_ids) and len(self.input_ids) > 1 else None
+
+    constraint: Constraint | None = None  # structured output: every choice follows this grammar
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,10 @@ class StepPlan:
     decode_start_pos: tuple[int, ...] = ()
     # leases on prefetch_keys' rows in the vision service's pool: copied from there (no pull), always released
     prefetch_leases: tuple[EmbeddingLease, ...] = ()
+    # grammar-constrained sequences that sample in this step, and their allowed-token bitmasks: int32 words,
+    # little-endian, ceil(vocab / 32) a row, one row per id in order
+    mask_seq_ids: tuple[str, ...] = ()
+    token_bitmask: bytes = field(default=b"", repr=False)
 
     @property
     def num_tokens(self) -> int:

@@ -473,7 +473,7 @@ def create_app(args: GatewayArgs) -> FastAPI:
         from google.protobuf.json_format import MessageToDict
 
         out = MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-        for key in ("scheduler_args_json", "worker_info_json", "vision_info_json"):
+        for key in ("scheduler_args_json", "worker_info_json", "vision_info_json", "grammar_info_json"):
             out[key.removesuffix("_json")] = json.loads(out.pop(key) or "{}")
         # live values only, as JSON numbers (MessageToDict writes int64 as strings); page_size is configuration
         out["stats"] = {

@@ -19,7 +19,6 @@ from gateway.responses import (
 )
 from processor import sampling
 from processor.request_builder import ROLES
-from processor.sampling import CONSTRAINT_KEYS
 
 
 def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
@@ -218,11 +217,33 @@ def _body_rules(model_names: list[str], vocab_size: int) -> dict[str, dict[str, 
         },
         "seed": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 2**63 - 1}, {"type": "null"}]},
         "stop_token_ids": {"anyOf": [{"type": "array", "items": token_id}, {"type": "null"}]},
-        # not implemented yet: anything else is a 400 that says so
+        # structured output (at most one of these); an invalid schema, regex or grammar is a 400 naming it
         "response_format": {
-            "anyOf": [{"type": "object", "properties": {"type": {"const": "text"}}}, {"type": "null"}]
+            "anyOf": [
+                {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]},
+                {"type": "object", "properties": {"type": {"const": "json_object"}}, "required": ["type"]},
+                {
+                    "type": "object",
+                    "properties": {
+                        "type": {"const": "json_schema"},
+                        "json_schema": {
+                            "type": "object",
+                            "properties": {
+                                "name": {"type": "string"},
+                                "schema": {"type": "object"},
+                                "strict": {"anyOf": [{"type": "boolean"}, {"type": "null"}]},
+                            },
+                        },
+                    },
+                    "required": ["type", "json_schema"],
+                },
+                {"type": "null"},
+            ]
         },
-        **{name: {"type": "null"} for name in CONSTRAINT_KEYS},
+        "json_schema": {"anyOf": [{"type": "string"}, {"type": "object"}, {"type": "null"}]},
+        "regex": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]},
+        "ebnf": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]},
+        "structural_tag": {"type": "null"},  # not supported: a 400 that says so
     }
     chat_only = {
         "tools": {"anyOf": [{"type": "array", "items": TOOL_SCHEMA}, {"type": "null"}]},

@@ -7,8 +7,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from common.errors import InvalidRequestError
-from common.types import SamplingParams, StoppingCriteria
-from processor import sampling
+from common.types import Constraint, SamplingParams, StoppingCriteria
+from processor import constraints, sampling
 from processor.tools import ToolChoice, check_tools
 
 MAX_CHOICES = 1024  # completions one request may ask for (prompts x n)
@@ -55,12 +55,13 @@ class SamplingRequest(BaseModel):
     return_token_ids: bool = False  # vLLM extra: prompt_token_ids and each choice's token_ids in the response
     # vLLM extra: prompts share prefix-cache pages only with prompts of the same salt (tenant isolation)
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
-    # constrained decoding is not implemented: declared so that a request asking for it is refused, not ignored
+    # structured output (grammar-constrained decoding): OpenAI's response_format, SGLang's extras
     response_format: dict[str, Any] | None = None
     regex: str | None = None
     ebnf: str | None = None
     json_schema: str | dict[str, Any] | None = None
     structural_tag: str | dict[str, Any] | None = None
+    _constraint: Constraint | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check(self):
@@ -79,19 +80,19 @@ class SamplingRequest(BaseModel):
                 raise InvalidRequestError("logit_bias values must be in [-100, 100]", param="logit_bias")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError("seed must be in [0, 2**63)", param="seed")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
+        if self.structural_tag is not None:
             raise InvalidRequestError(
-                f"response_format type {kind!r} is not supported yet (structured output is not implemented); "
-                "only 'text' is",
-                param="response_format",
+                "structural_tag is not supported; use response_format, regex or ebnf", param="structural_tag"
             )
-        for name in sampling.CONSTRAINT_KEYS:
-            if getattr(self, name) is not None:
-                raise InvalidRequestError(
-                    f"{name} is not supported yet (constrained decoding is not implemented)", param=name
-                )
+        self._constraint = constraints.from_fields(
+            {k: getattr(self, k) for k in ("response_format", "json_schema", "regex", "ebnf")}
+        )
         return self
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """The grammar every choice follows (structured output), or None."""
+        return self._constraint
 
     @property
     def unknown_fields(self) -> list[str]:

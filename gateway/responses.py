@@ -263,6 +263,10 @@ class ServerInfo(BaseModel):
     scheduler_args: dict[str, Any]
     worker_info: dict[str, Any]
     vision_info: dict[str, Any]
+    grammar_info: dict[str, Any] = Field(
+        default_factory=dict,
+        description="structured output: the grammar backend (llguidance), its version and compiled-grammar cache",
+    )
     stats: dict[str, int | float] = Field(
         description="live statistics only (counters and gauges), JSON numbers; configuration is the other keys"
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 from common.errors import InvalidRequestError, MiradorError, NotFoundError
 from common.log import request_id_var
-from common.types import GenerateOutput, GenerateRequest, TokenLogprob
+from common.types import Constraint, GenerateOutput, GenerateRequest, TokenLogprob
 from gateway import tool_calls
 from gateway.errors import sse_error
 from gateway.metrics import GatewayMetrics
@@ -231,6 +231,7 @@ class OpenAIServing:
             stream=stream,
             cache_salt=req.cache_salt or "",
             logprob_start_len=logprob_start_len,
+            constraint=req.constraint,
         )
 
     @staticmethod
@@ -416,16 +417,16 @@ class OpenAIServing:
 
     @staticmethod
     def _constrain(greq: GenerateRequest, grammar: tuple[str, str] | None) -> GenerateRequest:
-        """The one place where the grammar that forces tool calls ("lark", text) joins the request. Until
-        grammar-constrained decoding is merged (issue 13's other half) a forced choice is refused, never left
-        unenforced."""
+        """The one place where the grammar that forces tool calls ("lark", text) joins the request."""
         if grammar is None:
             return greq
-        raise InvalidRequestError(
-            'tool_choice "required" or a named function needs grammar support (constrained decoding), which '
-            "this build does not have yet",
-            param="tool_choice",
-        )
+        if greq.constraint is not None:
+            raise InvalidRequestError(
+                'tool_choice "required" or a named function cannot be combined with response_format, regex, ebnf '
+                "or json_schema",
+                param="tool_choice",
+            )
+        return replace(greq, constraint=Constraint(*grammar))
 
     def _tool_stream_events(
         self, req: ChatCompletionRequest, calls: ToolCallStream, out: GenerateOutput

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common.types import GenerateOutput, GenerateRequest, StepPlan, TokenLogprob
-from processor import sampling
+from processor import constraints, sampling
 from processor.media import MediaPolicy
 from processor.model_config import load_generation_defaults, load_generation_eos
 from processor.request_builder import PreparedPrompt, RequestBuilder
@@ -193,6 +193,7 @@ class Engine:
             stop,
             n=int(fields.get("n") or 1),
             stream=stream,
+            constraint=constraints.from_fields(fields),
         )
 
     async def _prepare_generate(self, prompt, input_ids, image_data, **kw) -> GenerateRequest:

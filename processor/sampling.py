@@ -39,23 +39,23 @@ SGLANG_KEYS = {
 }
 
 
-# SGLang's constrained decoding keys: not implemented yet, so a request that sets one is refused, never ignored
+# SGLang's constrained decoding keys: passed on as request fields (processor/constraints.py reads them)
 CONSTRAINT_KEYS = ("regex", "ebnf", "json_schema", "structural_tag")
 
 
 def from_sglang(sampling_params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """SGLang's sampling_params -> the OpenAI field names `build` takes (unknown keys are logged and dropped)."""
+    """SGLang's sampling_params -> the OpenAI field names `build` takes (unknown keys are logged and dropped);
+    the constraint keys keep their names."""
     sp = dict(sampling_params or {})
-    for key in CONSTRAINT_KEYS:
-        if sp.get(key) is not None:
-            raise InvalidRequestError(
-                f"sampling_params.{key} is not supported yet (constrained decoding is not implemented)",
-                param=f"sampling_params.{key}",
-            )
+    if sp.get("structural_tag") is not None:
+        raise InvalidRequestError(
+            "sampling_params.structural_tag is not supported; use json_schema, regex or ebnf",
+            param="sampling_params.structural_tag",
+        )
     unknown = sorted(set(sp) - SGLANG_KEYS - set(CONSTRAINT_KEYS))
     if unknown:
         logger.warning("ignoring unknown sampling_params: %s", ", ".join(unknown))
-    fields = {k: v for k, v in sp.items() if k in SGLANG_KEYS}
+    fields = {k: v for k, v in sp.items() if k in SGLANG_KEYS or (k in CONSTRAINT_KEYS and v is not None)}
     if "max_new_tokens" in fields:
         fields["max_tokens"] = fields.pop("max_new_tokens")
     if "min_new_tokens" in fields:

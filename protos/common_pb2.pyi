@@ -12,9 +12,24 @@ class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODALITY_UNSPECIFIED: _ClassVar[Modality]
     MODALITY_IMAGE: _ClassVar[Modality]
     MODALITY_VIDEO: _ClassVar[Modality]
+
+class ConstraintKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONSTRAINT_KIND_UNSPECIFIED: _ClassVar[ConstraintKind]
+    CONSTRAINT_KIND_JSON_SCHEMA: _ClassVar[ConstraintKind]
+    CONSTRAINT_KIND_JSON_OBJECT: _ClassVar[ConstraintKind]
+    CONSTRAINT_KIND_REGEX: _ClassVar[ConstraintKind]
+    CONSTRAINT_KIND_EBNF: _ClassVar[ConstraintKind]
+    CONSTRAINT_KIND_LARK: _ClassVar[ConstraintKind]
 MODALITY_UNSPECIFIED: Modality
 MODALITY_IMAGE: Modality
 MODALITY_VIDEO: Modality
+CONSTRAINT_KIND_UNSPECIFIED: ConstraintKind
+CONSTRAINT_KIND_JSON_SCHEMA: ConstraintKind
+CONSTRAINT_KIND_JSON_OBJECT: ConstraintKind
+CONSTRAINT_KIND_REGEX: ConstraintKind
+CONSTRAINT_KIND_EBNF: ConstraintKind
+CONSTRAINT_KIND_LARK: ConstraintKind
 
 class Tensor(_message.Message):
     __slots__ = ("data", "shape", "dtype")
@@ -108,3 +123,11 @@ class EmbeddingLease(_message.Message):
     lease_id: int
     locations: _containers.RepeatedCompositeFieldContainer[EmbeddingLocation]
     def __init__(self, pool_id: _Optional[str] = ..., lease_id: _Optional[int] = ..., locations: _Optional[_Iterable[_Union[EmbeddingLocation, _Mapping]]] = ...) -> None: ...
+
+class Constraint(_message.Message):
+    __slots__ = ("kind", "text")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    kind: ConstraintKind
+    text: str
+    def __init__(self, kind: _Optional[_Union[ConstraintKind, str]] = ..., text: _Optional[str] = ...) -> None: ...

@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\x14mirador.scheduler.v1\x1a\x13protos/common.proto\"\xaf\x01\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\x05\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x14\n\x0cno_stop_trim\x18\x06 \x01(\x08\x12\x1b\n\x13skip_special_tokens\x18\x07 \x01(\x08\"\xc1\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\x12\x33\n\x08mm_items\x18\x03 \x03(\x0b\x32!.mirador.common.v1.MultimodalItem\x12\x33\n\x08sampling\x18\x04 \x01(\x0b\x32!.mirador.common.v1.SamplingParams\x12\x38\n\x08stopping\x18\x05 \x01(\x0b\x32&.mirador.scheduler.v1.StoppingCriteria\x12\t\n\x01n\x18\x06 \x01(\x05\x12\x0e\n\x06stream\x18\x07 \x01(\x08\x12\x12\n\ncache_salt\x18\x08 \x01(\t\x12\x1e\n\x11logprob_start_len\x18\t \x01(\x05H\x00\x88\x01\x01\x42\x14\n\x12_logprob_start_len\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x33\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1d.mirador.common.v1.TopLogprob\"\xfa\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x39\n\rfinish_reason\x18\x05 \x01(\x0e\x32\".mirador.scheduler.v1.FinishReason\x12\x1a\n\x10matched_stop_str\x18\x06 \x01(\tH\x00\x12\x1c\n\x12matched_stop_token\x18\x07 \x01(\x05H\x00\x12*\n\x05usage\x18\x08 \x01(\x0b\x32\x1b.mirador.scheduler.v1.Usage\x12\x34\n\x08logprobs\x18\t \x03(\x0b\x32\".mirador.scheduler.v1.TokenLogprob\x12;\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\".mirador.scheduler.v1.TokenLogprobB\x0e\n\x0cmatched_stop\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xb5\x05\n\x0eSchedulerStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x12\n\nnum_queued\x18\x02 \x01(\x05\x12\x15\n\rkv_pages_used\x18\x03 \x01(\x05\x12\x16\n\x0ekv_pages_total\x18\x04 \x01(\x05\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x17\n\x0fkv_pages_cached\x18\x06 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x08 \x01(\x03\x12\x1b\n\x13prompt_tokens_total\x18\t \x01(\x03\x12\x1b\n\x13vision_encode_calls\x18\n \x01(\x03\x12\x1f\n\x17vision_images_requested\x18\x0b \x01(\x03\x12\x19\n\x11vision_cache_hits\x18\x0c \x01(\x03\x12\x1d\n\x15vision_skipped_images\x18\r \x01(\x03\x12\x11\n\tnum_steps\x18\x0e \x01(\x03\x12\x1e\n\x16generated_tokens_total\x18\x0f \x01(\x03\x12\x19\n\x11requests_finished\x18\x10 \x01(\x03\x12\x18\n\x10requests_aborted\x18\x11 \x01(\x03\x12\x1a\n\x12scheduler_ns_total\x18\x12 \x01(\x03\x12\x1f\n\x17scheduler_ns_overlapped\x18\x13 \x01(\x03\x12\x1f\n\x17worker_forward_ns_total\x18\x14 \x01(\x03\x12\x16\n\x0egen_throughput\x18\x15 \x01(\x01\x12\x18\n\x10steps_overlapped\x18\x16 \x01(\x03\x12\x1d\n\x15scheduler_ns_off_path\x18\x17 \x01(\x03\x12\x1c\n\x14\x65mbedding_prefetches\x18\x18 \x01(\x03\x12\x1b\n\x13\x65mbedding_deferrals\x18\x19 \x01(\x03\"\x16\n\x14GetServerInfoRequest\"\x9b\x03\n\nServerInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x19\n\x11served_model_name\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x15\n\ris_multimodal\x18\x04 \x01(\x08\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x11\n\tnum_pages\x18\x07 \x01(\x05\x12\x1c\n\x14max_running_requests\x18\x08 \x01(\x05\x12\x1c\n\x14\x63hunked_prefill_size\x18\t \x01(\x05\x12\x1a\n\x12max_prefill_tokens\x18\n \x01(\x05\x12\x1b\n\x13\x65nable_prefix_cache\x18\x0b \x01(\x08\x12\x1b\n\x13scheduler_args_json\x18\x0c \x01(\t\x12\x18\n\x10worker_info_json\x18\r \x01(\t\x12\x18\n\x10vision_info_json\x18\x0e \x01(\t\x12\x16\n\x0e\x65nable_overlap\x18\x0f \x01(\x08\x12\x15\n\reos_token_ids\x18\x10 \x03(\x05\"\x88\x01\n\x0e\x43onnectRequest\x12\x39\n\x08generate\x18\x01 \x01(\x0b\x32%.mirador.scheduler.v1.GenerateRequestH\x00\x12\x33\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\".mirador.scheduler.v1.AbortRequestH\x00\x42\x06\n\x04kind\"\xf4\x01\n\x0bOutputBatch\x12\x37\n\x07outputs\x18\x01 \x03(\x0b\x32&.mirador.scheduler.v1.GenerateResponse\x12\x32\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\".mirador.scheduler.v1.RequestError\x12\x19\n\x11\x64\x65lta_request_ids\x18\x03 \x03(\t\x12\x15\n\rdelta_indexes\x18\x04 \x03(\x05\x12\x13\n\x0b\x64\x65lta_texts\x18\x05 \x03(\t\x12\x18\n\x10\x64\x65lta_num_tokens\x18\x06 \x03(\x05\x12\x17\n\x0f\x64\x65lta_token_ids\x18\x07 \x03(\x05\"A\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x13\n\x11\x46lushCacheRequest\"r\n\x12\x46lushCacheResponse\x12\x0f\n\x07\x66lushed\x18\x01 \x01(\x08\x12\x14\n\x0cnum_requests\x18\x02 \x01(\x05\x12\x17\n\x0fnum_pages_freed\x18\x03 \x01(\x05\x12\x1c\n\x14num_embeddings_freed\x18\x04 \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xab\x04\n\tScheduler\x12[\n\x08Generate\x12%.mirador.scheduler.v1.GenerateRequest\x1a&.mirador.scheduler.v1.GenerateResponse0\x01\x12P\n\x05\x41\x62ort\x12\".mirador.scheduler.v1.AbortRequest\x1a#.mirador.scheduler.v1.AbortResponse\x12V\n\x07\x43onnect\x12$.mirador.scheduler.v1.ConnectRequest\x1a!.mirador.scheduler.v1.OutputBatch(\x01\x30\x01\x12W\n\x08GetStats\x12%.mirador.scheduler.v1.GetStatsRequest\x1a$.mirador.scheduler.v1.SchedulerStats\x12]\n\rGetServerInfo\x12*.mirador.scheduler.v1.GetServerInfoRequest\x1a .mirador.scheduler.v1.ServerInfo\x12_\n\nFlushCache\x12\'.mirador.scheduler.v1.FlushCacheRequest\x1a(.mirador.scheduler.v1.FlushCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\x14mirador.scheduler.v1\x1a\x13protos/common.proto\"\xaf\x01\n\x10StoppingCriteria\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x16\n\x0emin_new_tokens\x18\x02 \x01(\x05\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\x05\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x14\n\x0cno_stop_trim\x18\x06 \x01(\x08\x12\x1b\n\x13skip_special_tokens\x18\x07 \x01(\x08\"\xf4\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tinput_ids\x18\x02 \x03(\x05\x12\x33\n\x08mm_items\x18\x03 \x03(\x0b\x32!.mirador.common.v1.MultimodalItem\x12\x33\n\x08sampling\x18\x04 \x01(\x0b\x32!.mirador.common.v1.SamplingParams\x12\x38\n\x08stopping\x18\x05 \x01(\x0b\x32&.mirador.scheduler.v1.StoppingCriteria\x12\t\n\x01n\x18\x06 \x01(\x05\x12\x0e\n\x06stream\x18\x07 \x01(\x08\x12\x12\n\ncache_salt\x18\x08 \x01(\t\x12\x1e\n\x11logprob_start_len\x18\t \x01(\x05H\x00\x88\x01\x01\x12\x31\n\nconstraint\x18\n \x01(\x0b\x32\x1d.mirador.common.v1.ConstraintB\x14\n\x12_logprob_start_len\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x33\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1d.mirador.common.v1.TopLogprob\"\xfa\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x39\n\rfinish_reason\x18\x05 \x01(\x0e\x32\".mirador.scheduler.v1.FinishReason\x12\x1a\n\x10matched_stop_str\x18\x06 \x01(\tH\x00\x12\x1c\n\x12matched_stop_token\x18\x07 \x01(\x05H\x00\x12*\n\x05usage\x18\x08 \x01(\x0b\x32\x1b.mirador.scheduler.v1.Usage\x12\x34\n\x08logprobs\x18\t \x03(\x0b\x32\".mirador.scheduler.v1.TokenLogprob\x12;\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\".mirador.scheduler.v1.TokenLogprobB\x0e\n\x0cmatched_stop\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\xb5\x05\n\x0eSchedulerStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\x05\x12\x12\n\nnum_queued\x18\x02 \x01(\x05\x12\x15\n\rkv_pages_used\x18\x03 \x01(\x05\x12\x16\n\x0ekv_pages_total\x18\x04 \x01(\x05\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x17\n\x0fkv_pages_cached\x18\x06 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x07 \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x08 \x01(\x03\x12\x1b\n\x13prompt_tokens_total\x18\t \x01(\x03\x12\x1b\n\x13vision_encode_calls\x18\n \x01(\x03\x12\x1f\n\x17vision_images_requested\x18\x0b \x01(\x03\x12\x19\n\x11vision_cache_hits\x18\x0c \x01(\x03\x12\x1d\n\x15vision_skipped_images\x18\r \x01(\x03\x12\x11\n\tnum_steps\x18\x0e \x01(\x03\x12\x1e\n\x16generated_tokens_total\x18\x0f \x01(\x03\x12\x19\n\x11requests_finished\x18\x10 \x01(\x03\x12\x18\n\x10requests_aborted\x18\x11 \x01(\x03\x12\x1a\n\x12scheduler_ns_total\x18\x12 \x01(\x03\x12\x1f\n\x17scheduler_ns_overlapped\x18\x13 \x01(\x03\x12\x1f\n\x17worker_forward_ns_total\x18\x14 \x01(\x03\x12\x16\n\x0egen_throughput\x18\x15 \x01(\x01\x12\x18\n\x10steps_overlapped\x18\x16 \x01(\x03\x12\x1d\n\x15scheduler_ns_off_path\x18\x17 \x01(\x03\x12\x1c\n\x14\x65mbedding_prefetches\x18\x18 \x01(\x03\x12\x1b\n\x13\x65mbedding_deferrals\x18\x19 \x01(\x03\"\x16\n\x14GetServerInfoRequest\"\xb6\x03\n\nServerInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x19\n\x11served_model_name\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x15\n\ris_multimodal\x18\x04 \x01(\x08\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x11\n\tnum_pages\x18\x07 \x01(\x05\x12\x1c\n\x14max_running_requests\x18\x08 \x01(\x05\x12\x1c\n\x14\x63hunked_prefill_size\x18\t \x01(\x05\x12\x1a\n\x12max_prefill_tokens\x18\n \x01(\x05\x12\x1b\n\x13\x65nable_prefix_cache\x18\x0b \x01(\x08\x12\x1b\n\x13scheduler_args_json\x18\x0c \x01(\t\x12\x18\n\x10worker_info_json\x18\r \x01(\t\x12\x18\n\x10vision_info_json\x18\x0e \x01(\t\x12\x16\n\x0e\x65nable_overlap\x18\x0f \x01(\x08\x12\x15\n\reos_token_ids\x18\x10 \x03(\x05\x12\x19\n\x11grammar_info_json\x18\x11 \x01(\t\"\x88\x01\n\x0e\x43onnectRequest\x12\x39\n\x08generate\x18\x01 \x01(\x0b\x32%.mirador.scheduler.v1.GenerateRequestH\x00\x12\x33\n\x05\x61\x62ort\x18\x02 \x01(\x0b\x32\".mirador.scheduler.v1.AbortRequestH\x00\x42\x06\n\x04kind\"\xf4\x01\n\x0bOutputBatch\x12\x37\n\x07outputs\x18\x01 \x03(\x0b\x32&.mirador.scheduler.v1.GenerateResponse\x12\x32\n\x06\x65rrors\x18\x02 \x03(\x0b\x32\".mirador.scheduler.v1.RequestError\x12\x19\n\x11\x64\x65lta_request_ids\x18\x03 \x03(\t\x12\x15\n\rdelta_indexes\x18\x04 \x03(\x05\x12\x13\n\x0b\x64\x65lta_texts\x18\x05 \x03(\t\x12\x18\n\x10\x64\x65lta_num_tokens\x18\x06 \x03(\x05\x12\x17\n\x0f\x64\x65lta_token_ids\x18\x07 \x03(\x05\"A\n\x0cRequestError\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x13\n\x11\x46lushCacheRequest\"r\n\x12\x46lushCacheResponse\x12\x0f\n\x07\x66lushed\x18\x01 \x01(\x08\x12\x14\n\x0cnum_requests\x18\x02 \x01(\x05\x12\x17\n\x0fnum_pages_freed\x18\x03 \x01(\x05\x12\x1c\n\x14num_embeddings_freed\x18\x04 \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xab\x04\n\tScheduler\x12[\n\x08Generate\x12%.mirador.scheduler.v1.GenerateRequest\x1a&.mirador.scheduler.v1.GenerateResponse0\x01\x12P\n\x05\x41\x62ort\x12\".mirador.scheduler.v1.AbortRequest\x1a#.mirador.scheduler.v1.AbortResponse\x12V\n\x07\x43onnect\x12$.mirador.scheduler.v1.ConnectRequest\x1a!.mirador.scheduler.v1.OutputBatch(\x01\x30\x01\x12W\n\x08GetStats\x12%.mirador.scheduler.v1.GetStatsRequest\x1a$.mirador.scheduler.v1.SchedulerStats\x12]\n\rGetServerInfo\x12*.mirador.scheduler.v1.GetServerInfoRequest\x1a .mirador.scheduler.v1.ServerInfo\x12_\n\nFlushCache\x12\'.mirador.scheduler.v1.FlushCacheRequest\x1a(.mirador.scheduler.v1.FlushCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2949
-  _globals['_FINISHREASON']._serialized_end=3069
+  _globals['_FINISHREASON']._serialized_start=3027
+  _globals['_FINISHREASON']._serialized_end=3147
   _globals['_STOPPINGCRITERIA']._serialized_start=70
   _globals['_STOPPINGCRITERIA']._serialized_end=245
   _globals['_GENERATEREQUEST']._serialized_start=248
-  _globals['_GENERATEREQUEST']._serialized_end=569
-  _globals['_USAGE']._serialized_start=571
-  _globals['_USAGE']._serialized_end=651
-  _globals['_TOKENLOGPROB']._serialized_start=653
-  _globals['_TOKENLOGPROB']._serialized_end=755
-  _globals['_GENERATERESPONSE']._serialized_start=758
-  _globals['_GENERATERESPONSE']._serialized_end=1136
-  _globals['_ABORTREQUEST']._serialized_start=1138
-  _globals['_ABORTREQUEST']._serialized_end=1172
-  _globals['_ABORTRESPONSE']._serialized_start=1174
-  _globals['_ABORTRESPONSE']._serialized_end=1204
-  _globals['_GETSTATSREQUEST']._serialized_start=1206
-  _globals['_GETSTATSREQUEST']._serialized_end=1223
-  _globals['_SCHEDULERSTATS']._serialized_start=1226
-  _globals['_SCHEDULERSTATS']._serialized_end=1919
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1921
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1943
-  _globals['_SERVERINFO']._serialized_start=1946
-  _globals['_SERVERINFO']._serialized_end=2357
-  _globals['_CONNECTREQUEST']._serialized_start=2360
-  _globals['_CONNECTREQUEST']._serialized_end=2496
-  _globals['_OUTPUTBATCH']._serialized_start=2499
-  _globals['_OUTPUTBATCH']._serialized_end=2743
-  _globals['_REQUESTERROR']._serialized_start=2745
-  _globals['_REQUESTERROR']._serialized_end=2810
-  _globals['_FLUSHCACHEREQUEST']._serialized_start=2812
-  _globals['_FLUSHCACHEREQUEST']._serialized_end=2831
-  _globals['_FLUSHCACHERESPONSE']._serialized_start=2833
-  _globals['_FLUSHCACHERESPONSE']._serialized_end=2947
-  _globals['_SCHEDULER']._serialized_start=3072
-  _globals['_SCHEDULER']._serialized_end=3627
+  _globals['_GENERATEREQUEST']._serialized_end=620
+  _globals['_USAGE']._serialized_start=622
+  _globals['_USAGE']._serialized_end=702
+  _globals['_TOKENLOGPROB']._serialized_start=704
+  _globals['_TOKENLOGPROB']._serialized_end=806
+  _globals['_GENERATERESPONSE']._serialized_start=809
+  _globals['_GENERATERESPONSE']._serialized_end=1187
+  _globals['_ABORTREQUEST']._serialized_start=1189
+  _globals['_ABORTREQUEST']._serialized_end=1223
+  _globals['_ABORTRESPONSE']._serialized_start=1225
+  _globals['_ABORTRESPONSE']._serialized_end=1255
+  _globals['_GETSTATSREQUEST']._serialized_start=1257
+  _globals['_GETSTATSREQUEST']._serialized_end=1274
+  _globals['_SCHEDULERSTATS']._serialized_start=1277
+  _globals['_SCHEDULERSTATS']._serialized_end=1970
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1972
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1994
+  _globals['_SERVERINFO']._serialized_start=1997
+  _globals['_SERVERINFO']._serialized_end=2435
+  _globals['_CONNECTREQUEST']._serialized_start=2438
+  _globals['_CONNECTREQUEST']._serialized_end=2574
+  _globals['_OUTPUTBATCH']._serialized_start=2577
+  _globals['_OUTPUTBATCH']._serialized_end=2821
+  _globals['_REQUESTERROR']._serialized_start=2823
+  _globals['_REQUESTERROR']._serialized_end=2888
+  _globals['_FLUSHCACHEREQUEST']._serialized_start=2890
+  _globals['_FLUSHCACHEREQUEST']._serialized_end=2909
+  _globals['_FLUSHCACHERESPONSE']._serialized_start=2911
+  _globals['_FLUSHCACHERESPONSE']._serialized_end=3025
+  _globals['_SCHEDULER']._serialized_start=3150
+  _globals['_SCHEDULER']._serialized_end=3705
 # @@protoc_insertion_point(module_scope)

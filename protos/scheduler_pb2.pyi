@@ -38,7 +38,7 @@ class StoppingCriteria(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., no_stop_trim: _Optional[bool] = ..., skip_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "mm_items", "sampling", "stopping", "n", "stream", "cache_salt", "logprob_start_len")
+    __slots__ = ("request_id", "input_ids", "mm_items", "sampling", "stopping", "n", "stream", "cache_salt", "logprob_start_len", "constraint")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     MM_ITEMS_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class GenerateRequest(_message.Message):
     STREAM_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_START_LEN_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     mm_items: _containers.RepeatedCompositeFieldContainer[_common_pb2.MultimodalItem]
@@ -57,7 +58,8 @@ class GenerateRequest(_message.Message):
     stream: bool
     cache_salt: str
     logprob_start_len: int
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., mm_items: _Optional[_Iterable[_Union[_common_pb2.MultimodalItem, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., n: _Optional[int] = ..., stream: _Optional[bool] = ..., cache_salt: _Optional[str] = ..., logprob_start_len: _Optional[int] = ...) -> None: ...
+    constraint: _common_pb2.Constraint
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., mm_items: _Optional[_Iterable[_Union[_common_pb2.MultimodalItem, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., n: _Optional[int] = ..., stream: _Optional[bool] = ..., cache_salt: _Optional[str] = ..., logprob_start_len: _Optional[int] = ..., constraint: _Optional[_Union[_common_pb2.Constraint, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")
@@ -178,7 +180,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_path", "served_model_name", "architecture", "is_multimodal", "context_length", "page_size", "num_pages", "max_running_requests", "chunked_prefill_size", "max_prefill_tokens", "enable_prefix_cache", "scheduler_args_json", "worker_info_json", "vision_info_json", "enable_overlap", "eos_token_ids")
+    __slots__ = ("model_path", "served_model_name", "architecture", "is_multimodal", "context_length", "page_size", "num_pages", "max_running_requests", "chunked_prefill_size", "max_prefill_tokens", "enable_prefix_cache", "scheduler_args_json", "worker_info_json", "vision_info_json", "enable_overlap", "eos_token_ids", "grammar_info_json")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     SERVED_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +197,7 @@ class ServerInfo(_message.Message):
     VISION_INFO_JSON_FIELD_NUMBER: _ClassVar[int]
     ENABLE_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_INFO_JSON_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     served_model_name: str
     architecture: str
@@ -211,7 +214,8 @@ class ServerInfo(_message.Message):
     vision_info_json: str
     enable_overlap: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model_path: _Optional[str] = ..., served_model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., is_multimodal: _Optional[bool] = ..., context_length: _Optional[int] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., chunked_prefill_size: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ..., enable_prefix_cache: _Optional[bool] = ..., scheduler_args_json: _Optional[str] = ..., worker_info_json: _Optional[str] = ..., vision_info_json: _Optional[str] = ..., enable_overlap: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    grammar_info_json: str
+    def __init__(self, model_path: _Optional[str] = ..., served_model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., is_multimodal: _Optional[bool] = ..., context_length: _Optional[int] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., chunked_prefill_size: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ..., enable_prefix_cache: _Optional[bool] = ..., scheduler_args_json: _Optional[str] = ..., worker_info_json: _Optional[str] = ..., vision_info_json: _Optional[str] = ..., enable_overlap: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., grammar_info_json: _Optional[str] = ...) -> None: ...
 
 class ConnectRequest(_message.Message):
     __slots__ = ("generate", "abort")

@@ -123,6 +123,7 @@ class SchedulerLoop:
 
     def _add(self, req: GenerateRequest) -> None:
         self.core.add_request(req, time.monotonic())
+        self._start_compiles()
         if self.log_requests:
             logger.info(
                 "request: %d prompt tokens, %d image(s), n=%d, max_new_tokens=%d",
@@ -276,6 +277,27 @@ class SchedulerLoop:
             q = self._queues.get(out.request_id)
             if q is not None:
                 q.put_nowait(out)
+
+    # ---- grammars ----
+
+    def _start_compiles(self) -> None:
+        requests, self.core.grammar_requests = self.core.grammar_requests, []
+        for request_id, constraint in requests:
+            asyncio.create_task(self._compile(request_id, constraint))
+
+    async def _compile(self, request_id: str, constraint) -> None:
+        """Compile a request's grammar on the backend's threads (or find it cached); the request is admitted when
+        it is ready, and fails with INVALID_ARGUMENT (a 400 before any output) when it does not compile."""
+        request_id_var.set(request_id)
+        try:
+            compiled = await asyncio.wrap_future(self.core.grammar_backend().compile(constraint))
+            self.core.on_grammar(request_id, compiled)
+        except Exception as e:  # noqa: BLE001 - the request fails, the loop lives on
+            logger.info("grammar of %s rejected: %s", request_id, e)
+            self.core.fail_request(request_id, str(getattr(e, "message", e)), _code(e))
+            self._deliver()
+        finally:
+            self._wake.set()
 
     # ---- vision ----
 

@@ -11,10 +11,10 @@ from prometheus_client.core import CounterMetricFamily
 from common.metrics import PREFIX, REQUEST_BUCKETS, STEP_BUCKETS, ScrapeCollector, counter, gauge
 from scheduler_svc.scheduler import Scheduler, StepObserver
 
-_histograms: tuple[Histogram, Histogram] | None = None
+_histograms: tuple[Histogram, Histogram, Histogram] | None = None
 
 
-def _scheduler_histograms() -> tuple[Histogram, Histogram]:
+def _scheduler_histograms() -> tuple[Histogram, Histogram, Histogram]:
     global _histograms
     if _histograms is None:
         _histograms = (
@@ -32,22 +32,33 @@ def _scheduler_histograms() -> tuple[Histogram, Histogram]:
                 ["model_name", "service"],
                 buckets=REQUEST_BUCKETS,
             ),
+            Histogram(
+                PREFIX + "grammar_compile_seconds",
+                "Time to compile one structured-output grammar (JSON schema, regex, EBNF, Lark) into a matcher, "
+                "on the grammar threads; cache hits are not compiled again.",
+                ["model_name", "service"],
+                buckets=STEP_BUCKETS,
+            ),
         )
     return _histograms
 
 
 class PrometheusObserver(StepObserver):
     def __init__(self, model_name: str):
-        step, queue = _scheduler_histograms()
+        step, queue, grammar = _scheduler_histograms()
         self._prefill = step.labels(model_name, "scheduler", "prefill")
         self._decode = step.labels(model_name, "scheduler", "decode")
         self._queue = queue.labels(model_name, "scheduler")
+        self._grammar = grammar.labels(model_name, "scheduler")
 
     def step(self, has_prompt_work: bool, seconds: float) -> None:
         (self._prefill if has_prompt_work else self._decode).observe(seconds)
 
     def queued(self, seconds: float) -> None:
         self._queue.observe(seconds)
+
+    def grammar_compiled(self, seconds: float) -> None:
+        self._grammar.observe(seconds)
 
 
 def install(core_ref: Callable[[], Scheduler | None], model_name: str) -> ScrapeCollector:
@@ -122,5 +133,15 @@ def install(core_ref: Callable[[], Scheduler | None], model_name: str) -> Scrape
         usage = snap["kv_pages_used"] / max(1, snap["kv_pages_total"])
         yield gauge("token_usage", "Share of the KV pool in use, 0 to 1 (SGLang's name).", labels, usage)
         yield gauge("gen_throughput", "Recent generation throughput, tokens/s.", labels, s.gen_throughput())
+        grammar = core.grammar.info() if core.grammar is not None else {}
+        yield counter(
+            "grammar_compiles", "Structured-output grammars compiled.", labels, grammar.get("compiles", 0)
+        )
+        yield counter(
+            "grammar_cache_hits",
+            "Structured-output requests whose grammar was already compiled (or compiling).",
+            labels,
+            grammar.get("cache_hits", 0),
+        )
 
     return ScrapeCollector("scheduler", collect)

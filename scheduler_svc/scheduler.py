@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from common.errors import InvalidRequestError, ResourceExhaustedError
 from common.types import (
+    Constraint,
     EmbeddingLease,
     GenerateOutput,
     GenerateRequest,
@@ -113,6 +114,9 @@ class StepObserver:
     def queued(self, seconds: float) -> None:
         pass
 
+    def grammar_compiled(self, seconds: float) -> None:  # called on a grammar thread
+        pass
+
 
 @dataclass
 class _Sent:
@@ -187,6 +191,22 @@ class Scheduler:
         self._inflight: dict[int, tuple[list[_Sent], _Decodes]] = {}
         self._step_id = 0
         self._last_log = 0.0
+        self.grammar = None  # a GrammarBackend, made on first use (or by the server at startup)
+        self.grammar_requests: list[tuple[str, Constraint]] = []  # constraints the loop compiles off the path
+        self._num_constrained = 0  # running or waiting sequences with a matcher
+
+    def grammar_backend(self):
+        """The grammar backend, made on first use: the llguidance tokenizer takes ~2 s to build (on a thread)."""
+        if self.grammar is None:
+            from scheduler_svc.grammar import GrammarBackend
+
+            self.grammar = GrammarBackend(
+                self.tokenizer.hf,
+                self.policy.vocab_size,
+                self.policy.eos_token_ids,
+                on_compile=lambda seconds: self.observer.grammar_compiled(seconds),
+            )
+        return self.grammar
 
     # ---- requests ----
 
@@ -231,6 +251,9 @@ class Scheduler:
             self._enqueue(seq)
         state.num_unfinished = len(state.seqs)
         self.requests[req.request_id] = state
+        if req.constraint is not None:
+            state.grammar_pending = True
+            self.grammar_requests.append((req.request_id, req.constraint))
         self.stats.prompt_tokens_total += n_prompt
 
     def abort_request(self, request_id: str, reason: str = "aborted") -> bool:
@@ -306,6 +329,17 @@ class Scheduler:
             # may be in it; otherwise the worker pulls them meanwhile and the prefill waits while others run
             state.prefetch_step = None if leased else self._step_id + 1
 
+    def on_grammar(self, request_id: str, compiled) -> None:
+        """The request's grammar compiled: each choice gets its own matcher, and the request may be admitted."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return
+        for seq in state.seqs:
+            if not seq.is_finished:
+                seq.matcher = compiled.deep_copy()
+                self._num_constrained += 1
+        state.grammar_pending = False
+
     def hand_back(self, lease: EmbeddingLease) -> None:
         """A lease nobody will use: the next step hands it to the worker to end, with nothing to copy."""
         self._leases.append(EmbeddingLease(lease.pool_id, lease.lease_id, ()))
@@ -365,6 +399,7 @@ class Scheduler:
         ):
             return None
         self._step_id = step_id
+        mask_ids, bitmask = self._masks(sent, decodes) if self._num_constrained else ((), b"")
         plan = StepPlan(
             step_id,
             tuple(steps),
@@ -374,6 +409,8 @@ class Scheduler:
             tuple(decodes.seq_ids),
             tuple(decodes.start_pos),
             tuple(self._leases),
+            mask_ids,
+            bitmask,
         )
         self._free_worker = []
         self._leases = []
@@ -384,6 +421,15 @@ class Scheduler:
         self.stats.num_steps += 1
         self._log_step(new_seqs, new_tokens, cached, len(steps) + len(decodes.seqs) - new_seqs)
         return plan
+
+    def _masks(self, sent: list[_Sent], decodes: _Decodes) -> tuple[tuple[str, ...], bytes]:
+        """The allowed-token bitmasks of the step's constrained sequences that sample, filled in one batch."""
+        seqs = [s.seq for s in sent if s.sample and s.seq.matcher is not None]
+        seqs += [seq for seq in decodes.seqs if seq.matcher is not None]
+        if not seqs:
+            return (), b""
+        mask = self.grammar.fill([seq.matcher for seq in seqs])
+        return tuple(seq.seq_id for seq in seqs), mask.astype("<i4", copy=False).tobytes()
 
     LPM_MAX_QUEUE = 128  # past this many waiting, matching every prompt costs more than it saves (as SGLang)
 
@@ -436,6 +482,8 @@ class Scheduler:
                 pending = seq.num_pending_samples
                 if len(seq.output_ids) + pending >= seq.max_new_tokens or total + pending >= context_length:
                     continue  # its last token is in flight; it finishes when that arrives
+                if pending and seq.matcher is not None:
+                    continue  # its mask needs the token in flight: it samples in the step after that arrives
                 if (
                     seq.worker_has_state
                     and seq.table_dirty_from == len(seq.page_ids)
@@ -471,7 +519,7 @@ class Scheduler:
         return prefill_budget
 
     def _admissible(self, seq: Sequence) -> bool:
-        if seq.num_pending_samples or seq.req.encoding:
+        if seq.num_pending_samples or seq.req.encoding or seq.req.grammar_pending:
             return False
         if self.running and seq.req.prefetch_step is not None and self._step_id <= seq.req.prefetch_step:
             # the worker starts pulling this request's embeddings in that step: give the pull one more step
@@ -730,6 +778,14 @@ class Scheduler:
         self.fail_request(seq.req.request_id, f"worker failed: {message or reason}")
 
     def _on_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        grammar_done = False
+        if seq.matcher is not None:
+            if not seq.matcher.consume_token(token):
+                error = f"token {token} is outside the grammar: {seq.matcher.get_error()}"
+                logger.error("%s: %s", seq.seq_id, error)
+                self.fail_request(seq.request_id, error)
+                return
+            grammar_done = seq.matcher.is_stopped()  # complete, and nothing may follow but EOS
         seq.output_ids.append(token)
         seq.token_ids.append(token)
         seq.key.append(token)
@@ -746,6 +802,8 @@ class Scheduler:
             text = stream.push_token(token, check_stop=check)
             if stream.matched_stop is not None:
                 reason, seq.matched_stop = "stop", stream.matched_stop
+        if reason is None and grammar_done:
+            reason = "stop"
         if reason is None and (
             n_out >= seq.max_new_tokens or len(seq.token_ids) >= self.policy.context_length
         ):
@@ -774,6 +832,9 @@ class Scheduler:
                 self._release(seq, cache=False)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
+        if seq.matcher is not None:
+            seq.matcher = None
+            self._num_constrained -= 1
         if seq.stream.matched_stop is None:
             seq.pending_text += seq.stream.finish(
                 check_stop=len(seq.output_ids) >= seq.req.request.stopping.min_new_tokens

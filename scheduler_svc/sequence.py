@@ -50,6 +50,7 @@ class RequestState:
     num_unfinished: int = 0
     error: str | None = None
     prompt_lps: dict[int, TokenLogprob] = field(default_factory=dict)  # position -> its prompt logprob
+    grammar_pending: bool = False  # its constraint is compiling: not admitted until it is ready
 
     @property
     def request_id(self) -> str:
@@ -131,6 +132,9 @@ class Sequence:
         self.pending_logprobs: list[TokenLogprob] = []
         self.preempted_in_step = -1
         self.prompt_lps_sent = False  # its first output carried the prompt log-probabilities
+        # grammar-constrained decoding: the llguidance matcher, advanced by every accepted output token; the
+        # sequence samples only once its previous token is known (the mask depends on it)
+        self.matcher = None
 
     @property
     def prefill_done(self) -> bool:

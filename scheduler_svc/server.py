@@ -107,6 +107,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             log_requests=a.log_requests,
         )
         self.loop.core.observer = PrometheusObserver(self.model_name)
+        self.loop.core.grammar_backend()  # its tokenizer builds on a grammar thread while we start serving
         self.loop.start()
         self.fatal.watch(self.loop.task, "the scheduler loop", must_run=False)  # it returns only when stopped
         logger.info(
@@ -282,6 +283,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             vision_info_json=self.vision_info_json,
             enable_overlap=bool(self.loop.depth),
             eos_token_ids=list(p.eos_token_ids),
+            grammar_info_json=json.dumps(self.loop.core.grammar_backend().info()),
         )
 
 

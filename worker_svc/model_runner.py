@@ -340,13 +340,28 @@ class ModelRunner:
             if scored:
                 step.prompt_logprobs = score_rows(hidden, scored, self.model.compute_logits)
         if step_inputs.sample_rows:
-            step.pending = self.sampler.sample(logits, step_inputs.sample_rows)
+            masks = self._grammar_masks(plan, step.seq_ids) if plan.mask_seq_ids else None
+            step.pending = self.sampler.sample(logits, step_inputs.sample_rows, masks)
             self.token_buf.index_copy_(0, sample_rows.long(), step.pending.token_ids.to(self.token_buf.dtype))
         if step.done is not None:
             step.done.record()
         else:
             step.host_forward_ns = time.perf_counter_ns() - t1
         return step
+
+    def _grammar_masks(self, plan: StepPlan, sampled_ids: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The step's grammar bitmasks [R, W] and the batch row of each (rows of sequences left out dropped)."""
+        num_words = -(-self.sampler.vocab_size // 32)
+        bitmask = np.frombuffer(plan.token_bitmask, dtype="<i4").reshape(len(plan.mask_seq_ids), num_words)
+        bitmask = bitmask.astype(np.int32)  # a writable copy in native order, which torch.from_numpy takes
+        where = {seq_id: b for b, seq_id in enumerate(sampled_ids)}
+        keep = [(i, where[s]) for i, s in enumerate(plan.mask_seq_ids) if s in where]
+        if not keep:
+            return None
+        picked, rows = zip(*keep, strict=True)
+        if len(picked) < len(plan.mask_seq_ids):
+            bitmask = bitmask[list(picked)]
+        return bitmask, np.asarray(rows, dtype=np.int64)
 
     def collect(self, step: InflightStep) -> StepOutput:
         """Wait for a launched step and read its tokens (touches only the step's own buffers: any thread)."""

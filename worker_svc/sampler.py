@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from common.types import SamplingParams
+from kernels.grammar_mask import apply_token_bitmask
 from kernels.sampling import sample_rows
 
 _UNSEEDED = 1 << 32  # high counter word of unseeded rows, whose stream is the batch index
@@ -231,9 +232,16 @@ class Sampler:
 
     # ---- the step ----
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[int]) -> PendingSample:
+    def sample(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[int],
+        masks: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> PendingSample:
         """Tokens for logits [B, V] (float32, on the device; modified in place), row b belonging to worker row
-        rows[b]. Queues device work and asynchronous copies only; the host never waits for the device."""
+        rows[b]. `masks`: grammar bitmasks [R, W] int32 and the batch row of each; the tokens they do not allow
+        are excluded from sampling (log-probs come from the distribution before the mask, so they stay finite).
+        Queues device work and asynchronous copies only; the host never waits for the device."""
         r = np.asarray(rows, dtype=np.int64)
         if logits.shape != (len(r), self.vocab_size):
             raise ValueError(
@@ -248,7 +256,7 @@ class Sampler:
         rep_b = np.flatnonzero(self._seen_slot[r] >= 0)
         count_b = np.flatnonzero(self._count_slot[r] >= 0)
         sparse_b = np.flatnonzero(self._has_bias[r] | (self._num_out[r] < self._min_tokens[r]))
-        if greedy.all() and not (len(lp_b) or len(rep_b) or len(count_b) or len(sparse_b)):
+        if greedy.all() and not (len(lp_b) or len(rep_b) or len(count_b) or len(sparse_b) or masks):
             return self._finish(logits.argmax(dim=-1), r, {}, lp_b)
         sampled_b = np.flatnonzero(~greedy)
         up = _Upload()
@@ -266,6 +274,17 @@ class Sampler:
             logits = self._apply_repetition(logits, dev, len(rep_b) == batch)
         if len(count_b):
             logits = self._apply_frequency(logits, dev, len(count_b) == batch)
+        lp_logits = logits
+        if masks is not None:
+            if len(lp_b):
+                lp_logits = logits.clone()
+            # pinned and asynchronous, so the host goes on preparing the next step (torch's pinned allocator keeps
+            # the buffers until the copies have run)
+            host = [torch.from_numpy(a) for a in masks]
+            if self._pin:
+                host = [t.pin_memory() for t in host]
+            bitmask, mask_rows = (t.to(logits.device, non_blocking=self._pin) for t in host)
+            apply_token_bitmask(logits, bitmask, mask_rows)
         if len(sampled_b) < batch:
             tokens = logits.argmax(dim=-1)
         else:
@@ -285,7 +304,7 @@ class Sampler:
                 max_top_k=int(self._top_k[s].max()),
                 any_top_p=bool((self._top_p[s] < 1).any()),
             )
-        out = self._logprobs(logits, tokens, dev, r, lp_b) if len(lp_b) else {}
+        out = self._logprobs(lp_logits, tokens, dev, r, lp_b) if len(lp_b) else {}
         self._record_tokens(tokens, dev, rep_b, count_b)
         return self._finish(tokens, r, out, lp_b)
 
