@@ -183,7 +183,10 @@ def test_llava_onevision_tower_on_cuda_matches_hf(dtype, backend, llava_onevisio
             crops = torch.cat(
                 [torch.from_numpy(pre(img, g)[0]) for img, g in zip(images, grids, strict=True)]
             )
-            ours = tower(crops.cuda(), grids).float().cpu()
+            # cuDNN runs float32 convolutions (SigLIP's patch embedding) in TF32 by default: 2.8e-4 off HF's CPU
+            # result on an H100; the comparison is of float32 with float32
+            with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                ours = tower(crops.cuda(), grids).float().cpu()
         rel = 1e-4 if dtype == torch.float32 else 3e-2
         assert ours.shape == ref.shape
         assert float((ours - ref).norm() / ref.norm()) < rel
