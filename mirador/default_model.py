@@ -165,6 +165,82 @@ QWEN2_VL_TINY_CONFIG: dict[str, Any] = {
     },
 }
 
+# Gemma 3 in the Hub layout of google/gemma-3-4b-it (text fields in text_config with top-level rope_theta,
+# rope_local_base_freq, linear rope_scaling and sliding_window_pattern), shrunk: 4 layers alternating sliding (window
+# 24, shorter than the test prompts) and global, a 64x64 SigLIP tower of 8x8 patches pooled to 16 soft tokens.
+# The tokenizer is Qwen2.5's vocabulary with Gemma's special tokens (GEMMA3_TOKENS) and chat template.
+GEMMA3_TOKENS: list[tuple[int, str, bool]] = [
+    (151665, "<pad>", True),
+    (151666, "<eos>", True),
+    (151667, "<bos>", True),
+    (151668, "<start_of_turn>", True),
+    (151669, "<end_of_turn>", True),
+    (151670, "<start_of_image>", True),
+    (151671, "<end_of_image>", True),
+    (151672, "<image_soft_token>", True),
+]
+GEMMA3_TINY_CONFIG: dict[str, Any] = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "model_type": "gemma3",
+    "boi_token_index": 151670,
+    "eoi_token_index": 151671,
+    "image_token_index": 151672,
+    "eos_token_id": [151666, 151669],
+    "initializer_range": 0.02,
+    "mm_tokens_per_image": 16,
+    "torch_dtype": "float32",
+    "text_config": {
+        "model_type": "gemma3_text",
+        "vocab_size": 151936,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "rms_norm_eps": 1e-06,
+        "max_position_embeddings": 4096,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 24,
+        "sliding_window_pattern": 2,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "pad_token_id": 151665,
+        "bos_token_id": 151667,
+        "eos_token_id": [151666, 151669],
+    },
+    "vision_config": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 64,
+        "patch_size": 8,
+        "layer_norm_eps": 1e-06,
+        "vision_use_head": False,
+    },
+}
+GEMMA3_PREPROCESSOR: dict[str, Any] = {
+    "image_processor_type": "Gemma3ImageProcessor",
+    "processor_class": "Gemma3Processor",
+    "size": {"height": 64, "width": 64},
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "resample": 2,
+    "rescale_factor": 0.00392156862745098,
+    "do_convert_rgb": None,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "do_pan_and_scan": None,
+    "image_seq_length": 16,
+}
+
 SEED = 20261125
 HEAD_SCALE = 10.0  # std of the logits before softmax: keeps the top choice clear of float noise
 
@@ -191,6 +267,7 @@ def config_with(**overrides: Any) -> dict[str, Any]:
 FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "qwen2.5-vl": ("qwen2.5-vl-tiny", TINY_CONFIG, {}),
     "qwen2-vl": ("qwen2-vl-tiny", QWEN2_VL_TINY_CONFIG, {"processor_class": "Qwen2VLProcessor"}),
+    "gemma3": ("gemma3-tiny", GEMMA3_TINY_CONFIG, GEMMA3_PREPROCESSOR),
 }
 DEFAULT_FAMILY = "qwen2.5-vl"
 
@@ -267,7 +344,11 @@ def ensure_model(
     head_scale: float = HEAD_SCALE,
 ) -> Path:
     """Build (once, atomically) a checkpoint directory for `config`; the name carries a hash of every input."""
-    preprocessor = {**PREPROCESSOR_CONFIG, **(preprocessor or {})}
+    preprocessor = preprocessor or {}
+    if not preprocessor.get("image_processor_type", "Qwen2VL").startswith("Qwen2VL"):
+        pass  # another family's processor: its settings are whole, not overrides of Qwen's
+    else:
+        preprocessor = {**PREPROCESSOR_CONFIG, **preprocessor}
     digest = hashlib.sha256(
         json.dumps([BUILDER_VERSION, config, preprocessor, seed, head_scale], sort_keys=True).encode()
     ).hexdigest()[:10]
@@ -314,10 +395,14 @@ def _write_model_files(
     into a penalised one."""
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (dst / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-    (dst / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": [151645, 151643], "pad_token_id": 151643}, indent=2) + "\n"
-    )
+    if config.get("model_type") == "gemma3":
+        generation = {"eos_token_id": [151666, 151669], "pad_token_id": 151665, "bos_token_id": 151667}
+    else:
+        generation = {"eos_token_id": [151645, 151643], "pad_token_id": 151643}
+    (dst / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     build_tokenizer(dst, cache=tokenizer_cache)
+    if config.get("model_type") == "gemma3":
+        build_gemma3_tokenizer(dst)
 
 
 def _progress(msg: str) -> None:
@@ -371,6 +456,52 @@ def build_tokenizer(dst: Path, cache: Path | None = None) -> None:
     (dst / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
 
 
+def build_gemma3_tokenizer(dst: Path) -> None:
+    """Turns the Qwen2.5 tokenizer files in `dst` into the Gemma 3 test tokenizer: Qwen's vocabulary, Gemma's
+    special tokens (GEMMA3_TOKENS) and chat template (no package ships Gemma's own tokenizer; issue 14)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(dst / "tokenizer.json"))
+    for tid, content, _ in GEMMA3_TOKENS:
+        if tok.add_special_tokens([AddedToken(content, special=True, normalized=False)]) != 1:
+            raise RuntimeError(f"could not add {content}")
+        if tok.token_to_id(content) != tid:
+            raise RuntimeError(f"{content} got id {tok.token_to_id(content)}, expected {tid}")
+    tok.save(str(dst / "tokenizer.json"))
+    template = resources.files("processor").joinpath("templates/gemma3.jinja").read_text()
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    for tid, content, special in GEMMA3_TOKENS:
+        cfg["added_tokens_decoder"][str(tid)] = {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": special,
+        }
+    cfg.update(
+        {
+            "bos_token": "<bos>",
+            "eos_token": "<eos>",
+            "pad_token": "<pad>",
+            "chat_template": template,
+            "additional_special_tokens": [
+                "<start_of_turn>",
+                "<end_of_turn>",
+                "<start_of_image>",
+                "<end_of_image>",
+                "<image_soft_token>",
+            ],
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        }
+    )
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    (dst / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
+
+
 def _convert_tokenizer(path: Path) -> None:
     import importlib.util
 
@@ -407,9 +538,11 @@ def _write_weights(path: Path, config: dict[str, Any], *, seed: int, head_scale:
     entry = get_entry(cfg.architecture)
     shapes: dict[str, tuple[int, ...]] = {}
     with torch.device("meta"):
-        for cls_path, prefix in ((entry.language_model, ""), (entry.vision_model, "visual.")):
+        for cls_path, default_prefix in ((entry.language_model, ""), (entry.vision_model, "visual.")):
             if cls_path:
-                for name, shape in checkpoint_shapes(load_class(cls_path)(cfg)).items():
+                cls = load_class(cls_path)
+                prefix = getattr(cls, "checkpoint_write_prefix", default_prefix)
+                for name, shape in checkpoint_shapes(cls(cfg)).items():
                     shapes[prefix + name] = shape
     g = torch.Generator().manual_seed(seed)
     if cfg.text.tie_word_embeddings:

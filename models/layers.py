@@ -13,6 +13,7 @@ ACTIVATIONS = {
     "silu": nn.functional.silu,
     "gelu": nn.functional.gelu,
     "quick_gelu": quick_gelu,
+    "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),  # SigLIP's and Gemma's
 }
 
 

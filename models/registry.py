@@ -16,6 +16,8 @@ class ModelEntry:
     fast_image_processor: str | None = (
         None  # host decodes to uint8, the vision device normalizes and patchifies
     )
+    # the tokens of one image attend to each other both ways (Gemma 3): prefill chunks never cut an image
+    bidirectional_image_spans: bool = False
 
 
 # How weights are obtained: the checkpoint's safetensors ("auto" and "safetensors"), or random ones made from
@@ -35,6 +37,14 @@ _REGISTRY: dict[str, ModelEntry] = {
         vision_model="models.qwen2_vl_vision:Qwen2VisionTransformer",
         image_processor="models.qwen2_vl_image:Qwen2VLImagePreprocessor",
         fast_image_processor="models.qwen2_vl_image:FastQwen2VLImagePreprocessor",
+    ),
+    # SigLIP tower + average-pool projector (256 soft tokens); sliding-window and global layers, bidirectional
+    # attention within each image
+    "Gemma3ForConditionalGeneration": ModelEntry(
+        language_model="models.gemma3:Gemma3ForCausalLM",
+        vision_model="models.gemma3_vision:Gemma3VisionModel",
+        image_processor="models.gemma3_image:Gemma3ImagePreprocessor",
+        bidirectional_image_spans=True,
     ),
 }
 

@@ -116,7 +116,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         text=text,
         vision=vision,
         torch_dtype=str(dtype),
-        image_token_id=raw.get("image_token_id"),
+        image_token_id=raw.get("image_token_id", raw.get("image_token_index")),  # Gemma 3: image_token_index
         video_token_id=raw.get("video_token_id"),
         vision_start_token_id=raw.get("vision_start_token_id"),
         vision_end_token_id=raw.get("vision_end_token_id"),

@@ -100,6 +100,9 @@ class RequestBuilder:
         text = self.tokenizer.apply_chat_template(
             normalized, add_generation_prompt=add_generation_prompt, **extra, **(chat_template_kwargs or {})
         )
+        expand = getattr(self.media_spec, "expand_image_markers", None)
+        if expand is not None:  # Gemma 3: the template's <start_of_image> becomes the image's whole sequence
+            text = expand(text)
         ids = await self._encode(text)
         images = await self.load_images(refs)
         return self._expand(ids, images, text)

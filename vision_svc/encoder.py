@@ -117,7 +117,7 @@ class VisionEncoder:
         self._drainer: asyncio.Task | None = None
         self.on_fatal = None  # the servicer's Fatal.report: the batch loop dying stops the service
         self.graphs = None
-        if self.device.type == "cuda" and cfg.cuda_graph:
+        if self.device.type == "cuda" and cfg.cuda_graph and getattr(self.model, "supports_cuda_graph", True):
             from vision_svc.graphs import DEFAULT_BUCKETS, VisionGraphs
 
             t0 = time.perf_counter()

@@ -10,6 +10,7 @@ from typing import Any
 _REGISTRY = {
     "qwen2_5_vl": "processor.models.qwen2_vl:Qwen2VLMediaSpec",
     "qwen2_vl": "processor.models.qwen2_vl:Qwen2VLMediaSpec",
+    "gemma3": "processor.models.gemma3:Gemma3MediaSpec",
 }
 
 # config.json's `vision_config` -> processor.model_config.VisionConfig; the keys differ between families (Qwen2-VL's
@@ -17,6 +18,7 @@ _REGISTRY = {
 _VISION_CONFIG_PARSERS = {
     "qwen2_5_vl": "processor.models.qwen2_vl:parse_qwen2_5_vl_vision",
     "qwen2_vl": "processor.models.qwen2_vl:parse_qwen2_vl_vision",
+    "gemma3": "processor.models.gemma3:parse_gemma3_vision",
 }
 _DEFAULT_VISION_CONFIG_PARSER = "qwen2_5_vl"
 

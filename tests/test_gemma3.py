@@ -1,0 +1,288 @@
+"""Gemma 3 (issue 14): the attention masks (sliding window, bidirectional image spans) against HF's mask rules,
+config and weights in both layouts, the tower against HF's, and the whole cluster against Hugging Face
+transformers' generate token for token."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kernels import paged_attention as ref
+from mirador.default_model import default_model_dir
+from models.loader import load_model
+from models.registry import language_model_class, vision_model_class
+from processor.model_config import load_model_config
+from tests.helpers import Cluster, image_part, noise_image
+from tests.test_parity_cluster import case_messages
+
+ARCH = "Gemma3ForConditionalGeneration"
+IMAGE_TOKEN = 151672
+MAX_TOKENS = 14
+
+
+@pytest.fixture(scope="module")
+def gemma3_model():
+    """The tiny Gemma 3 (`mirador default-model --family gemma3`)."""
+    return default_model_dir(family="gemma3")
+
+
+# ---- masks ------------------------------------------------------------------------------------------------------
+
+
+def _hf_mask(kv_len: int, q_lo: int, window: int, image: list[bool]) -> torch.Tensor:
+    """HF's rule: full = causal OR same block; sliding = (kv > q - window) AND (causal OR same block), with block
+    ids from transformers' get_block_sequence_ids_for_mask."""
+    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+
+    blocks = get_block_sequence_ids_for_mask(torch.tensor([[int(b) for b in image]]))[0]
+    q = torch.arange(q_lo, kv_len)[:, None]
+    k = torch.arange(kv_len)[None, :]
+    same = (blocks[q] == blocks[k]) & (blocks[q] >= 0)
+    allowed = (k <= q) | same
+    if window:
+        allowed &= k > q - window
+    return allowed
+
+
+@pytest.mark.parametrize("window", [0, 5, 24])
+@pytest.mark.parametrize("q_lo", [0, 9, 20])
+def test_attention_mask_equals_hf_token_type_mask(window, q_lo):
+    image = [False] * 40
+    spans = [(3, 11), (13, 17), (20, 36)]  # the first two images are two tokens apart, as BOI/EOI keep them
+    for s, e in spans:
+        image[s:e] = [True] * (e - s)
+    ours = ref.attention_mask(q_lo, 40, window, [sp for sp in spans if sp[1] > q_lo])
+    assert torch.equal(ours, _hf_mask(40, q_lo, window, image))
+    if window == 5:  # the feature matters: a plain causal mask differs
+        assert not torch.equal(ours, ref.attention_mask(q_lo, 40, 0, []))
+
+
+def test_paged_attention_with_window_and_spans_equals_dense_sdpa():
+    torch.manual_seed(0)
+    page, n, heads, kv_heads, d = 4, 30, 4, 2, 8
+    k_cache = torch.randn(10, page, kv_heads, d)
+    v_cache = torch.randn(10, page, kv_heads, d)
+    table = torch.tensor([3, 1, 7, 2, 9, 5, 4, 8])
+    k = k_cache[table].reshape(-1, kv_heads, d)[:n]
+    v = v_cache[table].reshape(-1, kv_heads, d)[:n]
+    q = torch.randn(12, heads, d)  # the last 12 tokens
+    spans = [(20, 26)]
+    out = ref.paged_attention(q, k_cache, v_cache, [table], [12], [n], 0.3, window=7, spans=[spans])
+    mask = ref.attention_mask(n - 12, n, 7, spans)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=0.3, enable_gqa=True
+    ).transpose(0, 1)
+    torch.testing.assert_close(out, dense)
+    # decode: the window alone
+    dec = ref.paged_decode_attention(q[-1:], k_cache, v_cache, table[None], torch.tensor([n]), 0.3, window=7)
+    one = ref.paged_attention(q[-1:], k_cache, v_cache, [table], [1], [n], 0.3, window=7)
+    torch.testing.assert_close(dec, one)
+    full = ref.paged_attention(q[-1:], k_cache, v_cache, [table], [1], [n], 0.3)
+    assert not torch.allclose(one, full)
+
+
+def test_scheduler_never_ends_a_chunk_inside_an_image():
+    from types import SimpleNamespace
+
+    from common.types import MultimodalItem
+    from scheduler_svc.scheduler import Scheduler, SchedulerPolicy
+
+    item = MultimodalItem("k", 6, 16, (1, 8, 8))
+    seq = SimpleNamespace(req=SimpleNamespace(request=SimpleNamespace(mm_items=(item,))))
+    sched = SimpleNamespace(policy=SchedulerPolicy(16, 64, 4096, 8, 10, 64, whole_image_spans=True))
+    assert Scheduler._whole_images(sched, seq, 0, 10) == 6  # stops before the image
+    assert Scheduler._whole_images(sched, seq, 6, 10) == 16  # the image starts the chunk: all of it
+    assert Scheduler._whole_images(sched, seq, 0, 30) == 30  # past the image: unchanged
+    sched.policy = SchedulerPolicy(16, 64, 4096, 8, 10, 64)
+    assert Scheduler._whole_images(sched, seq, 0, 10) == 10
+
+
+# ---- config, weights, tower -------------------------------------------------------------------------------------
+
+
+def test_hub_config_parses(gemma3_model):
+    from processor.models.gemma3 import Gemma3MediaSpec, parse_gemma3_text
+
+    cfg = load_model_config(gemma3_model)
+    assert cfg.architecture == ARCH and cfg.image_token_id == IMAGE_TOKEN
+    opts = parse_gemma3_text(cfg.raw)
+    assert opts.layer_types == ("sliding_attention", "full_attention") * 2
+    assert (opts.rope_theta, opts.rope_local_base_freq, opts.rope_linear_factor) == (1e6, 1e4, 8.0)
+    spec = Gemma3MediaSpec.from_model_dir(gemma3_model)
+    assert spec.num_image_tokens(spec.image_grid(300, 20)) == 16
+
+
+@pytest.fixture(scope="module")
+def transformers5_dir(gemma3_model, tmp_path_factory):
+    """The same model as transformers 5 writes it: rope_parameters and layer_types, weights under the module names
+    model.language_model.* / model.vision_tower.* / model.multi_modal_projector.*."""
+    from safetensors.torch import save_file
+    from transformers import Gemma3ForConditionalGeneration
+
+    out = tmp_path_factory.mktemp("gemma3-t5")
+    model = Gemma3ForConditionalGeneration.from_pretrained(str(gemma3_model), dtype=torch.float32)
+    model.config.save_pretrained(str(out))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.json"):
+        shutil.copyfile(gemma3_model / name, out / name)
+    return out
+
+
+def test_transformers5_layout_parses_and_loads_the_same_weights(gemma3_model, transformers5_dir):
+    from processor.models.gemma3 import parse_gemma3_text
+
+    raw = json.loads((transformers5_dir / "config.json").read_text())
+    assert "rope_parameters" in raw["text_config"] and "rope_local_base_freq" not in raw["text_config"]
+    hub, t5 = load_model_config(gemma3_model), load_model_config(transformers5_dir)
+    # TextConfig's generic rope_theta/tie flag are not what Gemma reads: its rope and head come from
+    # parse_gemma3_text (two bases per layer kind) and the tied embedding
+    generic = {"rope_theta": 0.0, "tie_word_embeddings": True}
+    assert (hub.architecture, replace(hub.text, **generic), hub.vision) == (
+        t5.architecture,
+        replace(t5.text, **generic),
+        t5.vision,
+    )
+    assert parse_gemma3_text(hub.raw) == parse_gemma3_text(t5.raw)
+    for cls in (language_model_class(ARCH), vision_model_class(ARCH)):
+        a = load_model(cls, hub, gemma3_model, torch.float32, torch.device("cpu")).state_dict()
+        b = load_model(cls, t5, transformers5_dir, torch.float32, torch.device("cpu")).state_dict()
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+
+# ---- HF reference -----------------------------------------------------------------------------------------------
+
+
+class Gemma3Reference:
+    def __init__(self, model_dir):
+        from transformers import Gemma3ForConditionalGeneration, PreTrainedTokenizerFast
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        self.model = Gemma3ForConditionalGeneration.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+        pre = json.loads((model_dir / "preprocessor_config.json").read_text())
+        self.image_processor = Gemma3ImageProcessorPil(
+            size=pre["size"], image_mean=pre["image_mean"], image_std=pre["image_std"], resample=pre["resample"]
+        )
+        self.tokens = json.loads((model_dir / "config.json").read_text())["mm_tokens_per_image"]
+
+    def prompt_ids(self, messages) -> list[int]:
+        """Gemma3Processor's text path: the template, then each <start_of_image> replaced by the full sequence."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = "\n\n<start_of_image>" + "<image_soft_token>" * self.tokens + "<end_of_image>\n\n"
+        return self.tokenizer.encode(text.replace("<start_of_image>", full), add_special_tokens=False)
+
+    def generate(self, messages, images, max_new: int) -> tuple[list[int], list[int]]:
+        ids = self.prompt_ids(messages)
+        input_ids = torch.tensor([ids])
+        kw = {}
+        if images:
+            kw["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                token_type_ids=(input_ids == IMAGE_TOKEN).long(),
+                max_new_tokens=max_new,
+                do_sample=False,
+                **kw,
+            )
+        return ids, out[0, len(ids) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def hf(gemma3_model):
+    return Gemma3Reference(gemma3_model)
+
+
+def test_tower_and_preprocessing_equal_hf(gemma3_model, hf):
+    from models.gemma3_image import Gemma3ImagePreprocessor
+    from processor.models.gemma3 import Gemma3MediaSpec
+
+    cfg = load_model_config(gemma3_model)
+    tower = load_model(vision_model_class(ARCH), cfg, gemma3_model, torch.float32, torch.device("cpu"))
+    pre = Gemma3ImagePreprocessor(Gemma3MediaSpec.from_model_dir(gemma3_model))
+    images = [noise_image(150, 100, 5), noise_image(64, 64, 6), noise_image(30, 200, 7)]
+    pixels_ref = hf.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    pixels = torch.cat([torch.from_numpy(pre(im)[0]) for im in images])
+    torch.testing.assert_close(pixels, pixels_ref, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        want = hf.model.model.get_image_features(pixel_values=pixels_ref).pooler_output
+        got = tower(pixels, [(1, 8, 8)] * 3)
+    torch.testing.assert_close(got, want.reshape(-1, want.shape[-1]), rtol=1e-5, atol=1e-5)
+
+
+# ---- the whole cluster ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(gemma3_model, log_dir):
+    # page 4, chunks of 20: images (16 tokens) fall across chunk edges and the scheduler must move them
+    c = Cluster(
+        gemma3_model, "--page-size", "4", "--chunked-prefill-size", "20", log_dir=log_dir, name="gemma3"
+    )
+    yield c
+    c.stop()
+
+
+LONG = "Tell me a long story about the sea, the wind, the ships and the harbour lights at night. " * 3
+
+
+@pytest.mark.parametrize("case", ["text", "long_text", "img_odd", "img_big", "two_images", "earlier_turn"])
+def test_cluster_greedy_equals_hf(cluster, hf, case):
+    if case == "long_text":
+        ours = ref_msgs = [{"role": "user", "content": LONG}]
+        images = []
+    else:
+        ours, ref_msgs, images = case_messages(case, (300, 220))
+    prompt_ref, out_ref = hf.generate(ref_msgs, images, MAX_TOKENS)
+    if case == "long_text":
+        assert len(prompt_ref) > 3 * 24  # well past the sliding window
+    body = cluster.chat_ok(ours, max_tokens=MAX_TOKENS, temperature=0, return_token_ids=True)
+    choice = body["choices"][0]
+    assert body["prompt_token_ids"] == prompt_ref, f"{case}: prompt tokens differ"
+    assert body["usage"]["prompt_tokens"] == len(prompt_ref)
+    assert prompt_ref.count(IMAGE_TOKEN) == 16 * len(images)
+    assert choice["token_ids"] == out_ref, f"{case}: generated tokens differ"
+    assert len(set(out_ref)) > 1, "a constant answer would not show a wrong image or position"
+
+
+def _tokens(c: Cluster, messages) -> list[int]:
+    body = c.chat_ok(messages, max_tokens=12, temperature=0, return_token_ids=True)
+    return body["choices"][0]["token_ids"]
+
+
+def test_batched_equals_alone(cluster):
+    from concurrent.futures import ThreadPoolExecutor
+
+    shared = noise_image(84, 84, 100)
+    reqs = []
+    for k in range(6):
+        text = {"type": "text", "text": f"Question {k}: " + "tell me more " * (k % 3 * 4 + 1)}
+        image = [] if k % 3 == 0 else [image_part(shared if k % 3 == 1 else noise_image(40 + 20 * k, 70, k))]
+        reqs.append([{"role": "user", "content": [*image, text]}])
+    alone = [_tokens(cluster, m) for m in reqs]
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        together = list(pool.map(lambda m: _tokens(cluster, m), reqs))
+    assert together == alone
+
+
+def test_repeated_image_hits_the_prefix_cache(cluster, hf):
+    img = noise_image(120, 90, 55)
+    msgs = [{"role": "user", "content": [image_part(img), {"type": "text", "text": "Hi"}]}]
+    ref_msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    _, out_ref = hf.generate(ref_msgs, [img], 10)
+    first = cluster.chat_ok(msgs, max_tokens=10, temperature=0, return_token_ids=True)
+    before = cluster.stats()
+    second = cluster.chat_ok(msgs, max_tokens=10, temperature=0, return_token_ids=True)
+    after = cluster.stats()
+    ids = second["prompt_token_ids"]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > ids.index(IMAGE_TOKEN) + 16  # past it
+    assert after.vision_encode_calls == before.vision_encode_calls
+    assert first["choices"][0]["token_ids"] == second["choices"][0]["token_ids"] == out_ref
