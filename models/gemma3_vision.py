@@ -55,6 +55,9 @@ class Gemma3VisionModel(nn.Module):
         )
         self.attention_backend = "sdpa"
 
+    def tie_weights(self) -> None:
+        pass
+
     def set_attention_backend(self, name: str) -> str:
         """Every image has the same number of patches: SDPA over the batch is the one backend."""
         if name not in ("auto", "sdpa", "torch"):
