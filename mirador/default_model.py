@@ -225,6 +225,10 @@ GEMMA3_TINY_CONFIG: dict[str, Any] = {
         "vision_use_head": False,
     },
 }
+# Gemma's norms scale by (1 + weight): with the dummy weights' 1, each layer adds little to the (sqrt(hidden)-scaled)
+# token embedding, and the tied output head then repeats the last token forever. Post-norm weights of 7 let the
+# layers speak (outputs vary, so a wrong image or position shows).
+GEMMA3_TINY_NORMS = {"post_attention_layernorm.weight": 7.0, "post_feedforward_layernorm.weight": 7.0}
 GEMMA3_PREPROCESSOR: dict[str, Any] = {
     "image_processor_type": "Gemma3ImageProcessor",
     "processor_class": "Gemma3Processor",
@@ -345,12 +349,13 @@ def ensure_model(
 ) -> Path:
     """Build (once, atomically) a checkpoint directory for `config`; the name carries a hash of every input."""
     preprocessor = preprocessor or {}
-    if not preprocessor.get("image_processor_type", "Qwen2VL").startswith("Qwen2VL"):
-        pass  # another family's processor: its settings are whole, not overrides of Qwen's
-    else:
-        preprocessor = {**PREPROCESSOR_CONFIG, **preprocessor}
+    if preprocessor.get("image_processor_type", "Qwen2VL").startswith("Qwen2VL"):
+        preprocessor = {**PREPROCESSOR_CONFIG, **preprocessor}  # overrides of Qwen's settings
+    # (another family's processor settings are whole)
     digest = hashlib.sha256(
-        json.dumps([BUILDER_VERSION, config, preprocessor, seed, head_scale], sort_keys=True).encode()
+        json.dumps(
+            [BUILDER_VERSION, config, preprocessor, seed, head_scale, *_weight_tweaks(config)], sort_keys=True
+        ).encode()
     ).hexdigest()[:10]
     target = parent / f"{name}-{digest}"
     if (target / "model.safetensors").is_file():
@@ -385,6 +390,11 @@ def build_checkpoint(
     _progress("  weights (random, fixed seed)")
     _write_weights(dst / "model.safetensors", config, seed=seed, head_scale=head_scale)
     _progress(f"  done in {time.perf_counter() - t0:.1f} s")
+
+
+def _weight_tweaks(config: dict[str, Any]) -> list[dict[str, float]]:
+    """Fixed values some families' tiny weights get after the random draw (part of the directory's hash)."""
+    return [GEMMA3_TINY_NORMS] if config.get("model_type") == "gemma3" else []
 
 
 def _write_model_files(
@@ -548,4 +558,9 @@ def _write_weights(path: Path, config: dict[str, Any], *, seed: int, head_scale:
     if cfg.text.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)  # tied checkpoints ship only the embedding
     tensors = {name: dummy_tensor(name, shapes[name], g, head_scale).contiguous() for name in sorted(shapes)}
+    for tweaks in _weight_tweaks(config):
+        for name in tensors:
+            for suffix, value in tweaks.items():
+                if name.endswith(suffix):
+                    tensors[name].fill_(value)
     save_file(tensors, str(path), metadata={"format": "pt"})

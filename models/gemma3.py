@@ -39,7 +39,9 @@ class Gemma3Rotary:
     """Plain rotary embedding (rotate-half), one base per layer kind; linear scaling divides the frequencies."""
 
     def __init__(self, head_dim: int, base: float, factor: float = 1.0):
-        self.inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)) / factor
+        # on the CPU even while the model is built on the meta device; moved to the model's by the first forward
+        steps = torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim
+        self.inv_freq = 1.0 / (base**steps) / factor
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T] -> cos, sin: [T, 1, head_dim]

@@ -108,7 +108,10 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     if isinstance(raw.get("vision_config"), dict):
         from processor.models import vision_config_parser
 
-        vision = vision_config_parser(raw.get("model_type", ""))(raw["vision_config"], hidden)
+        v = dict(raw["vision_config"])
+        if "mm_tokens_per_image" in raw:  # Gemma 3: the projector's pooling follows from it
+            v.setdefault("mm_tokens_per_image", raw["mm_tokens_per_image"])
+        vision = vision_config_parser(raw.get("model_type", ""))(v, hidden)
     dtype = raw.get("torch_dtype") or raw.get("dtype") or text_raw.get("torch_dtype") or "float32"
     return ModelConfig(
         architecture=archs[0],

@@ -92,8 +92,11 @@ class Gemma3MediaSpec:
 
 
 def parse_gemma3_vision(v: dict[str, Any], text_hidden: int) -> VisionConfig:
-    """SigLIP's vision_config (the same keys in the Hub's config and transformers 5's): the projector maps the
-    tower's width to the language model's."""
+    """SigLIP's vision_config (the same keys in the Hub's config and transformers 5's; `mm_tokens_per_image` from
+    the top level): the projector pools the patch grid by `spatial_merge_size` per side and maps the tower's
+    width to the language model's."""
+    per_side = int(v.get("image_size", 896)) // int(v.get("patch_size", 14))
+    pool = per_side // int(int(v.get("mm_tokens_per_image", 256)) ** 0.5)
     return VisionConfig(
         depth=int(v.get("num_hidden_layers", 27)),
         hidden_size=int(v.get("hidden_size", 1152)),
@@ -101,7 +104,7 @@ def parse_gemma3_vision(v: dict[str, Any], text_hidden: int) -> VisionConfig:
         num_heads=int(v.get("num_attention_heads", 16)),
         out_hidden_size=text_hidden,
         patch_size=int(v.get("patch_size", 14)),
-        spatial_merge_size=1,
+        spatial_merge_size=pool,
         temporal_patch_size=1,
         in_channels=int(v.get("num_channels", 3)),
         window_size=0,
