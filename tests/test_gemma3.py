@@ -291,3 +291,88 @@ def test_repeated_image_hits_the_prefix_cache(cluster, hf):
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > ids.index(IMAGE_TOKEN) + 16  # past it
     assert after.vision_encode_calls == before.vision_encode_calls
     assert first["choices"][0]["token_ids"] == second["choices"][0]["token_ids"] == out_ref
+
+
+# ---- Triton backend: window and spans against the reference (interpreter on the CPU, the device on a GPU) -------
+
+
+def _triton_case(window: int, spans_per_seq, seq_lens, q_lens, dtype=torch.float32, seed=0):
+    import random
+
+    from kernels._triton import triton_testable
+
+    if not triton_testable():
+        pytest.skip("needs triton (a GPU or TRITON_INTERPRET=1)")
+    from kernels import triton_attention as ta
+    from tests.test_triton_attention import DEVICE, _batch, _fused_q
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    heads, kv_heads, d, page = 4, 2, 16, 4
+    b = _batch(rng, seq_lens, page, kv_heads, d, dtype)
+    q = _fused_q(sum(q_lens), heads, kv_heads, d, dtype)
+    out = torch.full_like(q, float("nan"))
+    last = []
+    for n, ql, spans in zip(seq_lens, q_lens, spans_per_seq, strict=True):
+        pos = torch.arange(n - ql, n)
+        hi = pos.clone()
+        for s, e in spans:
+            inside = (pos >= s) & (pos < e)
+            hi[inside] = torch.clamp(hi[inside], min=e - 1)
+        last.append(hi)
+    kv_last = torch.cat(last).to(torch.int32).to(DEVICE) if any(spans_per_seq) else None
+    q_start = torch.tensor([sum(q_lens[:i]) for i in range(len(q_lens))], dtype=torch.int32, device=DEVICE)
+    ql = torch.tensor(q_lens, dtype=torch.int32, device=DEVICE)
+    ta.extend_attention(
+        q, b.k_cache, b.v_cache, b.block_table, b.rows, b.seq_lens, q_start, ql, max(q_lens), 0.25, out,
+        window=window, kv_last=kv_last, block_rows=16, block_n=8,
+    )  # fmt: skip
+    want = ref.paged_attention(
+        q.float(),
+        b.k_cache.float(),
+        b.v_cache.float(),
+        [torch.tensor(t, device=DEVICE) for t in b.tables],
+        q_lens,
+        seq_lens,
+        0.25,
+        window=window,
+        spans=spans_per_seq,
+    )
+    torch.testing.assert_close(out.float(), want, rtol=1e-5, atol=1e-5)
+    return b, q
+
+
+@pytest.mark.parametrize("window", [0, 6, 24])
+def test_triton_extend_with_window_and_spans_equals_reference(window):
+    # chunks that start inside the cache (13 and 20 cached tokens) and one whole prompt; images of 8 and 16 tokens
+    seq_lens, q_lens = [33, 40, 26], [20, 20, 26]
+    spans = [[(14, 22)], [(22, 38)], [(2, 10), (12, 20)]]
+    _triton_case(window, spans, seq_lens, q_lens)
+
+
+def test_triton_extend_window_alone_equals_reference():
+    _triton_case(5, [[], []], [30, 17], [12, 17])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_decode_with_window_equals_reference(num_splits):
+    from kernels._triton import triton_testable
+
+    if not triton_testable():
+        pytest.skip("needs triton (a GPU or TRITON_INTERPRET=1)")
+    import random
+
+    from kernels import triton_attention as ta
+    from tests.test_triton_attention import DEVICE, _batch, _fused_q
+
+    seq_lens = [37, 3, 64]
+    b = _batch(random.Random(1), seq_lens, 4, 2, 16, torch.float32)
+    q = _fused_q(3, 4, 2, 16, torch.float32)
+    out = torch.full_like(q, float("nan"))
+    ta.decode_attention(
+        q, b.k_cache, b.v_cache, b.block_table, b.rows, b.seq_lens, 0.25, out,
+        num_splits=num_splits, window=10, block_n=8,
+    )  # fmt: skip
+    tables = [torch.tensor(t, device=DEVICE) for t in b.tables]
+    want = ref.paged_attention(q, b.k_cache, b.v_cache, tables, [1, 1, 1], seq_lens, 0.25, window=10)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
