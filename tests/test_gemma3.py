@@ -376,3 +376,31 @@ def test_triton_decode_with_window_equals_reference(num_splits):
     tables = [torch.tensor(t, device=DEVICE) for t in b.tables]
     want = ref.paged_attention(q, b.k_cache, b.v_cache, tables, [1, 1, 1], seq_lens, 0.25, window=10)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- the in-process engine, per attention backend ---------------------------------------------------------------
+
+
+def _engine_backends() -> list[str]:
+    from kernels._triton import triton_testable
+
+    return ["torch_native", "triton"] if triton_testable() else ["torch_native"]
+
+
+@pytest.mark.parametrize("backend", _engine_backends())
+def test_in_process_engine_equals_hf(gemma3_model, hf, backend):
+    """The in-process engine (no HTTP, no gRPC) with chunks of 20 (the images are moved whole into one) through
+    each attention backend (Triton by its interpreter on the CPU)."""
+    from mirador.engine import Engine
+
+    ours, ref_msgs, images = case_messages("two_images")
+    prompt_ref, out_ref = hf.generate(ref_msgs, images, MAX_TOKENS)
+    with Engine(
+        str(gemma3_model), page_size=4, chunked_prefill_size=20, attention_backend=backend, device="cpu"
+    ) as engine:
+        out = engine.chat(ours, sampling_params={"temperature": 0, "max_new_tokens": MAX_TOKENS})
+    assert out["output_ids"] == out_ref
+    assert out["meta_info"]["prompt_tokens"] == len(prompt_ref)
+
+
+# GPU cases (float32 engine per backend and graphs, the tower in bf16) are in tests/test_gpu.py.
