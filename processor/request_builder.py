@@ -132,6 +132,9 @@ class RequestBuilder:
     ) -> PreparedPrompt:
         """A completion prompt (text or ids); each image fills one placeholder of the prompt, in order, or is
         prepended with the model's vision markers when the prompt has none."""
+        expand = getattr(self.media_spec, "expand_image_markers", None)
+        if expand is not None and image_urls and isinstance(prompt, str):
+            prompt = expand(prompt)  # Gemma 3: a typed <start_of_image> becomes the image's sequence
         ids = await self._encode(prompt) if isinstance(prompt, str) else list(prompt)
         vocab = self.config.text.vocab_size
         if not isinstance(prompt, str) and not all(0 <= t < vocab for t in ids):

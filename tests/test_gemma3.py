@@ -404,3 +404,20 @@ def test_in_process_engine_equals_hf(gemma3_model, hf, backend):
 
 
 # GPU cases (float32 engine per backend and graphs, the tower in bf16) are in tests/test_gpu.py.
+
+
+def test_completion_prompt_with_a_typed_image_marker_expands_like_the_processor(gemma3_model, hf):
+    """A raw prompt: a typed <start_of_image> becomes the image's whole sequence (Gemma3Processor's text rule);
+    without one, the marker goes first."""
+    import asyncio
+
+    from processor.request_builder import RequestBuilder
+
+    builder = RequestBuilder(gemma3_model)
+    url = image_part(noise_image(50, 40, 9))["image_url"]["url"]
+    typed = asyncio.run(builder.from_prompt("Look: <start_of_image> now", [url]))
+    full = "\n\n<start_of_image>" + "<image_soft_token>" * 16 + "<end_of_image>\n\n"
+    assert typed.input_ids == hf.tokenizer.encode(f"Look: {full} now", add_special_tokens=False)
+    plain = asyncio.run(builder.from_prompt("Look now", [url]))
+    assert plain.input_ids == hf.tokenizer.encode(f"{full}Look now", add_special_tokens=False)
+    assert [m.offset for m in plain.mm_items] == [plain.input_ids.index(IMAGE_TOKEN)]
