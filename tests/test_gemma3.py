@@ -85,6 +85,34 @@ def test_paged_attention_with_window_and_spans_equals_dense_sdpa():
     assert not torch.allclose(one, full)
 
 
+def test_softcapped_attention_equals_hf_eager():
+    """attn_logit_softcapping (Gemma 2 style; Gemma 3's configs set none): the reference against HF's eager path."""
+    from types import SimpleNamespace
+
+    from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
+
+    torch.manual_seed(3)
+    page, n, heads, kv_heads, d = 4, 18, 4, 2, 8
+    k_cache, v_cache = torch.randn(6, page, kv_heads, d) * 3, torch.randn(6, page, kv_heads, d)
+    table = torch.tensor([2, 5, 1, 4, 3])
+    q = torch.randn(n, heads, d) * 3
+    spans = [(4, 9)]
+    got = ref.paged_attention(
+        q, k_cache, v_cache, [table], [n], [n], 0.5, window=6, spans=[spans], softcap=2.0
+    )
+    k = k_cache[table].reshape(-1, kv_heads, d)[:n].transpose(0, 1)[None]
+    v = v_cache[table].reshape(-1, kv_heads, d)[:n].transpose(0, 1)[None]
+    mask = ref.attention_mask(0, n, 6, spans)
+    additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))[None, None]
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False)
+    want, _ = eager_attention_forward(
+        module, q.transpose(0, 1)[None], k, v, additive, scaling=0.5, softcap=2.0
+    )
+    torch.testing.assert_close(got, want[0])
+    plain = ref.paged_attention(q, k_cache, v_cache, [table], [n], [n], 0.5, window=6, spans=[spans])
+    assert not torch.allclose(got, plain)
+
+
 def test_scheduler_never_ends_a_chunk_inside_an_image():
     from types import SimpleNamespace
 
