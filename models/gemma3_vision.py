@@ -13,15 +13,17 @@ from torch import nn
 from models.gemma3 import Gemma3RMSNorm
 from models.siglip import SiglipVisionModel
 from processor.model_config import ModelConfig
+from processor.models.gemma3 import SIGLIP_DEFAULTS
 
 
 class Gemma3MultiModalProjector(nn.Module):
     def __init__(self, vision: dict, text_hidden: int, tokens_per_image: int):
         super().__init__()
-        width = int(vision.get("hidden_size", 1152))
+        vision = {**SIGLIP_DEFAULTS, **vision}
+        width = int(vision["hidden_size"])
         self.mm_input_projection_weight = nn.Parameter(torch.zeros(width, text_hidden))
-        self.mm_soft_emb_norm = Gemma3RMSNorm(width, eps=float(vision.get("layer_norm_eps", 1e-6)))
-        self.patches_per_image = int(vision.get("image_size", 896)) // int(vision.get("patch_size", 14))
+        self.mm_soft_emb_norm = Gemma3RMSNorm(width, eps=float(vision["layer_norm_eps"]))
+        self.patches_per_image = int(vision["image_size"]) // int(vision["patch_size"])
         self.kernel_size = self.patches_per_image // int(tokens_per_image**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import ACTIVATIONS
+from processor.models.gemma3 import SIGLIP_DEFAULTS
 
 
 class SiglipVisionEmbeddings(nn.Module):
@@ -82,19 +83,20 @@ class SiglipEncoder(nn.Module):
 
 
 class SiglipVisionTransformer(nn.Module):
-    def __init__(self, v: dict):
+    def __init__(self, vision_config: dict):
         super().__init__()
-        width = int(v.get("hidden_size", 1152))
-        eps = float(v.get("layer_norm_eps", 1e-6))
+        v = {**SIGLIP_DEFAULTS, **vision_config}
+        width = int(v["hidden_size"])
+        eps = float(v["layer_norm_eps"])
         self.embeddings = SiglipVisionEmbeddings(
-            width, int(v.get("image_size", 896)), int(v.get("patch_size", 14)), int(v.get("num_channels", 3))
+            width, int(v["image_size"]), int(v["patch_size"]), int(v["num_channels"])
         )
         self.encoder = SiglipEncoder(
-            int(v.get("num_hidden_layers", 27)),
+            int(v["num_hidden_layers"]),
             width=width,
-            intermediate=int(v.get("intermediate_size", 4304)),
-            num_heads=int(v.get("num_attention_heads", 16)),
-            act=v.get("hidden_act", "gelu_pytorch_tanh"),
+            intermediate=int(v["intermediate_size"]),
+            num_heads=int(v["num_attention_heads"]),
+            act=v["hidden_act"],
             eps=eps,
         )
         self.post_layernorm = nn.LayerNorm(width, eps=eps)

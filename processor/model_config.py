@@ -82,7 +82,9 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     archs = raw.get("architectures") or []
     if not archs:
         raise InvalidRequestError("config.json has no 'architectures' entry")
-    text_raw = dict(raw)
+    from processor.models import text_config_defaults
+
+    text_raw = {**text_config_defaults(raw.get("model_type", "")), **raw}
     if isinstance(raw.get("text_config"), dict):
         text_raw.update(raw["text_config"])
     rope = text_raw.get("rope_scaling") or text_raw.get("rope_parameters") or {}

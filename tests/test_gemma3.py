@@ -449,3 +449,67 @@ def test_completion_prompt_with_a_typed_image_marker_expands_like_the_processor(
     plain = asyncio.run(builder.from_prompt("Look now", [url]))
     assert plain.input_ids == hf.tokenizer.encode(f"{full}Look now", add_special_tokens=False)
     assert [m.offset for m in plain.mm_items] == [plain.input_ids.index(IMAGE_TOKEN)]
+
+
+# google/gemma-3-4b-it's config.json as published (the Hub layout), for shapes only
+GEMMA3_4B = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "boi_token_index": 255999,
+    "eoi_token_index": 256000,
+    "eos_token_id": [1, 106],
+    "image_token_index": 262144,
+    "initializer_range": 0.02,
+    "mm_tokens_per_image": 256,
+    "model_type": "gemma3",
+    "text_config": {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 34,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 1024,
+    },
+    "torch_dtype": "bfloat16",
+    "vision_config": {
+        "hidden_size": 1152,
+        "image_size": 896,
+        "intermediate_size": 4304,
+        "model_type": "siglip_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "patch_size": 14,
+        "vision_use_head": False,
+    },
+}
+
+
+def test_published_4b_config_builds_the_published_shapes(tmp_path):
+    """The 4B config leaves heads, head_dim, vocabulary and rope bases to Gemma3TextConfig's defaults: we fill the
+    same ones (parsed equal to HF's fully defaulted config), so the model has the checkpoint's 4.3B parameters and
+    256 soft tokens."""
+    from transformers import Gemma3Config
+
+    from processor.model_config import parse_config
+    from processor.models.gemma3 import Gemma3MediaSpec, parse_gemma3_text
+
+    full = json.loads(Gemma3Config(**GEMMA3_4B).to_json_string())  # what HF reads it as, defaults included
+    ours = parse_config(GEMMA3_4B)  # the file as published: the defaults are ours to fill
+    hf_view = parse_config(full)
+    assert (ours.text, ours.vision, ours.image_token_id) == (
+        hf_view.text,
+        hf_view.vision,
+        hf_view.image_token_id,
+    )
+    assert (ours.text.num_attention_heads, ours.text.head_dim, ours.text.vocab_size) == (8, 256, 262208)
+    opts = parse_gemma3_text(GEMMA3_4B)
+    assert opts.layer_types.count("full_attention") == 5 and opts.layer_types[5] == "full_attention"
+    assert (opts.rope_theta, opts.rope_local_base_freq, opts.rope_linear_factor) == (1e6, 1e4, 8.0)
+    assert opts == parse_gemma3_text(GEMMA3_4B | {"text_config": full["text_config"]})
+    with torch.device("meta"):
+        lm = language_model_class(ARCH)(ours)
+        tower = vision_model_class(ARCH)(ours)
+    total = sum(p.numel() for m in (lm, tower) for p in m.parameters())
+    assert 4.2e9 < total < 4.4e9, total
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA3_4B))
+    spec = Gemma3MediaSpec.from_model_dir(tmp_path)
+    assert spec.num_image_tokens(spec.image_grid(1000, 300)) == 256 and ours.vision.spatial_merge_size == 4

@@ -22,6 +22,9 @@ _VISION_CONFIG_PARSERS = {
 }
 _DEFAULT_VISION_CONFIG_PARSER = "qwen2_5_vl"
 
+# text-config keys a family's config.json may leave to transformers' class defaults (Gemma 3's do)
+_TEXT_DEFAULTS = {"gemma3": "processor.models.gemma3:GEMMA3_TEXT_DEFAULTS"}
+
 
 def _load(path: str) -> Any:
     module, _, name = path.partition(":")
@@ -39,3 +42,7 @@ def vision_config_parser(model_type: str) -> Callable[[dict[str, Any], int], Any
     return _load(
         _VISION_CONFIG_PARSERS.get(model_type, _VISION_CONFIG_PARSERS[_DEFAULT_VISION_CONFIG_PARSER])
     )
+
+
+def text_config_defaults(model_type: str) -> dict[str, Any]:
+    return dict(_load(_TEXT_DEFAULTS[model_type])) if model_type in _TEXT_DEFAULTS else {}

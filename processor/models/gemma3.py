@@ -11,6 +11,38 @@ from typing import Any
 
 from processor.model_config import VisionConfig
 
+# What transformers' config classes fill in when config.json leaves a key out (google/gemma-3-4b-it's text_config
+# names only hidden_size, intermediate_size, num_hidden_layers, rope_scaling and sliding_window)
+GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "eos_token_id": 1,
+    "tie_word_embeddings": True,
+}
+SIGLIP_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 16,
+    "layer_norm_eps": 1e-6,
+    "hidden_act": "gelu_pytorch_tanh",
+}
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 BOI, EOI, IMAGE_TOKEN = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
@@ -43,9 +75,9 @@ class Gemma3MediaSpec:
             else {}
         )
         cfg = json.loads((d / "config.json").read_text())
-        vision = cfg.get("vision_config") or {}
-        image_size = int(vision.get("image_size", cls.image_size))
-        patch = int(vision.get("patch_size", cls.patch_size))
+        vision = {**SIGLIP_DEFAULTS, **(cfg.get("vision_config") or {})}
+        image_size = int(vision["image_size"])
+        patch = int(vision["patch_size"])
         tokens_per_side = int(int(cfg.get("mm_tokens_per_image", 256)) ** 0.5)
         size = pre.get("size") or {}
         if size and (size.get("height"), size.get("width")) != (image_size, image_size):
@@ -95,20 +127,21 @@ def parse_gemma3_vision(v: dict[str, Any], text_hidden: int) -> VisionConfig:
     """SigLIP's vision_config (the same keys in the Hub's config and transformers 5's; `mm_tokens_per_image` from
     the top level): the projector pools the patch grid by `spatial_merge_size` per side and maps the tower's
     width to the language model's."""
-    per_side = int(v.get("image_size", 896)) // int(v.get("patch_size", 14))
+    v = {**SIGLIP_DEFAULTS, **v}
+    per_side = int(v["image_size"]) // int(v["patch_size"])
     pool = per_side // int(int(v.get("mm_tokens_per_image", 256)) ** 0.5)
     return VisionConfig(
-        depth=int(v.get("num_hidden_layers", 27)),
-        hidden_size=int(v.get("hidden_size", 1152)),
-        intermediate_size=int(v.get("intermediate_size", 4304)),
-        num_heads=int(v.get("num_attention_heads", 16)),
+        depth=int(v["num_hidden_layers"]),
+        hidden_size=int(v["hidden_size"]),
+        intermediate_size=int(v["intermediate_size"]),
+        num_heads=int(v["num_attention_heads"]),
         out_hidden_size=text_hidden,
-        patch_size=int(v.get("patch_size", 14)),
+        patch_size=int(v["patch_size"]),
         spatial_merge_size=pool,
         temporal_patch_size=1,
-        in_channels=int(v.get("num_channels", 3)),
+        in_channels=int(v["num_channels"]),
         window_size=0,
-        hidden_act=v.get("hidden_act", "gelu_pytorch_tanh"),
+        hidden_act=v["hidden_act"],
     )
 
 
@@ -130,11 +163,11 @@ class Gemma3TextOptions:
 def parse_gemma3_text(raw: dict[str, Any]) -> Gemma3TextOptions:
     """config.json (Hub layout: top-level rope_theta / rope_local_base_freq / rope_scaling and
     sliding_window_pattern in text_config; transformers 5: rope_parameters per layer type and layer_types)."""
-    t = raw.get("text_config") or raw
+    t = {**GEMMA3_TEXT_DEFAULTS, **(raw.get("text_config") or raw)}
     n = int(t["num_hidden_layers"])
     types = t.get("layer_types")
     if not types:
-        pattern = int(t.get("sliding_window_pattern", t.get("_sliding_window_pattern", 6)))
+        pattern = int(t.get("_sliding_window_pattern", t["sliding_window_pattern"]))
         types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
     params = t.get("rope_parameters") or {}
     full = params.get("full_attention") or t.get("rope_scaling") or {}
@@ -142,15 +175,15 @@ def parse_gemma3_text(raw: dict[str, Any]) -> Gemma3TextOptions:
     factor = float(full.get("factor", 1.0)) if full.get("rope_type", full.get("type")) == "linear" else 1.0
     if full.get("rope_type", full.get("type", "default")) not in ("default", "linear"):
         raise ValueError(f"Gemma 3 rope type {full.get('rope_type')!r} is not supported (default, linear)")
-    head_dim = int(t.get("head_dim", 256))
+    head_dim = int(t["head_dim"])
     return Gemma3TextOptions(
         layer_types=tuple(types),
-        sliding_window=int(t.get("sliding_window", 4096)),
-        rope_theta=float(full.get("rope_theta", t.get("rope_theta", 1_000_000.0))),
-        rope_local_base_freq=float(local.get("rope_theta", t.get("rope_local_base_freq", 10_000.0))),
+        sliding_window=int(t["sliding_window"]),
+        rope_theta=float(full.get("rope_theta", t["rope_theta"])),
+        rope_local_base_freq=float(local.get("rope_theta", t["rope_local_base_freq"])),
         rope_linear_factor=factor,
         query_pre_attn_scalar=float(t.get("query_pre_attn_scalar", head_dim)),
         attn_logit_softcapping=t.get("attn_logit_softcapping"),
         final_logit_softcapping=t.get("final_logit_softcapping"),
-        hidden_activation=t.get("hidden_activation", "gelu_pytorch_tanh"),
+        hidden_activation=t["hidden_activation"],
     )
