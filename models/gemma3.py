@@ -19,6 +19,8 @@ from processor.model_config import ModelConfig, TextConfig
 from processor.models.gemma3 import Gemma3TextOptions, parse_gemma3_text
 
 Span = tuple[int, int, tuple[int, int, int]]
+# torch.mm(..., out_dtype=) exists from torch 2.8 (CUDA only)
+_MM_OUT_DTYPE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 class Gemma3RMSNorm(nn.Module):
@@ -177,7 +179,12 @@ class Gemma3ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [B, hidden] -> logits [B, vocab] in float32
-        logits = torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
+        weight = self.model.embed_tokens.weight
+        if hidden.is_cuda and hidden.dtype != torch.float32 and _MM_OUT_DTYPE:
+            # float32 straight out of the accumulator, as Qwen's head does: bf16 logits would tie greedy choices
+            logits = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        else:
+            logits = torch.nn.functional.linear(hidden, weight).float()
         cap = self.options.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
