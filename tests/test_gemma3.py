@@ -513,3 +513,30 @@ def test_published_4b_config_builds_the_published_shapes(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(GEMMA3_4B))
     spec = Gemma3MediaSpec.from_model_dir(tmp_path)
     assert spec.num_image_tokens(spec.image_grid(1000, 300)) == 256 and ours.vision.spatial_merge_size == 4
+
+
+def test_prefix_match_that_ends_inside_an_image_stays_exact(gemma3_model, hf):
+    """Two prompts with one image that differ right after it: the page-granular prefix match can end inside the
+    image. The cached part of the image saw all of it when it was computed, and the chunk takes the rest whole, so
+    the second answer still equals HF's."""
+    from mirador.engine import Engine
+
+    img = noise_image(90, 60, 21)
+
+    def msgs(text):
+        return [{"role": "user", "content": [image_part(img), {"type": "text", "text": text}]}]
+
+    def ref_msgs(text):
+        return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+    a, b = hf.prompt_ids(ref_msgs("Alpha")), hf.prompt_ids(ref_msgs("Zulu"))
+    start = a.index(IMAGE_TOKEN)
+    diverge = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    page = next(p for p in range(2, 33) if start < diverge // p * p < start + 16)
+    _, want = hf.generate(ref_msgs("Zulu"), [img], MAX_TOKENS)
+    with Engine(str(gemma3_model), page_size=page, chunked_prefill_size=64, device="cpu") as engine:
+        engine.chat(msgs("Alpha"), sampling_params={"temperature": 0, "max_new_tokens": 2})
+        out = engine.chat(msgs("Zulu"), sampling_params={"temperature": 0, "max_new_tokens": MAX_TOKENS})
+    cached = out["meta_info"]["cached_tokens"]
+    assert start < cached < start + 16, (start, cached, page)  # the match ended inside the image
+    assert out["output_ids"] == want
