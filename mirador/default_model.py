@@ -392,9 +392,18 @@ def build_checkpoint(
     _progress(f"  done in {time.perf_counter() - t0:.1f} s")
 
 
+QWEN_GENERATION = {"eos_token_id": [151645, 151643], "pad_token_id": 151643}
+
+
+def _family_files(config: dict[str, Any]) -> dict[str, Any]:
+    """What a family's tiny model differs in, by config.json's model_type: the generation config, a step after
+    the Qwen2.5 tokenizer is written, fixed weight values after the random draw (part of the directory's hash)."""
+    return FAMILY_FILES.get(config.get("model_type", ""), {})
+
+
 def _weight_tweaks(config: dict[str, Any]) -> list[dict[str, float]]:
-    """Fixed values some families' tiny weights get after the random draw (part of the directory's hash)."""
-    return [GEMMA3_TINY_NORMS] if config.get("model_type") == "gemma3" else []
+    tweaks = _family_files(config).get("weights")
+    return [tweaks] if tweaks else []
 
 
 def _write_model_files(
@@ -405,14 +414,12 @@ def _write_model_files(
     into a penalised one."""
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (dst / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-    if config.get("model_type") == "gemma3":
-        generation = {"eos_token_id": [151666, 151669], "pad_token_id": 151665, "bos_token_id": 151667}
-    else:
-        generation = {"eos_token_id": [151645, 151643], "pad_token_id": 151643}
+    family = _family_files(config)
+    generation = family.get("generation", QWEN_GENERATION)
     (dst / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     build_tokenizer(dst, cache=tokenizer_cache)
-    if config.get("model_type") == "gemma3":
-        build_gemma3_tokenizer(dst)
+    if "tokenizer" in family:
+        family["tokenizer"](dst)
 
 
 def _progress(msg: str) -> None:
@@ -510,6 +517,15 @@ def build_gemma3_tokenizer(dst: Path) -> None:
     )
     (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     (dst / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
+
+
+FAMILY_FILES: dict[str, dict[str, Any]] = {
+    "gemma3": {
+        "generation": {"eos_token_id": [151666, 151669], "pad_token_id": 151665, "bos_token_id": 151667},
+        "tokenizer": build_gemma3_tokenizer,
+        "weights": GEMMA3_TINY_NORMS,
+    },
+}
 
 
 def _convert_tokenizer(path: Path) -> None:
