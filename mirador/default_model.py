@@ -307,9 +307,11 @@ GEMMA3_TINY_CONFIG: dict[str, Any] = {
     },
 }
 # Gemma's norms scale by (1 + weight): with the dummy weights' 1, each layer adds little to the (sqrt(hidden)-scaled)
-# token embedding, and the tied output head then repeats the last token forever. Post-norm weights of 7 let the
-# layers speak (outputs vary, so a wrong image or position shows).
-GEMMA3_TINY_NORMS = {"post_attention_layernorm.weight": 7.0, "post_feedforward_layernorm.weight": 7.0}
+# token embedding, and the tied output head then repeats the last token forever. Post-norm weights of 10 let the
+# layers speak (outputs vary, so a wrong image or position shows): with the SigLIP LayerNorms at one (the shared
+# dummy-weight rule), 7 gave one repeated token for test_gemma3's earlier-turn case; 10 gives 7-13 distinct tokens
+# in each of its cluster cases.
+GEMMA3_TINY_NORMS = {"post_attention_layernorm.weight": 10.0, "post_feedforward_layernorm.weight": 10.0}
 GEMMA3_PREPROCESSOR: dict[str, Any] = {
     "image_processor_type": "Gemma3ImageProcessor",
     "processor_class": "Gemma3Processor",

@@ -106,9 +106,9 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=int(text_raw.get("max_position_embeddings", 32768)),
         hidden_act=text_raw.get("hidden_act", "silu"),
         mrope_section=_as_tuple(rope.get("mrope_section")),
-        # tied when either level says so: LLaVA checkpoints keep the flag in text_config (transformers' rule)
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings"))
-        or bool((raw.get("text_config") or {}).get("tie_word_embeddings")),
+        # tied when either level says so: LLaVA checkpoints keep the flag in text_config (transformers' rule);
+        # text_raw also holds the family's class defaults (Gemma 3's text config ties unless it says otherwise)
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings")) or bool(text_raw.get("tie_word_embeddings")),
     )
     vision = None
     if isinstance(raw.get("vision_config"), dict):
