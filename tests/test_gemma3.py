@@ -144,6 +144,23 @@ def test_hub_config_parses(gemma3_model):
     assert spec.num_image_tokens(spec.image_grid(300, 20)) == 16
 
 
+def test_media_spec_and_span_interface(gemma3_model):
+    """The family interface every family follows: the grid is the tower's square whatever the image or how many the
+    prompt has, the count is the pooled grid, the tower's rows are its patches, the content key carries the
+    settings; the language model accepts a span only with its grid's count (the worker's check)."""
+    from processor.models.gemma3 import Gemma3MediaSpec
+
+    spec = Gemma3MediaSpec.from_model_dir(gemma3_model)
+    grid = spec.image_grid(300, 20, 3)
+    assert grid == spec.image_grid(20, 300) == (1, 8, 8)
+    assert spec.num_image_tokens(grid) == spec.count_image_tokens(300, 20) == 16
+    assert spec.num_patches(grid) == 64 and spec.item_settings(grid) == spec.fingerprint()
+    with torch.device("meta"):
+        lm = language_model_class(ARCH)(load_model_config(gemma3_model))
+    assert lm.valid_span(16, grid)
+    assert not lm.valid_span(15, grid) and not lm.valid_span(16, (1, 8)) and not lm.valid_span(16, (1, 6, 6))
+
+
 @pytest.fixture(scope="module")
 def transformers5_dir(gemma3_model, tmp_path_factory):
     """The same model as transformers 5 writes it: rope_parameters and layer_types, weights under the module names
@@ -234,16 +251,21 @@ def hf(gemma3_model):
     return Gemma3Reference(gemma3_model)
 
 
-def test_tower_and_preprocessing_equal_hf(gemma3_model, hf):
+@pytest.mark.parametrize("backend", ["torch_native", "triton"])
+def test_tower_and_preprocessing_equal_hf(gemma3_model, hf, backend):
+    """The shared SigLIP tower through its post-layernorm, per vision attention backend (Triton by its
+    interpreter; each image one segment), and the projector, against HF's get_image_features."""
     from models.gemma3_image import Gemma3ImagePreprocessor
     from processor.models.gemma3 import Gemma3MediaSpec
 
     cfg = load_model_config(gemma3_model)
     tower = load_model(vision_model_class(ARCH), cfg, gemma3_model, torch.float32, torch.device("cpu"))
-    pre = Gemma3ImagePreprocessor(Gemma3MediaSpec.from_model_dir(gemma3_model))
+    assert tower.set_attention_backend(backend) == backend
+    spec = Gemma3MediaSpec.from_model_dir(gemma3_model)
+    pre = Gemma3ImagePreprocessor(spec)
     images = [noise_image(150, 100, 5), noise_image(64, 64, 6), noise_image(30, 200, 7)]
     pixels_ref = hf.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    pixels = torch.cat([torch.from_numpy(pre(im)[0]) for im in images])
+    pixels = torch.cat([torch.from_numpy(pre(im, spec.image_grid(*im.size))[0]) for im in images])
     torch.testing.assert_close(pixels, pixels_ref, rtol=0, atol=1e-6)
     with torch.no_grad():
         want = hf.model.model.get_image_features(pixel_values=pixels_ref).pooler_output
