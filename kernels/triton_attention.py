@@ -95,9 +95,11 @@ def _attend_block(
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     qk_scale,
     D: tl.constexpr, PAGE_SIZE: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_lo=0,
 ):  # fmt: skip
     """One online-softmax step over the KV tokens offs_n (log2 domain, fp32). MASK 0: every token is visible to
-    every row; 1: tokens outside n_mask are hidden; 2: also those after the row's position q_pos (causal)."""
+    every row; 1: tokens outside n_mask are hidden; 2: also those after the row's position q_pos (causal);
+    3: only tokens in [q_lo, q_pos] per row (a sliding window and/or a bidirectional span's later keys)."""
     pages = tl.load(block_table + row * stride_bt + offs_n // PAGE_SIZE, mask=n_mask, other=0)
     slots = offs_n % PAGE_SIZE
     k = _load_kv(k_cache, pages, slots, kv_head, offs_d, stride_kp, stride_ks, stride_kh, n_mask, D)
@@ -106,9 +108,14 @@ def _attend_block(
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
     elif MASK == 2:
         qk = tl.where(n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None]), qk, float("-inf"))
+    elif MASK == 3:
+        seen = n_mask[None, :] & (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] >= q_lo[:, None])
+        qk = tl.where(seen, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.exp2(qk - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
+    # a row that sees no key of this block (MASK 3) keeps m = -inf: subtract 0 there, not -inf
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
     v = _load_kv(v_cache, pages, slots, kv_head, offs_d, stride_vp, stride_vs, stride_vh, n_mask, D)
     acc = acc * alpha[:, None] + _dot(p.to(qb.dtype), v.to(qb.dtype), DOT_PRECISION)
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
@@ -121,7 +128,7 @@ def _decode_split_kernel(
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt,
     stride_ob, stride_oh, stride_od,
     stride_wb, stride_wh, stride_ws,
-    qk_scale,
+    qk_scale, window,
     G: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -140,8 +147,9 @@ def _decode_split_kernel(
     q_ptrs = q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
     qb = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
 
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    lo = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)  # a sliding window reads its last `window`
+    split_len = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)  # start >= end: an empty split (or a padding entry)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -204,6 +212,7 @@ def decode_attention(
     out: torch.Tensor,  # [batch, num_heads, head_dim], written in full
     *,
     num_splits: int,
+    window: int = 0,  # > 0: only the last `window` cached tokens (a sliding-window layer)
     workspace: torch.Tensor | None = None,  # [>= batch, num_heads, num_splits, head_dim + 1] float32
     block_n: int = DECODE_BLOCK_N,
     num_warps: int = DECODE_NUM_WARPS,
@@ -238,7 +247,7 @@ def decode_attention(
         q, k_cache, v_cache, block_table, rows, seq_lens, out, ws,
         *q.stride(), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
         *out.stride(), *ws_strides,
-        scale * LOG2E,
+        scale * LOG2E, window,
         G=group, D=head_dim, PAGE_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
@@ -254,13 +263,14 @@ def decode_attention(
 
 @triton.jit
 def _extend_kernel(
-    q, k_cache, v_cache, block_table, rows, seq_lens, q_start_loc, q_lens, out,
+    q, k_cache, v_cache, block_table, rows, seq_lens, q_start_loc, q_lens, out, kv_last,
     stride_qt, stride_qh, stride_qd,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt,
     stride_ot, stride_oh, stride_od,
-    qk_scale,
+    qk_scale, window,
     G: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GENERAL: tl.constexpr, HAS_LAST: tl.constexpr,
 ):  # fmt: skip
     """One program per (sequence, block of BLOCK_M new tokens, kv head). Its BLOCK_R rows are (token, query
     head) pairs, row r = token r // G, head r % G of the kv head's group, so each KV block is read once for all
@@ -291,6 +301,25 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    if GENERAL:
+        # per row, keys [q_lo, q_hi]: q_hi is the token's position, or its image's last index (kv_last, Gemma 3's
+        # bidirectional spans); q_lo is the window's first key. Blocks wholly outside every row's range are skipped.
+        q_hi = q_pos
+        if HAS_LAST:
+            q_hi = tl.load(kv_last + q0 + tok, mask=r_mask, other=0)
+        q_lo = tl.where(window > 0, tl.maximum(q_pos - window + 1, 0), 0)
+        lo_start = tl.where(window > 0, tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
+        hi_end = tl.max(tl.where(r_mask, q_hi, 0), 0) + 1
+        for start_n in range(lo_start, hi_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, qb, k_cache, v_cache, block_table, row, stride_bt,
+                offs_n, offs_n < hi_end, q_hi, kv_head, offs_d,
+                stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                qk_scale, D, PAGE_SIZE, 3, DOT_PRECISION, q_lo,
+            )  # fmt: skip
+        full_end = 0
+        kv_end = 0
     for start_n in range(0, full_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         acc, m_i, l_i = _attend_block(
@@ -330,6 +359,8 @@ def extend_attention(
     scale: float,
     out: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     *,
+    window: int = 0,  # > 0: a token at position i sees keys > i - window only (a sliding-window layer)
+    kv_last: torch.Tensor | None = None,  # [num_tokens] int32: last key each token sees (>= its position)
     block_rows: int = EXTEND_BLOCK_ROWS,
     block_n: int = EXTEND_BLOCK_N,
     num_warps: int = EXTEND_NUM_WARPS,
@@ -347,13 +378,16 @@ def extend_attention(
     group = num_heads // num_kv_heads
     block_r = triton.next_power_of_2(max(block_rows, 16, group))
     block_m = block_r // group
+    general = window > 0 or kv_last is not None
     _extend_kernel[(batch, triton.cdiv(max_q_len, block_m), num_kv_heads)](
         q, k_cache, v_cache, block_table, rows, seq_lens, q_start_loc, q_lens, out,
+        kv_last if kv_last is not None else q_lens,
         *q.stride(), *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
         *out.stride(),
-        scale * LOG2E,
+        scale * LOG2E, window,
         G=group, D=head_dim, PAGE_SIZE=k_cache.shape[1], BLOCK_M=block_m,
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        GENERAL=general, HAS_LAST=kv_last is not None,
     )  # fmt: skip
     return out

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -177,11 +178,6 @@ LLAVA_ADDED_TOKENS: list[tuple[int, str, bool]] = [
     (151647, "<video>", True),
 ]
 
-# model_type -> (added tokens, chat template in processor/templates); others get Qwen2.5-VL's
-TOKENIZERS: dict[str, tuple[list[tuple[int, str, bool]], str]] = {
-    "llava_onevision": (LLAVA_ADDED_TOKENS, "llava_onevision.jinja"),
-}
-
 LLAVA_CROP = 56  # the tiny tower's crop (the published checkpoints use 384): 4 x 4 features per crop
 LLAVA_PINPOINTS = [[LLAVA_CROP * r, LLAVA_CROP * c] for r in range(1, 7) for c in range(1, 7)]
 
@@ -250,6 +246,88 @@ LLAVA_ONEVISION_PREPROCESSOR: dict[str, Any] = {
     "processor_class": "LlavaOnevisionProcessor",
 }
 
+# Gemma 3 in the Hub layout of google/gemma-3-4b-it (text fields in text_config with top-level rope_theta,
+# rope_local_base_freq, linear rope_scaling and sliding_window_pattern), shrunk: 4 layers alternating sliding (window
+# 24, shorter than the test prompts) and global, a 64x64 SigLIP tower of 8x8 patches pooled to 16 soft tokens.
+# The tokenizer is Qwen2.5's vocabulary with Gemma's special tokens (GEMMA3_TOKENS) and chat template.
+GEMMA3_TOKENS: list[tuple[int, str, bool]] = [
+    (151665, "<pad>", True),
+    (151666, "<eos>", True),
+    (151667, "<bos>", True),
+    (151668, "<start_of_turn>", True),
+    (151669, "<end_of_turn>", True),
+    (151670, "<start_of_image>", True),
+    (151671, "<end_of_image>", True),
+    (151672, "<image_soft_token>", True),
+]
+GEMMA3_TINY_CONFIG: dict[str, Any] = {
+    "architectures": ["Gemma3ForConditionalGeneration"],
+    "model_type": "gemma3",
+    "boi_token_index": 151670,
+    "eoi_token_index": 151671,
+    "image_token_index": 151672,
+    "eos_token_id": [151666, 151669],
+    "initializer_range": 0.02,
+    "mm_tokens_per_image": 16,
+    "torch_dtype": "float32",
+    "text_config": {
+        "model_type": "gemma3_text",
+        "vocab_size": 151936,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "rms_norm_eps": 1e-06,
+        "max_position_embeddings": 4096,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+        "sliding_window": 24,
+        "sliding_window_pattern": 2,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "pad_token_id": 151665,
+        "bos_token_id": 151667,
+        "eos_token_id": [151666, 151669],
+    },
+    "vision_config": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 64,
+        "patch_size": 8,
+        "layer_norm_eps": 1e-06,
+        "vision_use_head": False,
+    },
+}
+# Gemma's norms scale by (1 + weight): with the dummy weights' 1, each layer adds little to the (sqrt(hidden)-scaled)
+# token embedding, and the tied output head then repeats the last token forever. Post-norm weights of 10 let the
+# layers speak (outputs vary, so a wrong image or position shows): with the SigLIP LayerNorms at one (the shared
+# dummy-weight rule), 7 gave one repeated token for test_gemma3's earlier-turn case; 10 gives 7-13 distinct tokens
+# in each of its cluster cases.
+GEMMA3_TINY_NORMS = {"post_attention_layernorm.weight": 10.0, "post_feedforward_layernorm.weight": 10.0}
+GEMMA3_PREPROCESSOR: dict[str, Any] = {
+    "image_processor_type": "Gemma3ImageProcessor",
+    "processor_class": "Gemma3Processor",
+    "size": {"height": 64, "width": 64},
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "resample": 2,
+    "rescale_factor": 0.00392156862745098,
+    "do_convert_rgb": None,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "do_pan_and_scan": None,
+    "image_seq_length": 16,
+}
+
 SEED = 20261125
 HEAD_SCALE = 10.0  # std of the logits before softmax: keeps the top choice clear of float noise
 
@@ -277,6 +355,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "qwen2.5-vl": ("qwen2.5-vl-tiny", TINY_CONFIG, {}),
     "qwen2-vl": ("qwen2-vl-tiny", QWEN2_VL_TINY_CONFIG, {"processor_class": "Qwen2VLProcessor"}),
     "llava-onevision": ("llava-onevision-tiny", LLAVA_ONEVISION_TINY_CONFIG, LLAVA_ONEVISION_PREPROCESSOR),
+    "gemma3": ("gemma3-tiny", GEMMA3_TINY_CONFIG, GEMMA3_PREPROCESSOR),
 }
 DEFAULT_FAMILY = "qwen2.5-vl"
 
@@ -357,7 +436,9 @@ def ensure_model(
     if "image_processor_type" not in preprocessor:  # overrides of Qwen's settings
         preprocessor = {**PREPROCESSOR_CONFIG, **preprocessor}
     digest = hashlib.sha256(
-        json.dumps([BUILDER_VERSION, config, preprocessor, seed, head_scale], sort_keys=True).encode()
+        json.dumps(
+            [BUILDER_VERSION, config, preprocessor, seed, head_scale, *_weight_tweaks(config)], sort_keys=True
+        ).encode()
     ).hexdigest()[:10]
     target = parent / f"{name}-{digest}"
     if (target / "model.safetensors").is_file():
@@ -394,6 +475,32 @@ def build_checkpoint(
     _progress(f"  done in {time.perf_counter() - t0:.1f} s")
 
 
+QWEN_GENERATION = {"eos_token_id": [151645, 151643], "pad_token_id": 151643}
+
+
+@dataclass(frozen=True)
+class FamilyFiles:
+    """What a family's tiny model differs in from Qwen2.5-VL's, keyed in FAMILY_FILES by config.json's model_type:
+    the BPE's added tokens and the chat template (processor/templates), the generation config, a step run on the
+    written tokenizer files, and fixed weight values (name suffix -> value) set after the random draw (part of the
+    directory's hash)."""
+
+    added_tokens: list[tuple[int, str, bool]] = field(default_factory=lambda: ADDED_TOKENS)
+    chat_template: str = "qwen2_vl.jinja"
+    generation: dict[str, Any] = field(default_factory=lambda: QWEN_GENERATION)
+    tokenizer_step: Callable[[Path], None] | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+def _family_files(config: dict[str, Any]) -> FamilyFiles:
+    return FAMILY_FILES.get(config.get("model_type", ""), FamilyFiles())
+
+
+def _weight_tweaks(config: dict[str, Any]) -> list[dict[str, float]]:
+    tweaks = _family_files(config).weights
+    return [tweaks] if tweaks else []  # empty for families without any: their hashes stay as they were
+
+
 def _write_model_files(
     dst: Path, config: dict[str, Any], preprocessor: dict[str, Any], tokenizer_cache: Path | None
 ) -> None:
@@ -402,10 +509,11 @@ def _write_model_files(
     into a penalised one."""
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (dst / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
-    (dst / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": [151645, 151643], "pad_token_id": 151643}, indent=2) + "\n"
-    )
+    family = _family_files(config)
+    (dst / "generation_config.json").write_text(json.dumps(family.generation, indent=2) + "\n")
     build_tokenizer(dst, cache=tokenizer_cache, model_type=config.get("model_type", ""))
+    if family.tokenizer_step is not None:
+        family.tokenizer_step(dst)
 
 
 def _progress(msg: str) -> None:
@@ -413,9 +521,10 @@ def _progress(msg: str) -> None:
 
 
 def build_tokenizer(dst: Path, cache: Path | None = None, model_type: str = "") -> None:
-    """tokenizer.json, tokenizer_config.json and the chat template files of the family (`TOKENIZERS`). The BPE
+    """tokenizer.json, tokenizer_config.json and the chat template files of the family (`FAMILY_FILES`). The BPE
     conversion takes seconds, so its result is cached."""
-    added, template_name = TOKENIZERS.get(model_type, (ADDED_TOKENS, "qwen2_vl.jinja"))
+    family = FAMILY_FILES.get(model_type, FamilyFiles())
+    added, template_name = family.added_tokens, family.chat_template
     name = "tokenizer.json" if added is ADDED_TOKENS else f"tokenizer-{model_type}.json"
     cached = cache / name if cache else None
     if cached and cached.is_file():
@@ -459,6 +568,63 @@ def build_tokenizer(dst: Path, cache: Path | None = None, model_type: str = "") 
     }
     (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
     (dst / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
+
+
+def build_gemma3_tokenizer(dst: Path) -> None:
+    """Turns the Qwen2.5 tokenizer files in `dst` into the Gemma 3 test tokenizer: Qwen's vocabulary, Gemma's
+    special tokens (GEMMA3_TOKENS) and chat template (no package ships Gemma's own tokenizer; issue 14)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tok = Tokenizer.from_file(str(dst / "tokenizer.json"))
+    for tid, content, _ in GEMMA3_TOKENS:
+        if tok.add_special_tokens([AddedToken(content, special=True, normalized=False)]) != 1:
+            raise RuntimeError(f"could not add {content}")
+        if tok.token_to_id(content) != tid:
+            raise RuntimeError(f"{content} got id {tok.token_to_id(content)}, expected {tid}")
+    tok.save(str(dst / "tokenizer.json"))
+    template = resources.files("processor").joinpath("templates/gemma3.jinja").read_text()
+    cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    for tid, content, special in GEMMA3_TOKENS:
+        cfg["added_tokens_decoder"][str(tid)] = {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": special,
+        }
+    cfg.update(
+        {
+            "bos_token": "<bos>",
+            "eos_token": "<eos>",
+            "pad_token": "<pad>",
+            "chat_template": template,
+            "additional_special_tokens": [
+                "<start_of_turn>",
+                "<end_of_turn>",
+                "<start_of_image>",
+                "<end_of_image>",
+                "<image_soft_token>",
+            ],
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        }
+    )
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    (dst / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
+
+
+# model_type -> what its tiny model differs in (FamilyFiles); a family not named here gets Qwen2.5-VL's files
+FAMILY_FILES: dict[str, FamilyFiles] = {
+    "llava_onevision": FamilyFiles(added_tokens=LLAVA_ADDED_TOKENS, chat_template="llava_onevision.jinja"),
+    "gemma3": FamilyFiles(
+        generation={"eos_token_id": [151666, 151669], "pad_token_id": 151665, "bos_token_id": 151667},
+        tokenizer_step=build_gemma3_tokenizer,
+        weights=GEMMA3_TINY_NORMS,
+    ),
+}
 
 
 def _convert_tokenizer(path: Path, added: list[tuple[int, str, bool]]) -> None:
@@ -510,4 +676,9 @@ def _write_weights(path: Path, config: dict[str, Any], *, seed: int, head_scale:
             k: v for k, v in shapes.items() if not k.endswith("lm_head.weight")
         }  # tied checkpoints ship only the embedding
     tensors = {name: dummy_tensor(name, shapes[name], g, head_scale).contiguous() for name in sorted(shapes)}
+    for tweaks in _weight_tweaks(config):
+        for name in tensors:
+            for suffix, value in tweaks.items():
+                if name.endswith(suffix):
+                    tensors[name].fill_(value)
     save_file(tensors, str(path), metadata={"format": "pt"})

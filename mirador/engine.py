@@ -132,7 +132,12 @@ class Engine:
             disable_radix_cache=disable_radix_cache,
             disable_overlap_schedule=disable_overlap_schedule,
         )
-        self.policy = resolve_policy(args, self.runner.info(), load_generation_eos(self.model_path))
+        self.policy = resolve_policy(
+            args,
+            self.runner.info(),
+            load_generation_eos(self.model_path),
+            self.runner.model_config.architecture,
+        )
         self.generation_defaults = load_generation_defaults(self.model_path)
         self._worker = _InProcessWorker(self.runner)
         self._loop = asyncio.new_event_loop()

@@ -12,8 +12,8 @@ from kernels.norm import fused_add_rms_norm, rms_norm
 ACTIVATIONS = {
     "silu": nn.functional.silu,
     "gelu": nn.functional.gelu,
-    "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),  # SigLIP's MLP
     "quick_gelu": quick_gelu,
+    "gelu_pytorch_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),  # SigLIP's and Gemma's
 }
 
 

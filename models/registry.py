@@ -16,6 +16,8 @@ class ModelEntry:
     fast_image_processor: str | None = (
         None  # host decodes to uint8, the vision device normalizes and patchifies
     )
+    # the tokens of one image attend to each other both ways (Gemma 3): prefill chunks never cut an image
+    bidirectional_image_spans: bool = False
 
 
 # How weights are obtained: the checkpoint's safetensors ("auto" and "safetensors"), or random ones made from
@@ -42,6 +44,14 @@ _REGISTRY: dict[str, ModelEntry] = {
         language_model="models.llava_onevision:LlavaOnevisionForCausalLM",
         vision_model="models.siglip_vision:LlavaOnevisionVisionModel",
         image_processor="models.llava_onevision_image:LlavaOnevisionImagePreprocessor",
+    ),
+    # SigLIP tower + average-pool projector (256 soft tokens); sliding-window and global layers, bidirectional
+    # attention within each image
+    "Gemma3ForConditionalGeneration": ModelEntry(
+        language_model="models.gemma3:Gemma3ForCausalLM",
+        vision_model="models.gemma3_vision:Gemma3VisionModel",
+        image_processor="models.gemma3_image:Gemma3ImagePreprocessor",
+        bidirectional_image_spans=True,
     ),
 }
 

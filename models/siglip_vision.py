@@ -1,11 +1,12 @@
-"""SigLIP vision tower (HF's SiglipVisionModel up to the feature layer LLaVA-OneVision reads) and LLaVA-OneVision's
-vision side around it: the multimodal projector, and the packing of each image's crop features (models/
-llava_onevision.py). Runs in the vision service; parameter names match the Hub checkpoint's `vision_tower.*`,
-`multi_modal_projector.*` and `image_newline`.
+"""SigLIP vision tower (HF's SiglipVisionModel without the pooling head; the one SigLIP of the code base) and
+LLaVA-OneVision's vision side around it: the multimodal projector, and the packing of each image's crop features
+(models/llava_onevision.py). Gemma 3's vision side (models/gemma3_vision.py) uses the same tower. Runs in the vision
+service; parameter names match the Hub checkpoint's `vision_tower.*`, `multi_modal_projector.*` and `image_newline`.
 
-Every crop is one fixed-size attention segment, so the crops of a batch go through the vision attention registry
-(kernels/vision.py) as a dense batch of equal segments: varlen/cuDNN on CUDA in half precision, the SDPA reference
-on the CPU.
+Every crop (or image: SigLIP's input is a fixed square) is one fixed-size attention segment, so the crops of a batch
+go through the vision attention registry (kernels/vision.py) as a dense batch of equal segments: varlen/cuDNN on
+CUDA in half precision, the SDPA reference on the CPU. LLaVA reads a feature layer before the post-layernorm (not
+built then); Gemma 3 reads the post-layernorm's output.
 """
 
 from __future__ import annotations
@@ -101,13 +102,16 @@ class SiglipEncoder(nn.Module):
 
 
 class SiglipVisionTransformer(nn.Module):
-    """The tower up to the hidden state LLaVA reads (`vision_feature_layer`; -1 is the last layer's output, before
-    the post-layernorm, which is therefore not built)."""
+    """The tower's first `num_layers` encoder layers, then the post-layernorm when `post_layernorm` (HF's
+    last_hidden_state, Gemma 3's input); without it, hidden_states[num_layers] (LLaVA's `vision_feature_layer`)."""
 
-    def __init__(self, cfg: VisionConfig, num_layers: int):
+    def __init__(self, cfg: VisionConfig, num_layers: int, post_layernorm: bool = False):
         super().__init__()
         self.embeddings = SiglipVisionEmbeddings(cfg)
         self.encoder = SiglipEncoder(cfg, num_layers)
+        self.post_layernorm = (
+            nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if post_layernorm else None
+        )
 
     def forward(self, pixel_values: torch.Tensor, attention) -> torch.Tensor:
         # pixel_values: [B, C, S, S] -> [B * P, hidden]
@@ -115,13 +119,13 @@ class SiglipVisionTransformer(nn.Module):
         seg = crop_segments(pixel_values.shape[0], self.embeddings.num_positions, x.device)
         for layer in self.encoder.layers:
             x = layer(x, seg, attention)
-        return x
+        return x if self.post_layernorm is None else self.post_layernorm(x)
 
 
 class SiglipVisionModel(nn.Module):
-    def __init__(self, cfg: VisionConfig, num_layers: int):
+    def __init__(self, cfg: VisionConfig, num_layers: int, post_layernorm: bool = False):
         super().__init__()
-        self.vision_model = SiglipVisionTransformer(cfg, num_layers)
+        self.vision_model = SiglipVisionTransformer(cfg, num_layers, post_layernorm)
 
 
 class LlavaOnevisionMultiModalProjector(nn.Module):

@@ -84,7 +84,9 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
     archs = raw.get("architectures") or []
     if not archs:
         raise InvalidRequestError("config.json has no 'architectures' entry")
-    text_raw = dict(raw)
+    from processor.models import text_config_defaults
+
+    text_raw = {**text_config_defaults(raw.get("model_type", "")), **raw}
     if isinstance(raw.get("text_config"), dict):
         text_raw.update(raw["text_config"])
     rope = text_raw.get("rope_scaling") or text_raw.get("rope_parameters") or {}
@@ -104,15 +106,18 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=int(text_raw.get("max_position_embeddings", 32768)),
         hidden_act=text_raw.get("hidden_act", "silu"),
         mrope_section=_as_tuple(rope.get("mrope_section")),
-        # tied when either level says so: LLaVA checkpoints keep the flag in text_config (transformers' rule)
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings"))
-        or bool((raw.get("text_config") or {}).get("tie_word_embeddings")),
+        # tied when either level says so: LLaVA checkpoints keep the flag in text_config (transformers' rule);
+        # text_raw also holds the family's class defaults (Gemma 3's text config ties unless it says otherwise)
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings")) or bool(text_raw.get("tie_word_embeddings")),
     )
     vision = None
     if isinstance(raw.get("vision_config"), dict):
         from processor.models import vision_config_parser
 
-        vision = vision_config_parser(raw.get("model_type", ""))(raw["vision_config"], hidden)
+        v = dict(raw["vision_config"])
+        if "mm_tokens_per_image" in raw:  # Gemma 3: the projector's pooling follows from it
+            v.setdefault("mm_tokens_per_image", raw["mm_tokens_per_image"])
+        vision = vision_config_parser(raw.get("model_type", ""))(v, hidden)
     dtype = raw.get("torch_dtype") or raw.get("dtype") or text_raw.get("torch_dtype") or "float32"
     return ModelConfig(
         architecture=archs[0],

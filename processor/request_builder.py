@@ -108,6 +108,9 @@ class RequestBuilder:
         text = self.tokenizer.apply_chat_template(
             normalized, add_generation_prompt=add_generation_prompt, **extra, **(chat_template_kwargs or {})
         )
+        expand = getattr(self.media_spec, "expand_image_markers", None)
+        if expand is not None:  # Gemma 3: the template's <start_of_image> becomes the image's whole sequence
+            text = expand(text)
         ids = await self._encode(text)
         return self._expand(ids, images, text)
 
@@ -136,6 +139,9 @@ class RequestBuilder:
     ) -> PreparedPrompt:
         """A completion prompt (text or ids); each image fills one placeholder of the prompt, in order, or is
         prepended with the model's vision markers when the prompt has none."""
+        expand = getattr(self.media_spec, "expand_image_markers", None)
+        if expand is not None and image_urls and isinstance(prompt, str):
+            prompt = expand(prompt)  # Gemma 3: a typed <start_of_image> becomes the image's sequence
         ids = await self._encode(prompt) if isinstance(prompt, str) else list(prompt)
         vocab = self.config.text.vocab_size
         if not isinstance(prompt, str) and not all(0 <= t < vocab for t in ids):

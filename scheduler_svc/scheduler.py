@@ -58,6 +58,9 @@ class SchedulerPolicy:
     eos_token_ids: tuple[int, ...] = ()
     decode_log_interval: int = 40
     vocab_size: int = 1 << 31
+    # prefill chunks end only at image edges (Gemma 3's image tokens attend to their whole image): a chunk that
+    # would end inside an image stops before it, or takes all of it when the image starts the chunk
+    whole_image_spans: bool = False
 
 
 @dataclass
@@ -504,6 +507,7 @@ class Scheduler:
             else:
                 limit = p.chunked_prefill_size if p.chunked_prefill_size > 0 else len(seq.token_ids)
                 n = min(len(seq.token_ids) - seq.num_computed, limit, prefill_budget)
+                n = self._whole_images(seq, seq.num_computed, n)
                 if n <= 0:
                     continue
             # a prompt chunk in a prompts-only step takes free pages only: preempting for it could starve decodes
@@ -517,6 +521,17 @@ class Scheduler:
             steps.append(self._seq_step(seq, n, sent))
             seq.last_step = step_id
         return prefill_budget
+
+    def _whole_images(self, seq: Sequence, start: int, n: int) -> int:
+        """A chunk of n tokens from `start`, moved so that it does not end inside an image (policy permitting)."""
+        if not self.policy.whole_image_spans or n <= 0:
+            return n
+        end = start + n
+        for m in seq.req.request.mm_items:
+            if m.offset < end < m.end:
+                # before the image; or, when the image starts at the chunk, all of it (at most 256 tokens over)
+                return m.offset - start if m.offset > start else m.end - start
+        return n
 
     def _admissible(self, seq: Sequence) -> bool:
         if seq.num_pending_samples or seq.req.encoding or seq.req.grammar_pending:
@@ -549,7 +564,9 @@ class Scheduler:
             self.encode_requests.append((req.request_id, needed))
             return 0
         if self.policy.chunked_prefill_size > 0:
-            n = min(total - matched, self.policy.chunked_prefill_size, budget)
+            n = self._whole_images(
+                seq, matched, min(total - matched, self.policy.chunked_prefill_size, budget)
+            )
         elif total - matched <= budget or budget == self.policy.max_prefill_tokens:
             n = total - matched  # chunking off: the whole prompt, alone in a step if it must be
         else:

@@ -18,6 +18,7 @@ from common.mailbox import Mailbox
 from common.metrics import model_label
 from common.service_main import settle_gc
 from common.types import WorkerInfo
+from models.registry import get_entry
 from processor.model_config import load_generation_eos, load_model_config
 from processor.tokenizer import Tokenizer
 from protos import scheduler_pb2, scheduler_pb2_grpc
@@ -31,7 +32,9 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
 
-def resolve_policy(args: SchedulerArgs, worker: WorkerInfo, eos: tuple[int, ...]) -> SchedulerPolicy:
+def resolve_policy(
+    args: SchedulerArgs, worker: WorkerInfo, eos: tuple[int, ...], architecture: str = ""
+) -> SchedulerPolicy:
     gpu = worker.device.startswith("cuda")
     context = worker.context_length
     if args.context_length is not None:
@@ -56,6 +59,7 @@ def resolve_policy(args: SchedulerArgs, worker: WorkerInfo, eos: tuple[int, ...]
         eos_token_ids=eos,
         decode_log_interval=args.decode_log_interval,
         vocab_size=worker.vocab_size,
+        whole_image_spans=bool(architecture) and get_entry(architecture).bidirectional_image_spans,
     )
 
 
@@ -94,7 +98,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.vision_info_json = json.dumps(
                 {f.name: getattr(info, f.name) for f in info.DESCRIPTOR.fields}
             )
-        policy = resolve_policy(a, self.worker_info, load_generation_eos(a.model_path))
+        policy = resolve_policy(
+            a, self.worker_info, load_generation_eos(a.model_path), model_config.architecture
+        )
         self.policy = policy
         self.loop = SchedulerLoop(
             Scheduler(policy, tokenizer),

@@ -121,7 +121,11 @@ class ModelRunner:
         self.free_rows = list(range(self.max_rows - 1, -1, -1))
         self.sampler = Sampler(self.device, text.vocab_size, self.max_rows, cfg.seed)
         self.backend_name = resolve_backend(cfg.attention_backend, self.device)
-        self.scale = text.head_dim**-0.5
+        self.scale = getattr(
+            self.model, "attention_scale", text.head_dim**-0.5
+        )  # Gemma: query_pre_attn_scalar
+        # Gemma 3: the tokens of one image attend to each other both ways (the scheduler never cuts an image)
+        self.bidirectional_spans = getattr(self.model, "bidirectional_image_spans", False)
         self.graphs = None
         self.piecewise = None
         graph_bs = min(cfg.cuda_graph_max_bs or self.max_rows, self.max_rows)
@@ -582,7 +586,16 @@ class ModelRunner:
         if self.graphs is not None and all(not s.input_ids and s.sample for s in seqs):
             graph_size = self.graphs.size_for(len(seqs))
         tables = [self.seqs[s.seq_id].page_table for s in seqs]
-        return StepInputs(items, updates, graph_size, tables), overrides
+        inputs = StepInputs(items, updates, graph_size, tables)
+        if self.bidirectional_spans and graph_size is None:
+            inputs.image_spans = [self._spans_in_step(self.seqs[s.seq_id], s) for s in seqs]
+        return inputs, overrides
+
+    @staticmethod
+    def _spans_in_step(st: _SeqState, s: SeqStep) -> list[tuple[int, int]]:
+        """[start, end) of the images whose tokens this step computes (whole: the scheduler never cuts one)."""
+        lo, hi = s.start_pos, s.start_pos + s.num_tokens
+        return [(off, off + n) for off, n, _ in st.spans if off < hi and off + n > lo]
 
     def _apply_updates(self, views: dict[str, torch.Tensor]) -> None:
         cells = views["table_cells"]
@@ -622,6 +635,7 @@ class ModelRunner:
             seq_lens_host=inputs.seq_lens,
             q_lens_host=inputs.q_lens,
             page_tables_host=inputs.page_tables,
+            image_spans_host=inputs.image_spans if any(inputs.image_spans) else None,
         )
         self.attn.prepare(meta)
         positions = views["positions"].view(3, n)

@@ -50,7 +50,9 @@ class _Cut:
         graph.capture_begin(pool=self.pool)
         self.pieces.append(graph)
 
-    def forward(self, layer_idx: int, q, k, v, meta) -> torch.Tensor:
+    def forward(self, layer_idx: int, q, k, v, meta, **layer_kwargs) -> torch.Tensor:
+        # layer_kwargs: a layer's static attention options (Gemma 3's sliding window), replayed with it
+        self.owner.layer_kwargs[layer_idx] = layer_kwargs
         n = q.shape[0]
         sq, sk, sv = self.owner.qkv(n)
         sq.copy_(q)
@@ -67,6 +69,7 @@ class PiecewiseGraphs:
         text = model.config.text
         self.model = model
         self.attn = attn
+        self.layer_kwargs: dict[int, dict] = {}  # per layer, the options its attention call passes
         self.device = device
         self.sizes = token_sizes(max_tokens)
         self.max_tokens = self.sizes[-1]
@@ -149,7 +152,7 @@ class PiecewiseGraphs:
         q, k, v = self.qkv(n)
         out = self.out[:n]
         for layer in range(self.num_layers):
-            self.attn.forward(layer, q, k, v, meta, out=out)
+            self.attn.forward(layer, q, k, v, meta, out=out, **self.layer_kwargs.get(layer, {}))
             pieces[layer + 1].replay()
         self.replays += 1
         return self.hidden[t][:n]

@@ -68,6 +68,8 @@ class StepInputs:
         page_tables: list[list[int]] | None = None,
     ):
         self.page_tables = page_tables  # per sequence (host), for backends that plan on the CPU
+        # per sequence, the bidirectional spans its tokens of this step touch (set by the runner for Gemma 3)
+        self.image_spans: list[list[tuple[int, int]]] = []
         self.num_seqs = len(seqs)
         self.num_tokens = sum(s.num_tokens for s in seqs)
         self.graph_size = graph_size

@@ -11,6 +11,7 @@ _REGISTRY = {
     "qwen2_5_vl": "processor.models.qwen2_vl:Qwen2VLMediaSpec",
     "qwen2_vl": "processor.models.qwen2_vl:Qwen2VLMediaSpec",
     "llava_onevision": "processor.models.llava_onevision:LlavaOnevisionMediaSpec",
+    "gemma3": "processor.models.gemma3:Gemma3MediaSpec",
 }
 
 # config.json's `vision_config` -> processor.model_config.VisionConfig; the keys differ between families (Qwen2-VL's
@@ -19,8 +20,12 @@ _VISION_CONFIG_PARSERS = {
     "qwen2_5_vl": "processor.models.qwen2_vl:parse_qwen2_5_vl_vision",
     "qwen2_vl": "processor.models.qwen2_vl:parse_qwen2_vl_vision",
     "llava_onevision": "processor.models.llava_onevision:parse_llava_onevision_vision",
+    "gemma3": "processor.models.gemma3:parse_gemma3_vision",
 }
 _DEFAULT_VISION_CONFIG_PARSER = "qwen2_5_vl"
+
+# text-config keys a family's config.json may leave to transformers' class defaults (Gemma 3's do)
+_TEXT_DEFAULTS = {"gemma3": "processor.models.gemma3:GEMMA3_TEXT_DEFAULTS"}
 
 
 def _load(path: str) -> Any:
@@ -39,3 +44,7 @@ def vision_config_parser(model_type: str) -> Callable[[dict[str, Any], int], Any
     return _load(
         _VISION_CONFIG_PARSERS.get(model_type, _VISION_CONFIG_PARSERS[_DEFAULT_VISION_CONFIG_PARSER])
     )
+
+
+def text_config_defaults(model_type: str) -> dict[str, Any]:
+    return dict(_load(_TEXT_DEFAULTS[model_type])) if model_type in _TEXT_DEFAULTS else {}

@@ -70,6 +70,9 @@ class AttentionMetadata:
     q_lens_host: np.ndarray  # [B] int32
     page_tables_host: list[list[int]] | None = None  # per sequence, for backends that flatten page lists
     num_kv_splits: int = 0  # split-KV decode: fixed when a CUDA graph is captured; 0 lets the backend choose
+    # per sequence, [start, end) of the bidirectional spans (Gemma 3's images) its queries of this step touch;
+    # None: plain causal attention (every family but Gemma 3, and every decode step)
+    image_spans_host: list[list[tuple[int, int]]] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -114,7 +114,14 @@ class FlashInferAttention:
         v: torch.Tensor,
         meta: AttentionMetadata,
         out: torch.Tensor | None = None,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
+        if window > 0 or softcap > 0 or meta.image_spans_host:
+            raise NotImplementedError(
+                "the flashinfer attention backend has no sliding windows, softcapping or bidirectional spans yet "
+                "(Gemma 3): use --attention-backend torch_native"
+            )
         # q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)

@@ -3,6 +3,7 @@ cache, both reading page tables from the runner's persistent block table. Captur
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kernels.kv_store import store_kv
@@ -18,12 +19,29 @@ class TritonAttention:
         self.kv_cache = kv_cache
         self.scale = scale
         # on the CPU only under Triton's interpreter (tests): any count will do
+        self.kv_last: torch.Tensor | None = None
         self.num_sms = (
             torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
         )
 
     def prepare(self, meta: AttentionMetadata) -> None:
-        pass
+        # bidirectional spans (Gemma 3's images): the last key each new token sees, once per step for every layer
+        self.kv_last = None if meta.is_decode or not meta.image_spans_host else self._kv_last(meta)
+
+    def _kv_last(self, meta: AttentionMetadata) -> torch.Tensor:
+        """[num_tokens] int32: each token's position, raised to its image's last index inside a span."""
+        parts = []
+        for q_len, seq_len, spans in zip(
+            meta.q_lens_host, meta.seq_lens_host, meta.image_spans_host, strict=True
+        ):
+            pos = np.arange(int(seq_len) - int(q_len), int(seq_len), dtype=np.int32)
+            last = pos.copy()
+            for s, e in spans:
+                inside = (pos >= s) & (pos < e)
+                last[inside] = np.maximum(last[inside], min(e, int(seq_len)) - 1)
+            parts.append(last)
+        host = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        return torch.from_numpy(host).to(self.kv_cache.k.device, non_blocking=True)
 
     def forward(
         self,
@@ -33,7 +51,13 @@ class TritonAttention:
         v: torch.Tensor,
         meta: AttentionMetadata,
         out: torch.Tensor | None = None,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
+        if softcap > 0:
+            raise NotImplementedError(
+                "the triton attention backend has no logit softcapping: use --attention-backend torch_native"
+            )
         # q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] (views of the fused projection)
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -53,6 +77,7 @@ class TritonAttention:
                 self.scale,
                 out,
                 num_splits=splits,
+                window=window,
             )
         return extend_attention(
             q,
@@ -66,4 +91,6 @@ class TritonAttention:
             meta.max_q_len,
             self.scale,
             out,
+            window=window,
+            kv_last=self.kv_last,
         )
