@@ -213,7 +213,14 @@ class ModelRunner:
             return torch.cuda.max_memory_allocated(self.device) - base
 
         def prompt(n: int) -> list[SeqInputs]:
-            return [SeqInputs(0, [0] * n, np.tile(np.arange(n), (3, 1)), np.zeros(n, np.int64), n, True)]
+            # a step of n prompt tokens, as sequences no longer than the context (a backend may rely on that:
+            # torch_native's mask spans the sequence, its keys only the block table's width)
+            cap, seqs = self.max_pages_per_seq * self.page_size, []
+            for row, lo in enumerate(range(0, n, cap)):
+                m = min(cap, n - lo)
+                pos = np.tile(np.arange(m), (3, 1))
+                seqs.append(SeqInputs(row % self.max_rows, [0] * m, pos, np.zeros(m, np.int64), m, True))
+            return seqs
 
         activations = peak_of(prompt(max(1, self.cfg.max_prefill_tokens)))
         decode = [
