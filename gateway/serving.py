@@ -230,7 +230,8 @@ class OpenAIServing:
             n=req.n,
             stream=stream,
             cache_salt=req.cache_salt or "",
-            logprob_start_len=logprob_start_len,
+            # at or past the prompt's end there is nothing to score (and 2**33 would not fit the proto's int32)
+            logprob_start_len=logprob_start_len if logprob_start_len < len(prompt.input_ids) else -1,
             constraint=req.constraint,
         )
 
