@@ -30,7 +30,9 @@ Span = tuple[int, int, tuple[int, int, int]]
 
 def llama3_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
     """Llama 3's rope frequencies (transformers' _compute_llama3_parameters); plain ones without scaling."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # on the CPU even while the model is built on the meta device; moved to the model's by the first forward
+    steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
+    inv_freq = 1.0 / (theta ** (steps / head_dim))
     if not scaling:
         return inv_freq
     factor = float(scaling["factor"])
