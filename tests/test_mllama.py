@@ -10,12 +10,14 @@ import shutil
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from kernels.cross_attention import cross_attention, tile_visibility
 from models.loader import dummy_tensor, load_model
 from models.mllama import CrossAttentionBatch, MllamaForCausalLM, SequenceImages
+from models.mllama_image import MllamaImagePreprocessor
 from models.mllama_vision import MllamaVisionModel
 from processor.model_config import load_model_config
 from processor.models import mllama as spec
@@ -91,6 +93,7 @@ def tiny(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("mllama")
     torch.manual_seed(0)
     _hf_model(TINY_CONFIG).save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
     build_mllama_tokenizer(d)
     return d
 
@@ -112,10 +115,28 @@ def ours(tiny):
     )
 
 
+PREPROCESSOR = {
+    "image_processor_type": "MllamaImageProcessor",
+    "processor_class": "MllamaProcessor",
+    "size": {"height": TILE, "width": TILE},
+    "max_image_tiles": 4,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "rescale_factor": 0.00392156862745098,
+    "resample": 2,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_pad": True,
+    "do_rescale": True,
+    "do_resize": True,
+}
+
+
 def _image_processor():
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-    return MllamaImageProcessorPil(size={"height": TILE, "width": TILE}, max_image_tiles=4)
+    kwargs = {k: v for k, v in PREPROCESSOR.items() if k not in ("image_processor_type", "processor_class")}
+    return MllamaImageProcessorPil(**kwargs)
 
 
 # ---- tiles ------------------------------------------------------------------------------------------------------
@@ -182,6 +203,18 @@ def test_tokenizer_equals_llama3_tiktoken_and_template(tiny):
         and ids.count(IMAGE_TOKEN_ID) == 1
         and ids[-4:] == [128006, 78191, 128007, 271]
     )
+
+
+@pytest.mark.parametrize(
+    "size", [(30, 70), (70, 30), (28, 28), (60, 60), (10, 200), (300, 13), (1, 1), (57, 29)]
+)
+def test_preprocessor_equals_hf(tiny, size):
+    img = noise_image(*size, seed=size[0])
+    want = _image_processor()([[img]], return_tensors="np")
+    got = MllamaImagePreprocessor.from_model_dir(tiny)(img)
+    np.testing.assert_allclose(got.pixels, want["pixel_values"][0, 0], atol=1e-6, rtol=0)
+    assert got.num_tiles == want["num_tiles"][0][0]
+    assert got.aspect_ratio_id == int(want["aspect_ratio_ids"][0, 0])
 
 
 # ---- tower ------------------------------------------------------------------------------------------------------
@@ -263,16 +296,22 @@ class DenseAttention:
         ).transpose(0, 1)
 
 
-def _our_generate(lm, vm, input_ids: list[int], images, max_new: int) -> list[int]:
+def _our_generate(lm, vm, input_ids: list[int], images, max_new: int, model_dir: Path) -> list[int]:
+    """Our preprocessor, tower, encoder cache and language model, greedy."""
     lm.attn = DenseAttention()
     seq = None
     if images:
-        out = _image_processor()([images], return_tensors="pt")
-        states = vm(out["pixel_values"][0], out["aspect_ratio_ids"][0], torch.tensor(out["num_tiles"][0]))
+        pre = MllamaImagePreprocessor.from_model_dir(model_dir)
+        tiles = [pre(im) for im in images]
+        states = vm(
+            torch.from_numpy(np.stack([t.pixels for t in tiles])),
+            torch.tensor([t.aspect_ratio_id for t in tiles]),
+            torch.tensor([t.num_tiles for t in tiles]),
+        )
         seq = SequenceImages(
             kv=lm.cross_kv(states.reshape(-1, states.shape[-1])),
             ranges=spec.image_token_ranges(input_ids, IMAGE_TOKEN_ID),
-            num_tiles=list(out["num_tiles"][0]),
+            num_tiles=[t.num_tiles for t in tiles],
             prompt_len=len(input_ids),
         )
     ids, generated, pos = list(input_ids), [], 0
@@ -289,8 +328,10 @@ def _our_generate(lm, vm, input_ids: list[int], images, max_new: int) -> list[in
 
 
 def _hf_generate(hf, input_ids: list[int], images, max_new: int) -> list[int]:
-    from transformers.models.mllama.processing_mllama import convert_sparse_cross_attention_mask_to_dense
-    from transformers.models.mllama.processing_mllama import get_cross_attention_token_mask
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
 
     kwargs = {}
     if images:
@@ -357,7 +398,7 @@ def test_greedy_equals_hf_generate(tiny, hf, ours, case):
     lm, vm = ours
     with torch.no_grad():
         want = _hf_generate(hf, input_ids, images, 12)
-        got = _our_generate(lm, vm, input_ids, images, 12)
+        got = _our_generate(lm, vm, input_ids, images, 12, tiny)
     assert got == want
     assert len(set(want)) >= 2  # not one repeated token
 
@@ -367,8 +408,8 @@ def test_images_change_the_output(tiny, ours):
     lm, vm = ours
     input_ids = _prompt(tiny, [_user(None, "Describe the image.")])
     with torch.no_grad():
-        a = _our_generate(lm, vm, input_ids, [noise_image(30, 70, seed=0)], 12)
-        b = _our_generate(lm, vm, input_ids, [noise_image(30, 70, seed=5)], 12)
+        a = _our_generate(lm, vm, input_ids, [noise_image(30, 70, seed=0)], 12, tiny)
+        b = _our_generate(lm, vm, input_ids, [noise_image(30, 70, seed=5)], 12, tiny)
     assert a != b
 
 

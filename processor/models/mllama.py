@@ -4,6 +4,7 @@ tiles, canvas size, aspect-ratio ids)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,3 +157,16 @@ def image_token_ranges(input_ids: list[int], image_token_id: int) -> list[tuple[
             r[1] = last_end
         last_end = r[1]
     return [(a, b) for a, b in ranges]
+
+
+def image_size_fit_to_canvas(
+    height: int, width: int, canvas_height: int, canvas_width: int, tile_size: int
+) -> tuple[int, int]:
+    """HF's get_image_size_fit_to_canvas: the resized (height, width), aspect kept, each side clipped to
+    [tile_size, canvas side]."""
+    target_w = min(max(width, tile_size), canvas_width)
+    target_h = min(max(height, tile_size), canvas_height)
+    scale_h, scale_w = target_h / height, target_w / width
+    if scale_w < scale_h:
+        return min(math.floor(height * scale_w) or 1, target_h), target_w
+    return target_h, min(math.floor(width * scale_h) or 1, target_w)
