@@ -285,7 +285,8 @@ class DenseAttention:
             k, v = torch.cat([self.k[layer_idx], k]), torch.cat([self.v[layer_idx], v])
         self.k[layer_idx], self.v[layer_idx] = k, v
         n, past = q.shape[0], k.shape[0] - q.shape[0]
-        mask = torch.arange(k.shape[0])[None, :] <= (torch.arange(n) + past)[:, None]
+        idx = torch.arange(k.shape[0], device=q.device)
+        mask = idx[None, :] <= (idx[:n] + past)[:, None]
         return torch.nn.functional.scaled_dot_product_attention(
             q.transpose(0, 1),
             k.transpose(0, 1),
@@ -297,33 +298,20 @@ class DenseAttention:
 
 
 def _our_generate(lm, vm, input_ids: list[int], images, max_new: int, model_dir: Path) -> list[int]:
-    """Our preprocessor, tower, encoder cache and language model, greedy."""
+    """Our preprocessor, tower, encoder cache and language model, greedy, on the models' device."""
+    dev = lm.lm_head.weight.device
     lm.attn = DenseAttention()
-    seq = None
-    if images:
-        pre = MllamaImagePreprocessor.from_model_dir(model_dir)
-        tiles = [pre(im) for im in images]
-        states = vm(
-            torch.from_numpy(np.stack([t.pixels for t in tiles])),
-            torch.tensor([t.aspect_ratio_id for t in tiles]),
-            torch.tensor([t.num_tiles for t in tiles]),
-        )
-        seq = SequenceImages(
-            kv=lm.cross_kv(states.reshape(-1, states.shape[-1])),
-            ranges=spec.image_token_ranges(input_ids, IMAGE_TOKEN_ID),
-            num_tiles=[t.num_tiles for t in tiles],
-            prompt_len=len(input_ids),
-        )
-    ids, generated, pos = list(input_ids), [], 0
-    step = torch.tensor(ids)
+    seq = _encoder_cache(lm, vm, model_dir, images, input_ids) if images else None
+    generated, pos = [], 0
+    step = torch.tensor(input_ids, device=dev)
     for _ in range(max_new):
-        positions = torch.arange(pos, pos + len(step))
+        positions = torch.arange(pos, pos + len(step), device=dev)
         cross = CrossAttentionBatch([seq], [0], [len(step)], positions)
         hidden = lm(lm.embed(step), positions.expand(3, -1), None, cross)
         tok = int(lm.compute_logits(hidden[-1:]).argmax(-1))
         generated.append(tok)
         pos += len(step)
-        step = torch.tensor([tok])
+        step = torch.tensor([tok], device=dev)
     return generated
 
 
@@ -455,3 +443,103 @@ def test_hub_layout_config_and_transformers5_key_names_load_equal(tiny, ours, tm
             sa, sb = a.state_dict(), b.state_dict()
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
         assert torch.equal(lm.inv_freq, lm0.inv_freq)
+
+
+# ---- logits and batching ----------------------------------------------------------------------------------------
+
+
+def _encoder_cache(lm, vm, model_dir, images, input_ids):
+    pre = MllamaImagePreprocessor.from_model_dir(model_dir)
+    tiles = [pre(im) for im in images]
+    dev = vm.multi_modal_projector.weight.device
+    states = vm(
+        torch.from_numpy(np.stack([t.pixels for t in tiles])).to(dev),
+        torch.tensor([t.aspect_ratio_id for t in tiles], device=dev),
+        torch.tensor([t.num_tiles for t in tiles], device=dev),
+    )
+    return SequenceImages(
+        kv=lm.cross_kv(states.reshape(-1, states.shape[-1])),
+        ranges=spec.image_token_ranges(input_ids, IMAGE_TOKEN_ID),
+        num_tiles=[t.num_tiles for t in tiles],
+        prompt_len=len(input_ids),
+    )
+
+
+def test_prefill_logits_equal_hf(tiny, hf, ours):
+    """Every prompt position's logits (text before the image included: the masked-row quirk) match HF's."""
+    lm, vm = ours
+    messages, sizes = CASES["two_images"]
+    images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    ids = _prompt(tiny, messages)
+    out = _image_processor()([images], return_tensors="pt")
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    mask = convert_sparse_cross_attention_mask_to_dense(
+        [get_cross_attention_token_mask(ids, IMAGE_TOKEN_ID)], out["num_tiles"], 4, len(ids)
+    )
+    with torch.no_grad():
+        ref = hf(
+            input_ids=torch.tensor([ids]),
+            pixel_values=out["pixel_values"],
+            aspect_ratio_ids=out["aspect_ratio_ids"],
+            aspect_ratio_mask=out["aspect_ratio_mask"],
+            cross_attention_mask=torch.tensor(mask),
+        ).logits[0]
+        lm.attn = DenseAttention()
+        seq = _encoder_cache(lm, vm, tiny, images, ids)
+        pos = torch.arange(len(ids))
+        hidden = lm(
+            lm.embed(torch.tensor(ids)),
+            pos.expand(3, -1),
+            None,
+            CrossAttentionBatch([seq], [0], [len(ids)], pos),
+        )
+        got = lm.compute_logits(hidden)
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+
+
+class PackedPrefillAttention:
+    """Several sequences' prompts packed in one step (block-diagonal causal), no cache: for batched-vs-alone."""
+
+    def __init__(self, q_lens: list[int]):
+        self.q_lens = q_lens
+
+    def forward(self, layer_idx, q, k, v, meta, **kwargs):
+        n = q.shape[0]
+        seq = torch.repeat_interleave(torch.arange(len(self.q_lens)), torch.tensor(self.q_lens))
+        idx = torch.arange(n)
+        mask = (seq[:, None] == seq[None, :]) & (idx[None, :] <= idx[:, None])
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
+        ).transpose(0, 1)
+
+
+def test_batched_prefill_equals_alone(tiny, ours):
+    """A text-only sequence (cross layers skipped) and two image sequences packed in one step give each the hidden
+    states it gets alone."""
+    lm, vm = ours
+    prompts = []
+    for case in ("text_only", "one_image_1x2_tiles", "two_images"):
+        messages, sizes = CASES[case]
+        images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+        ids = _prompt(tiny, messages)
+        prompts.append((ids, _encoder_cache(lm, vm, tiny, images, ids) if images else None))
+    with torch.no_grad():
+        alone = []
+        for ids, seq in prompts:
+            lm.attn = PackedPrefillAttention([len(ids)])
+            pos = torch.arange(len(ids))
+            cross = CrossAttentionBatch([seq], [0], [len(ids)], pos)
+            alone.append(lm(lm.embed(torch.tensor(ids)), pos.expand(3, -1), None, cross))
+        q_lens = [len(ids) for ids, _ in prompts]
+        starts = [sum(q_lens[:i]) for i in range(len(q_lens))]
+        lm.attn = PackedPrefillAttention(q_lens)
+        pos = torch.cat([torch.arange(n) for n in q_lens])
+        cross = CrossAttentionBatch([seq for _, seq in prompts], starts, q_lens, pos)
+        ids = torch.tensor([t for p, _ in prompts for t in p])
+        batched = lm(lm.embed(ids), pos.expand(3, -1), None, cross)
+    for a, s, n in zip(alone, starts, q_lens, strict=True):
+        torch.testing.assert_close(batched[s : s + n], a, atol=1e-5, rtol=1e-5)
