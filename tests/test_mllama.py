@@ -165,6 +165,29 @@ def test_tiled_canvas_and_aspect_ratio_ids_equal_hf():
         assert int(out["aspect_ratio_ids"][0, 0]) == spec.aspect_ratio_id(th, tw, 4)
 
 
+def test_media_spec_counts_equal_hf_processor(tiny):
+    """usage.prompt_tokens: HF's MllamaProcessor leaves one <|image|> per image in input_ids; the encoder cache
+    holds max_num_tiles tiles of (tile / patch)^2 + 1 tokens per image, what HF's tower returns."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.mllama.processing_mllama import MllamaProcessor
+
+    ms = spec.MllamaMediaSpec.from_model_dir(tiny)
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny)
+    proc = MllamaProcessor(image_processor=_image_processor(), tokenizer=tok, chat_template=tok.chat_template)
+    messages, sizes = CASES["two_images"]
+    images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    out = proc(text=text, images=[images], add_special_tokens=False)
+    n_text = len(tok.encode(text.replace("<|image|>", ""), add_special_tokens=False))
+    assert len(out["input_ids"][0]) == n_text + sum(ms.count_image_tokens(w, h) for w, h in sizes)
+    assert out["cross_attention_mask"].shape[:2] == (1, len(out["input_ids"][0]))
+    for (w, h), n in zip(sizes, _image_processor()([images])["num_tiles"][0], strict=True):
+        _, th, tw = ms.image_grid(w, h)
+        assert th * tw == n
+        assert ms.num_encoder_tokens((1, th, tw)) == 4 * 5
+    assert ms.fingerprint() != spec.MllamaMediaSpec().fingerprint()
+
+
 def test_image_token_ranges_equal_hf():
     from transformers.models.mllama.processing_mllama import get_cross_attention_token_mask
 
@@ -211,7 +234,7 @@ def test_tokenizer_equals_llama3_tiktoken_and_template(tiny):
 def test_preprocessor_equals_hf(tiny, size):
     img = noise_image(*size, seed=size[0])
     want = _image_processor()([[img]], return_tensors="np")
-    got = MllamaImagePreprocessor.from_model_dir(tiny)(img)
+    got = MllamaImagePreprocessor(spec.MllamaMediaSpec.from_model_dir(tiny))(img)
     np.testing.assert_allclose(got.pixels, want["pixel_values"][0, 0], atol=1e-6, rtol=0)
     assert got.num_tiles == want["num_tiles"][0][0]
     assert got.aspect_ratio_id == int(want["aspect_ratio_ids"][0, 0])
@@ -449,7 +472,7 @@ def test_hub_layout_config_and_transformers5_key_names_load_equal(tiny, ours, tm
 
 
 def _encoder_cache(lm, vm, model_dir, images, input_ids):
-    pre = MllamaImagePreprocessor.from_model_dir(model_dir)
+    pre = MllamaImagePreprocessor(spec.MllamaMediaSpec.from_model_dir(model_dir))
     tiles = [pre(im) for im in images]
     dev = vm.multi_modal_projector.weight.device
     states = vm(

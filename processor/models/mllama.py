@@ -4,8 +4,10 @@ tiles, canvas size, aspect-ratio ids)."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from processor.model_config import VisionConfig
@@ -170,3 +172,100 @@ def image_size_fit_to_canvas(
     if scale_w < scale_h:
         return min(math.floor(height * scale_w) or 1, target_h), target_w
     return target_h, min(math.floor(width * scale_h) or 1, target_w)
+
+
+CLIP_MEAN = (
+    0.48145466,
+    0.4578275,
+    0.40821073,
+)  # meta-llama/Llama-3.2-11B-Vision-Instruct's preprocessor_config
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class MllamaMediaSpec:
+    """Preprocessing settings (preprocessor_config.json, config.json) and the geometry they imply. An image is one
+    <|image|> token in the prompt; the language model cross-attends to its encoder tokens (max_num_tiles tiles of
+    (tile / patch)^2 + 1 tokens, padding tiles included, as HF's tower always runs them). The grid is
+    (1, tiles high, tiles wide)."""
+
+    tile_size: int = 560
+    patch_size: int = 14
+    max_num_tiles: int = 4
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = 2  # PIL bilinear
+
+    image_placeholder = "<|image|>"
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> MllamaMediaSpec:
+        d = Path(model_dir)
+        path = d / "preprocessor_config.json"
+        pre = json.loads(path.read_text()) if path.is_file() else {}
+        cfg = json.loads((d / "config.json").read_text())
+        vision = _vision_raw(cfg.get("vision_config") or {})
+        size = pre.get("size") or {}
+        tile = int(size.get("height", vision["image_size"]))
+        if tile != int(vision["image_size"]) or int(size.get("width", tile)) != tile:
+            raise ValueError(
+                f"preprocessor size {size} differs from the tower's image_size {vision['image_size']}"
+            )
+        return cls(
+            tile_size=tile,
+            patch_size=int(vision["patch_size"]),
+            max_num_tiles=int(pre.get("max_image_tiles", vision["max_num_tiles"])),
+            image_mean=tuple(pre.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(pre.get("image_std", CLIP_STD)),
+            rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
+            resample=int(pre.get("resample", 2)),
+        )
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return num_vision_tokens(self.tile_size, self.patch_size)
+
+    # ---- the media-spec interface (request builder, vision service) ----
+
+    def image_grid(self, width: int, height: int, num_images: int = 1) -> tuple[int, int, int]:
+        del num_images
+        th, tw = num_tiles(height, width, self.max_num_tiles, self.tile_size)
+        return 1, th, tw
+
+    def num_image_tokens(self, grid: tuple[int, int, int]) -> int:
+        """Prompt tokens of an image: its one <|image|> (HF's processor count)."""
+        del grid
+        return 1
+
+    def num_encoder_tokens(self, grid: tuple[int, int, int]) -> int:
+        """Rows of the image's cross-attention K/V per cross layer (the encoder cache the scheduler accounts)."""
+        del grid
+        return self.max_num_tiles * self.tokens_per_tile
+
+    def num_patches(self, grid: tuple[int, int, int]) -> int:
+        """Rows the tower runs for this image (its share of a batch): every tile slot, padding tiles included."""
+        return self.num_encoder_tokens(grid)
+
+    def item_settings(self, grid: tuple[int, int, int]) -> str:
+        """What besides the bytes determines the image's cross-attention states (the tiling follows from them)."""
+        del grid
+        return self.fingerprint()
+
+    def count_image_tokens(self, width: int, height: int, num_images: int = 1) -> int:
+        return self.num_image_tokens(self.image_grid(width, height, num_images))
+
+    def fingerprint(self) -> str:
+        return json.dumps(
+            [
+                "mllama",
+                self.tile_size,
+                self.patch_size,
+                self.max_num_tiles,
+                list(self.image_mean),
+                list(self.image_std),
+                self.rescale_factor,
+                self.resample,
+            ],
+            separators=(",", ":"),
+        )
