@@ -566,3 +566,31 @@ def test_batched_prefill_equals_alone(tiny, ours):
         batched = lm(lm.embed(ids), pos.expand(3, -1), None, cross)
     for a, s, n in zip(alone, starts, q_lens, strict=True):
         torch.testing.assert_close(batched[s : s + n], a, atol=1e-5, rtol=1e-5)
+
+
+# ---- the tiny model builder (`mirador default-model --family mllama`, Hub layout) -------------------------------
+
+
+@pytest.mark.parametrize("case", ["text_only", "image_in_earlier_turn"])
+def test_default_model_builder_hub_layout_equals_hf(case):
+    """The builder writes the Hub layout (language_model.model.*, rope_theta + rope_scaling, torch_dtype) with the
+    Llama 3 tokenizer; transformers loads it and our models generate what it generates."""
+    from transformers import MllamaForConditionalGeneration
+
+    from mirador.default_model import default_model_dir
+
+    d = default_model_dir(family="mllama")
+    cfg_json = json.loads((d / "config.json").read_text())
+    assert "rope_scaling" in cfg_json["text_config"] and "rope_parameters" not in cfg_json["text_config"]
+    hf = MllamaForConditionalGeneration.from_pretrained(d).eval()
+    cfg = load_model_config(d)
+    cpu = torch.device("cpu")
+    lm = load_model(MllamaForCausalLM, cfg, d, torch.float32, cpu)
+    vm = load_model(MllamaVisionModel, cfg, d, torch.float32, cpu)
+    messages, sizes = CASES[case]
+    images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    ids = _prompt(d, messages)
+    with torch.no_grad():
+        want = _hf_generate(hf, ids, images, 12)
+        got = _our_generate(lm, vm, ids, images, 12, d)
+    assert got == want and len(set(want)) >= 2
