@@ -594,3 +594,12 @@ def test_default_model_builder_hub_layout_equals_hf(case):
         want = _hf_generate(hf, ids, images, 12)
         got = _our_generate(lm, vm, ids, images, 12, d)
     assert got == want and len(set(want)) >= 2
+
+
+def test_mirador_up_refuses_mllama_until_served():
+    """The family is not in the model registry yet: `mirador up` says so before starting anything."""
+    from mirador.cli import _check_architecture
+    from mirador.default_model import default_model_dir
+
+    with pytest.raises(ValueError, match="MllamaForConditionalGeneration.*not supported"):
+        _check_architecture(str(default_model_dir(family="mllama")))
