@@ -166,24 +166,19 @@ class MllamaVisionTower(nn.Module):
         mask = (is_pad[:, :, None] & is_pad[:, None, :]).to(x.dtype) * torch.finfo(x.dtype).min
         mask = mask[:, None]
         x = x.reshape(b, tiles * length, dim)
-        saved = []
+        wanted = set(self.opts.intermediate_layers_indices)
+        saved: dict[int, torch.Tensor] = {}  # local layer index -> its output (HF's hidden_states[i])
         for i, layer in enumerate(self.transformer.layers):
             x = layer(x, mask)
-            if i in self.opts.intermediate_layers_indices:
-                saved.append(x)
+            if i in wanted:
+                saved[i] = x
         x = self.layernorm_post(x)
         x = self.post_tile_positional_embedding(x.reshape(b, tiles, length, dim), aspect_ratio_ids)
         x = x.reshape(b, tiles * length, dim)
         for layer in self.global_transformer.layers:
             x = layer(x, mask)
         x = x.reshape(b, tiles, length, dim)[:, :, :n]
-        inter = torch.stack(
-            [
-                saved[self.opts.intermediate_layers_indices.index(i)]
-                for i in self.opts.intermediate_layers_indices
-            ],
-            dim=-1,
-        )
+        inter = torch.stack([saved[i] for i in self.opts.intermediate_layers_indices], dim=-1)
         inter = inter.reshape(b, tiles, length, -1)[:, :, :n]
         return torch.cat([x, inter], dim=-1)
 
