@@ -41,3 +41,32 @@ def tile_visibility(
         rows.append(seen & (tiles < n)[None, :])  # [Tq, max_tiles]
     tile_mask = torch.cat(rows, dim=1)  # [Tq, images * max_tiles]
     return tile_mask.repeat_interleave(tokens_per_tile, dim=1)
+
+
+def store_encoder_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor
+) -> None:
+    """Write one sequence's encoder K/V once (its first prefill) into its encoder pages.
+    k, v: [S, kv_heads, head_dim]; k_cache, v_cache: [num_pages, page_size, kv_heads, head_dim]; page_table:
+    [ceil(S / page_size)] int64 (row i goes to page page_table[i // page_size], slot i % page_size)."""
+    page_size = k_cache.shape[1]
+    rows = torch.arange(k.shape[0], device=k.device)
+    slots = page_table[rows // page_size] * page_size + rows % page_size
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+
+
+def paged_cross_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    encoder_len: int,
+    visible: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cross_attention over a sequence's encoder pages (the layout a worker's encoder cache would use): gathers
+    the first encoder_len rows of its pages. q: [Tq, heads, d]; visible: [Tq, encoder_len]."""
+    k = k_cache[page_table].flatten(0, 1)[:encoder_len]
+    v = v_cache[page_table].flatten(0, 1)[:encoder_len]
+    return cross_attention(q, k, v, visible, scale)

@@ -1,11 +1,14 @@
 """Llama 3.2 Vision's language model for the worker: Llama 3 self-attention layers (llama3-scaled rotary, GQA) and,
 every few layers, a tanh-gated cross-attention layer whose queries come from the text and whose K/V come from the
-request's images (the *encoder cache*: `cross_kv` computes them once from the vision service's cross-attention
-states; they never change). Images are not tokens in the sequence: <|image|> is an ordinary embedded token.
+request's images (the *encoder cache*, computed once from the vision service's cross-attention states; they never
+change). Images are not tokens in the sequence: <|image|> is an ordinary embedded token.
 
+The encoder K/V live in pages (EncoderCache, the runner's second cache): `write_encoder_cache` fills a sequence's
+pages once from the vision service's cross-attention states.
 Cross layers follow HF's MllamaCrossAttentionDecoderLayer: a sequence without images skips them; a token that sees
 no image still attends over all the sequence's encoder tokens (HF's masking quirk) and only its MLP output is
-zeroed (full_text_row_masked_out_mask). The cross attention is kernels/cross_attention.py's torch reference.
+zeroed (full_text_row_masked_out_mask). The cross attention is kernels/cross_attention.py's torch reference
+(paged_cross_attention).
 
 Parameter names match HF's MllamaTextModel (model.layers.*, lm_head.*); the Hub checkpoint's language_model.model.*
 and language_model.lm_head.*, and transformers 5's model.language_model.* and lm_head.* map onto them.
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.cross_attention import cross_attention, tile_visibility
+from kernels.cross_attention import paged_cross_attention, store_encoder_kv, tile_visibility
 from models.layers import MergedGatedMLP, MergedLinear, RMSNorm, rotate_half
 from processor.model_config import ModelConfig, TextConfig
 from processor.models.mllama import MllamaTextOptions, parse_mllama_text
@@ -47,14 +50,34 @@ def llama3_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+class EncoderCache:
+    """The second kind of KV: every cross layer's encoder K and V, [num_cross_layers, num_pages, page_size,
+    kv_heads, head_dim] each, written once per sequence (its first prefill) and read by every later step. Page 0
+    is never handed out, as in the self-attention cache."""
+
+    def __init__(
+        self,
+        num_cross_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        shape = (num_cross_layers, num_pages, page_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.page_size = page_size
+
+
 @dataclass
 class SequenceImages:
-    """One sequence's encoder cache and what each of its tokens sees (from the prompt: processor/models/mllama.py's
+    """One sequence's encoder pages and what each of its tokens sees (from the prompt: processor/models/mllama.py's
     image_token_ranges and the images' tile counts)."""
 
-    kv: list[
-        tuple[torch.Tensor, torch.Tensor]
-    ]  # per cross layer: K, V [images * max_tiles * tokens, kv_heads, d]
+    page_table: torch.Tensor  # [pages] int64: its encoder rows (images * max_tiles * tokens), page by page
+    encoder_len: int
     ranges: list[tuple[int, int]]  # per image: [start, end) of the prompt tokens that see it
     num_tiles: list[int]  # per image
     prompt_len: int
@@ -103,7 +126,7 @@ class MllamaSelfAttentionDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos_sin, attn, meta, cross: CrossAttentionBatch | None):
+    def forward(self, x, cos_sin, attn, meta, cross: CrossAttentionBatch | None, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, attn, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -140,7 +163,9 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
         self.tokens_per_tile = 0
         self.max_num_tiles = 0
 
-    def forward(self, x, cos_sin, attn, meta, cross: CrossAttentionBatch | None):
+    def forward(
+        self, x, cos_sin, attn, meta, cross: CrossAttentionBatch | None, cache: EncoderCache | None = None
+    ):
         if cross is None:
             return x
         out = x.clone()
@@ -151,7 +176,6 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
             h_in = x[start : start + q_len]
             h = self.input_layernorm(h_in)
             q = ca.q_norm(ca.q_proj(h).view(q_len, ca.num_heads, ca.head_dim))
-            k, v = seq.kv[self.cross_idx]
             visible = tile_visibility(
                 cross.positions[start : start + q_len],
                 seq.ranges,
@@ -160,7 +184,15 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
                 self.tokens_per_tile,
                 seq.prompt_len,
             )
-            o, has_image = cross_attention(q, k, v, visible, ca.head_dim**-0.5)
+            o, has_image = paged_cross_attention(
+                q,
+                cache.k[self.cross_idx],
+                cache.v[self.cross_idx],
+                seq.page_table,
+                seq.encoder_len,
+                visible,
+                ca.head_dim**-0.5,
+            )
             h_in = h_in + self.cross_attn_attn_gate.tanh() * ca.o_proj(o.reshape(q_len, -1))
             m = self.mlp(self.post_attention_layernorm(h_in)) * has_image[:, None].to(h_in.dtype)
             out[start : start + q_len] = h_in + self.cross_attn_mlp_gate.tanh() * m
@@ -220,6 +252,7 @@ class MllamaForCausalLM(nn.Module):
                 layer.tokens_per_tile = num_vision_tokens(vision.image_size, vision.patch_size)
                 layer.max_num_tiles = max_tiles
         self.attn = None  # set by the model runner: an attention backend over the worker's KV cache
+        self.encoder_cache: EncoderCache | None = None  # set by the model runner: the cross layers' K/V pages
 
     def tie_weights(self) -> None:
         pass
@@ -228,10 +261,20 @@ class MllamaForCausalLM(nn.Module):
     def cross_layers(self) -> list[MllamaCrossAttentionDecoderLayer]:
         return [m for m in self.model.layers if isinstance(m, MllamaCrossAttentionDecoderLayer)]
 
-    def cross_kv(self, states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The encoder cache of one sequence: states [images * max_tiles * tokens, hidden] (the vision service's
-        output, images in prompt order) -> per cross layer (K, V)."""
-        return [layer.cross_attn.project_kv(states) for layer in self.cross_layers]
+    def new_encoder_cache(self, num_pages: int, page_size: int, dtype: torch.dtype, device) -> EncoderCache:
+        text = self.config.text
+        head_dim = text.hidden_size // text.num_attention_heads
+        return EncoderCache(
+            len(self.cross_layers), num_pages, page_size, text.num_key_value_heads, head_dim, dtype, device
+        )
+
+    def write_encoder_cache(self, states: torch.Tensor, page_table: torch.Tensor) -> None:
+        """Fill one sequence's encoder pages, once: states [images * max_tiles * tokens, hidden] (the vision
+        service's output, images in prompt order) -> every cross layer's K/V in `self.encoder_cache`."""
+        cache = self.encoder_cache
+        for i, layer in enumerate(self.cross_layers):
+            k, v = layer.cross_attn.project_kv(states)
+            store_encoder_kv(k, v, cache.k[i], cache.v[i], page_table)
 
     def positions(self, spans: Sequence[Span], start: int, end: int) -> torch.Tensor:
         return torch.arange(start, end).expand(3, end - start)
@@ -259,7 +302,7 @@ class MllamaForCausalLM(nn.Module):
         cos_sin = (emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :])
         x = inputs_embeds
         for layer in self.model.layers:
-            x = layer(x, cos_sin, self.attn, meta, cross)
+            x = layer(x, cos_sin, self.attn, meta, cross, self.encoder_cache)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -324,6 +324,7 @@ def _our_generate(lm, vm, input_ids: list[int], images, max_new: int, model_dir:
     """Our preprocessor, tower, encoder cache and language model, greedy, on the models' device."""
     dev = lm.lm_head.weight.device
     lm.attn = DenseAttention()
+    lm.encoder_cache = None
     seq = _encoder_cache(lm, vm, model_dir, images, input_ids) if images else None
     generated, pos = [], 0
     step = torch.tensor(input_ids, device=dev)
@@ -471,7 +472,12 @@ def test_hub_layout_config_and_transformers5_key_names_load_equal(tiny, ours, tm
 # ---- logits and batching ----------------------------------------------------------------------------------------
 
 
-def _encoder_cache(lm, vm, model_dir, images, input_ids):
+ENCODER_PAGE = 8
+
+
+def _encoder_cache(lm, vm, model_dir, images, input_ids, first_page: int = 1):
+    """Preprocess and encode the images, write the sequence's encoder pages (from first_page on, in reverse order
+    so the pages are not contiguous) and describe them."""
     pre = MllamaImagePreprocessor(spec.MllamaMediaSpec.from_model_dir(model_dir))
     tiles = [pre(im) for im in images]
     dev = vm.multi_modal_projector.weight.device
@@ -480,8 +486,15 @@ def _encoder_cache(lm, vm, model_dir, images, input_ids):
         torch.tensor([t.aspect_ratio_id for t in tiles], device=dev),
         torch.tensor([t.num_tiles for t in tiles], device=dev),
     )
+    states = states.reshape(-1, states.shape[-1])
+    if lm.encoder_cache is None:
+        lm.encoder_cache = lm.new_encoder_cache(64, ENCODER_PAGE, states.dtype, dev)
+    n_pages = -(-states.shape[0] // ENCODER_PAGE)
+    table = torch.arange(first_page + n_pages - 1, first_page - 1, -1, device=dev)
+    lm.write_encoder_cache(states, table)
     return SequenceImages(
-        kv=lm.cross_kv(states.reshape(-1, states.shape[-1])),
+        page_table=table,
+        encoder_len=states.shape[0],
         ranges=spec.image_token_ranges(input_ids, IMAGE_TOKEN_ID),
         num_tiles=[t.num_tiles for t in tiles],
         prompt_len=len(input_ids),
@@ -549,7 +562,8 @@ def test_batched_prefill_equals_alone(tiny, ours):
         messages, sizes = CASES[case]
         images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
         ids = _prompt(tiny, messages)
-        prompts.append((ids, _encoder_cache(lm, vm, tiny, images, ids) if images else None))
+        first = 1 + 20 * len(prompts)  # each sequence its own encoder pages
+        prompts.append((ids, _encoder_cache(lm, vm, tiny, images, ids, first) if images else None))
     with torch.no_grad():
         alone = []
         for ids, seq in prompts:
@@ -603,3 +617,23 @@ def test_mirador_up_refuses_mllama_until_served():
 
     with pytest.raises(ValueError, match="MllamaForConditionalGeneration.*not supported"):
         _check_architecture(str(default_model_dir(family="mllama")))
+
+
+def test_paged_cross_attention_equals_dense():
+    """The encoder cache in pages (scattered, the last one partly used) gives the dense reference's output."""
+    from kernels.cross_attention import paged_cross_attention, store_encoder_kv
+
+    torch.manual_seed(1)
+    s, page, kv_heads, heads, d = 23, 4, 2, 4, 8
+    k, v = torch.randn(s, kv_heads, d), torch.randn(s, kv_heads, d)
+    k_cache, v_cache = torch.zeros(12, page, kv_heads, d), torch.zeros(12, page, kv_heads, d)
+    table = torch.tensor([7, 2, 11, 4, 9, 1])
+    store_encoder_kv(k, v, k_cache, v_cache, table)
+    q = torch.randn(6, heads, d)
+    visible = torch.zeros(6, s, dtype=torch.bool)
+    visible[2:, :10] = True  # rows 0-1 see nothing (attend to all), the rest the first 10 encoder tokens
+    want = cross_attention(q, k, v, visible, 0.35)
+    got = paged_cross_attention(q, k_cache, v_cache, table, s, visible, 0.35)
+    torch.testing.assert_close(got[0], want[0])
+    assert torch.equal(got[1], want[1])
+    assert k_cache[0].abs().sum() == 0  # pages outside the table are untouched
