@@ -637,3 +637,79 @@ def test_paged_cross_attention_equals_dense():
     torch.testing.assert_close(got[0], want[0])
     assert torch.equal(got[1], want[1])
     assert k_cache[0].abs().sum() == 0  # pages outside the table are untouched
+
+
+# Llama-3.2-11B-Vision-Instruct's config.json as published (Hub layout), dimensions only
+HUB_11B_CONFIG = {
+    "architectures": ["MllamaForConditionalGeneration"],
+    "model_type": "mllama",
+    "image_token_index": 128256,
+    "torch_dtype": "bfloat16",
+    "text_config": {
+        "model_type": "mllama_text_model",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "cross_attention_layers": [3, 8, 13, 18, 23, 28, 33, 38],
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "factor": 8.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "eos_token_id": [128001, 128008, 128009],
+    },
+    "vision_config": {
+        "model_type": "mllama_vision_model",
+        "hidden_size": 1280,
+        "attention_heads": 16,
+        "num_hidden_layers": 32,
+        "num_global_layers": 8,
+        "intermediate_size": 5120,
+        "image_size": 560,
+        "patch_size": 14,
+        "max_num_tiles": 4,
+        "intermediate_layers_indices": [3, 7, 15, 23, 30],
+        "vision_output_dim": 7680,
+        "norm_eps": 1e-05,
+        "supported_aspect_ratios": [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+    },
+}
+
+
+def test_11b_hub_config_parameter_names_and_shapes_equal_hf():
+    """At the published size (built on the meta device): every tensor of HF's model maps onto ours with its
+    shape, and ours are all covered; the rope frequencies are transformers' llama3 ones."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from models.loader import checkpoint_shapes, map_key
+    from processor.model_config import parse_config
+
+    hf_cfg = MllamaConfig(
+        **{k: v for k, v in HUB_11B_CONFIG.items() if k not in ("architectures", "model_type")}
+    )
+    with torch.device("meta"):
+        hf_model = MllamaForConditionalGeneration(hf_cfg)
+        cfg = parse_config(HUB_11B_CONFIG)
+        models = [MllamaForCausalLM(cfg), MllamaVisionModel(cfg)]
+    hf_shapes = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
+    for model in models:
+        ours = checkpoint_shapes(model)
+        mapped = {}
+        for k, shape in hf_shapes.items():
+            name = map_key(k, type(model).checkpoint_prefixes)
+            if name is not None:
+                mapped[name] = shape
+        assert mapped == ours
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg.text_config, "cpu")
+    torch.testing.assert_close(models[0].inv_freq, inv_freq.float())
+    ms = spec.MllamaMediaSpec()
+    assert ms.tokens_per_tile == 1601 and ms.num_encoder_tokens((1, 2, 2)) == 6404
