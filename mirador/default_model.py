@@ -328,6 +328,73 @@ GEMMA3_PREPROCESSOR: dict[str, Any] = {
     "image_seq_length": 16,
 }
 
+# Llama 3.2 Vision (mllama) in the Hub layout of meta-llama/Llama-3.2-11B-Vision-Instruct (text and vision configs
+# nested, rope_theta + llama3 rope_scaling in text_config): 2-tile-wide 28-pixel tiles of 5 tokens, cross
+# attention at layers 1 and 3 of 5. Not served by the cluster yet (models/registry.py): built for the model tests.
+MLLAMA_TINY_CONFIG: dict[str, Any] = {
+    "architectures": ["MllamaForConditionalGeneration"],
+    "model_type": "mllama",
+    "image_token_index": 128256,
+    "torch_dtype": "float32",
+    "text_config": {
+        "model_type": "mllama_text_model",
+        "vocab_size": 128256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 5,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "cross_attention_layers": [1, 3],
+        "max_position_embeddings": 16384,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "factor": 8.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 128000,
+        "eos_token_id": [128001, 128008, 128009],
+        "pad_token_id": 128004,
+    },
+    "vision_config": {
+        "model_type": "mllama_vision_model",
+        "hidden_size": 32,
+        "attention_heads": 2,
+        "num_hidden_layers": 4,
+        "num_global_layers": 2,
+        "intermediate_size": 64,
+        "image_size": 28,
+        "patch_size": 14,
+        "max_num_tiles": 4,
+        "intermediate_layers_indices": [1, 3],
+        "vision_output_dim": 96,
+        "norm_eps": 1e-05,
+        "hidden_act": "gelu",
+        "num_channels": 3,
+        "supported_aspect_ratios": [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+    },
+}
+MLLAMA_PREPROCESSOR: dict[str, Any] = {
+    "image_processor_type": "MllamaImageProcessor",
+    "processor_class": "MllamaProcessor",
+    "size": {"height": 28, "width": 28},
+    "max_image_tiles": 4,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "rescale_factor": 0.00392156862745098,
+    "resample": 2,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_pad": True,
+    "do_rescale": True,
+    "do_resize": True,
+}
+
 SEED = 20261125
 HEAD_SCALE = 10.0  # std of the logits before softmax: keeps the top choice clear of float noise
 
@@ -356,6 +423,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "qwen2-vl": ("qwen2-vl-tiny", QWEN2_VL_TINY_CONFIG, {"processor_class": "Qwen2VLProcessor"}),
     "llava-onevision": ("llava-onevision-tiny", LLAVA_ONEVISION_TINY_CONFIG, LLAVA_ONEVISION_PREPROCESSOR),
     "gemma3": ("gemma3-tiny", GEMMA3_TINY_CONFIG, GEMMA3_PREPROCESSOR),
+    "mllama": ("mllama-tiny", MLLAMA_TINY_CONFIG, MLLAMA_PREPROCESSOR),
 }
 DEFAULT_FAMILY = "qwen2.5-vl"
 
@@ -490,6 +558,9 @@ class FamilyFiles:
     generation: dict[str, Any] = field(default_factory=lambda: QWEN_GENERATION)
     tokenizer_step: Callable[[Path], None] | None = None
     weights: dict[str, float] = field(default_factory=dict)
+    # "module:Class" of the language and vision models, for a family the model registry does not serve yet
+    # (mllama): its tiny checkpoint can be built and checked against transformers before the cluster runs it
+    model_classes: tuple[str, str] | None = None
 
 
 def _family_files(config: dict[str, Any]) -> FamilyFiles:
@@ -616,6 +687,12 @@ def build_gemma3_tokenizer(dst: Path) -> None:
     (dst / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
 
 
+def _build_mllama_tokenizer(dst: Path) -> None:
+    from processor.models.mllama_tokenizer import build_mllama_tokenizer
+
+    build_mllama_tokenizer(dst)
+
+
 # model_type -> what its tiny model differs in (FamilyFiles); a family not named here gets Qwen2.5-VL's files
 FAMILY_FILES: dict[str, FamilyFiles] = {
     "llava_onevision": FamilyFiles(added_tokens=LLAVA_ADDED_TOKENS, chat_template="llava_onevision.jinja"),
@@ -623,6 +700,12 @@ FAMILY_FILES: dict[str, FamilyFiles] = {
         generation={"eos_token_id": [151666, 151669], "pad_token_id": 151665, "bos_token_id": 151667},
         tokenizer_step=build_gemma3_tokenizer,
         weights=GEMMA3_TINY_NORMS,
+    ),
+    # the real Llama 3 tokenizer (llama-models' tiktoken ranks) written over the Qwen files by the step
+    "mllama": FamilyFiles(
+        generation={"eos_token_id": [128001, 128008, 128009], "pad_token_id": 128004, "bos_token_id": 128000},
+        tokenizer_step=_build_mllama_tokenizer,
+        model_classes=("models.mllama:MllamaForCausalLM", "models.mllama_vision:MllamaVisionModel"),
     ),
 }
 
@@ -660,10 +743,13 @@ def _write_weights(path: Path, config: dict[str, Any], *, seed: int, head_scale:
     from processor.model_config import parse_config
 
     cfg = parse_config(config)
-    entry = get_entry(cfg.architecture)
+    classes = _family_files(config).model_classes
+    if classes is None:
+        entry = get_entry(cfg.architecture)
+        classes = (entry.language_model, entry.vision_model)
     shapes: dict[str, tuple[int, ...]] = {}
     with torch.device("meta"):
-        for cls_path in (entry.language_model, entry.vision_model):
+        for cls_path in classes:
             if cls_path:
                 model = load_class(cls_path)(cfg)
                 prefix = getattr(model, "hub_prefix", "")  # where the Hub checkpoint keeps the class's names

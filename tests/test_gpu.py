@@ -257,3 +257,74 @@ def test_gemma3_tower_on_cuda_matches_hf(dtype, backend):
         got = tower(pixels.cuda(), [(1, 8, 8)] * 2).float().cpu()
     want = want.reshape(-1, want.shape[-1])
     assert float((got - want).norm() / want.norm()) < (1e-4 if dtype == torch.float32 else 3e-2)
+
+
+# ---- Llama 3.2 Vision (mllama): model code only, not served yet (tests/test_mllama.py's tiny model) ------------
+
+
+@pytest.fixture(scope="module")
+def mllama_tiny(tmp_path_factory):
+    from tests import test_mllama as tm
+
+    d = tmp_path_factory.mktemp("mllama_gpu")
+    tm._hf_model(tm.TINY_CONFIG).save_pretrained(d)
+    import json
+
+    from processor.models.mllama_tokenizer import build_mllama_tokenizer
+
+    (d / "preprocessor_config.json").write_text(json.dumps(tm.PREPROCESSOR))
+    build_mllama_tokenizer(d)
+    return d
+
+
+@pytest.mark.parametrize("case", ["text_only", "one_image_2x2_tiles", "two_images"])
+def test_mllama_cuda_float32_greedy_equals_hf_cpu(case, mllama_tiny):
+    from transformers import MllamaForConditionalGeneration
+
+    from models.loader import load_model
+    from models.mllama import MllamaForCausalLM
+    from models.mllama_vision import MllamaVisionModel
+    from processor.model_config import load_model_config
+    from tests import test_mllama as tm
+
+    hf = MllamaForConditionalGeneration.from_pretrained(mllama_tiny).eval()
+    messages, sizes = tm.CASES[case]
+    images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    ids = tm._prompt(mllama_tiny, messages)
+    cfg = load_model_config(mllama_tiny)
+    cuda = torch.device("cuda")
+    lm = load_model(MllamaForCausalLM, cfg, mllama_tiny, torch.float32, cuda)
+    vm = load_model(MllamaVisionModel, cfg, mllama_tiny, torch.float32, cuda)
+    with torch.no_grad():
+        want = tm._hf_generate(hf, ids, images, 12)
+        got = tm._our_generate(lm, vm, ids, images, 12, mllama_tiny)
+    assert got == want
+
+
+@pytest.mark.parametrize("size", [(30, 70), (60, 60)])
+def test_mllama_tower_on_cuda_matches_hf(size, mllama_tiny):
+    from transformers import MllamaForConditionalGeneration
+
+    from models.loader import load_model
+    from models.mllama_vision import MllamaVisionModel
+    from processor.model_config import load_model_config
+    from tests import test_mllama as tm
+
+    hf = MllamaForConditionalGeneration.from_pretrained(mllama_tiny).eval()
+    out = tm._image_processor()([[noise_image(*size)]], return_tensors="pt")
+    vm = load_model(
+        MllamaVisionModel, load_model_config(mllama_tiny), mllama_tiny, torch.float32, torch.device("cuda")
+    )
+    with torch.no_grad():
+        ref = hf.model.vision_model(
+            pixel_values=out["pixel_values"],
+            aspect_ratio_ids=out["aspect_ratio_ids"],
+            aspect_ratio_mask=out["aspect_ratio_mask"],
+        ).last_hidden_state
+        ref = hf.model.multi_modal_projector(ref).reshape(1, -1, hf.config.text_config.hidden_size)
+        got = vm(
+            out["pixel_values"][0].cuda(),
+            out["aspect_ratio_ids"][0].cuda(),
+            torch.tensor(out["num_tiles"][0]).cuda(),
+        )
+    torch.testing.assert_close(got.cpu(), ref, atol=1e-4, rtol=1e-4)

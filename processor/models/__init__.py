@@ -21,6 +21,7 @@ _VISION_CONFIG_PARSERS = {
     "qwen2_vl": "processor.models.qwen2_vl:parse_qwen2_vl_vision",
     "llava_onevision": "processor.models.llava_onevision:parse_llava_onevision_vision",
     "gemma3": "processor.models.gemma3:parse_gemma3_vision",
+    "mllama": "processor.models.mllama:parse_mllama_vision",
 }
 _DEFAULT_VISION_CONFIG_PARSER = "qwen2_5_vl"
 
