@@ -368,3 +368,44 @@ def value(snap: dict, name: str, **labels: str) -> float:
     """The sum of the samples of `name` whose labels include `labels` (0 when there are none)."""
     want = set(labels.items())
     return sum(v for (n, lab), v in snap.items() if n == name and want <= lab)
+
+
+# ---- what every family's cluster tests ask (tests/test_qwen2_vl.py, test_llava_onevision.py, test_gemma3.py) ----
+
+
+def check_greedy_chat(
+    cluster: Cluster, messages, prompt_ref: list[int], out_ref: list[int], case: str, max_tokens: int
+):
+    """A greedy chat through the cluster against HF's prompt and output ids; returns the response body."""
+    body = cluster.chat_ok(messages, max_tokens=max_tokens, temperature=0, return_token_ids=True)
+    choice = body["choices"][0]
+    assert body["prompt_token_ids"] == prompt_ref, f"{case}: prompt tokens differ"
+    assert body["usage"]["prompt_tokens"] == len(prompt_ref)
+    assert choice["token_ids"] == out_ref, f"{case}: generated tokens differ"
+    assert len(set(out_ref)) > 1, "a constant answer would not show a wrong image or position"
+    return body
+
+
+def greedy_tokens(cluster: Cluster, messages, max_tokens: int = 12) -> list[int]:
+    body = cluster.chat_ok(messages, max_tokens=max_tokens, temperature=0, return_token_ids=True)
+    return body["choices"][0]["token_ids"]
+
+
+def mixed_image_requests(num: int) -> list[list[dict[str, Any]]]:
+    """Chats in turn without an image, with one image they share, and with an image of their own."""
+    shared = noise_image(84, 84, 100)
+    reqs = []
+    for k in range(num):
+        text = {"type": "text", "text": f"Question {k}: " + "tell me more " * (k % 3 * 4 + 1)}
+        image = [] if k % 3 == 0 else [image_part(shared if k % 3 == 1 else noise_image(40 + 20 * k, 70, k))]
+        reqs.append([{"role": "user", "content": [*image, text]}])
+    return reqs
+
+
+def check_batched_equals_alone(cluster: Cluster, reqs: list[list[dict[str, Any]]]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = [greedy_tokens(cluster, m) for m in reqs]
+    with ThreadPoolExecutor(len(reqs)) as pool:
+        together = list(pool.map(lambda m: greedy_tokens(cluster, m), reqs))
+    assert together == alone

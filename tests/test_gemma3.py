@@ -16,7 +16,14 @@ from mirador.default_model import default_model_dir
 from models.loader import load_model
 from models.registry import language_model_class, vision_model_class
 from processor.model_config import load_model_config
-from tests.helpers import Cluster, image_part, noise_image
+from tests.helpers import (
+    Cluster,
+    check_batched_equals_alone,
+    check_greedy_chat,
+    image_part,
+    mixed_image_requests,
+    noise_image,
+)
 from tests.test_parity_cluster import case_messages
 
 ARCH = "Gemma3ForConditionalGeneration"
@@ -299,33 +306,12 @@ def test_cluster_greedy_equals_hf(cluster, hf, case):
     prompt_ref, out_ref = hf.generate(ref_msgs, images, MAX_TOKENS)
     if case == "long_text":
         assert len(prompt_ref) > 2 * 24  # well past the sliding window
-    body = cluster.chat_ok(ours, max_tokens=MAX_TOKENS, temperature=0, return_token_ids=True)
-    choice = body["choices"][0]
-    assert body["prompt_token_ids"] == prompt_ref, f"{case}: prompt tokens differ"
-    assert body["usage"]["prompt_tokens"] == len(prompt_ref)
     assert prompt_ref.count(IMAGE_TOKEN) == 16 * len(images)
-    assert choice["token_ids"] == out_ref, f"{case}: generated tokens differ"
-    assert len(set(out_ref)) > 1, "a constant answer would not show a wrong image or position"
-
-
-def _tokens(c: Cluster, messages) -> list[int]:
-    body = c.chat_ok(messages, max_tokens=12, temperature=0, return_token_ids=True)
-    return body["choices"][0]["token_ids"]
+    check_greedy_chat(cluster, ours, prompt_ref, out_ref, case, MAX_TOKENS)
 
 
 def test_batched_equals_alone(cluster):
-    from concurrent.futures import ThreadPoolExecutor
-
-    shared = noise_image(84, 84, 100)
-    reqs = []
-    for k in range(6):
-        text = {"type": "text", "text": f"Question {k}: " + "tell me more " * (k % 3 * 4 + 1)}
-        image = [] if k % 3 == 0 else [image_part(shared if k % 3 == 1 else noise_image(40 + 20 * k, 70, k))]
-        reqs.append([{"role": "user", "content": [*image, text]}])
-    alone = [_tokens(cluster, m) for m in reqs]
-    with ThreadPoolExecutor(len(reqs)) as pool:
-        together = list(pool.map(lambda m: _tokens(cluster, m), reqs))
-    assert together == alone
+    check_batched_equals_alone(cluster, mixed_image_requests(6))
 
 
 def test_repeated_image_hits_the_prefix_cache(cluster, hf):

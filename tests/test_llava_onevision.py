@@ -15,7 +15,15 @@ from models.loader import load_model
 from models.registry import language_model_class, vision_model_class
 from processor.model_config import load_model_config
 from processor.models.llava_onevision import LlavaOnevisionMediaSpec
-from tests.helpers import Cluster, LlavaOnevisionHFReference, image_part, noise_image
+from tests.helpers import (
+    Cluster,
+    LlavaOnevisionHFReference,
+    check_batched_equals_alone,
+    check_greedy_chat,
+    image_part,
+    mixed_image_requests,
+    noise_image,
+)
 from tests.test_parity_cluster import MAX_TOKENS, case_messages
 
 ARCH = "LlavaOnevisionForConditionalGeneration"
@@ -191,13 +199,8 @@ def _case(case: str):
 def test_cluster_greedy_equals_hf(cluster, hf, case):
     ours, ref, images = _case(case)
     prompt_ref, out_ref = hf.generate(ref, images, MAX_TOKENS)
-    body = cluster.chat_ok(ours, max_tokens=MAX_TOKENS, temperature=0, return_token_ids=True)
-    choice = body["choices"][0]
-    assert body["prompt_token_ids"] == prompt_ref, f"{case}: prompt tokens differ"
-    assert body["usage"]["prompt_tokens"] == len(prompt_ref)
-    assert choice["token_ids"] == out_ref, f"{case}: generated tokens differ"
-    assert choice["message"]["content"] == hf.tokenizer.decode(out_ref, skip_special_tokens=True)
-    assert len(set(out_ref)) > 1, "a constant answer would not show a wrong image or position"
+    body = check_greedy_chat(cluster, ours, prompt_ref, out_ref, case, MAX_TOKENS)
+    assert body["choices"][0]["message"]["content"] == hf.tokenizer.decode(out_ref, skip_special_tokens=True)
 
 
 def test_in_process_engine_equals_hf(llava_onevision_model, hf):
@@ -211,27 +214,13 @@ def test_in_process_engine_equals_hf(llava_onevision_model, hf):
     assert out["meta_info"]["prompt_tokens"] == len(prompt_ref)
 
 
-def _tokens(c: Cluster, messages) -> list[int]:
-    body = c.chat_ok(messages, max_tokens=12, temperature=0, return_token_ids=True)
-    return body["choices"][0]["token_ids"]
-
-
 def test_batched_equals_alone(cluster):
-    from concurrent.futures import ThreadPoolExecutor
-
-    shared = noise_image(84, 84, 100)
-    reqs = []
-    for k in range(8):
-        text = {"type": "text", "text": f"Question {k}: " + "tell me more " * (k % 3 * 4 + 1)}
-        image = [] if k % 3 == 0 else [image_part(shared if k % 3 == 1 else noise_image(40 + 20 * k, 70, k))]
-        reqs.append([{"role": "user", "content": [*image, text]}])
+    shared = noise_image(84, 84, 100)  # the image mixed_image_requests share
+    reqs = mixed_image_requests(8)
     reqs.append(
         [{"role": "user", "content": [image_part(shared), image_part(shared), {"type": "text", "text": "?"}]}]
     )
-    alone = [_tokens(cluster, m) for m in reqs]
-    with ThreadPoolExecutor(len(reqs)) as pool:
-        together = list(pool.map(lambda m: _tokens(cluster, m), reqs))
-    assert together == alone
+    check_batched_equals_alone(cluster, reqs)
 
 
 def test_repeated_image_hits_the_prefix_cache(cluster, hf, spec):

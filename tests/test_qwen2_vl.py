@@ -15,7 +15,16 @@ from safetensors import safe_open
 from models.loader import load_model
 from models.registry import language_model_class, supported_architectures, vision_model_class
 from processor.model_config import load_model_config
-from tests.helpers import REPO, Cluster, HFReference, image_part, noise_image
+from tests.helpers import (
+    REPO,
+    Cluster,
+    HFReference,
+    check_batched_equals_alone,
+    check_greedy_chat,
+    image_part,
+    mixed_image_requests,
+    noise_image,
+)
 from tests.test_parity_cluster import MAX_TOKENS, case_messages
 
 ARCH = "Qwen2VLForConditionalGeneration"
@@ -154,13 +163,8 @@ def test_hf_reference_is_qwen2_vl(hf):
 def test_cluster_greedy_equals_hf(cluster, hf, case):
     ours, ref, images = case_messages(case, (300, 220))
     prompt_ref, out_ref = hf.generate(ref, images, MAX_TOKENS)
-    body = cluster.chat_ok(ours, max_tokens=MAX_TOKENS, temperature=0, return_token_ids=True)
-    choice = body["choices"][0]
-    assert body["prompt_token_ids"] == prompt_ref, f"{case}: prompt tokens differ"
-    assert body["usage"]["prompt_tokens"] == len(prompt_ref)
-    assert choice["token_ids"] == out_ref, f"{case}: generated tokens differ"
-    assert choice["message"]["content"] == hf.tokenizer.decode(out_ref, skip_special_tokens=True)
-    assert len(set(out_ref)) > 1, "a constant answer would not show a wrong image or position"
+    body = check_greedy_chat(cluster, ours, prompt_ref, out_ref, case, MAX_TOKENS)
+    assert body["choices"][0]["message"]["content"] == hf.tokenizer.decode(out_ref, skip_special_tokens=True)
 
 
 def test_in_process_engine_equals_hf(qwen2_vl_model, hf):
@@ -175,24 +179,8 @@ def test_in_process_engine_equals_hf(qwen2_vl_model, hf):
     assert out["meta_info"]["prompt_tokens"] == len(prompt_ref)
 
 
-def _tokens(c: Cluster, messages) -> list[int]:
-    body = c.chat_ok(messages, max_tokens=12, temperature=0, return_token_ids=True)
-    return body["choices"][0]["token_ids"]
-
-
 def test_batched_equals_alone(cluster):
-    from concurrent.futures import ThreadPoolExecutor
-
-    shared = noise_image(84, 84, 100)
-    reqs = []
-    for k in range(8):
-        text = {"type": "text", "text": f"Question {k}: " + "tell me more " * (k % 3 * 4 + 1)}
-        image = [] if k % 3 == 0 else [image_part(shared if k % 3 == 1 else noise_image(40 + 20 * k, 70, k))]
-        reqs.append([{"role": "user", "content": [*image, text]}])
-    alone = [_tokens(cluster, m) for m in reqs]
-    with ThreadPoolExecutor(len(reqs)) as pool:
-        together = list(pool.map(lambda m: _tokens(cluster, m), reqs))
-    assert together == alone
+    check_batched_equals_alone(cluster, mixed_image_requests(8))
 
 
 def test_repeated_image_hits_the_prefix_cache(cluster, hf):
