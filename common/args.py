@@ -8,6 +8,8 @@ import types
 import typing
 from typing import Any, TypeVar
 
+from common.event_loop import CHOICES as EVENT_LOOPS
+
 T = TypeVar("T", bound="ArgsBase")
 
 
@@ -94,6 +96,20 @@ class ArgsBase:
             else:
                 out.extend([flag, str(value)])
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessArgs(ArgsBase):
+    """Flags of every service about its process."""
+
+    _cli_group = "process"
+
+    event_loop: str = arg(
+        "auto",
+        "the asyncio event loop: uvloop (C transports, less CPU per message), asyncio's own, or auto = uvloop "
+        "when installed",
+        choices=EVENT_LOOPS,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from common import event_loop
 from common.args import ArgsBase
 from common.log import setup_logging
 from common.security import configure_from_args, process_auth
@@ -86,7 +86,7 @@ def run_grpc_service(
         )
 
     try:
-        asyncio.run(main())
+        event_loop.run(main(), getattr(args, "event_loop", "auto"))
     except KeyboardInterrupt:
         pass
     except Exception as e:  # noqa: BLE001 - a clear last line instead of a bare traceback

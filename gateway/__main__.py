@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from common import event_loop
 from common.log import setup_logging
 from common.security import configure_from_args
 from common.service_main import parse_service_args
@@ -36,11 +37,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.getLogger("gateway").error("cannot start: %s", e)
         sys.exit(2)
     logging.getLogger("gateway").info(
-        "gateway listening on http://%s:%d (%d worker process%s)",
+        "gateway listening on http://%s:%d (%d worker process%s, event loop %s)",
         args.host,
         args.port,
         args.gateway_workers,
         "es" if args.gateway_workers > 1 else "",
+        event_loop.resolve(args.event_loop),
     )
     common = dict(
         host=args.host,
@@ -49,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         access_log=False,
         timeout_graceful_shutdown=args.graceful_shutdown_timeout,
         log_config=None,
+        loop=event_loop.resolve(
+            args.event_loop
+        ),  # the HTTP parser: httptools when installed (uvicorn's auto)
     )
     # uvicorn drains on SIGTERM (--graceful-shutdown-timeout), restores the handler it found and raises the signal
     # again: with this handler that ends in exit 0, so supervisors see a clean stop rather than death by signal

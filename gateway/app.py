@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,6 +61,7 @@ from gateway.responses import (
     ServerInfo,
 )
 from gateway.serving import ModelCard, OpenAIServing
+from gateway.sse import EventStreamResponse
 from processor.media import MediaPolicy
 from processor.model_config import load_generation_defaults, load_generation_eos
 from processor.request_builder import RequestBuilder
@@ -206,14 +207,6 @@ async def _until_disconnect(request: Request, work) -> Any:
             logger.info("client disconnected; request cancelled")
             return Response(status_code=499)
     return task.result()
-
-
-def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(
-        stream,
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
 
 
 def _truncated(text: str, limit: int) -> str:
@@ -370,7 +363,7 @@ def create_app(args: GatewayArgs) -> FastAPI:
         if isinstance(result, AsyncIterator):
             if args.log_requests:
                 result = _logged_stream(result, args.log_requests_max_chars)
-            return _sse(result)
+            return EventStreamResponse(result)
         if args.log_requests:
             logger.info("response %s", _truncated(json.dumps(result), args.log_requests_max_chars))
         return JSONResponse(result)

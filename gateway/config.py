@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.args import ObservabilityArgs, arg
+from common.args import ObservabilityArgs, ProcessArgs, arg
 from common.security import InternalAuthArgs
 from processor.tool_parsers import TOOL_PARSERS
 
 
 @dataclass(frozen=True)
-class GatewayArgs(InternalAuthArgs, ObservabilityArgs):
+class GatewayArgs(InternalAuthArgs, ObservabilityArgs, ProcessArgs):
     model_path: str = arg(
         "",
         "Hugging Face model directory (or Hub id): tokenizer, chat template, preprocessor",

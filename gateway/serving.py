@@ -111,13 +111,18 @@ USAGE_SUFFIX = (
 )
 
 
-async def _tagged(stream: AsyncIterator[GenerateOutput]) -> AsyncIterator[tuple[int, GenerateOutput]]:
-    """One request's outputs as `_merge` gives several (the common case: no queue, no tasks)."""
+async def _tagged(
+    first: GenerateOutput | None, rest: AsyncIterator[GenerateOutput], k: int | None = 0
+) -> AsyncIterator[Any]:
+    """A started request's outputs, its first (already read) then the rest, as `(k, output)` pairs the way `_merge`
+    gives several, or bare with `k=None`. One generator per token on the hot path, not two."""
     try:
-        async for out in stream:
-            yield 0, out
+        if first is not None:
+            yield first if k is None else (k, first)
+        async for out in rest:
+            yield out if k is None else (k, out)
     finally:
-        await stream.aclose()
+        await rest.aclose()
 
 
 async def _merge(streams: list[AsyncIterator[GenerateOutput]]) -> AsyncIterator[tuple[int, GenerateOutput]]:
@@ -265,29 +270,21 @@ class OpenAIServing:
             "prompt_tokens_details": {"cached_tokens": cached},
         }
 
-    async def _started(self, greq: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        """A streamed request's outputs, once the first has come: whatever fails before the first token (a
-        prompt the scheduler refuses, an image the vision service cannot decode) is an HTTP error in OpenAI's
-        shape, not a 200 stream that ends in an error event. Clients see nothing sooner either way."""
+    async def _started(
+        self, greq: GenerateRequest
+    ) -> tuple[GenerateOutput | None, AsyncIterator[GenerateOutput]]:
+        """A streamed request's first output (None when it ended without one) and the rest, once the first has
+        come: whatever fails before the first token (a prompt the scheduler refuses, an image the vision service
+        cannot decode) is an HTTP error in OpenAI's shape, not a 200 stream that ends in an error event. Clients
+        see nothing sooner either way."""
         outs = self._generate(greq)
         try:
-            first = await anext(outs)
+            return await anext(outs), outs
         except StopAsyncIteration:
-            first = None
+            return None, outs
         except BaseException:
             await outs.aclose()
             raise
-
-        async def rest() -> AsyncIterator[GenerateOutput]:
-            try:
-                if first is not None:
-                    yield first
-                async for out in outs:
-                    yield out
-            finally:
-                await outs.aclose()
-
-        return rest()
 
     async def _started_all(self, greqs: list[GenerateRequest]) -> AsyncIterator[tuple[int, GenerateOutput]]:
         """Several requests' outputs as they come, each tagged with its request's position; all have started
@@ -297,9 +294,11 @@ class OpenAIServing:
         if errors:
             for s in started:
                 if not isinstance(s, BaseException):
-                    await s.aclose()
+                    await s[1].aclose()
             raise errors[0]
-        return _tagged(started[0]) if len(started) == 1 else _merge(started)
+        if len(started) == 1:
+            return _tagged(*started[0])
+        return _merge([_tagged(first, rest, None) for first, rest in started])
 
     # ---- chat ----
 

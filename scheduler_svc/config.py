@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.args import ObservabilityArgs, arg
+from common.args import ObservabilityArgs, ProcessArgs, arg
 from common.security import InternalAuthArgs
 
 
 @dataclass(frozen=True)
-class SchedulerArgs(InternalAuthArgs, ObservabilityArgs):
+class SchedulerArgs(InternalAuthArgs, ObservabilityArgs, ProcessArgs):
     model_path: str = arg(
         "", "Hugging Face model directory (or Hub id): tokenizer and config", aliases=("--model",)
     )

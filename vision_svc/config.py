@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.args import ObservabilityArgs, arg
+from common.args import ObservabilityArgs, ProcessArgs, arg
 from common.security import InternalAuthArgs
 from models.registry import LOAD_FORMATS
 
 
 @dataclass(frozen=True)
-class VisionArgs(InternalAuthArgs, ObservabilityArgs):
+class VisionArgs(InternalAuthArgs, ObservabilityArgs, ProcessArgs):
     model_path: str = arg("", "Hugging Face model directory (or Hub id)", aliases=("--model",))
     host: str = arg("127.0.0.1", "address to listen on")
     port: int = arg(50053, "gRPC port (0 picks a free one)")

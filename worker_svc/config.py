@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.args import ObservabilityArgs, arg
+from common.args import ObservabilityArgs, ProcessArgs, arg
 from common.security import InternalAuthArgs
 from models.registry import LOAD_FORMATS
 from worker_svc.attention import ATTENTION_BACKENDS
 
 
 @dataclass(frozen=True)
-class WorkerArgs(InternalAuthArgs, ObservabilityArgs):
+class WorkerArgs(InternalAuthArgs, ObservabilityArgs, ProcessArgs):
     model_path: str = arg("", "Hugging Face model directory (or Hub id)", aliases=("--model",))
     host: str = arg("127.0.0.1", "address to listen on")
     port: int = arg(50052, "gRPC port (0 picks a free one)")
