@@ -322,7 +322,7 @@ def test_mllama_tower_on_cuda_matches_hf(size, mllama_tiny):
             aspect_ratio_mask=out["aspect_ratio_mask"],
         ).last_hidden_state
         ref = hf.model.multi_modal_projector(ref).reshape(1, -1, hf.config.text_config.hidden_size)
-        got = vm(
+        got = vm.encode_tiles(
             out["pixel_values"][0].cuda(),
             out["aspect_ratio_ids"][0].cuda(),
             torch.tensor(out["num_tiles"][0]).cuda(),
