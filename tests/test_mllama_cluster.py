@@ -231,3 +231,104 @@ def test_scheduler_accounts_encoder_pages_and_keys_the_prefix_by_all_images():
     assert k1[0] != 1 and k1[1] == 2
     with pytest.raises(Exception, match="encoder cache holds 2"):
         sched.add_request(_request("r4", ["a", "b", "c"]))
+
+
+# ---- the worker's runner in process (CPU here; tests/test_gpu.py runs it on a GPU) ------------------------------
+
+
+def runner_generate(model_dir, prompts, max_new: int, device: str, dtype: str, chunk: int = 10_000):
+    """Greedy tokens of several prompts [(input_ids, images)] run together through our vision encoder and worker
+    runner in process: each image gets an encoder page (the same page for the same image), prompts are prefilled
+    in chunks of `chunk` tokens in one step each, then decoded together."""
+    import asyncio
+
+    from common.types import SeqInit, SeqStep, StepPlan
+    from processor.media import content_key
+    from tests.helpers import png_bytes
+    from vision_svc.encoder import EncoderConfig, VisionEncoder
+    from worker_svc.model_runner import ModelRunner, RunnerConfig
+
+    encoder = VisionEncoder(EncoderConfig(str(model_dir), dtype, device))
+    runner = ModelRunner(
+        RunnerConfig(str(model_dir), dtype, device, page_size=4, max_total_tokens=4096), encoder
+    )
+    enc_pages: dict[str, int] = {}
+    seqs = []
+    for i, (ids, images) in enumerate(prompts):
+        offsets = [j for j, t in enumerate(ids) if t == IMAGE_TOKEN_ID]
+        items = []
+        for off, img in zip(offsets, images, strict=True):
+            data = png_bytes(img)
+            grid = encoder.spec.image_grid(*img.size)
+            items.append(
+                MultimodalItem(
+                    content_key(data, encoder.spec.item_settings(grid)), off, 1, grid, "image", data
+                )
+            )
+        if items:
+            asyncio.run(encoder.encode(items))
+        pages = [enc_pages.setdefault(m.content_key, len(enc_pages) + 1) for m in items]
+        init = SeqInit(
+            tuple(m.without_data() for m in items),
+            SamplingParams(temperature=0.0),
+            len(ids),
+            encoder_page_ids=tuple(pages),
+        )
+        kv = tuple(range(1 + 40 * i, 1 + 40 * (i + 1)))
+        seqs.append((f"s{i}", ids, init, kv))
+    keys = list(enc_pages)
+    runner.embeddings.request(keys)  # pulled before the first step, so no sequence is deferred for its images
+    runner.embeddings.wait(keys, 60)
+    out = {sid: [] for sid, *_ in seqs}
+    step_id, start = 0, 0
+    while any(start < len(ids) for _, ids, _, _ in seqs):
+        steps = []
+        for sid, ids, init, kv in seqs:
+            if start < len(ids):
+                n = min(chunk, len(ids) - start)
+                first = start == 0
+                steps.append(
+                    SeqStep(
+                        sid,
+                        start,
+                        tuple(ids[start : start + n]),
+                        start + n == len(ids),
+                        0,
+                        kv if first else (),
+                        init if first else None,
+                    )
+                )
+        step_id += 1
+        for r in runner.step(StepPlan(step_id, tuple(steps))).results:
+            out[r.seq_id].append(r.token_id)
+        start += chunk
+    while any(len(v) < max_new for v in out.values()):
+        steps = [
+            SeqStep(sid, len(ids) + len(out[sid]) - 1, (), True)
+            for sid, ids, _, _ in seqs
+            if len(out[sid]) < max_new
+        ]
+        step_id += 1
+        res = runner.step(StepPlan(step_id, tuple(steps)))
+        assert not res.failures, res.failures
+        for r in res.results:
+            out[r.seq_id].append(r.token_id)
+    return [out[sid] for sid, *_ in seqs]
+
+
+@pytest.mark.parametrize("chunk", [5, 10_000])
+def test_runner_batch_equals_hf(mllama_model, hf, chunk):
+    """Three prompts in one batch (text only, an image, and two images of which one is the second prompt's, so
+    they share its encoder page), prefilled in chunks or whole, decoded together: each equals HF's generate."""
+    cases = ["text_only", "one_image_1x2_tiles", "two_images"]
+    refs = []
+    for case in cases:
+        messages, sizes = CASES[case]
+        images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+        ids = _prompt(mllama_model, messages)
+        with torch.no_grad():
+            refs.append((ids, images, _hf_generate(hf, ids, images, 10)))
+    got = runner_generate(
+        mllama_model, [(ids, images) for ids, images, _ in refs], 10, "cpu", "float32", chunk
+    )
+    assert got == [want for *_, want in refs]
