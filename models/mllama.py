@@ -146,7 +146,8 @@ class MllamaTextCrossAttention(nn.Module):
     def project_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # states: [S, hidden] (the projector's output) -> K, V: [S, kv_heads, head_dim]
         s = states.shape[0]
-        k = self.k_norm(self.k_proj(states).view(s, self.num_kv_heads, self.head_dim))
+        # per-head norms on 2-D rows: the fused GPU norm takes [rows, width]
+        k = self.k_norm(self.k_proj(states).view(-1, self.head_dim)).view(s, self.num_kv_heads, self.head_dim)
         return k, self.v_proj(states).view(s, self.num_kv_heads, self.head_dim)
 
 
@@ -175,7 +176,7 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
                 continue  # HF skips cross layers for a sequence without images
             h_in = x[start : start + q_len]
             h = self.input_layernorm(h_in)
-            q = ca.q_norm(ca.q_proj(h).view(q_len, ca.num_heads, ca.head_dim))
+            q = ca.q_norm(ca.q_proj(h).view(-1, ca.head_dim)).view(q_len, ca.num_heads, ca.head_dim)
             visible = tile_visibility(
                 cross.positions[start : start + q_len],
                 seq.ranges,
