@@ -371,3 +371,21 @@ def test_mllama_runner_cuda_batch_equals_hf_cpu(chunk, mllama_weights):
             want.append(tm._hf_generate(hf, ids, images, 10))
     got = runner_generate(mllama_weights, prompts, 10, "cuda", "float32", chunk)
     assert got == want
+
+
+def test_mllama_runner_sizes_its_encoder_cache_from_gpu_memory(mllama_weights):
+    """Without --max-total-tokens the encoder cache takes --encoder-cache-fraction of the KV memory the profile
+    leaves, the KV pages the rest; GetInfo reports both."""
+    from worker_svc.model_runner import ModelRunner, RunnerConfig
+
+    runner = ModelRunner(
+        RunnerConfig(
+            str(mllama_weights), "bfloat16", "cuda", mem_fraction_static=0.3, max_running_requests=8
+        ),
+        None,
+    )
+    info = runner.info()
+    enc_bytes = runner.model.encoder_bytes_per_page(torch.bfloat16) * info.num_encoder_pages
+    assert info.encoder_page_tokens == 4 * 5 and info.num_encoder_pages > 2
+    share = enc_bytes / (enc_bytes + info.kv_cache_bytes)
+    assert 0.1 < share < 0.2, share  # the default fraction, 0.15
