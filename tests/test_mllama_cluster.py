@@ -332,3 +332,12 @@ def test_runner_batch_equals_hf(mllama_model, hf, chunk):
         mllama_model, [(ids, images) for ids, images, _ in refs], 10, "cpu", "float32", chunk
     )
     assert got == [want for *_, want in refs]
+
+
+def test_encoder_cache_sizing():
+    from worker_svc import memory
+
+    assert memory.encoder_num_pages(1000, 10, None, 0.15) == 15 + 1  # 15 % of the KV memory, + page 0
+    assert memory.encoder_num_pages(1000, 10, 3, 0.15) == 3 + 1  # --max-encoder-images wins
+    assert memory.encoder_num_pages(5, 10, None, 0.15) == 1 + 1  # at least one image
+    assert memory.encoder_num_pages(1 << 40, 1, None, 0.5) == memory.MAX_PAGES + 1

@@ -79,7 +79,7 @@ def gpu_num_pages(
 def encoder_num_pages(kv_bytes: int, bytes_per_page: int, max_images: int | None, fraction: float) -> int:
     """Encoder-cache pages (one image each, + page 0): max_images, or `fraction` of the KV memory, at least one."""
     images = max_images if max_images is not None else int(max(kv_bytes, 0) * fraction // bytes_per_page)
-    return max(1, images) + 1
+    return min(max(1, images), MAX_PAGES) + 1
 
 
 def cpu_num_pages(max_total_tokens: int | None, page_size: int, bytes_per_page: int) -> int:
