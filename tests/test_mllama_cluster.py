@@ -341,3 +341,21 @@ def test_encoder_cache_sizing():
     assert memory.encoder_num_pages(1000, 10, 3, 0.15) == 3 + 1  # --max-encoder-images wins
     assert memory.encoder_num_pages(5, 10, None, 0.15) == 1 + 1  # at least one image
     assert memory.encoder_num_pages(1 << 40, 1, None, 0.5) == memory.MAX_PAGES + 1
+
+
+@pytest.mark.parametrize("backend", ["torch_native", "triton"])
+def test_in_process_engine_equals_hf(mllama_model, hf, backend):
+    """The in-process engine (no HTTP, no gRPC) shares the scheduler core, so it gets the encoder pages too;
+    through each attention backend (Triton by its interpreter on the CPU)."""
+    from kernels._triton import triton_testable
+    from mirador.engine import Engine
+
+    if backend == "triton" and not triton_testable():
+        pytest.skip("Triton cannot run here")
+    ours, prompt_ref, out_ref = _reference(mllama_model, hf, "two_images", 8)
+    with Engine(
+        str(mllama_model), page_size=4, chunked_prefill_size=6, attention_backend=backend, device="cpu"
+    ) as engine:
+        out = engine.chat(ours, sampling_params={"temperature": 0, "max_new_tokens": 8})
+    assert out["output_ids"] == out_ref
+    assert out["meta_info"]["prompt_tokens"] == len(prompt_ref)
