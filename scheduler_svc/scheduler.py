@@ -617,7 +617,7 @@ class Scheduler:
             seq.cached_tokens = min(matched, len(req.request.input_ids))
             self.stats.cached_tokens_total += seq.cached_tokens
             self.observer.queued(time.monotonic() - req.arrival)
-            self.stats.vision_skipped_images += sum(1 for m in req.request.mm_items if m.end <= matched)
+            self.stats.vision_skipped_images += sum(1 for m in req.request.mm_items if m.end <= done)
         self.stats.prefix_cache_hit_tokens += matched
         return n, matched
 

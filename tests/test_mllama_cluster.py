@@ -359,3 +359,21 @@ def test_in_process_engine_equals_hf(mllama_model, hf, backend):
         out = engine.chat(ours, sampling_params={"temperature": 0, "max_new_tokens": 8})
     assert out["output_ids"] == out_ref
     assert out["meta_info"]["prompt_tokens"] == len(prompt_ref)
+
+
+def test_vision_service_encodes_a_batch_of_images_as_each_alone(mllama_model):
+    """The vision service's forward takes the tiles of several images (different layouts) in one batch and
+    returns each image's cross-attention states as when it runs alone: every tile slot, padding included."""
+    from vision_svc.encoder import EncoderConfig, VisionEncoder
+
+    encoder = VisionEncoder(EncoderConfig(str(mllama_model), "float32", "cpu", warmup=False))
+    images = [noise_image(30, 70, 1), noise_image(60, 60, 2), noise_image(90, 20, 3)]
+    prepared = [encoder.preprocess(img) for img in images]
+    assert len({g for _, g in prepared}) == 3  # three tile layouts
+    rows = encoder.spec.num_embedding_rows((1, 1, 1))
+    with torch.no_grad():
+        together = encoder.forward([p for p, _ in prepared], [g for _, g in prepared])
+        alone = [encoder.forward([p], [g]) for p, g in prepared]
+    assert together.shape == (3 * rows, 64)
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(alone[0], alone[1])
