@@ -377,3 +377,19 @@ def test_vision_service_encodes_a_batch_of_images_as_each_alone(mllama_model):
     assert together.shape == (3 * rows, 64)
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(alone[0], alone[1])
+
+
+def test_worker_warmup_writes_and_reads_an_encoder_page(mllama_model):
+    from worker_svc.model_runner import ModelRunner, RunnerConfig
+
+    runner = ModelRunner(
+        RunnerConfig(str(mllama_model), "float32", "cpu", page_size=4, max_total_tokens=256), None
+    )
+    writes = []
+    original = runner.model.write_encoder_cache
+    runner.model.write_encoder_cache = lambda states, table: (
+        writes.append(table.tolist()) or original(states, table)
+    )
+    runner.warmup()
+    assert writes == [[1]]
+    assert runner.encoder_slots == {} and not runner.seqs  # nothing of the warm-up is left for requests

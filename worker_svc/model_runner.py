@@ -320,7 +320,12 @@ class ModelRunner:
 
     def warmup(self) -> None:
         """Run every kernel variant serving will meet (see `warmup_plans`) before the first request does."""
-        from worker_svc.warmup import WARMUP_IMAGE_KEY, image_warmup_plans, warmup_plans
+        from worker_svc.warmup import (
+            WARMUP_IMAGE_KEY,
+            encoder_warmup_plans,
+            image_warmup_plans,
+            warmup_plans,
+        )
 
         for plan in warmup_plans(self.page_size, self.kv_cache.num_pages):
             self.step(plan)
@@ -335,6 +340,18 @@ class ModelRunner:
             for plan in image_warmup_plans(self.page_size, self.kv_cache.num_pages, grid, m):
                 self.step(plan)
             self.embeddings.discard(WARMUP_IMAGE_KEY)
+        if vision is not None and self.num_encoder_pages:  # an image's K/V written to an encoder page, read
+            hidden = self.model_config.text.hidden_size
+            rows = torch.zeros(self.encoder_page_tokens, hidden, dtype=self.dtype, device=self.device)
+            self.embeddings.put(WARMUP_IMAGE_KEY, rows)
+            for plan in encoder_warmup_plans(
+                self.page_size, self.kv_cache.num_pages, self.model.image_token_id
+            ):
+                out = self.step(plan)
+                if out.failures:
+                    raise RuntimeError(f"encoder-cache warm-up failed: {out.failures}")
+            self.embeddings.discard(WARMUP_IMAGE_KEY)
+            self.encoder_slots.pop(1, None)  # page 1 holds no request's image
 
     # ---- the step ----
 
