@@ -375,7 +375,7 @@ def test_mllama_runner_cuda_batch_equals_hf_cpu(chunk, mllama_weights):
 
 def test_mllama_runner_sizes_its_encoder_cache_from_gpu_memory(mllama_weights):
     """Without --max-total-tokens the encoder cache takes --encoder-cache-fraction of the KV memory the profile
-    leaves, the KV pages the rest; GetInfo reports both."""
+    leaves, the KV pages the rest; GetInfo reports both; the warm-up runs."""
     from worker_svc import memory
     from worker_svc.model_runner import ModelRunner, RunnerConfig
 
@@ -385,6 +385,7 @@ def test_mllama_runner_sizes_its_encoder_cache_from_gpu_memory(mllama_weights):
         ),
         None,
     )
+    runner.warmup()  # the serving warm-up, the encoder page's write and read included
     info = runner.info()
     enc_bytes = runner.model.encoder_bytes_per_page(torch.bfloat16) * info.num_encoder_pages
     assert info.encoder_page_tokens == 4 * 5 and info.num_encoder_pages > 2
