@@ -40,9 +40,7 @@ class RunnerConfig:
     device: str = "auto"
     page_size: int = 16
     max_total_tokens: int | None = None
-    max_encoder_images: int | None = (
-        None  # encoder-cache pages (one image each); None: a share of the KV memory
-    )
+    max_encoder_images: int | None = None  # encoder-cache images (pages); None: a share of the KV memory
     encoder_cache_fraction: float = 0.15  # that share, on a GPU
     mem_fraction_static: float = 0.85
     attention_backend: str = "auto"
@@ -330,9 +328,8 @@ class ModelRunner:
         for plan in warmup_plans(self.page_size, self.kv_cache.num_pages):
             self.step(plan)
         vision = self.model_config.vision
-        if (
-            vision is not None and not self.num_encoder_pages
-        ):  # an image prompt: embedding rows merged into the prefill, grid positions
+        # an image prompt: embedding rows merged into the prefill, grid positions (an encoder cache: below)
+        if vision is not None and not self.num_encoder_pages:
             m = vision.spatial_merge_size
             grid = (1, 8 * m, 8 * m)
             rows = torch.zeros(64, self.model_config.text.hidden_size, dtype=self.dtype, device=self.device)
