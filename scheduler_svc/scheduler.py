@@ -151,9 +151,8 @@ def validate_request(req: GenerateRequest, vocab_size: int) -> None:
     """What the scheduler cannot run: raised as INVALID_ARGUMENT for gRPC callers that skip the gateway."""
     s, st = req.sampling, req.stopping
     ids = req.input_ids
-    if (
-        req.mm_items
-    ):  # an image's placeholder ids are the model's own (mllama's <|image|> is past the output head)
+    # an image's placeholder ids are the model's own (mllama's <|image|> is past the output head)
+    if req.mm_items:
         ids = list(ids)
         for m in req.mm_items:
             ids[max(0, m.offset) : m.end] = [0] * max(0, m.end - max(0, m.offset))
