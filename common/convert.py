@@ -310,6 +310,7 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
             init.num_prompt_tokens = i.num_prompt_tokens
             init.prompt_token_ids.extend(i.prompt_token_ids)
             init.output_token_ids.extend(i.output_token_ids)
+            init.encoder_page_ids.extend(i.encoder_page_ids)
     req.decode_seq_ids.extend(decode_ids)
     req.decode_start_pos.extend(decode_pos)
     req.decode_seq_ids.extend(plan.decode_seq_ids)
@@ -329,6 +330,7 @@ def plan_from_proto(p: worker_pb2.StepRequest) -> StepPlan:
                 i.num_prompt_tokens,
                 tuple(i.prompt_token_ids),
                 tuple(i.output_token_ids),
+                tuple(i.encoder_page_ids),
             )
         seqs.append(
             SeqStep(
@@ -441,6 +443,8 @@ def worker_info_from_proto(p: worker_pb2.WorkerInfo) -> WorkerInfo:
         p.max_running_requests,
         p.embedding_transport,
         p.epoch,
+        p.num_encoder_pages,
+        p.encoder_page_tokens,
     )
 
 

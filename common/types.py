@@ -137,6 +137,9 @@ class SeqInit:
     num_prompt_tokens: int
     prompt_token_ids: tuple[int, ...] = ()
     output_token_ids: tuple[int, ...] = ()
+    encoder_page_ids: tuple[
+        int, ...
+    ] = ()  # one encoder-cache page per image (families with an encoder cache)
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,8 @@ class WorkerInfo:
     max_running_requests: int = 0  # 0: no limit of the worker's own
     embedding_transport: str = ""  # cuda_ipc, shared_memory, grpc, in_process; "" without images
     epoch: int = 0  # drawn at random when the worker process starts: a new value means its KV cache is new
+    num_encoder_pages: int = 0  # encoder-cache pages, one image each (page 0 included); 0: no encoder cache
+    encoder_page_tokens: int = 0  # encoder rows per page (max_num_tiles x tokens per tile)
 
 
 def new_epoch() -> int:

@@ -146,7 +146,8 @@ class MllamaTextCrossAttention(nn.Module):
     def project_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # states: [S, hidden] (the projector's output) -> K, V: [S, kv_heads, head_dim]
         s = states.shape[0]
-        k = self.k_norm(self.k_proj(states).view(s, self.num_kv_heads, self.head_dim))
+        # per-head norms on 2-D rows: the fused GPU norm takes [rows, width]
+        k = self.k_norm(self.k_proj(states).view(-1, self.head_dim)).view(s, self.num_kv_heads, self.head_dim)
         return k, self.v_proj(states).view(s, self.num_kv_heads, self.head_dim)
 
 
@@ -175,7 +176,7 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
                 continue  # HF skips cross layers for a sequence without images
             h_in = x[start : start + q_len]
             h = self.input_layernorm(h_in)
-            q = ca.q_norm(ca.q_proj(h).view(q_len, ca.num_heads, ca.head_dim))
+            q = ca.q_norm(ca.q_proj(h).view(-1, ca.head_dim)).view(q_len, ca.num_heads, ca.head_dim)
             visible = tile_visibility(
                 cross.positions[start : start + q_len],
                 seq.ranges,
@@ -230,6 +231,9 @@ class MllamaForCausalLM(nn.Module):
         ("model.multi_modal_projector.", None),
     )
     hub_prefix = "language_model."
+    # the cross layers loop over the step's sequences with shapes of their own: eager steps only (no decode or
+    # piecewise CUDA graphs yet)
+    supports_cuda_graphs = False
     packed_modules_mapping: dict[str, tuple[str, ...]] = {
         "qkv_proj": ("q_proj", "k_proj", "v_proj"),
         "gate_up_proj": ("gate_proj", "up_proj"),
@@ -251,6 +255,7 @@ class MllamaForCausalLM(nn.Module):
             if isinstance(layer, MllamaCrossAttentionDecoderLayer) and vision is not None:
                 layer.tokens_per_tile = num_vision_tokens(vision.image_size, vision.patch_size)
                 layer.max_num_tiles = max_tiles
+        self.image_token_id = int(config.raw.get("image_token_index", 128256))
         self.attn = None  # set by the model runner: an attention backend over the worker's KV cache
         self.encoder_cache: EncoderCache | None = None  # set by the model runner: the cross layers' K/V pages
 
@@ -267,6 +272,56 @@ class MllamaForCausalLM(nn.Module):
         return EncoderCache(
             len(self.cross_layers), num_pages, page_size, text.num_key_value_heads, head_dim, dtype, device
         )
+
+    @property
+    def num_input_embeddings(self) -> int:
+        """Token ids the embedding takes: the vocabulary plus <|image|> (128256) and HF's spare rows."""
+        return self.model.embed_tokens.num_embeddings
+
+    @property
+    def encoder_page_tokens(self) -> int:
+        """Encoder rows of one image (every tile slot, padding tiles included): one encoder-cache page."""
+        layer = self.cross_layers[0]
+        return layer.max_num_tiles * layer.tokens_per_tile
+
+    def encoder_bytes_per_page(self, dtype: torch.dtype) -> int:
+        text = self.config.text
+        head_dim = text.hidden_size // text.num_attention_heads
+        per_row = 2 * text.num_key_value_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        return len(self.cross_layers) * self.encoder_page_tokens * per_row
+
+    def valid_span(self, num_tokens: int, grid: tuple[int, int, int]) -> bool:
+        """An image is one <|image|> token; its grid (1, tiles high, tiles wide) one of the supported layouts."""
+        from processor.models.mllama import supported_aspect_ratios
+
+        max_tiles = self.cross_layers[0].max_num_tiles
+        return num_tokens == 1 and grid[0] == 1 and (grid[1], grid[2]) in supported_aspect_ratios(max_tiles)
+
+    def sequence_images(
+        self, spans: Sequence[Span], encoder_pages: Sequence[int], prompt_len: int, device
+    ) -> SequenceImages | None:
+        """A sequence's cross-attention inputs from its image spans (one <|image|> each) and encoder pages (one
+        image each, so its rows are its pages' rows in order); None without images (cross layers skipped)."""
+        if not spans:
+            return None
+        from processor.models.mllama import image_token_ranges
+
+        ids = [0] * prompt_len
+        for off, _, _ in spans:
+            ids[off] = 1
+        return SequenceImages(
+            page_table=torch.tensor(list(encoder_pages), dtype=torch.int64, device=device),
+            encoder_len=len(spans) * self.encoder_page_tokens,
+            ranges=image_token_ranges(ids, 1),
+            num_tiles=[g[1] * g[2] for _, _, g in spans],
+            prompt_len=prompt_len,
+        )
+
+    @staticmethod
+    def cross_batch(
+        sequences: list[SequenceImages | None], q_start: list[int], q_lens: list[int], positions: torch.Tensor
+    ) -> CrossAttentionBatch:
+        return CrossAttentionBatch(sequences, q_start, q_lens, positions)
 
     def write_encoder_cache(self, states: torch.Tensor, page_table: torch.Tensor) -> None:
         """Fill one sequence's encoder pages, once: states [images * max_tiles * tokens, hidden] (the vision
@@ -293,6 +348,8 @@ class MllamaForCausalLM(nn.Module):
         cross: CrossAttentionBatch | None = None,
     ) -> torch.Tensor:
         # inputs_embeds: [T, hidden]; positions: [3, T] (equal rows) -> final hidden states [T, hidden]
+        if cross is None:
+            cross = getattr(meta, "encoder", None)  # the worker's step: its runner puts it on the metadata
         pos = positions[0]
         if self.inv_freq.device != pos.device:
             self.inv_freq = self.inv_freq.to(pos.device)

@@ -55,3 +55,13 @@ class MllamaImagePreprocessor:
         )  # padding tiles: zeros (HF's pack_images)
         out[: th * tw] = tiles
         return MllamaTiles(out, th, tw, geometry.aspect_ratio_id(th, tw, sp.max_num_tiles))
+
+
+class MllamaTilePreprocessor(MllamaImagePreprocessor):
+    """The vision service's interface: image -> (pixels [max_num_tiles, C, S, S], grid (1, tiles high, tiles
+    wide)); the grid follows from the image's size alone."""
+
+    def __call__(self, image: Image.Image, grid: tuple[int, int, int] | None = None):
+        del grid
+        tiles = super().__call__(image)
+        return tiles.pixels, (1, tiles.tiles_high, tiles.tiles_wide)

@@ -11,6 +11,7 @@ from padding tokens, as HF and Meta's reference do).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -216,7 +217,21 @@ class MllamaVisionModel(nn.Module):
     def set_attention_backend(self, name: str) -> str:
         return self.attention_backend
 
-    def forward(
+    def forward(self, pixel_values: torch.Tensor, grids: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """The vision service's call: pixel_values [images * max_tiles, C, S, S] (each image's tiles, padding
+        tiles zero), grids (1, tiles high, tiles wide) -> cross-attention states [images * max_tiles * (patches +
+        1), text_hidden], image by image; the images of a batch run in one forward."""
+        from processor.models.mllama import aspect_ratio_id
+
+        tiles = self.options.max_num_tiles
+        dev = pixel_values.device
+        ids = torch.tensor([aspect_ratio_id(h, w, tiles) for _, h, w in grids], device=dev)
+        num_tiles = torch.tensor([h * w for _, h, w in grids], device=dev)
+        pixels = pixel_values.reshape(len(grids), tiles, *pixel_values.shape[1:])
+        out = self.encode_tiles(pixels, ids, num_tiles)
+        return out.reshape(-1, out.shape[-1])
+
+    def encode_tiles(
         self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, num_tiles: torch.Tensor
     ) -> torch.Tensor:
         # -> [images, max_tiles * (patches + 1), text_hidden]

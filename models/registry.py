@@ -53,6 +53,13 @@ _REGISTRY: dict[str, ModelEntry] = {
         image_processor="models.gemma3_image:Gemma3ImagePreprocessor",
         bidirectional_image_spans=True,
     ),
+    # Llama 3 with tanh-gated cross-attention layers over an encoder cache of each image's tile states (the
+    # worker's second paged KV kind; the scheduler shares its pages by image); tiled tower + projector
+    "MllamaForConditionalGeneration": ModelEntry(
+        language_model="models.mllama:MllamaForCausalLM",
+        vision_model="models.mllama_vision:MllamaVisionModel",
+        image_processor="models.mllama_image:MllamaTilePreprocessor",
+    ),
 }
 
 

@@ -24,7 +24,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("architecture", "num_pages", "page_size", "context_length", "vocab_size", "dtype", "device", "tp_rank", "tp_size", "kv_cache_bytes", "attention_backend", "max_running_requests", "embedding_transport", "epoch")
+    __slots__ = ("architecture", "num_pages", "page_size", "context_length", "vocab_size", "dtype", "device", "tp_rank", "tp_size", "kv_cache_bytes", "attention_backend", "max_running_requests", "embedding_transport", "epoch", "num_encoder_pages", "encoder_page_tokens")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,8 @@ class WorkerInfo(_message.Message):
     MAX_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    NUM_ENCODER_PAGES_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_PAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     num_pages: int
     page_size: int
@@ -53,21 +55,25 @@ class WorkerInfo(_message.Message):
     max_running_requests: int
     embedding_transport: str
     epoch: int
-    def __init__(self, architecture: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., attention_backend: _Optional[str] = ..., max_running_requests: _Optional[int] = ..., embedding_transport: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+    num_encoder_pages: int
+    encoder_page_tokens: int
+    def __init__(self, architecture: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., attention_backend: _Optional[str] = ..., max_running_requests: _Optional[int] = ..., embedding_transport: _Optional[str] = ..., epoch: _Optional[int] = ..., num_encoder_pages: _Optional[int] = ..., encoder_page_tokens: _Optional[int] = ...) -> None: ...
 
 class SequenceInit(_message.Message):
-    __slots__ = ("mm_items", "sampling", "num_prompt_tokens", "prompt_token_ids", "output_token_ids")
+    __slots__ = ("mm_items", "sampling", "num_prompt_tokens", "prompt_token_ids", "output_token_ids", "encoder_page_ids")
     MM_ITEMS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     mm_items: _containers.RepeatedCompositeFieldContainer[_common_pb2.MultimodalItem]
     sampling: _common_pb2.SamplingParams
     num_prompt_tokens: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, mm_items: _Optional[_Iterable[_Union[_common_pb2.MultimodalItem, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    encoder_page_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, mm_items: _Optional[_Iterable[_Union[_common_pb2.MultimodalItem, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_prompt_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., encoder_page_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SequenceStep(_message.Message):
     __slots__ = ("seq_id", "init", "page_table_start", "page_ids", "start_pos", "input_ids", "sample", "logprob_row_start", "logprob_targets")

@@ -29,6 +29,7 @@ from common.types import (
 )
 from processor.text_stream import TextStream
 from processor.tokenizer import Tokenizer
+from scheduler_svc.encoder_pages import EncoderPages
 from scheduler_svc.page_allocator import PageAllocator
 from scheduler_svc.radix_cache import RadixCache
 from scheduler_svc.sequence import RequestState, SeqStatus, Sequence, cache_key
@@ -61,6 +62,9 @@ class SchedulerPolicy:
     # prefill chunks end only at image edges (Gemma 3's image tokens attend to their whole image): a chunk that
     # would end inside an image stops before it, or takes all of it when the image starts the chunk
     whole_image_spans: bool = False
+    # encoder-cache pages (one image each, page 0 included) of a family whose language model cross-attends to
+    # image states (Llama 3.2 Vision); 0: images are tokens of the sequence
+    num_encoder_pages: int = 0
 
 
 @dataclass
@@ -146,7 +150,13 @@ class _Decodes:
 def validate_request(req: GenerateRequest, vocab_size: int) -> None:
     """What the scheduler cannot run: raised as INVALID_ARGUMENT for gRPC callers that skip the gateway."""
     s, st = req.sampling, req.stopping
-    if any(t < 0 or t >= vocab_size for t in req.input_ids):
+    ids = req.input_ids
+    # an image's placeholder ids are the model's own (mllama's <|image|> is past the output head)
+    if req.mm_items:
+        ids = list(ids)
+        for m in req.mm_items:
+            ids[max(0, m.offset) : m.end] = [0] * max(0, m.end - max(0, m.offset))
+    if any(t < 0 or t >= vocab_size for t in ids):
         raise InvalidRequestError(f"input_ids must be in [0, {vocab_size})", param="input_ids")
     for m in req.mm_items:
         if m.offset < 0 or m.end > len(req.input_ids) or m.num_tokens < 1 or not m.content_key:
@@ -179,6 +189,7 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.allocator = PageAllocator(policy.num_pages)
         self.cache = RadixCache(policy.page_size, self.allocator.free, enabled=policy.enable_prefix_cache)
+        self.encoder_pages = EncoderPages(policy.num_encoder_pages) if policy.num_encoder_pages else None
         self.requests: dict[str, RequestState] = {}
         self.waiting: list[Sequence] = []  # sorted by arrival
         self.running: list[Sequence] = []  # in admission order
@@ -236,10 +247,21 @@ class Scheduler:
             raise InvalidRequestError(
                 f"the prompt is {n_prompt} tokens, more than the KV cache holds", param="messages"
             )
+        num_images = len({m.content_key for m in req.mm_items})
+        if self.encoder_pages is not None and num_images > self.policy.num_encoder_pages - 1:
+            raise InvalidRequestError(
+                f"the prompt has {num_images} images; the encoder cache holds {self.policy.num_encoder_pages - 1}",
+                param="messages",
+            )
         state = RequestState(
             req,
             now if now is not None else time.monotonic(),
-            cache_key(list(req.input_ids), req.mm_items, req.cache_salt),
+            cache_key(
+                list(req.input_ids),
+                req.mm_items,
+                req.cache_salt,
+                images_from_start=self.encoder_pages is not None,
+            ),
         )
         stop = req.stopping
         for i in range(max(1, req.n)):
@@ -556,9 +578,10 @@ class Scheduler:
         pages, node = self.cache.match_prefix(seq.key[:usable])
         matched = len(pages) * self.policy.page_size
         req = seq.req
-        needed = [
-            m for m in req.request.mm_items if m.end > matched and m.content_key not in req.images_ready
-        ]
+        # with an encoder cache every image is needed (the prompt's last token cross-attends to them all); the
+        # worker fills a page only when it does not hold the image already
+        done = 0 if self.encoder_pages is not None else matched
+        needed = [m for m in req.request.mm_items if m.end > done and m.content_key not in req.images_ready]
         if needed:
             req.encoding = True
             self.encode_requests.append((req.request_id, needed))
@@ -571,11 +594,18 @@ class Scheduler:
             n = total - matched  # chunking off: the whole prompt, alone in a step if it must be
         else:
             return None
+        if self.encoder_pages is not None and req.request.mm_items:
+            keys = [m.content_key for m in req.request.mm_items]
+            enc = self.encoder_pages.acquire(keys)
+            if enc is None:
+                return None  # out of encoder pages: later arrivals wait too
+            seq.encoder_keys, seq.encoder_page_ids = keys, enc
         self.cache.lock(node)
         seq.page_ids, seq.tree_node, seq.num_tree_pages = list(pages), node, len(pages)
         if not self._reserve(seq, matched + n, step_id, may_preempt=False):
             self.cache.unlock(node)
             seq.page_ids, seq.tree_node, seq.num_tree_pages = [], None, 0
+            self._release_encoder_pages(seq)
             return None
         self.waiting.remove(seq)
         self.running.append(seq)
@@ -586,7 +616,7 @@ class Scheduler:
             seq.cached_tokens = min(matched, len(req.request.input_ids))
             self.stats.cached_tokens_total += seq.cached_tokens
             self.observer.queued(time.monotonic() - req.arrival)
-            self.stats.vision_skipped_images += sum(1 for m in req.request.mm_items if m.end <= matched)
+            self.stats.vision_skipped_images += sum(1 for m in req.request.mm_items if m.end <= done)
         self.stats.prefix_cache_hit_tokens += matched
         return n, matched
 
@@ -632,6 +662,7 @@ class Scheduler:
                 num_prompt_tokens=len(req.input_ids),
                 prompt_token_ids=tuple(req.input_ids) if req.sampling.needs_prompt_ids else (),
                 output_token_ids=tuple(seq.output_ids),
+                encoder_page_ids=tuple(seq.encoder_page_ids),
             )
             seq.worker_has_state = True
             seq.table_dirty_from = 0
@@ -683,12 +714,19 @@ class Scheduler:
         if seq.tree_node is not None:
             self.cache.unlock(seq.tree_node)
         seq.page_ids, seq.tree_node, seq.num_tree_pages = [], None, 0
+        self._release_encoder_pages(seq)
         seq.num_computed = seq.num_confirmed = 0
         seq.num_pending_samples = 0
         seq.epoch += 1
         if seq.worker_has_state:
             self._free_worker.append(seq.seq_id)
             seq.worker_has_state = False
+
+    def _release_encoder_pages(self, seq: Sequence) -> None:
+        """Let go of the sequence's encoder pages (the last holder of an image frees its page)."""
+        if seq.encoder_keys:
+            self.encoder_pages.release(seq.encoder_keys)
+            seq.encoder_keys, seq.encoder_page_ids = [], []
 
     def _cache_unfinished(self, seq: Sequence, computed: int) -> None:
         """Share a running sequence's confirmed full pages through the prefix cache; where the cache already

@@ -25,14 +25,25 @@ def image_key_value(content_key: str) -> int:
     return -(int.from_bytes(digest, "little") >> 1) - 1
 
 
-def cache_key(input_ids: list[int], mm_items: tuple[MultimodalItem, ...], salt: str = "") -> list[int]:
+def cache_key(
+    input_ids: list[int],
+    mm_items: tuple[MultimodalItem, ...],
+    salt: str = "",
+    images_from_start: bool = False,
+) -> list[int]:
     """The prompt's prefix-cache key. A salt (a tenant's cache_salt) replaces the first token by a value of the salt
     and that token, so the whole path from the root differs and no page is shared with another salt's prompts;
-    its images' values are salted too, which keeps them apart even where a key is compared from an image on."""
+    its images' values are salted too, which keeps them apart even where a key is compared from an image on.
+    `images_from_start` (Llama 3.2 Vision): every token's KV depends on all the prompt's images (a token before
+    the first image still attends over them in the cross layers, and a prompt without images skips those layers),
+    so the first value is made from all of them and only prompts with the same images in order share pages."""
     key = list(input_ids)
     for item in mm_items:
         value = image_key_value(f"{salt}\0{item.content_key}" if salt else item.content_key)
         key[item.offset : item.end] = [value] * item.num_tokens
+    if images_from_start and mm_items and key:
+        images = "\0".join(m.content_key for m in mm_items)
+        key[0] = image_key_value(f"images\0{images}\0{key[0]}")
     if salt and key:
         key[0] = image_key_value(f"salt\0{salt}\0{key[0]}")
     return key
@@ -123,6 +134,10 @@ class Sequence:
         self.tree_node: TreeNode | None = None
         self.num_tree_pages = 0  # leading pages owned by the prefix cache (locked through tree_node)
         self.worker_has_state = False
+        self.encoder_keys: list[
+            str
+        ] = []  # image keys whose encoder pages it holds (families with an encoder cache)
+        self.encoder_page_ids: list[int] = []  # their pages, in prompt order
         self.cached_tokens: int | None = None  # prefix-cache hit at first admission (usage)
         self.stream = stream
         self.finish_reason: str | None = None

@@ -60,6 +60,7 @@ def resolve_policy(
         decode_log_interval=args.decode_log_interval,
         vocab_size=worker.vocab_size,
         whole_image_spans=bool(architecture) and get_entry(architecture).bidirectional_image_spans,
+        num_encoder_pages=worker.num_encoder_pages,
     )
 
 

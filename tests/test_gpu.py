@@ -259,7 +259,7 @@ def test_gemma3_tower_on_cuda_matches_hf(dtype, backend):
     assert float((got - want).norm() / want.norm()) < (1e-4 if dtype == torch.float32 else 3e-2)
 
 
-# ---- Llama 3.2 Vision (mllama): model code only, not served yet (tests/test_mllama.py's tiny model) ------------
+# ---- Llama 3.2 Vision (mllama): model code and the worker's runner (tests/test_mllama.py's tiny model) ---------
 
 
 @pytest.fixture(scope="module")
@@ -322,9 +322,74 @@ def test_mllama_tower_on_cuda_matches_hf(size, mllama_tiny):
             aspect_ratio_mask=out["aspect_ratio_mask"],
         ).last_hidden_state
         ref = hf.model.multi_modal_projector(ref).reshape(1, -1, hf.config.text_config.hidden_size)
-        got = vm(
+        got = vm.encode_tiles(
             out["pixel_values"][0].cuda(),
             out["aspect_ratio_ids"][0].cuda(),
             torch.tensor(out["num_tiles"][0]).cuda(),
         )
     torch.testing.assert_close(got.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def mllama_weights(tmp_path_factory):
+    """tests/test_mllama.py's tiny model without a tokenizer (the runner and the tower need none)."""
+    import json
+
+    from tests import test_mllama as tm
+
+    d = tmp_path_factory.mktemp("mllama_runner_gpu")
+    torch.manual_seed(0)
+    tm._hf_model(tm.TINY_CONFIG).save_pretrained(d)
+    (d / "preprocessor_config.json").write_text(json.dumps(tm.PREPROCESSOR))
+    return d
+
+
+# chat prompts in the Llama 3 vocabulary (<|image|> = 128256): text only, one image, two images
+_HEAD, _TAIL = [128000, 128006, 882, 128007, 271], [128009, 128006, 78191, 128007, 271]
+MLLAMA_PROMPTS = [
+    (_HEAD + [46864, 2555, 922, 326, 81101, 13] + _TAIL, []),
+    (_HEAD + [128256, 75885, 279, 2217, 13] + _TAIL, [(30, 70)]),
+    (_HEAD + [128256, 438, 128256, 9616, 1124] + _TAIL, [(30, 70), (60, 28)]),
+]
+
+
+@pytest.mark.parametrize("chunk", [5, 10_000])
+def test_mllama_runner_cuda_batch_equals_hf_cpu(chunk, mllama_weights):
+    """The worker's runner on the GPU (encoder cache filled from the tower's states, eager steps: no CUDA graphs
+    for this family yet), three prompts in one batch sharing an image's encoder page, against HF on the CPU."""
+    from transformers import MllamaForConditionalGeneration
+
+    from tests import test_mllama as tm
+    from tests.test_mllama_cluster import runner_generate
+
+    hf = MllamaForConditionalGeneration.from_pretrained(mllama_weights).eval()
+    prompts, want = [], []
+    for ids, sizes in MLLAMA_PROMPTS:
+        images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+        prompts.append((ids, images))
+        with torch.no_grad():
+            want.append(tm._hf_generate(hf, ids, images, 10))
+    got = runner_generate(mllama_weights, prompts, 10, "cuda", "float32", chunk)
+    assert got == want
+
+
+def test_mllama_runner_sizes_its_encoder_cache_from_gpu_memory(mllama_weights):
+    """Without --max-total-tokens the encoder cache takes --encoder-cache-fraction of the KV memory the profile
+    leaves, the KV pages the rest; GetInfo reports both; the warm-up runs."""
+    from worker_svc import memory
+    from worker_svc.model_runner import ModelRunner, RunnerConfig
+
+    runner = ModelRunner(
+        RunnerConfig(
+            str(mllama_weights), "bfloat16", "cuda", mem_fraction_static=0.3, max_running_requests=8
+        ),
+        None,
+    )
+    runner.warmup()  # the serving warm-up, the encoder page's write and read included
+    info = runner.info()
+    enc_bytes = runner.model.encoder_bytes_per_page(torch.bfloat16) * info.num_encoder_pages
+    assert info.encoder_page_tokens == 4 * 5 and info.num_encoder_pages > 2
+    share = enc_bytes / (enc_bytes + info.kv_cache_bytes)
+    # the default fraction (0.15) of the KV memory; more of the total where the tiny model's KV pages hit their
+    # cap (memory.MAX_PAGES), which the encoder pages also respect
+    assert share > 0.1 and info.num_encoder_pages <= memory.MAX_PAGES + 1, share

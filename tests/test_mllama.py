@@ -1,7 +1,7 @@
 """Llama 3.2 Vision (mllama, issue 14): the tile arithmetic, the offline Llama 3 tokenizer, the tower and the
 cross-attention language model against Hugging Face transformers (greedy generate token for token, with and
-without images), and config/weights in both layouts. The model is not served by the cluster yet (see
-docs/architecture.md): these tests drive our modules directly with a dense single-sequence attention."""
+without images), and config/weights in both layouts. These tests drive our modules directly with a dense
+single-sequence attention; tests/test_mllama_cluster.py serves the family through the whole cluster."""
 
 from __future__ import annotations
 
@@ -254,7 +254,9 @@ def test_tower_equals_hf(hf, ours, size):
             aspect_ratio_mask=out["aspect_ratio_mask"],
         ).last_hidden_state
         ref = hf.model.multi_modal_projector(ref).reshape(1, -1, 64)
-        got = vm(out["pixel_values"][0], out["aspect_ratio_ids"][0], torch.tensor(out["num_tiles"][0]))
+        got = vm.encode_tiles(
+            out["pixel_values"][0], out["aspect_ratio_ids"][0], torch.tensor(out["num_tiles"][0])
+        )
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -481,7 +483,7 @@ def _encoder_cache(lm, vm, model_dir, images, input_ids, first_page: int = 1):
     pre = MllamaImagePreprocessor(spec.MllamaMediaSpec.from_model_dir(model_dir))
     tiles = [pre(im) for im in images]
     dev = vm.multi_modal_projector.weight.device
-    states = vm(
+    states = vm.encode_tiles(
         torch.from_numpy(np.stack([t.pixels for t in tiles])).to(dev),
         torch.tensor([t.aspect_ratio_id for t in tiles], device=dev),
         torch.tensor([t.num_tiles for t in tiles], device=dev),
@@ -610,13 +612,14 @@ def test_default_model_builder_hub_layout_equals_hf(case):
     assert got == want and len(set(want)) >= 2
 
 
-def test_mirador_up_refuses_mllama_until_served():
-    """The family is not in the model registry yet: `mirador up` says so before starting anything."""
+def test_mirador_up_accepts_mllama():
+    """The family is in the model registry: `mirador up` starts it (tests/test_mllama_cluster.py serves it)."""
     from mirador.cli import _check_architecture
     from mirador.default_model import default_model_dir
+    from models.registry import supported_architectures
 
-    with pytest.raises(ValueError, match="MllamaForConditionalGeneration.*not supported"):
-        _check_architecture(str(default_model_dir(family="mllama")))
+    _check_architecture(str(default_model_dir(family="mllama")))
+    assert "MllamaForConditionalGeneration" in supported_architectures()
 
 
 def test_paged_cross_attention_equals_dense():

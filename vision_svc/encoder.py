@@ -309,6 +309,12 @@ class VisionEncoder:
             # images that arrive meanwhile gather for the next forward, as before
             await loop.run_in_executor(self._executor, finish)
 
+    def _rows(self, item: MultimodalItem) -> int:
+        """Embedding rows of an image: its placeholder tokens, or what the spec says when the language model
+        does not take them as tokens (Llama 3.2 Vision: the cross-attention states of every tile slot)."""
+        rows_of = getattr(self.spec, "num_embedding_rows", None)
+        return rows_of(tuple(item.grid_thw)) if rows_of is not None else item.num_tokens
+
     def _patches(self, p: _Prepared) -> int:
         return self.spec.num_patches(p.grid)
 
@@ -397,8 +403,9 @@ class VisionEncoder:
         emb = self.forward([p.payload for p in batch], grids)
         rows, start = [], 0
         for p in batch:
-            rows.append((p.item.content_key, emb[start : start + p.item.num_tokens]))
-            start += p.item.num_tokens
+            n = self._rows(p.item)
+            rows.append((p.item.content_key, emb[start : start + n]))
+            start += n
         written = self.cache.put_many(rows, ready_event=early)
         total = sum(map(self._patches, batch))
         self.stats.batches += 1
@@ -409,7 +416,7 @@ class VisionEncoder:
         for p in batch:  # early: the time until answered; else finish() puts in the device's time
             self.stats.images_encoded += 1
             ns = p.host_ns + launch_ns * self._patches(p) // max(1, total)
-            out[p.item.content_key] = EncodedItem(p.item.content_key, p.item.num_tokens, False, ns)
+            out[p.item.content_key] = EncodedItem(p.item.content_key, self._rows(p.item), False, ns)
 
         def finish() -> None:
             if written is not None:

@@ -26,6 +26,15 @@ class WorkerArgs(InternalAuthArgs, ObservabilityArgs, ProcessArgs):
         "KV cache capacity in tokens (default: on GPU what "
         "--mem-fraction-static leaves, on CPU up to 64k tokens within 1/4 of RAM)",
     )
+    max_encoder_images: int | None = arg(
+        None,
+        "encoder-cache capacity in images, for families whose language model cross-attends to image states "
+        "(Llama 3.2 Vision): each holds every cross layer's K/V of one image's tiles (default: on GPU "
+        "--encoder-cache-fraction of the KV memory, on CPU 16)",
+    )
+    encoder_cache_fraction: float = arg(
+        0.15, "share of the KV memory given to the encoder cache when --max-encoder-images is not set (GPU)"
+    )
     mem_fraction_static: float = arg(
         0.85, "GPU memory fraction for weights plus KV cache (activations and CUDA graphs live outside it)"
     )
@@ -94,6 +103,10 @@ class WorkerArgs(InternalAuthArgs, ObservabilityArgs, ProcessArgs):
             raise ValueError("--page-size must be >= 1")
         if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
             raise ValueError("--max-total-tokens must hold at least one page")
+        if self.max_encoder_images is not None and self.max_encoder_images < 1:
+            raise ValueError("--max-encoder-images must be >= 1")
+        if not 0.0 < self.encoder_cache_fraction < 1.0:
+            raise ValueError("--encoder-cache-fraction must be in (0, 1)")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1)")
         if not 0.0 <= self.vision_mem_fraction < 1.0 - self.mem_fraction_static:

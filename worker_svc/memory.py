@@ -62,8 +62,11 @@ class GpuBudget:
         )
 
 
-def gpu_num_pages(budget: GpuBudget, mem_fraction_static: float, bytes_per_page: int) -> int:
-    kv = budget.kv_bytes(mem_fraction_static)
+def gpu_num_pages(
+    budget: GpuBudget, mem_fraction_static: float, bytes_per_page: int, reserved: int = 0
+) -> int:
+    """KV pages in what the budget leaves, less `reserved` bytes (the encoder cache's)."""
+    kv = budget.kv_bytes(mem_fraction_static) - reserved
     if kv < 2 * bytes_per_page:
         raise ValueError(
             f"no room for a KV cache: {budget.describe()}; raise --mem-fraction-static "
@@ -71,6 +74,12 @@ def gpu_num_pages(budget: GpuBudget, mem_fraction_static: float, bytes_per_page:
             "service less (--vision-mem-fraction) or its own GPU"
         )
     return min(kv // bytes_per_page, MAX_PAGES)
+
+
+def encoder_num_pages(kv_bytes: int, bytes_per_page: int, max_images: int | None, fraction: float) -> int:
+    """Encoder-cache pages (one image each, + page 0): max_images, or `fraction` of the KV memory, at least one."""
+    images = max_images if max_images is not None else int(max(kv_bytes, 0) * fraction // bytes_per_page)
+    return min(max(1, images), MAX_PAGES) + 1
 
 
 def cpu_num_pages(max_total_tokens: int | None, page_size: int, bytes_per_page: int) -> int:

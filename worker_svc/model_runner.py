@@ -40,6 +40,8 @@ class RunnerConfig:
     device: str = "auto"
     page_size: int = 16
     max_total_tokens: int | None = None
+    max_encoder_images: int | None = None  # encoder-cache images (pages); None: a share of the KV memory
+    encoder_cache_fraction: float = 0.15  # that share, on a GPU
     mem_fraction_static: float = 0.85
     attention_backend: str = "auto"
     seed: int | None = None
@@ -64,6 +66,9 @@ class _SeqState:
     sampled: bool  # a token of this sequence is on the device (decode steps may follow)
     top_logprobs: int = 0  # alternatives per prompt log-probability
     embeds: dict[str, torch.Tensor] = field(default_factory=dict)
+    encoder_pages: list[int] = field(default_factory=list)  # one per image (families with an encoder cache)
+    encoder_ready: bool = True  # its images' encoder pages hold their K/V
+    cross: object = None  # the model's cross-attention inputs for this sequence (None: no images)
 
 
 @dataclass
@@ -132,14 +137,39 @@ class ModelRunner:
         per_page = KVCache.bytes_per_page(
             text.num_hidden_layers, cfg.page_size, text.num_key_value_heads, text.head_dim, self.dtype
         )
+        # the encoder cache (Llama 3.2 Vision's cross-attention K/V of images): pages of one image each
+        self.encoder_page_tokens = getattr(self.model, "encoder_page_tokens", 0)
+        enc_per_page = self.model.encoder_bytes_per_page(self.dtype) if self.encoder_page_tokens else 0
+        num_enc_pages = (cfg.max_encoder_images or 16) + 1 if enc_per_page else 0
         if self.cuda and cfg.max_total_tokens is None:
             budget = self._profile(graph_bs)
-            num_pages = memory.gpu_num_pages(budget, cfg.mem_fraction_static, per_page)
+            if enc_per_page:
+                num_enc_pages = memory.encoder_num_pages(
+                    budget.kv_bytes(cfg.mem_fraction_static),
+                    enc_per_page,
+                    cfg.max_encoder_images,
+                    cfg.encoder_cache_fraction,
+                )
+            num_pages = memory.gpu_num_pages(
+                budget, cfg.mem_fraction_static, per_page, reserved=num_enc_pages * enc_per_page
+            )
             logger.info("%s -> %d KV pages", budget.describe(), num_pages)
         elif self.cuda:
             num_pages = -(-cfg.max_total_tokens // cfg.page_size) + 1
         else:
             num_pages = memory.cpu_num_pages(cfg.max_total_tokens, cfg.page_size, per_page)
+        self.encoder_slots: dict[int, str] = {}  # encoder page -> the image key whose K/V it holds
+        self.num_encoder_pages = num_enc_pages
+        if num_enc_pages:
+            self.model.encoder_cache = self.model.new_encoder_cache(
+                num_enc_pages, self.encoder_page_tokens, self.dtype, self.device
+            )
+            logger.info(
+                "encoder cache: %d pages x %d rows (%.2f GB)",
+                num_enc_pages,
+                self.encoder_page_tokens,
+                num_enc_pages * enc_per_page / 1e9,
+            )
         self.kv_cache = self._new_kv_cache(num_pages)
         self.attn = self._new_backend(self.kv_cache)
         self.model.attn = self.attn
@@ -156,7 +186,7 @@ class ModelRunner:
             self.backend_name,
             self.max_rows,
         )
-        if self.cuda and not cfg.disable_cuda_graph and self.attn.supports_cuda_graph:
+        if self._graphs_allowed() and self.attn.supports_cuda_graph:
             self._capture_graphs(graph_bs)
         if self._piecewise_tokens():
             from worker_svc.piecewise_graphs import PiecewiseGraphs
@@ -170,9 +200,17 @@ class ModelRunner:
 
     def _piecewise_tokens(self) -> int:
         """Largest prompt step replayed as piecewise graphs (0: none). Any backend: attention runs between pieces."""
-        if not self.cuda or self.cfg.disable_cuda_graph:
+        if not self._graphs_allowed():
             return 0
         return max(0, self.cfg.piecewise_cuda_graph_max_tokens)
+
+    def _graphs_allowed(self) -> bool:
+        """CUDA graphs on a GPU unless turned off or the model's step cannot be captured (mllama's cross layers)."""
+        return (
+            self.cuda
+            and not self.cfg.disable_cuda_graph
+            and getattr(self.model, "supports_cuda_graphs", True)
+        )
 
     def _new_kv_cache(self, num_pages: int) -> KVCache:
         text = self.model_config.text
@@ -274,16 +312,24 @@ class ModelRunner:
             max_running_requests=self.max_rows,
             embedding_transport=self.embeddings.transport if self.model_config.is_multimodal else "",
             epoch=self.epoch,
+            num_encoder_pages=self.num_encoder_pages,
+            encoder_page_tokens=self.encoder_page_tokens if self.num_encoder_pages else 0,
         )
 
     def warmup(self) -> None:
         """Run every kernel variant serving will meet (see `warmup_plans`) before the first request does."""
-        from worker_svc.warmup import WARMUP_IMAGE_KEY, image_warmup_plans, warmup_plans
+        from worker_svc.warmup import (
+            WARMUP_IMAGE_KEY,
+            encoder_warmup_plans,
+            image_warmup_plans,
+            warmup_plans,
+        )
 
         for plan in warmup_plans(self.page_size, self.kv_cache.num_pages):
             self.step(plan)
         vision = self.model_config.vision
-        if vision is not None:  # an image prompt: embedding rows merged into the prefill, grid positions
+        # an image prompt: embedding rows merged into the prefill, grid positions (an encoder cache: below)
+        if vision is not None and not self.num_encoder_pages:
             m = vision.spatial_merge_size
             grid = (1, 8 * m, 8 * m)
             rows = torch.zeros(64, self.model_config.text.hidden_size, dtype=self.dtype, device=self.device)
@@ -291,6 +337,18 @@ class ModelRunner:
             for plan in image_warmup_plans(self.page_size, self.kv_cache.num_pages, grid, m):
                 self.step(plan)
             self.embeddings.discard(WARMUP_IMAGE_KEY)
+        if vision is not None and self.num_encoder_pages:  # an image's K/V written to an encoder page, read
+            hidden = self.model_config.text.hidden_size
+            rows = torch.zeros(self.encoder_page_tokens, hidden, dtype=self.dtype, device=self.device)
+            self.embeddings.put(WARMUP_IMAGE_KEY, rows)
+            for plan in encoder_warmup_plans(
+                self.page_size, self.kv_cache.num_pages, self.model.image_token_id
+            ):
+                out = self.step(plan)
+                if out.failures:
+                    raise RuntimeError(f"encoder-cache warm-up failed: {out.failures}")
+            self.embeddings.discard(WARMUP_IMAGE_KEY)
+            self.encoder_slots.pop(1, None)  # page 1 holds no request's image
 
     # ---- the step ----
 
@@ -323,6 +381,8 @@ class ModelRunner:
                 failures.append(SeqFailure(s.seq_id, "internal", e.message))
         seqs, fetch_failures = self._fetch_embeddings(seqs)
         failures.extend(fetch_failures)
+        if self.num_encoder_pages:
+            self._fill_encoder_pages(seqs)
         for f in failures:
             self.failed[f.seq_id] = f.reason
         step = InflightStep(plan.step_id, start_ns, 0, [s.seq_id for s in seqs if s.sample], failures)
@@ -434,9 +494,11 @@ class ModelRunner:
         """What the scheduler sent, checked before anything is touched: a bad sequence fails alone (an id past the
         vocabulary would be a device-side assert that ends the process; a zero grid a ZeroDivisionError)."""
         vocab = self.model_config.text.vocab_size
-        for ids in (s.input_ids, s.logprob_targets):
-            if ids and not (min(ids) >= 0 and max(ids) < vocab):
-                raise InvalidRequestError(f"sequence {s.seq_id}: token ids outside [0, {vocab})")
+        # ids the embedding takes: the output head's, and a family's own past it (mllama's <|image|>)
+        inputs = getattr(self.model, "num_input_embeddings", vocab)
+        for ids, bound in ((s.input_ids, inputs), (s.logprob_targets, vocab)):
+            if ids and not (min(ids) >= 0 and max(ids) < bound):
+                raise InvalidRequestError(f"sequence {s.seq_id}: token ids outside [0, {bound})")
         if s.logprob_targets and not (0 <= s.logprob_row_start <= len(s.input_ids) - len(s.logprob_targets)):
             raise InvalidRequestError(f"sequence {s.seq_id}: prompt log-probability rows outside the chunk")
         if s.page_ids and not (min(s.page_ids) > 0 and max(s.page_ids) < self.kv_cache.num_pages):
@@ -444,9 +506,24 @@ class ModelRunner:
         if s.init is None:
             return
         init = s.init
-        for ids in (init.prompt_token_ids, init.output_token_ids, tuple(init.sampling.logit_bias)):
-            if ids and not (min(ids) >= 0 and max(ids) < vocab):
-                raise InvalidRequestError(f"sequence {s.seq_id}: token ids outside [0, {vocab})")
+        for ids, bound in (
+            (init.prompt_token_ids, inputs),
+            (init.output_token_ids, vocab),
+            (tuple(init.sampling.logit_bias), vocab),
+        ):
+            if ids and not (min(ids) >= 0 and max(ids) < bound):
+                raise InvalidRequestError(f"sequence {s.seq_id}: token ids outside [0, {bound})")
+        if self.num_encoder_pages and (
+            len(init.encoder_page_ids) != len(init.mm_items)
+            or (
+                init.encoder_page_ids
+                and not 0 < min(init.encoder_page_ids) <= max(init.encoder_page_ids) < self.num_encoder_pages
+            )
+        ):
+            raise InvalidRequestError(
+                f"sequence {s.seq_id}: encoder pages {init.encoder_page_ids} do not give one page in "
+                f"[1, {self.num_encoder_pages}) per image"
+            )
         for m in init.mm_items:
             if m.offset < 0 or not self.model.valid_span(m.num_tokens, tuple(m.grid_thw)):
                 raise InvalidRequestError(
@@ -476,6 +553,13 @@ class ModelRunner:
                 sampled=bool(init.output_token_ids),
                 top_logprobs=init.sampling.top_logprobs,
             )
+            if self.num_encoder_pages:
+                st = self.seqs[s.seq_id]
+                st.encoder_pages = list(init.encoder_page_ids)
+                st.encoder_ready = not spans
+                st.cross = self.model.sequence_images(
+                    spans, st.encoder_pages, init.num_prompt_tokens, self.device
+                )
             self.sampler.add_row(row, init.sampling, init.prompt_token_ids, init.output_token_ids)
             if init.output_token_ids:
                 updates.token_rows.append(row)
@@ -512,6 +596,11 @@ class ModelRunner:
         needs: dict[str, list[str]] = {}
         for s in seqs:
             st = self.seqs[s.seq_id]
+            if self.num_encoder_pages:  # the images' states fill encoder pages (once per page and image)
+                keys = [] if st.encoder_ready else self._unfilled(st)
+                if keys:
+                    needs[s.seq_id] = keys
+                continue
             lo, hi = s.start_pos, s.start_pos + s.num_tokens
             for (off, n, _), key in zip(st.spans, st.keys, strict=True):
                 if off + n <= lo and key in st.embeds:
@@ -548,7 +637,9 @@ class ModelRunner:
                 missing.add(sid)
                 continue
             st = self.seqs[sid]
-            rows = {key: n for (_, n, _), key in zip(st.spans, st.keys, strict=True)}
+            rows = {
+                key: self.encoder_page_tokens or n for (_, n, _), key in zip(st.spans, st.keys, strict=True)
+            }
             if any(res.peek_rows(k) != rows[k] for k in keys):
                 missing.add(sid)  # cached under this key with another row count: not this image's embedding
                 logger.warning("sequence %s: an embedding's rows disagree with its image span", sid)
@@ -560,6 +651,34 @@ class ModelRunner:
         ]
         left_out = blocked | missing
         return [s for s in seqs if s.seq_id not in left_out], failures
+
+    def _unfilled(self, st: _SeqState) -> list[str]:
+        """The sequence's image keys whose encoder pages do not hold them yet (and that it has not fetched)."""
+        return list(
+            dict.fromkeys(
+                k
+                for k, p in zip(st.keys, st.encoder_pages, strict=True)
+                if self.encoder_slots.get(p) != k and k not in st.embeds
+            )
+        )
+
+    def _fill_encoder_pages(self, seqs: list[SeqStep]) -> None:
+        """Write the cross-attention K/V of each image a step's sequence needs into its encoder page, once: the
+        scheduler hands a page to one image at a time and shares it among the sequences showing that image."""
+        for s in seqs:
+            st = self.seqs[s.seq_id]
+            if st.encoder_ready:
+                continue
+            for key, page in zip(st.keys, st.encoder_pages, strict=True):
+                if self.encoder_slots.get(page) != key:
+                    self.encoder_slots.pop(page, None)
+                    page_table = torch.tensor([page], dtype=torch.int64, device=self.device)
+                    self.model.write_encoder_cache(st.embeds[key], page_table)
+                    self.encoder_slots[page] = key
+            for key in st.embeds:
+                self.embeddings.release(key)
+            st.embeds.clear()
+            st.encoder_ready = True
 
     # ---- inputs and forward ----
 
@@ -574,7 +693,7 @@ class ModelRunner:
             st = self.seqs[s.seq_id]
             lo, n = s.start_pos, s.num_tokens
             hi = lo + n
-            if st.spans and lo < st.spans[-1][0] + st.spans[-1][1]:
+            if st.spans and not self.num_encoder_pages and lo < st.spans[-1][0] + st.spans[-1][1]:
                 positions = self.model.positions(st.spans, lo, hi).numpy()
                 for (off, cnt, _), key in zip(st.spans, st.keys, strict=True):
                     a, b = max(lo, off), min(hi, off + cnt)
@@ -594,6 +713,8 @@ class ModelRunner:
             graph_size = self.graphs.size_for(len(seqs))
         tables = [self.seqs[s.seq_id].page_table for s in seqs]
         inputs = StepInputs(items, updates, graph_size, tables)
+        if self.num_encoder_pages:
+            inputs.encoder_seqs = [self.seqs[s.seq_id].cross for s in seqs]
         if self.bidirectional_spans and graph_size is None:
             inputs.image_spans = [self._spans_in_step(self.seqs[s.seq_id], s) for s in seqs]
         return inputs, overrides
@@ -646,6 +767,11 @@ class ModelRunner:
         )
         self.attn.prepare(meta)
         positions = views["positions"].view(3, n)
+        if inputs.encoder_seqs and any(x is not None for x in inputs.encoder_seqs):
+            q_start = np.concatenate(([0], np.cumsum(inputs.q_lens)[:-1])).tolist()
+            meta.encoder = self.model.cross_batch(
+                inputs.encoder_seqs, q_start, inputs.q_lens.tolist(), positions[0]
+            )
         if self.piecewise is not None and n <= self.piecewise.max_tokens:
             hidden = self.piecewise.forward(embeds, positions, meta)
         else:

@@ -49,6 +49,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             device=a.device,
             page_size=a.page_size,
             max_total_tokens=a.max_total_tokens,
+            max_encoder_images=a.max_encoder_images,
+            encoder_cache_fraction=a.encoder_cache_fraction,
             mem_fraction_static=a.mem_fraction_static,
             attention_backend=a.attention_backend,
             seed=a.random_seed,

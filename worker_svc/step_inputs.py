@@ -70,6 +70,8 @@ class StepInputs:
         self.page_tables = page_tables  # per sequence (host), for backends that plan on the CPU
         # per sequence, the bidirectional spans its tokens of this step touch (set by the runner for Gemma 3)
         self.image_spans: list[list[tuple[int, int]]] = []
+        # per sequence, its cross-attention inputs (families with an encoder cache; None: no images)
+        self.encoder_seqs: list | None = None
         self.num_seqs = len(seqs)
         self.num_tokens = sum(s.num_tokens for s in seqs)
         self.graph_size = graph_size

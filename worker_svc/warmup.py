@@ -72,3 +72,21 @@ def image_warmup_plans(
         StepPlan(0, (SeqStep("warmup-image", len(ids), (), True),)),
         StepPlan(0, (), ("warmup-image",)),
     ]
+
+
+def encoder_warmup_plans(page_size: int, num_pages: int, image_token_id: int) -> list[StepPlan]:
+    """Families with an encoder cache (Llama 3.2 Vision): a prompt with one <|image|> whose K/V go into encoder
+    page 1 (projections and the page write), its cross-attention prefill and a decode; then frees it. The caller
+    makes the embedding of WARMUP_IMAGE_KEY resident first."""
+    ids = (100,) * 3 + (image_token_id,) + (101,) * 5
+    need = -(-(len(ids) + 4) // page_size)
+    if need + 1 >= num_pages:
+        return []
+    item = MultimodalItem(WARMUP_IMAGE_KEY, 3, 1, (1, 1, 1))
+    init = SeqInit((item,), SamplingParams(temperature=0.0), len(ids), encoder_page_ids=(1,))
+    pages = tuple(range(1, need + 1))
+    return [
+        StepPlan(0, (SeqStep("warmup-image", 0, ids, True, 0, pages, init),)),
+        StepPlan(0, (SeqStep("warmup-image", len(ids), (), True),)),
+        StepPlan(0, (), ("warmup-image",)),
+    ]

@@ -12,6 +12,7 @@ _REGISTRY = {
     "qwen2_vl": "processor.models.qwen2_vl:Qwen2VLMediaSpec",
     "llava_onevision": "processor.models.llava_onevision:LlavaOnevisionMediaSpec",
     "gemma3": "processor.models.gemma3:Gemma3MediaSpec",
+    "mllama": "processor.models.mllama:MllamaMediaSpec",
 }
 
 # config.json's `vision_config` -> processor.model_config.VisionConfig; the keys differ between families (Qwen2-VL's

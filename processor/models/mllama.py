@@ -243,6 +243,14 @@ class MllamaMediaSpec:
         del grid
         return self.max_num_tiles * self.tokens_per_tile
 
+    def num_embedding_rows(self, grid: tuple[int, int, int]) -> int:
+        """Rows of the vision service's output per image: the cross-attention states, not prompt tokens."""
+        return self.num_encoder_tokens(grid)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """The tiler resizes inside the preprocessor: an image enters at its own size."""
+        return width, height
+
     def num_patches(self, grid: tuple[int, int, int]) -> int:
         """Rows the tower runs for this image (its share of a batch): every tile slot, padding tiles included."""
         return self.num_encoder_tokens(grid)

@@ -73,6 +73,9 @@ class AttentionMetadata:
     # per sequence, [start, end) of the bidirectional spans (Gemma 3's images) its queries of this step touch;
     # None: plain causal attention (every family but Gemma 3, and every decode step)
     image_spans_host: list[list[tuple[int, int]]] | None = None
+    # cross-attention inputs of families with an encoder cache (the model's own type: mllama's CrossAttentionBatch);
+    # None: no sequence of the step shows an image
+    encoder: object = None
 
     @property
     def num_seqs(self) -> int:
