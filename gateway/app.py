@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -70,6 +71,9 @@ from scheduler_svc.client import SchedulerClient
 from vision_svc.client import VisionClient
 
 logger = logging.getLogger(__name__)
+WARMUP_TIMEOUT_S = (
+    300.0  # a first request that compiles kernels on a fresh machine takes seconds, not minutes
+)
 
 
 class Gateway:
@@ -102,6 +106,8 @@ class Gateway:
         self._hints: set[asyncio.Task] = set()
         self.serving: OpenAIServing | None = None
         self._synced = False
+        self.warmed = args.skip_server_warmup  # /health answers 200 only once the warm-up request is done
+        self._warmup: asyncio.Task | None = None
 
     async def start(self) -> None:
         """gRPC channels belong to the event loop that serves: create them inside it."""
@@ -121,6 +127,23 @@ class Gateway:
         )
         await self.builder.warmup()
         settle_gc()
+        if not self.warmed:
+            self._warmup = asyncio.create_task(self._warm_up())
+
+    async def _warm_up(self) -> None:
+        """Once the scheduler serves: one request through the whole cluster (`OpenAIServing.warmup`), then the
+        prefix and embedding caches emptied of it, then ready. A failed warm-up is logged and the gateway serves
+        anyway: what failed will answer users with an error of its own."""
+        while not await self._scheduler_serving():
+            await asyncio.sleep(0.25)
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.serving.warmup(), WARMUP_TIMEOUT_S)
+            await self.scheduler.flush_cache()  # refused while others' requests run (several gateways): fine
+            logger.info("warm-up request through the cluster: %.0f ms", (time.perf_counter() - t0) * 1e3)
+        except Exception:  # noqa: BLE001 - reported, then serve
+            logger.exception("the warm-up request failed; serving anyway")
+        self.warmed = True
 
     def _hint_vision(self, items: list[MultimodalItem]) -> None:
         """A request's images are fetched: the vision service starts decoding them while the request is tokenized
@@ -138,6 +161,9 @@ class Gateway:
         self._synced = True
 
     async def healthy(self) -> bool:
+        return self.warmed and await self._scheduler_serving()
+
+    async def _scheduler_serving(self) -> bool:
         try:
             resp = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=2)
         except grpc.aio.AioRpcError:
@@ -145,6 +171,8 @@ class Gateway:
         return resp.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:
+        if self._warmup is not None:
+            self._warmup.cancel()
         await self.scheduler.close()
         if self.vision is not None:
             await self.vision.close()

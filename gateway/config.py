@@ -65,6 +65,11 @@ class GatewayArgs(InternalAuthArgs, ObservabilityArgs, ProcessArgs):
         f"how tool calls are read from the output ({', '.join(sorted(TOOL_PARSERS))}); empty: the model family's "
         "default (qwen25 for Qwen2-VL and Qwen2.5-VL)",
     )
+    skip_server_warmup: bool = arg(
+        False,
+        "report ready (/health 200) without first sending one request through the whole cluster (SGLang's flag); "
+        "by default that request pays what the services set up lazily, so the first user does not",
+    )
     log_level: str = arg("info", "logging level")
     log_requests_max_chars: int = arg(2048, "with --log-requests: characters of each body logged")
     metrics_multiproc_dir: str = arg(

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 import logging
 import time
@@ -158,6 +160,15 @@ async def _merge(streams: list[AsyncIterator[GenerateOutput]]) -> AsyncIterator[
             await stream.aclose()
 
 
+def _warmup_image_uri(size: int = 448) -> str:
+    """A noise JPEG as a data URI: the common image size of a chat request, content the decoder has to work on."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((size, size), 48).convert("RGB").save(buf, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 @dataclass
 class ModelCard:
     served_name: str
@@ -299,6 +310,28 @@ class OpenAIServing:
         if len(started) == 1:
             return _tagged(*started[0])
         return _merge([_tagged(first, rest, None) for first, rest in started])
+
+    async def warmup(self) -> None:
+        """One request through the whole cluster before the gateway reports ready, as SGLang's server warm-up:
+        what the services set up lazily on a first request (channels, the JPEG decoder, the first kernels of a
+        request's shapes, files the page cache has not seen) is paid here, not by the first user. A 448 x 448
+        JPEG rides along when the model takes images and the scheduler has a vision service. It goes straight
+        to the scheduler, outside the gateway's metrics; its id starts with `warmup-`."""
+        content: list[dict[str, Any]] = [{"type": "text", "text": "What is in this picture?"}]
+        info = await self.scheduler.server_info()
+        if self.builder.media_spec is not None and json.loads(info.vision_info_json or "{}"):
+            content.insert(0, {"type": "image_url", "image_url": {"url": _warmup_image_uri()}})
+        req = ChatCompletionRequest.model_validate(
+            {
+                "model": self.card.served_name,
+                "messages": [{"role": "user", "content": content}],
+                "max_tokens": 1,
+                "rid": f"warmup-{uuid.uuid4().hex}",
+            }
+        )
+        prompt = await self.builder.from_messages(req.messages, add_generation_prompt=True)
+        async for _ in self.scheduler.generate(self._build(req, prompt, False, 0, stream=False)):
+            pass
 
     # ---- chat ----
 

@@ -85,6 +85,18 @@ def _vision_stats(c: Cluster) -> vision_pb2.VisionStats:
         return vision_pb2_grpc.VisionStub(ch).GetStats(vision_pb2.GetStatsRequest(), timeout=10)
 
 
+def test_the_warmup_request_ran_and_left_no_cache(cluster):
+    """Before the cluster reported ready, one request with an image went through every service (SGLang's server
+    warm-up); the prefix and embedding caches were emptied after it, so users start from a clean cluster."""
+    stats, vision = cluster.stats(), _vision_stats(cluster)
+    assert stats.requests_finished >= 1 and stats.vision_images_requested >= 1
+    assert vision.images_encoded >= 1
+    assert stats.kv_pages_cached == 0 and stats.kv_pages_used == 0
+    assert "warm-up request through the cluster" in cluster.log()
+    first = cluster.chat_ok([{"role": "user", "content": "What is in this picture?"}], max_tokens=2)
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
 def test_repeated_image_hits_prefix_cache_without_encoder(cluster):
     msgs = [
         {"role": "user", "content": [image_part(noise_image(120, 90, 55)), {"type": "text", "text": "Hi"}]}
