@@ -158,6 +158,13 @@ def validate_request(req: GenerateRequest, vocab_size: int) -> None:
             ids[max(0, m.offset) : m.end] = [0] * max(0, m.end - max(0, m.offset))
     if any(t < 0 or t >= vocab_size for t in ids):
         raise InvalidRequestError(f"input_ids must be in [0, {vocab_size})", param="input_ids")
+    first = req.prompt_logprob_from
+    if first is not None and any(t >= vocab_size for t in req.input_ids[first:]):
+        raise InvalidRequestError(
+            "prompt log-probabilities cannot score an image placeholder past the output head (mllama's "
+            "<|image|>): start them after the prompt's last image",
+            param="logprob_start_len",
+        )
     for m in req.mm_items:
         if m.offset < 0 or m.end > len(req.input_ids) or m.num_tokens < 1 or not m.content_key:
             raise InvalidRequestError(

@@ -179,6 +179,21 @@ def _request(rid: str, keys: list[str]) -> GenerateRequest:
     )
 
 
+def test_prompt_logprobs_over_an_image_placeholder_are_a_clear_400():
+    """<|image|> is past mllama's output head: no position can score it, so asking is INVALID_ARGUMENT (a 400),
+    not a worker failure; scoring from after the image is fine."""
+    from dataclasses import replace
+
+    from common.errors import InvalidRequestError
+    from scheduler_svc.scheduler import validate_request
+
+    req = _request("lp", ["k0"])  # [1, 2, <|image|>, 5, 7]
+    validate_request(req, IMAGE_TOKEN_ID)
+    with pytest.raises(InvalidRequestError, match="image placeholder"):
+        validate_request(replace(req, logprob_start_len=0), IMAGE_TOKEN_ID)
+    validate_request(replace(req, logprob_start_len=3), IMAGE_TOKEN_ID)
+
+
 def test_encoder_pages_are_shared_by_image_and_freed_with_the_last_holder():
     pages = EncoderPages(4)  # pages 1..3
     a = pages.acquire(["img-a", "img-b"])

@@ -107,6 +107,11 @@ class ModelRunner:
             self.device,
             cfg.load_format,
         )
+        # ids the embedding takes: the output head's, and a family's own past it (mllama's <|image|>); read once,
+        # as every step checks every sequence's ids against it
+        self.num_input_embeddings = getattr(
+            self.model, "num_input_embeddings", self.model_config.text.vocab_size
+        )
         logger.info(
             "loaded %s (%s, %s, %s weights) in %.1f s",
             self.model_config.architecture,
@@ -493,9 +498,7 @@ class ModelRunner:
     def _check_inputs(self, s: SeqStep) -> None:
         """What the scheduler sent, checked before anything is touched: a bad sequence fails alone (an id past the
         vocabulary would be a device-side assert that ends the process; a zero grid a ZeroDivisionError)."""
-        vocab = self.model_config.text.vocab_size
-        # ids the embedding takes: the output head's, and a family's own past it (mllama's <|image|>)
-        inputs = getattr(self.model, "num_input_embeddings", vocab)
+        vocab, inputs = self.model_config.text.vocab_size, self.num_input_embeddings
         for ids, bound in ((s.input_ids, inputs), (s.logprob_targets, vocab)):
             if ids and not (min(ids) >= 0 and max(ids) < bound):
                 raise InvalidRequestError(f"sequence {s.seq_id}: token ids outside [0, {bound})")
