@@ -137,6 +137,7 @@ class Engine:
             self.runner.info(),
             load_generation_eos(self.model_path),
             self.runner.model_config.architecture,
+            self.runner.model_config.image_token_id,
         )
         self.generation_defaults = load_generation_defaults(self.model_path)
         self._worker = _InProcessWorker(self.runner)

@@ -59,6 +59,9 @@ class SchedulerPolicy:
     eos_token_ids: tuple[int, ...] = ()
     decode_log_interval: int = 40
     vocab_size: int = 1 << 31
+    image_token_id: int | None = (
+        None  # the model's image placeholder (mllama's <|image|> is past the vocabulary)
+    )
     # prefill chunks end only at image edges (Gemma 3's image tokens attend to their whole image): a chunk that
     # would end inside an image stops before it, or takes all of it when the image starts the chunk
     whole_image_spans: bool = False
@@ -147,15 +150,16 @@ class _Decodes:
     start_pos: list[int] = field(default_factory=list)
 
 
-def validate_request(req: GenerateRequest, vocab_size: int) -> None:
+def validate_request(req: GenerateRequest, vocab_size: int, image_token_id: int | None = None) -> None:
     """What the scheduler cannot run: raised as INVALID_ARGUMENT for gRPC callers that skip the gateway."""
     s, st = req.sampling, req.stopping
     ids = req.input_ids
-    # an image's placeholder ids are the model's own (mllama's <|image|> is past the output head)
-    if req.mm_items:
+    # inside an image's span the model's placeholder may lie past the output head (mllama's <|image|>)
+    if req.mm_items and image_token_id is not None and image_token_id >= vocab_size:
         ids = list(ids)
         for m in req.mm_items:
-            ids[max(0, m.offset) : m.end] = [0] * max(0, m.end - max(0, m.offset))
+            span = range(max(0, m.offset), min(m.end, len(ids)))
+            ids[span.start : span.stop] = [0 if ids[i] == image_token_id else ids[i] for i in span]
     if any(t < 0 or t >= vocab_size for t in ids):
         raise InvalidRequestError(f"input_ids must be in [0, {vocab_size})", param="input_ids")
     first = req.prompt_logprob_from
@@ -240,7 +244,7 @@ class Scheduler:
                 f"{cap} requests are already waiting (--max-queued-requests); retry shortly"
             )
         n_prompt = len(req.input_ids)
-        validate_request(req, self.policy.vocab_size)
+        validate_request(req, self.policy.vocab_size, self.policy.image_token_id)
         if n_prompt == 0:
             raise InvalidRequestError("the prompt is empty", param="messages")
         if n_prompt >= self.policy.context_length:

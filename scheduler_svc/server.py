@@ -33,7 +33,11 @@ SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
 
 def resolve_policy(
-    args: SchedulerArgs, worker: WorkerInfo, eos: tuple[int, ...], architecture: str = ""
+    args: SchedulerArgs,
+    worker: WorkerInfo,
+    eos: tuple[int, ...],
+    architecture: str = "",
+    image_token_id: int | None = None,
 ) -> SchedulerPolicy:
     gpu = worker.device.startswith("cuda")
     context = worker.context_length
@@ -59,6 +63,7 @@ def resolve_policy(
         eos_token_ids=eos,
         decode_log_interval=args.decode_log_interval,
         vocab_size=worker.vocab_size,
+        image_token_id=image_token_id,
         whole_image_spans=bool(architecture) and get_entry(architecture).bidirectional_image_spans,
         num_encoder_pages=worker.num_encoder_pages,
     )
@@ -100,7 +105,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 {f.name: getattr(info, f.name) for f in info.DESCRIPTOR.fields}
             )
         policy = resolve_policy(
-            a, self.worker_info, load_generation_eos(a.model_path), model_config.architecture
+            a,
+            self.worker_info,
+            load_generation_eos(a.model_path),
+            model_config.architecture,
+            model_config.image_token_id,
         )
         self.policy = policy
         self.loop = SchedulerLoop(

@@ -188,10 +188,21 @@ def test_prompt_logprobs_over_an_image_placeholder_are_a_clear_400():
     from scheduler_svc.scheduler import validate_request
 
     req = _request("lp", ["k0"])  # [1, 2, <|image|>, 5, 7]
-    validate_request(req, IMAGE_TOKEN_ID)
+    validate_request(req, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID)
     with pytest.raises(InvalidRequestError, match="image placeholder"):
-        validate_request(replace(req, logprob_start_len=0), IMAGE_TOKEN_ID)
-    validate_request(replace(req, logprob_start_len=3), IMAGE_TOKEN_ID)
+        validate_request(replace(req, logprob_start_len=0), IMAGE_TOKEN_ID, IMAGE_TOKEN_ID)
+    validate_request(replace(req, logprob_start_len=3), IMAGE_TOKEN_ID, IMAGE_TOKEN_ID)
+    # past the vocabulary only the placeholder, and only inside an image's span
+    with pytest.raises(InvalidRequestError, match="input_ids must be in"):
+        validate_request(
+            replace(req, input_ids=(1, 2, IMAGE_TOKEN_ID + 1, 5, 7)), IMAGE_TOKEN_ID, IMAGE_TOKEN_ID
+        )
+    with pytest.raises(InvalidRequestError, match="input_ids must be in"):
+        validate_request(
+            replace(req, input_ids=(IMAGE_TOKEN_ID, 2, IMAGE_TOKEN_ID, 5, 7)), IMAGE_TOKEN_ID, IMAGE_TOKEN_ID
+        )
+    with pytest.raises(InvalidRequestError, match="input_ids must be in"):
+        validate_request(req, IMAGE_TOKEN_ID)  # a model without that placeholder
 
 
 def test_encoder_pages_are_shared_by_image_and_freed_with_the_last_holder():
@@ -218,6 +229,7 @@ def test_scheduler_accounts_encoder_pages_and_keys_the_prefix_by_all_images():
         chunked_prefill_size=64,
         max_prefill_tokens=256,
         vocab_size=IMAGE_TOKEN_ID,
+        image_token_id=IMAGE_TOKEN_ID,
         num_encoder_pages=3,
     )
     sched = Scheduler(policy, FakeTokenizer())
