@@ -708,7 +708,7 @@ def test_k8s_network_policies_let_only_the_right_pods_reach_each_port():
         "gateway": (None, 8000),
         "scheduler": ({"gateway"}, 50051),
         "worker": ({"scheduler"}, 50052),
-        "vision": ({"scheduler", "worker"}, 50053),
+        "vision": ({"scheduler", "worker", "gateway"}, 50053),  # encodes, pulls, decode hints
     }
     got, scraped = {}, {}
     for d in docs:
