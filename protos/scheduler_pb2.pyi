@@ -122,7 +122,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SchedulerStats(_message.Message):
-    __slots__ = ("num_running", "num_queued", "kv_pages_used", "kv_pages_total", "page_size", "kv_pages_cached", "num_preemptions", "prefix_cache_hit_tokens", "prompt_tokens_total", "vision_encode_calls", "vision_images_requested", "vision_cache_hits", "vision_skipped_images", "num_steps", "generated_tokens_total", "requests_finished", "requests_aborted", "scheduler_ns_total", "scheduler_ns_overlapped", "worker_forward_ns_total", "gen_throughput", "steps_overlapped", "scheduler_ns_off_path", "embedding_prefetches", "embedding_deferrals")
+    __slots__ = ("num_running", "num_queued", "kv_pages_used", "kv_pages_total", "page_size", "kv_pages_cached", "num_preemptions", "prefix_cache_hit_tokens", "prompt_tokens_total", "vision_encode_calls", "vision_images_requested", "vision_cache_hits", "vision_skipped_images", "num_steps", "generated_tokens_total", "requests_finished", "requests_aborted", "scheduler_ns_total", "scheduler_ns_overlapped", "worker_forward_ns_total", "gen_throughput", "steps_overlapped", "scheduler_ns_off_path", "embedding_prefetches", "embedding_deferrals", "encoder_pages_used", "encoder_pages_total")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_QUEUED_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_USED_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,8 @@ class SchedulerStats(_message.Message):
     SCHEDULER_NS_OFF_PATH_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_PREFETCHES_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DEFERRALS_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_PAGES_USED_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_queued: int
     kv_pages_used: int
@@ -173,7 +175,9 @@ class SchedulerStats(_message.Message):
     scheduler_ns_off_path: int
     embedding_prefetches: int
     embedding_deferrals: int
-    def __init__(self, num_running: _Optional[int] = ..., num_queued: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., page_size: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., vision_encode_calls: _Optional[int] = ..., vision_images_requested: _Optional[int] = ..., vision_cache_hits: _Optional[int] = ..., vision_skipped_images: _Optional[int] = ..., num_steps: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., scheduler_ns_total: _Optional[int] = ..., scheduler_ns_overlapped: _Optional[int] = ..., worker_forward_ns_total: _Optional[int] = ..., gen_throughput: _Optional[float] = ..., steps_overlapped: _Optional[int] = ..., scheduler_ns_off_path: _Optional[int] = ..., embedding_prefetches: _Optional[int] = ..., embedding_deferrals: _Optional[int] = ...) -> None: ...
+    encoder_pages_used: int
+    encoder_pages_total: int
+    def __init__(self, num_running: _Optional[int] = ..., num_queued: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., page_size: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., vision_encode_calls: _Optional[int] = ..., vision_images_requested: _Optional[int] = ..., vision_cache_hits: _Optional[int] = ..., vision_skipped_images: _Optional[int] = ..., num_steps: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., requests_finished: _Optional[int] = ..., requests_aborted: _Optional[int] = ..., scheduler_ns_total: _Optional[int] = ..., scheduler_ns_overlapped: _Optional[int] = ..., worker_forward_ns_total: _Optional[int] = ..., gen_throughput: _Optional[float] = ..., steps_overlapped: _Optional[int] = ..., scheduler_ns_off_path: _Optional[int] = ..., embedding_prefetches: _Optional[int] = ..., embedding_deferrals: _Optional[int] = ..., encoder_pages_used: _Optional[int] = ..., encoder_pages_total: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()

@@ -130,6 +130,16 @@ def install(core_ref: Callable[[], Scheduler | None], model_name: str) -> Scrape
             labels,
             snap["kv_pages_cached"],
         )
+        if snap["encoder_pages_total"]:  # families with an encoder cache (Llama 3.2 Vision)
+            yield gauge(
+                "encoder_pages_used",
+                "Encoder-cache pages (one image's cross-attention K/V each) held by live sequences.",
+                labels,
+                snap["encoder_pages_used"],
+            )
+            yield gauge(
+                "encoder_pages_total", "Encoder-cache pages in the pool.", labels, snap["encoder_pages_total"]
+            )
         usage = snap["kv_pages_used"] / max(1, snap["kv_pages_total"])
         yield gauge("token_usage", "Share of the KV pool in use, 0 to 1 (SGLang's name).", labels, usage)
         yield gauge("gen_throughput", "Recent generation throughput, tokens/s.", labels, s.gen_throughput())

@@ -950,6 +950,8 @@ class Scheduler:
             "kv_pages_total": self.allocator.num_usable,
             "kv_pages_cached": self.cache.num_evictable_pages,
             "page_size": self.policy.page_size,
+            "encoder_pages_used": len(enc.pages) if (enc := self.encoder_pages) is not None else 0,
+            "encoder_pages_total": max(0, self.policy.num_encoder_pages - 1),  # page 0 is never handed out
         }
 
     def _log_step(self, new_seqs: int, new_tokens: int, cached: int, decodes: int) -> None:

@@ -94,6 +94,8 @@ def test_worker_reports_its_encoder_cache(cluster):
     worker = json.loads(info["worker_info_json"]) if "worker_info_json" in info else info["worker_info"]
     assert worker["num_encoder_pages"] == 17  # 16 images (the CPU default) + page 0
     assert worker["encoder_page_tokens"] == 4 * (2 * 2 + 1)  # 4 tile slots of 2x2 patches + a class token
+    stats = cluster.stats()
+    assert stats.encoder_pages_total == 16 and stats.encoder_pages_used == 0  # nothing running
 
 
 @pytest.mark.slow
@@ -253,6 +255,8 @@ def test_scheduler_accounts_encoder_pages_and_keys_the_prefix_by_all_images():
     assert sched.encoder_pages.num_free == 2
     plan = sched.schedule()
     assert [s.init.encoder_page_ids for s in plan.seqs if s.init] and sched.encoder_pages.num_free == 0
+    snap = sched.snapshot()  # GetStats and the Prometheus gauges
+    assert (snap["encoder_pages_used"], snap["encoder_pages_total"]) == (2, 2)
     # the prefix key's first value depends on all the prompt's images
     k1 = sched.requests["r3"].prompt_key
     assert k1[0] != 1 and k1[1] == 2
