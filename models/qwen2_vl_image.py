@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kernels.image_resize import resize_bicubic
 from processor.media import (
     SWAPS_AXES,
     MediaPolicy,
@@ -68,15 +69,21 @@ class HostImage:
     grid: tuple[int, int, int]  # (t, h, w) in patches, as the exact path and HF report it
     num_tokens: int
     draft_scale: int = 1  # the JPEG was decoded at 1/draft_scale before the resize; 1: same pixels as HF
+    # (width, height) the device half resizes `pixels` to (Pillow's bicubic, bit for bit: kernels/image_resize.py);
+    # None: `pixels` are at the model's size already
+    resize_to: tuple[int, int] | None = None
 
 
 class FastQwen2VLImagePreprocessor:
     """Host half `load` (bytes -> uint8 pixels at the model's size) and device half `to_patches` (uint8 pixels ->
     normalized patch rows on any torch device). The reference is `Qwen2VLImagePreprocessor` after `decode_image`."""
 
-    def __init__(self, spec: Qwen2VLMediaSpec, allow_draft: bool = True):
+    def __init__(self, spec: Qwen2VLMediaSpec, allow_draft: bool = True, defer_resize: bool = False):
         self.spec = spec
         self.allow_draft = allow_draft
+        # leave a full decode's one resize to the device half (a GPU does a 2-megapixel bicubic in well under a
+        # millisecond; Pillow takes ~30 ms of one host core): same pixels, less host time
+        self.defer_resize = defer_resize
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- host half ----
@@ -94,11 +101,14 @@ class FastQwen2VLImagePreprocessor:
             stored_target = target[::-1] if method in SWAPS_AXES else target
             stored_width = img.width
             box = self._draft(img, stored_target)
+            resize_to = None
             if box is None:  # full decode: the pixels HF computes, bit for bit
                 if method is not None:
                     img = img.transpose(method)
                 img = _rgb(img)
-                if img.size != target:
+                if img.size != target and self.defer_resize and resample == Image.Resampling.BICUBIC:
+                    resize_to = target
+                elif img.size != target:
                     img = img.resize(target, resample=resample)
             else:  # DCT-scaled decode: resize in stored orientation (the box keeps the geometry exact), then turn
                 img = _rgb(img).resize(stored_target, resample=resample, box=box)
@@ -107,7 +117,7 @@ class FastQwen2VLImagePreprocessor:
             pixels = np.asarray(img)
         grid = s.image_grid(width, height)
         draft_scale = round(stored_width / box[2]) if box else 1
-        return HostImage(pixels, grid, s.num_image_tokens(grid), draft_scale)
+        return HostImage(pixels, grid, s.num_image_tokens(grid), draft_scale, resize_to)
 
     def _draft(self, img: Image.Image, target: tuple[int, int]) -> tuple[float, float, float, float] | None:
         """Ask libjpeg for a DCT-domain downscale when the target is far smaller than the source; the box of the
@@ -120,11 +130,21 @@ class FastQwen2VLImagePreprocessor:
         drafted = img.draft(None, want)
         return drafted[1] if drafted is not None else None
 
+    def warm_payload(self, pixels: np.ndarray) -> np.ndarray | HostImage:
+        """What the host half hands on for pixels at the model's size, for a warm-up batch: with the resize left to
+        the device, a slightly smaller image to resize (both of its passes), so its kernels are loaded too."""
+        if not self.defer_resize:
+            return pixels
+        h, w = pixels.shape[:2]
+        grid = self.spec.image_grid(w, h)
+        src = np.ascontiguousarray(pixels[: max(1, h - 3), : max(1, w - 5)])
+        return HostImage(src, grid, self.spec.num_image_tokens(grid), resize_to=(w, h))
+
     # ---- device half ----
 
     def to_patches(
         self,
-        images: Sequence[np.ndarray | torch.Tensor],
+        images: Sequence[np.ndarray | torch.Tensor | HostImage],
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
@@ -133,6 +153,7 @@ class FastQwen2VLImagePreprocessor:
         the temporal patch, which a patch embedding can fold into its weights (summed over T)."""
         device = torch.device(device)
         s = self.spec
+        images = [_sized(img, device) for img in images]
         rows = self._patch_rows_u8(images, device)  # [N, C, P*P] uint8
         mean, std = self._mean_std(device)
         x = rows.to(torch.float32).mul_(s.rescale_factor).sub_(mean).div_(std)  # HF's order, in float32
@@ -197,6 +218,15 @@ _BLOCKS = (0, 3, 1, 4, 6, 2, 5)  # [gh/m, m, p, gw/m, m, p, C] -> [gh/m, gw/m, m
 def _rgb(img: Image.Image) -> Image.Image:
     """`to_rgb` without its copy when the image is RGB already."""
     return img if img.mode == "RGB" and img.info.get("transparency") is None else to_rgb(img)
+
+
+def _sized(img: np.ndarray | torch.Tensor | HostImage, device: torch.device) -> np.ndarray | torch.Tensor:
+    """A host half's pixels at the model's size: resized on `device` when the host left the resize to it."""
+    if not isinstance(img, HostImage):
+        return img
+    if img.resize_to is None:
+        return img.pixels
+    return resize_bicubic(_upload(img.pixels, device), img.resize_to)
 
 
 def _upload(img: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

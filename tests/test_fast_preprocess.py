@@ -31,6 +31,7 @@ SMALL_MAX = 28 * 28 * 64
 # levels). The largest errors sit on the last row or column when a side is not a multiple of the draft scale
 # (the partial DCT block); inside, at most 5 levels. Bounds with some room:
 DRAFT_MEAN_BOUND, DRAFT_MAX_BOUND = 0.01, 0.25
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -236,3 +237,79 @@ def test_pixel_limit_of_the_policy(fast):
     with pytest.raises(PayloadTooLargeError):
         fast.load(data, MediaPolicy(max_pixels=1599))
     assert fast.load(data, MediaPolicy(max_pixels=1600)).grid == (1, 4, 4)
+
+
+# ---- the resize left to the device (kernels/image_resize.py, Pillow's bicubic bit for bit) ------------------------
+
+
+def _shapes(n: int, seed: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        w, h = (int(v) for v in rng.integers(8, 160, 2))
+        if i % 3 == 0:  # near the source: small grow / shrink per axis, where the pass order flips
+            ow, oh = w + int(rng.integers(-4, 5)), h + int(rng.integers(-4, 5))
+        else:
+            ow, oh = (int(v) for v in rng.integers(8, 220, 2))
+        out.append(((w, h), (max(ow, 1), max(oh, 1))))
+    return out
+
+
+SHAPES = [((300, 200), (301, 199)), ((300, 200), (299, 201)), ((640, 480), (224, 168)), ((57, 33), (112, 56))]
+
+
+@pytest.mark.parametrize(("size", "out"), SHAPES + _shapes(40, 7))
+def test_device_resize_is_pillows_bicubic_bit_for_bit(size, out):
+    from kernels.image_resize import resize_bicubic
+
+    pixels = np.random.default_rng(size[0] * 1000 + out[1]).integers(0, 256, (size[1], size[0], 3), np.uint8)
+    expected = np.asarray(Image.fromarray(pixels).resize(out, Image.Resampling.BICUBIC))
+    ours = resize_bicubic(torch.from_numpy(pixels), out).numpy()
+    assert ours.shape == expected.shape and (ours == expected).all()
+
+
+def test_device_resize_with_a_box_and_the_start_up_check():
+    from kernels.image_resize import matches_pillow, resize_bicubic
+
+    pixels = np.random.default_rng(3).integers(0, 256, (600, 800, 3), np.uint8)
+    box = (3.5, 2.25, 790.0, 590.5)
+    expected = np.asarray(Image.fromarray(pixels).resize((392, 280), Image.Resampling.BICUBIC, box=box))
+    assert (resize_bicubic(torch.from_numpy(pixels), (392, 280), box).numpy() == expected).all()
+    assert matches_pillow()
+
+
+@pytest.fixture(scope="module")
+def deferred(spec) -> FastQwen2VLImagePreprocessor:
+    return FastQwen2VLImagePreprocessor(spec, defer_resize=True)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resize_on_the_device_gives_the_host_resizes_patches(fast, deferred, case):
+    data, _ = CASES[case]()
+    host, left = fast.load(data), deferred.load(data)
+    assert left.grid == host.grid and left.num_tokens == host.num_tokens
+    assert (left.resize_to is None) == (host.pixels.shape[:2] == left.pixels.shape[:2])
+    expected = fast.to_patches_temporal([host.pixels], "cpu")
+    assert torch.equal(deferred.to_patches_temporal([left], "cpu"), expected)
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+def test_resize_on_the_device_after_an_exif_turn(fast, deferred, orientation):
+    data = with_orientation(photo(333, 150, orientation), orientation)
+    left = deferred.load(data)
+    assert left.resize_to is not None
+    assert torch.equal(deferred.to_patches([left], "cpu"), fast.to_patches([fast.load(data).pixels], "cpu"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_device_resize_on_cuda_is_pillows_and_feeds_the_same_patches(fast, deferred):
+    from kernels.image_resize import resize_bicubic
+
+    for size, out in [((1920, 1080), (1932, 1092)), ((300, 200), (301, 199)), ((640, 480), (224, 168))]:
+        pixels = np.random.default_rng(size[0]).integers(0, 256, (size[1], size[0], 3), np.uint8)
+        expected = np.asarray(Image.fromarray(pixels).resize(out, Image.Resampling.BICUBIC))
+        assert (resize_bicubic(torch.from_numpy(pixels).cuda(), out).cpu().numpy() == expected).all()
+    data = encode(photo(1000, 750, 3))
+    on_gpu = deferred.to_patches([deferred.load(data)], "cuda").cpu()
+    assert torch.equal(on_gpu, fast.to_patches([fast.load(data).pixels], "cpu"))

@@ -74,7 +74,9 @@ class _Prepared:
     """An image after its host half: what the device half needs, and the host time it took."""
 
     item: MultimodalItem
-    payload: Any  # fast path: uint8 [H, W, 3] pixels; exact path: float32 patches [N, C*T*P*P]
+    # fast path: uint8 [H, W, 3] pixels at the model's size, or a HostImage the device half resizes; exact path:
+    # float32 patches [N, C*T*P*P]
+    payload: Any
     grid: tuple[int, int, int]
     host_ns: int
 
@@ -104,7 +106,7 @@ class VisionEncoder:
         self.attention_backend = self.model.set_attention_backend(cfg.attention_backend)
         self.spec = media_spec_class(self.model_config.model_type).from_model_dir(cfg.model_path)
         fast_cls = fast_image_preprocessor_class(arch) if cfg.fast_image_processor else None
-        self.fast = fast_cls(self.spec) if fast_cls is not None else None
+        self.fast = fast_cls(self.spec, defer_resize=self._defer_resize()) if fast_cls is not None else None
         self.preprocess = image_preprocessor_class(arch)(self.spec)
         self.hidden_size = self.model_config.vision.out_hidden_size
         self.cache = EmbeddingPool(
@@ -318,6 +320,20 @@ class VisionEncoder:
     def _patches(self, p: _Prepared) -> int:
         return self.spec.num_patches(p.grid)
 
+    def _defer_resize(self) -> bool:
+        """On a GPU the fast path's resize runs there (Pillow's pixels, bit for bit), after a check of our resize
+        against the installed Pillow; on a CPU the preprocessing threads keep it (Pillow is the faster there)."""
+        if self.device.type != "cuda":
+            return False
+        from kernels.image_resize import matches_pillow
+
+        if not matches_pillow():
+            logger.warning(
+                "this Pillow's bicubic resize differs from kernels/image_resize.py: resizing on the host"
+            )
+            return False
+        return True
+
     # ---- host half (preprocessing threads) ----
 
     def prepare(self, item: MultimodalItem) -> _Prepared:
@@ -332,7 +348,8 @@ class VisionEncoder:
             )
         if self.fast is not None:
             host = self.fast.load(item.data)
-            payload, grid, n = host.pixels, tuple(host.grid), host.num_tokens
+            payload = host if host.resize_to is not None else host.pixels
+            grid, n = tuple(host.grid), host.num_tokens
         else:
             # the request's grid says how the image is laid out in its prompt (LLaVA-OneVision tiles an image
             # only when it is the prompt's one image); the geometry checked below is the image's own
@@ -476,7 +493,7 @@ class VisionEncoder:
             w, h = self.spec.resized_size(w, h)
             img = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
             if self.fast is not None:
-                payloads.append(img)
+                payloads.append(self.fast.warm_payload(img))
                 grids.append(self.spec.image_grid(w, h))
             else:
                 patches, grid = self.preprocess(Image.fromarray(img), self.spec.image_grid(w, h))
