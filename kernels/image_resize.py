@@ -103,11 +103,27 @@ def resize_bicubic(
 
 
 def vertical_first(width: int, height: int, out_w: int, out_h: int) -> bool:
-    """Which pass Pillow 13 runs first when both are needed (its rounding between them makes the order part of the
-    result): the vertical one when the height shrinks and the width grows by more than half the height's loss,
-    else the horizontal one. Found by comparison over random shapes, not from Pillow's documentation: the parity
-    tests and the vision service's start-up check (`matches_pillow`) compare against the installed Pillow."""
-    return out_h < height and 2 * (out_w - width) > out_h - height
+    """Which pass the installed Pillow runs first when both are needed (its rounding between them makes the order
+    part of the result). Pillow up to 12 always runs the horizontal one first; Pillow 13 runs the vertical one
+    first when the height shrinks and the width grows by more than half the height's loss (found by comparison
+    over random shapes, not from its documentation). Which of the two is installed is probed once; the parity
+    tests and the vision service's start-up check (`matches_pillow`) compare against it."""
+    return _pillow_may_go_vertical_first() and out_h < height and 2 * (out_w - width) > out_h - height
+
+
+@lru_cache(maxsize=1)
+def _pillow_may_go_vertical_first() -> bool:
+    """Resize a small image whose two orders round differently, and see which one Pillow took."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    ref = np.asarray(Image.fromarray(pixels).resize((52, 20), resample=Image.Resampling.BICUBIC))
+    x = torch.from_numpy(pixels).to(torch.int64)
+    ymin, _, yfixed = _coeffs(40, 0.0, 40.0, 20)
+    xmin, xlen, xfixed = _coeffs(60, 0.0, 60.0, 52)
+    first, last = int(xmin[0]), int(xmin[-1] + xlen[-1])
+    vertical = _pass(_pass(x[:, first:last], 0, ymin, yfixed), 1, xmin - first, xfixed).to(torch.uint8)
+    return bool(np.array_equal(vertical.numpy(), ref))
 
 
 def matches_pillow(seed: int = 0) -> bool:
