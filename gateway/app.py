@@ -131,15 +131,14 @@ class Gateway:
             self._warmup = asyncio.create_task(self._warm_up())
 
     async def _warm_up(self) -> None:
-        """Once the scheduler serves: one request through the whole cluster (`OpenAIServing.warmup`), then the
-        prefix and embedding caches emptied of it, then ready. A failed warm-up is logged and the gateway serves
-        anyway: what failed will answer users with an error of its own."""
+        """Once the scheduler serves: one request through the whole cluster (`OpenAIServing.warmup`), then ready.
+        A failed warm-up is logged and the gateway serves anyway: what failed will answer users with an error of
+        its own."""
         while not await self._scheduler_serving():
             await asyncio.sleep(0.25)
         t0 = time.perf_counter()
         try:
             await asyncio.wait_for(self.serving.warmup(), WARMUP_TIMEOUT_S)
-            await self.scheduler.flush_cache()  # refused while others' requests run (several gateways): fine
             logger.info("warm-up request through the cluster: %.0f ms", (time.perf_counter() - t0) * 1e3)
         except Exception:  # noqa: BLE001 - reported, then serve
             logger.exception("the warm-up request failed; serving anyway")

@@ -316,7 +316,9 @@ class OpenAIServing:
         what the services set up lazily on a first request (channels, the JPEG decoder, the first kernels of a
         request's shapes, files the page cache has not seen) is paid here, not by the first user. A 448 x 448
         JPEG rides along when the model takes images and the scheduler has a vision service. It goes straight
-        to the scheduler, outside the gateway's metrics; its id starts with `warmup-`."""
+        to the scheduler, outside the gateway's metrics; its id and cache salt start with `warmup-`, so nothing it
+        leaves in the caches is ever matched (a gateway starting beside others that serve must not flush theirs)."""
+        tag = uuid.uuid4().hex
         content: list[dict[str, Any]] = [{"type": "text", "text": "What is in this picture?"}]
         info = await self.scheduler.server_info()
         if self.builder.media_spec is not None and json.loads(info.vision_info_json or "{}"):
@@ -326,7 +328,8 @@ class OpenAIServing:
                 "model": self.card.served_name,
                 "messages": [{"role": "user", "content": content}],
                 "max_tokens": 1,
-                "rid": f"warmup-{uuid.uuid4().hex}",
+                "rid": f"warmup-{tag}",
+                "cache_salt": f"warmup-{tag}",  # its prefix pages match no user's: no flush needed after it
             }
         )
         prompt = await self.builder.from_messages(req.messages, add_generation_prompt=True)
