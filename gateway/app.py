@@ -71,9 +71,8 @@ from scheduler_svc.client import SchedulerClient
 from vision_svc.client import VisionClient
 
 logger = logging.getLogger(__name__)
-WARMUP_TIMEOUT_S = (
-    300.0  # a first request that compiles kernels on a fresh machine takes seconds, not minutes
-)
+# a first request that compiles kernels on a fresh machine takes seconds, not minutes
+WARMUP_TIMEOUT_S = 300.0
 
 
 class Gateway:
