@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import logging
 import time
@@ -23,6 +21,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from gateway.request_context import arrival_var
 from processor import sampling
+from processor.media import image_data_uri
 from processor.request_builder import PreparedPrompt, RequestBuilder
 from processor.tool_parsers import ToolCallStream, ToolParser
 from processor.tools import tool_call_grammar
@@ -164,9 +163,7 @@ def _warmup_image_uri(size: int = 448) -> str:
     """A noise JPEG as a data URI: the common image size of a chat request, content the decoder has to work on."""
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.effect_noise((size, size), 48).convert("RGB").save(buf, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return image_data_uri(Image.effect_noise((size, size), 48).convert("RGB"), "JPEG", quality=90)
 
 
 @dataclass

@@ -65,6 +65,13 @@ def blocked_address(ip: str) -> str | None:
     return None
 
 
+def image_data_uri(img: Image.Image, fmt: str = "JPEG", **save: object) -> str:
+    """An image encoded as a `data:image/<fmt>;base64,...` URI (what a chat message's image_url may carry)."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    return f"data:image/{fmt.lower()};base64,{binascii.b2a_base64(buf.getvalue(), newline=False).decode()}"
+
+
 class MediaFetcher:
     def __init__(self, policy: MediaPolicy):
         self.policy = policy

@@ -14,7 +14,7 @@ from typing import Any
 
 from common.errors import InvalidRequestError, PayloadTooLargeError
 from common.types import MultimodalItem
-from processor.media import MediaFetcher, MediaPolicy, content_key, image_size
+from processor.media import MediaFetcher, MediaPolicy, content_key, image_data_uri, image_size
 from processor.model_config import ModelConfig, load_model_config
 from processor.models import media_spec_class
 from processor.tokenizer import Tokenizer
@@ -119,17 +119,10 @@ class RequestBuilder:
         decoder plugin set-up or template compilation."""
         if self.media_spec is None:
             return
-        import base64
-        import io
-
         from PIL import Image
 
-        parts = []
-        for fmt in ("JPEG", "PNG"):
-            buf = io.BytesIO()
-            Image.new("RGB", (56, 56), (90, 120, 150)).save(buf, format=fmt)
-            uri = f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
-            parts.append({"type": "image_url", "image_url": {"url": uri}})
+        img = Image.new("RGB", (56, 56), (90, 120, 150))
+        parts = [{"type": "image_url", "image_url": {"url": image_data_uri(img, f)}} for f in ("JPEG", "PNG")]
         await self.from_messages([{"role": "user", "content": [*parts, {"type": "text", "text": "warm-up"}]}])
 
     # ---- raw prompts ----
