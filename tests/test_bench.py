@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http.server
 import json
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from mirador.bench.args import BenchArgs
-from mirador.bench.client import send
+from mirador.bench.client import run_server_processes, send
 from mirador.bench.report import METRICS, STATS, RequestResult, summarize
 from mirador.bench.workload import BenchRequest, base_vocab_size, build_workload, has_images
 from processor.tokenizer import Tokenizer
@@ -308,3 +311,77 @@ def test_summarize_figures():
     assert r["mean_tpot_ms"] == pytest.approx((100 + 300) / 2) and r["p50_itl_ms"] == pytest.approx(200)
     empty = summarize([RequestResult(0, 0, 5, error="x")], 1.0)
     assert empty["completed"] == 0 and empty["p99_ttft_ms"] is None
+
+
+# ---- several client processes ----
+
+
+class _StreamingHandler(http.server.BaseHTTPRequestHandler):
+    """A loopback stand-in for the gateway: each completion streams 4 one-token chunks, 30 ms apart for an even
+    first prompt token and 5 ms apart for an odd one."""
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        gap = 0.03 if body["prompt"][0] % 2 == 0 else 0.005
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.end_headers()
+        usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+        for i, c in enumerate(("a", "b", "c", "d")):
+            time.sleep(gap)
+            self.wfile.write(
+                _sse(_text(c, {**usage, "completion_tokens": i + 1}))[: -len(b"data: [DONE]\n\n")]
+            )
+            self.wfile.flush()
+        self.wfile.write(_sse({"choices": [], "usage": usage}))
+
+    def log_message(self, *args):
+        pass
+
+
+def test_client_processes_share_the_requests_and_the_concurrency():
+    """Two client processes with one stream each: request i runs in process i mod 2, so the even requests never
+    overlap each other (nor the odd ones), while the two processes overlap; all results come back in order,
+    on one clock. (One process with two streams would start request 2 when the short request 1 ends, while the
+    long request 0 still runs.)"""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StreamingHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        args = BenchArgs(
+            base_url=f"http://127.0.0.1:{server.server_address[1]}",
+            num_prompts=8,
+            random_output_len=4,
+            max_concurrency=2,
+            num_client_processes=2,
+            disable_progress=True,
+        )
+        requests = [BenchRequest(i, [i, 2, 3], "", 4) for i in range(8)]
+        results, duration, _ = run_server_processes(args, "m", requests, [])
+    finally:
+        server.shutdown()
+    assert [r.index for r in results] == list(range(8)) and all(r.success for r in results), results
+    assert all(r.output_tokens == 4 for r in results)
+    spans = [(r.start_s, r.start_s + r.e2e_s) for r in results]
+    assert max(b for _, b in spans) <= duration + 1e-6 and min(a for a, _ in spans) >= 0
+
+    def overlap(x, y):
+        return x[0] < y[1] and y[0] < x[1]
+
+    for parity in (0, 1):  # one stream per process: its requests run one after another
+        mine = spans[parity::2]
+        assert not any(overlap(a, b) for i, a in enumerate(mine) for b in mine[i + 1 :])
+    assert any(overlap(a, b) for a in spans[0::2] for b in spans[1::2])  # the processes ran side by side
+
+
+def test_client_processes_default_to_one_per_32_streams(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert BenchArgs(max_concurrency=64).client_processes == 2
+    assert BenchArgs(max_concurrency=32).client_processes == 1
+    assert BenchArgs(max_concurrency=1024).client_processes == 16  # at most one per core
+    assert BenchArgs().client_processes == 1  # no concurrency limit: one process
+    assert (
+        BenchArgs(max_concurrency=2, num_client_processes=4).client_processes == 2
+    )  # a stream each at least
+    assert BenchArgs(num_prompts=3, num_client_processes=8).client_processes == 3
+    with pytest.raises(ValueError):
+        BenchArgs(num_client_processes=-1)

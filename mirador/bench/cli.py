@@ -79,9 +79,9 @@ def run(args: BenchArgs) -> int:
     warmup = build_workload(args, tokenizer, args.warmup_requests, stream=1)
     hf_info, server_after, stats_before = None, None, None
     if args.backend == "mirador":
-        from mirador.bench.client import run_server
+        from mirador.bench.client import run_server_processes
 
-        results, duration, stats_before = asyncio.run(run_server(args, model, requests, warmup))
+        results, duration, stats_before = run_server_processes(args, model, requests, warmup)
         server_after = _get(args.base_url, "/server_info")
     else:
         from mirador.bench.hf import run_hf
@@ -91,6 +91,7 @@ def run(args: BenchArgs) -> int:
     report: dict[str, Any] = {
         "backend": args.backend,
         "model": model,
+        "client_processes": args.client_processes if args.backend == "mirador" else 1,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(),
         **summarize(results, duration),

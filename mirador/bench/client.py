@@ -10,8 +10,11 @@ gives one longer gap. Token counts come from the usage of the last chunk (stream
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
+import multiprocessing as mp
+import os
 import time
 from typing import Any
 
@@ -35,26 +38,133 @@ async def run_server(
 ) -> tuple[list[RequestResult], float, dict[str, Any] | None]:
     """Runs the warm-up, then the timed requests; returns their results, the timed run's duration and the
     server's counters just before it (None when /server_info has none)."""
-    extra = json.loads(args.extra_request_body) if args.extra_request_body else {}
+    async with _client(args) as http:
+        stats_before = await _warm_up(http, args, model, warmup)
+        progress = Progress(len(requests), "requests", disabled=args.disable_progress)
+        t0 = time.perf_counter()
+        results = await _run_all(http, args, model, _extra(args), requests, args.request_rate, progress, t0)
+        duration = time.perf_counter() - t0
+        progress.close()
+    return results, duration, stats_before
+
+
+def run_server_processes(
+    args: BenchArgs, model: str, requests: list[BenchRequest], warmup: list[BenchRequest]
+) -> tuple[list[RequestResult], float, dict[str, Any] | None]:
+    """run_server with the timed requests spread over `args.client_processes` processes (request i goes to
+    process i mod N, each with its share of the concurrency and the request rate), so that the client's own
+    CPU does not cap the figures. They start together on the system-wide monotonic clock (time.perf_counter),
+    so every result's times stay relative to one t0; the warm-up runs here first."""
+    n = args.client_processes
+    if n == 1:
+        return asyncio.run(run_server(args, model, requests, warmup))
+    stats_before = asyncio.run(_warm_up_only(args, model, warmup))
+    c = args.max_concurrency
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    done = ctx.Value("i", 0)
+    # the common start, once every process is up (a spawned one first unpickles its share of the requests)
+    t0 = time.perf_counter() + (0.5 if ctx.get_start_method() == "fork" else 5.0)
+    procs, conns = [], []
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the children never tokenize
+    for i in range(n):
+        share = dataclasses.replace(
+            args,
+            max_concurrency=None if c is None else c // n + (1 if i < c % n else 0),
+            request_rate=args.request_rate / n,
+            num_client_processes=1,
+        )
+        recv, send_end = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=_client_process, args=(share, model, requests[i::n], i, t0, done, send_end), daemon=True
+        )
+        proc.start()
+        send_end.close()
+        procs.append(proc)
+        conns.append(recv)
+    progress = Progress(len(requests), "requests", disabled=args.disable_progress)
+    outcomes: dict[int, tuple[list[RequestResult], float] | str] = {}
+    while len(outcomes) < n:
+        for i, (proc, conn) in enumerate(zip(procs, conns, strict=True)):
+            if i in outcomes:
+                continue
+            if conn.poll():
+                try:
+                    outcomes[i] = conn.recv()
+                except EOFError:
+                    outcomes[i] = f"client process {i} exited with code {proc.exitcode} before its results"
+            elif not proc.is_alive():
+                outcomes[i] = f"client process {i} exited with code {proc.exitcode} before its results"
+        progress.update(done.value - progress.done)
+        time.sleep(0.1)
+    progress.update(done.value - progress.done)
+    progress.close()
+    for proc in procs:
+        proc.join()
+    failed = [o for o in outcomes.values() if isinstance(o, str)]
+    if failed:
+        raise RuntimeError("; ".join(failed))
+    results = sorted((r for o in outcomes.values() for r in o[0]), key=lambda r: r.index)
+    end = max(o[1] for o in outcomes.values())
+    return results, end - t0, stats_before
+
+
+def _client_process(
+    args: BenchArgs, model: str, requests: list[BenchRequest], stream: int, t0: float, done, conn
+) -> None:
+    """One client process: waits for the common start t0, runs its share, sends (results, end time) back."""
+    conn.send(asyncio.run(_timed_share(args, model, requests, stream, t0, done)))
+    conn.close()
+
+
+async def _timed_share(
+    args: BenchArgs, model: str, requests: list[BenchRequest], stream: int, t0: float, done
+) -> tuple[list[RequestResult], float]:
+    async with _client(args) as http:
+        await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
+        results = await _run_all(
+            http, args, model, _extra(args), requests, args.request_rate, _Counter(done), t0, stream
+        )
+    return results, time.perf_counter()
+
+
+class _Counter:
+    """Stands in for the progress bar in a client process: counts finished requests in shared memory."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def update(self, n: int = 1) -> None:
+        with self.value.get_lock():
+            self.value.value += n
+
+
+def _client(args: BenchArgs) -> httpx.AsyncClient:
     limits = httpx.Limits(
         max_connections=args.max_concurrency, max_keepalive_connections=args.max_concurrency
     )
     timeout = httpx.Timeout(args.timeout_s, connect=min(args.timeout_s, 60.0))
-    async with httpx.AsyncClient(
-        base_url=args.base_url, timeout=timeout, limits=limits, trust_env=False
-    ) as http:
-        if warmup:
-            warm = await _run_all(http, args, model, extra, warmup, math.inf, None)
-            failed = [r for r in warm if not r.success]
-            if len(failed) == len(warm):
-                print(f"warning: every warm-up request failed, e.g. {failed[0].error}", flush=True)
-        stats_before = await _server_stats(http)
-        progress = Progress(len(requests), "requests", disabled=args.disable_progress)
-        t0 = time.perf_counter()
-        results = await _run_all(http, args, model, extra, requests, args.request_rate, progress, t0)
-        duration = time.perf_counter() - t0
-        progress.close()
-    return results, duration, stats_before
+    return httpx.AsyncClient(base_url=args.base_url, timeout=timeout, limits=limits, trust_env=False)
+
+
+def _extra(args: BenchArgs) -> dict[str, Any]:
+    return json.loads(args.extra_request_body) if args.extra_request_body else {}
+
+
+async def _warm_up(
+    http: httpx.AsyncClient, args: BenchArgs, model: str, warmup: list[BenchRequest]
+) -> dict[str, Any] | None:
+    """Runs the warm-up requests (left out of the figures); returns the server's counters after them."""
+    if warmup:
+        warm = await _run_all(http, args, model, _extra(args), warmup, math.inf, None)
+        failed = [r for r in warm if not r.success]
+        if len(failed) == len(warm):
+            print(f"warning: every warm-up request failed, e.g. {failed[0].error}", flush=True)
+    return await _server_stats(http)
+
+
+async def _warm_up_only(args: BenchArgs, model: str, warmup: list[BenchRequest]) -> dict[str, Any] | None:
+    async with _client(args) as http:
+        return await _warm_up(http, args, model, warmup)
 
 
 async def _server_stats(http: httpx.AsyncClient) -> dict[str, Any] | None:
@@ -72,12 +182,14 @@ async def _run_all(
     extra: dict[str, Any],
     requests: list[BenchRequest],
     rate: float,
-    progress: Progress | None,
+    progress: Progress | _Counter | None,
     t0: float | None = None,
+    stream: int = 0,
 ) -> list[RequestResult]:
     t0 = time.perf_counter() if t0 is None else t0
     limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-    arrivals = np.random.default_rng([args.seed, 2])
+    # each client process draws its own arrival gaps (process 0's are those of a single-process run)
+    arrivals = np.random.default_rng([args.seed, 2] + ([stream] if stream else []))
 
     async def one(req: BenchRequest) -> RequestResult:
         if limit is None:

@@ -113,6 +113,7 @@ def format_table(report: dict[str, Any]) -> str:
         ("Dataset", f"{cfg['dataset']}, {cfg['num_images']} image(s) x {cfg['image_ratio']:g} of requests"),
         ("Traffic request rate", cfg["request_rate"]),
         ("Max request concurrency", cfg["max_concurrency"] or "not set"),
+        ("Client processes", report.get("client_processes", 1)),
         ("Successful requests", report["completed"]),
         ("Failed requests", report["failed"]),
         ("Benchmark duration (s)", report["duration_s"]),
