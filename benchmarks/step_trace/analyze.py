@@ -17,7 +17,7 @@ def kv(s):
     return {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.]+)", s)}
 
 
-plans, outs, vb, enc = {}, {}, [], []
+plans, outs, vb, enc, gw = {}, {}, [], [], []
 with open(sys.argv[1], errors="replace") as fh:
     lines = fh.readlines()
 for line in lines:
@@ -38,6 +38,8 @@ for line in lines:
         vb.append(d)
     elif kind == "encoded":
         enc.append(d)
+    elif kind == "gw":
+        gw.append(d)
 ids = sorted(i for i in plans if i in outs and (plans[i]["ptok"] or plans[i]["dec"]))
 if len(sys.argv) > 2:  # only steps after this many seconds from the first
     t0 = plans[ids[0]]["t"] + float(sys.argv[2]) * 1e3
@@ -65,9 +67,31 @@ if dec:
     print(
         f"decode rows per step with decodes: mean {st.mean(dec):.1f}, p10 {sorted(dec)[len(dec) // 10]:.0f}, p50 {st.median(dec):.0f}"
     )
-runs = [plans[i]["run"] for i in ids]
-waits = [plans[i]["wait"] for i in ids]
-print(f"scheduler: running mean {st.mean(runs):.1f}, waiting mean {st.mean(waits):.1f}")
+span = plans[ids[-1]]["t"] - plans[ids[0]]["t"]
+run_w = (
+    sum(plans[a]["run"] * (plans[b]["t"] - plans[a]["t"]) for a, b in zip(ids, ids[1:], strict=False)) / span
+)
+wait_w = (
+    sum(plans[a]["wait"] * (plans[b]["t"] - plans[a]["t"]) for a, b in zip(ids, ids[1:], strict=False)) / span
+)
+print(f"scheduler (time-weighted): running mean {run_w:.1f}, waiting mean {wait_w:.1f}")
+if gw:  # time-weighted mean of requests in the gateway over the steps' span
+    t_a, t_b = plans[ids[0]]["t"], plans[ids[-1]]["t"]
+    area, last_t, last_n = 0.0, t_a, None
+    for d in gw:
+        if d["t"] < t_a:
+            last_n = d["n"]
+            continue
+        if d["t"] > t_b:
+            break
+        if last_n is not None:
+            area += last_n * (d["t"] - last_t)
+        last_t, last_n = d["t"], d["n"]
+    if last_n is not None:
+        area += last_n * (t_b - last_t)
+    print(
+        f"gateway: requests in flight mean {area / (t_b - t_a):.1f} (handler start to the end of the stream)"
+    )
 if vb:
     n = [d["n"] for d in vb]
     dur = [d["t"] - d["start"] for d in vb]

@@ -25,6 +25,8 @@ def _install():
     sys.path.insert(0, os.getcwd())  # ours first: an installed wheel may ship a top-level `models` package
     if " vision" in f" {argv} ":
         _install_vision()
+    if " gateway" in f" {argv} ":
+        _install_gateway()
     if " scheduler" not in f" {argv} ":
         return
     from scheduler_svc.scheduler import Scheduler
@@ -64,6 +66,35 @@ def _install():
         return orig_encoded(self, request_id, keys, *a, **kw)
 
     Scheduler.schedule, Scheduler.process_output, Scheduler.on_encoded = schedule, process_output, on_encoded
+
+
+def _install_gateway():
+    """`gw n=` lines: requests in the gateway (from the handler's start to the end of their event stream)."""
+    import gateway.app  # noqa: F401 - the handler is built inside create_app: count at the ASGI app instead
+    from gateway.sse import EventStreamResponse
+
+    live = [0]
+    orig_call = EventStreamResponse.__call__
+
+    async def call(self, scope, receive, send):
+        try:
+            return await orig_call(self, scope, receive, send)
+        finally:
+            live[0] -= 1
+            _log(f"gw n={live[0]}")
+
+    EventStreamResponse.__call__ = call
+    from starlette.routing import Route
+
+    orig_handle = Route.handle
+
+    async def handle(self, scope, receive, send):
+        if scope.get("method") == "POST":
+            live[0] += 1
+            _log(f"gw n={live[0]}")
+        return await orig_handle(self, scope, receive, send)
+
+    Route.handle = handle
 
 
 def _install_vision():
