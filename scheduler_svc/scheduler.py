@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from common.errors import InvalidRequestError, ResourceExhaustedError
 from common.types import (
     Constraint,
+    DeltaColumns,
     EmbeddingLease,
     GenerateOutput,
     GenerateRequest,
@@ -235,7 +236,12 @@ class Scheduler:
 
     # ---- requests ----
 
-    def add_request(self, req: GenerateRequest, now: float | None = None) -> None:
+    def add_request(
+        self, req: GenerateRequest, now: float | None = None, deltas: DeltaColumns | None = None
+    ) -> None:
+        """Queue a request. With `deltas`, its streamed plain deltas are appended there (a consumer's columns)
+        instead of going to `outputs` one GenerateOutput each; finishes, logprobs and errors still go to
+        `outputs`, after the deltas delivered before them."""
         if req.request_id in self.requests:
             raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
         cap = self.policy.max_queued_requests
@@ -283,6 +289,8 @@ class Scheduler:
                 no_stop_trim=stop.no_stop_trim,
             )
             seq = Sequence(state, i, stream, self.policy.eos_token_ids)
+            if req.stream:
+                seq.deltas = deltas
             state.seqs.append(seq)
             self._enqueue(seq)
         state.num_unfinished = len(state.seqs)
@@ -768,6 +776,10 @@ class Scheduler:
         failed = {f.seq_id: f for f in out.failures}
         results = {r.seq_id: r for r in out.results}
         tokens = dict(zip(out.sampled_seq_ids, out.sampled_token_ids, strict=True))
+        if len(decodes.seq_ids) == len(out.sampled_seq_ids) and out.sampled_seq_ids == tuple(decodes.seq_ids):
+            decode_tokens = out.sampled_token_ids  # the worker answered the decodes in plan order (the rule)
+        else:
+            decode_tokens = [tokens.get(i) for i in decodes.seq_ids]
         scored = {p.seq_id: p for p in out.prompt_logprobs}
         self.stats.worker_forward_ns_total += out.forward_ns
         self.observer.step(bool(sent), out.forward_ns * 1e-9)
@@ -789,7 +801,10 @@ class Scheduler:
                 continue
             num_tokens += self._on_sample(seq, s.computed_after, tokens, results)
         finished = SeqStatus.FINISHED
-        for seq, epoch, start in zip(decodes.seqs, decodes.epochs, decodes.start_pos, strict=True):
+        context_length, interval = self.policy.context_length, self.policy.stream_interval
+        for seq, epoch, start, token in zip(
+            decodes.seqs, decodes.epochs, decodes.start_pos, decode_tokens, strict=True
+        ):
             if seq.epoch != epoch or seq.status is finished:
                 continue
             if failed and seq.seq_id in failed:
@@ -797,7 +812,38 @@ class Scheduler:
                 continue
             if seq.num_confirmed <= start:
                 seq.num_confirmed = start + 1
-            num_tokens += self._on_sample(seq, start + 1, tokens, results)
+            output_ids = seq.output_ids
+            if (
+                token is None
+                or seq.matcher is not None
+                or seq.return_logprob
+                or not output_ids
+                or token in seq.stop_token_ids
+                or len(output_ids) + 1 >= seq.max_new_tokens
+                or len(seq.token_ids) + 1 >= context_length
+            ):
+                num_tokens += self._on_sample(seq, start + 1, tokens, results)
+                continue
+            # _on_sample and _on_token inline for the common token: not the first, no grammar, no logprobs, no
+            # stop token, not the last by length; only a stop string can end the sequence here
+            num_tokens += 1
+            seq.num_pending_samples -= 1
+            output_ids.append(token)
+            seq.token_ids.append(token)
+            seq.key.append(token)
+            stream = seq.stream
+            text = stream.push_token(token, len(output_ids) >= seq.min_new_tokens)
+            if text:
+                seq.pending_text += text
+            seq.pending_ids.append(token)
+            if stream.matched_stop is not None:
+                seq.matched_stop = stream.matched_stop
+                self._finish(seq, "stop", emit=True)
+            elif seq.streaming and seq.pending_text and len(seq.pending_ids) >= interval:
+                if seq.deltas is not None and seq.prompt_lps_sent:
+                    self._emit_delta(seq, seq.deltas)
+                else:
+                    self._emit(seq)
         self.stats.generated_tokens_total += num_tokens
         self.stats.recent_tokens.append((time.time(), num_tokens))
 
@@ -886,7 +932,10 @@ class Scheduler:
             and (seq.pending_text or logprob is not None)
             and len(seq.pending_ids) >= self.policy.stream_interval
         ):
-            self._emit(seq)
+            if logprob is None and seq.deltas is not None and seq.prompt_lps_sent:
+                self._emit_delta(seq, seq.deltas)
+            else:
+                self._emit(seq)
 
     def _finish(self, seq: Sequence, reason: str, emit: bool, error: tuple[str, str] | None = None) -> None:
         if seq.status is not SeqStatus.FINISHED:
@@ -919,6 +968,17 @@ class Scheduler:
             self.requests.pop(state.request_id, None)
             if reason != "abort":
                 self.stats.requests_finished += 1
+
+    @staticmethod
+    def _emit_delta(seq: Sequence, deltas: DeltaColumns) -> None:
+        """_emit of a plain delta (no logprobs, not final) into the consumer's columns."""
+        deltas.request_ids.append(seq.request_id)
+        deltas.indexes.append(seq.index)
+        deltas.texts.append(seq.pending_text)
+        deltas.num_tokens.append(len(seq.pending_ids))
+        deltas.token_ids += seq.pending_ids
+        seq.pending_text = ""
+        seq.pending_ids.clear()
 
     def _emit(self, seq: Sequence, final: bool = False, error: tuple[str, str] | None = None) -> None:
         req = seq.req

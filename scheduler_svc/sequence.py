@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from common.types import GenerateRequest, MultimodalItem, PromptLogprobs, TokenLogprob
+from common.types import DeltaColumns, GenerateRequest, MultimodalItem, PromptLogprobs, TokenLogprob
 from processor.text_stream import TextStream
 from scheduler_svc.radix_cache import TreeNode
 
@@ -146,7 +146,9 @@ class Sequence:
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] = []
         self.preempted_in_step = -1
-        self.prompt_lps_sent = False  # its first output carried the prompt log-probabilities
+        # its first output carried the prompt log-probabilities (none asked for: nothing to carry)
+        self.prompt_lps_sent = req.request.prompt_logprob_from is None
+        self.deltas: DeltaColumns | None = None  # where its plain streamed deltas go (else to the outputs)
         # grammar-constrained decoding: the llguidance matcher, advanced by every accepted output token; the
         # sequence samples only once its previous token is known (the mask depends on it)
         self.matcher = None
