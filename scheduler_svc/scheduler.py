@@ -289,7 +289,8 @@ class Scheduler:
                 no_stop_trim=stop.no_stop_trim,
             )
             seq = Sequence(state, i, stream, self.policy.eos_token_ids)
-            if req.stream:
+            seq.output_limit = min(seq.max_new_tokens, self.policy.context_length - n_prompt)
+            if req.stream and seq.prompt_lps_sent:  # a first output with prompt logprobs goes as a message
                 seq.deltas = deltas
             state.seqs.append(seq)
             self._enqueue(seq)
@@ -801,7 +802,8 @@ class Scheduler:
                 continue
             num_tokens += self._on_sample(seq, s.computed_after, tokens, results)
         finished = SeqStatus.FINISHED
-        context_length, interval = self.policy.context_length, self.policy.stream_interval
+        interval = self.policy.stream_interval
+        columns: DeltaColumns | None = None
         for seq, epoch, start, token in zip(
             decodes.seqs, decodes.epochs, decodes.start_pos, decode_tokens, strict=True
         ):
@@ -815,17 +817,16 @@ class Scheduler:
             output_ids = seq.output_ids
             if (
                 token is None
+                or not output_ids
+                or len(output_ids) + 1 >= seq.output_limit
                 or seq.matcher is not None
                 or seq.return_logprob
-                or not output_ids
                 or token in seq.stop_token_ids
-                or len(output_ids) + 1 >= seq.max_new_tokens
-                or len(seq.token_ids) + 1 >= context_length
             ):
                 num_tokens += self._on_sample(seq, start + 1, tokens, results)
                 continue
-            # _on_sample and _on_token inline for the common token: not the first, no grammar, no logprobs, no
-            # stop token, not the last by length; only a stop string can end the sequence here
+            # _on_sample and _on_token inline for the common token: not the first, not the last by length, no
+            # grammar, no logprobs, no stop token; only a stop string can end the sequence here
             num_tokens += 1
             seq.num_pending_samples -= 1
             output_ids.append(token)
@@ -833,15 +834,31 @@ class Scheduler:
             seq.key.append(token)
             stream = seq.stream
             text = stream.push_token(token, len(output_ids) >= seq.min_new_tokens)
+            if stream.matched_stop is not None:
+                seq.pending_text += text
+                seq.pending_ids.append(token)
+                seq.matched_stop = stream.matched_stop
+                self._finish(seq, "stop", emit=True)
+                continue
+            deltas = seq.deltas
+            if text and deltas is not None and interval == 1 and not seq.pending_ids:
+                if deltas is not columns:  # one consumer's columns, usually every sequence's
+                    columns = deltas
+                    add_rid, add_index = deltas.request_ids.append, deltas.indexes.append
+                    add_text, add_count = deltas.texts.append, deltas.num_tokens.append
+                    add_token = deltas.token_ids.append
+                add_rid(seq.request_id)
+                add_index(seq.index)
+                add_text(text)
+                add_count(1)
+                add_token(token)
+                continue
             if text:
                 seq.pending_text += text
             seq.pending_ids.append(token)
-            if stream.matched_stop is not None:
-                seq.matched_stop = stream.matched_stop
-                self._finish(seq, "stop", emit=True)
-            elif seq.streaming and seq.pending_text and len(seq.pending_ids) >= interval:
-                if seq.deltas is not None and seq.prompt_lps_sent:
-                    self._emit_delta(seq, seq.deltas)
+            if seq.streaming and seq.pending_text and len(seq.pending_ids) >= interval:
+                if deltas is not None:
+                    self._emit_delta(seq, deltas)
                 else:
                     self._emit(seq)
         self.stats.generated_tokens_total += num_tokens
@@ -932,7 +949,7 @@ class Scheduler:
             and (seq.pending_text or logprob is not None)
             and len(seq.pending_ids) >= self.policy.stream_interval
         ):
-            if logprob is None and seq.deltas is not None and seq.prompt_lps_sent:
+            if logprob is None and seq.deltas is not None:
                 self._emit_delta(seq, seq.deltas)
             else:
                 self._emit(seq)

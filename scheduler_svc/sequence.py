@@ -107,6 +107,48 @@ class RequestState:
 class Sequence:
     """One choice of a request: the unit the worker computes."""
 
+    # slots: a compact object (the hot loops read a dozen of its fields per token)
+    __slots__ = (
+        "req",
+        "index",
+        "request_id",
+        "seq_id",
+        "min_new_tokens",
+        "max_new_tokens",
+        "no_stop_trim",
+        "stop_token_ids",
+        "streaming",
+        "return_logprob",
+        "last_step",
+        "token_ids",
+        "key",
+        "output_ids",
+        "status",
+        "epoch",
+        "num_computed",
+        "num_confirmed",
+        "num_pending_samples",
+        "page_ids",
+        "table_dirty_from",
+        "tree_node",
+        "num_tree_pages",
+        "worker_has_state",
+        "encoder_keys",
+        "encoder_page_ids",
+        "cached_tokens",
+        "stream",
+        "finish_reason",
+        "matched_stop",
+        "pending_text",
+        "pending_ids",
+        "pending_logprobs",
+        "preempted_in_step",
+        "prompt_lps_sent",
+        "deltas",
+        "output_limit",
+        "matcher",
+    )
+
     def __init__(self, req: RequestState, index: int, stream: TextStream, eos_token_ids: Iterable[int] = ()):
         self.req = req
         self.index = index
@@ -149,6 +191,9 @@ class Sequence:
         # its first output carried the prompt log-probabilities (none asked for: nothing to carry)
         self.prompt_lps_sent = req.request.prompt_logprob_from is None
         self.deltas: DeltaColumns | None = None  # where its plain streamed deltas go (else to the outputs)
+        self.output_limit = (
+            self.max_new_tokens
+        )  # output tokens at which it ends by length (the context's too)
         # grammar-constrained decoding: the llguidance matcher, advanced by every accepted output token; the
         # sequence samples only once its previous token is known (the mask depends on it)
         self.matcher = None
