@@ -66,6 +66,22 @@ class IncrementalDetokenizer:
     tokenizer exposes its backend; otherwise (or once DecodeStream refuses a step) the same windows are
     decoded here. Only a bounded list of recent ids is kept."""
 
+    __slots__ = (
+        "tokenizer",
+        "skip",
+        "_backend",
+        "_stream",
+        "_dropped",
+        "_byte_ids",
+        "_clean",
+        "_ids",
+        "_prefix",
+        "_read",
+        "_num_unstepped",
+        "_window_clean",
+        "_stale",
+    )
+
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
@@ -219,6 +235,8 @@ def _clean_texts(backend: tokenizers.Tokenizer) -> _CleanTexts | None:
 
 class TextStream:
     """Detokenizer plus stop-string matching for one choice."""
+
+    __slots__ = ("detok", "stop", "hold", "no_stop_trim", "matched_stop", "_tail", "_num_held", "_searched")
 
     def __init__(
         self,

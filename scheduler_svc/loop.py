@@ -28,7 +28,6 @@ from common.types import (
 from scheduler_svc.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
-_CPU = [0, 0, 0, 0]
 
 
 class WorkerBackend(Protocol):
@@ -223,10 +222,10 @@ class SchedulerLoop:
             if handshake and not await self._handshake():
                 continue
             if len(inflight) <= self.depth:
-                a = time.time_ns(); _t0 = time.thread_time_ns()
+                a = time.time_ns()
                 plan = self.core.schedule()
                 self._start_encodes()  # images admission found missing go to vision now, not next wake-up
-                self._account(a, time.time_ns(), off_path=bool(inflight)); _CPU[0] += time.thread_time_ns() - _t0
+                self._account(a, time.time_ns(), off_path=bool(inflight))
                 if plan is not None:
                     if inflight:
                         self.core.stats.steps_overlapped += 1
@@ -238,12 +237,10 @@ class SchedulerLoop:
                 except (MiradorError, TimeoutError, asyncio.TimeoutError, ConnectionError) as e:
                     self._worker_failed(e, inflight)
                     continue
-                a = time.time_ns(); _t0 = time.thread_time_ns()
+                a = time.time_ns()
                 self.core.process_output(out)
-                _CPU[1] += time.thread_time_ns() - _t0
                 self._deliver()
-                self._account(a, time.time_ns(), off_path=bool(inflight)); _CPU[2] += time.thread_time_ns() - _t0; _CPU[3] += 1
-                if _CPU[3] % 250 == 0: logger.warning("CPUPROBE steps %d schedule %.0f process %.0f proc+deliver %.0f thread %.0f (cumulative us)", _CPU[3], _CPU[0]/1e3, _CPU[1]/1e3, _CPU[2]/1e3, time.thread_time_ns()/1e3)
+                self._account(a, time.time_ns(), off_path=bool(inflight))
                 self.core.stats.scheduler_ns_overlapped += self._overlap(out.start_unix_ns, out.end_unix_ns)
                 continue
             self._deliver()

@@ -831,7 +831,6 @@ class Scheduler:
             seq.num_pending_samples -= 1
             output_ids.append(token)
             seq.token_ids.append(token)
-            seq.key.append(token)
             stream = seq.stream
             text = stream.push_token(token, len(output_ids) >= seq.min_new_tokens)
             if stream.matched_stop is not None:
@@ -917,7 +916,6 @@ class Scheduler:
             grammar_done = seq.matcher.is_stopped()  # complete, and nothing may follow but EOS
         seq.output_ids.append(token)
         seq.token_ids.append(token)
-        seq.key.append(token)
         n_out = len(seq.output_ids)
         reason: str | None = None
         check = n_out >= seq.min_new_tokens

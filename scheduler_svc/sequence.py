@@ -121,7 +121,6 @@ class Sequence:
         "return_logprob",
         "last_step",
         "token_ids",
-        "key",
         "output_ids",
         "status",
         "epoch",
@@ -164,7 +163,6 @@ class Sequence:
         self.return_logprob = req.request.sampling.return_logprob
         self.last_step = -1  # the step that last scheduled it
         self.token_ids: list[int] = list(req.request.input_ids)
-        self.key: list[int] = list(req.prompt_key)
         self.output_ids: list[int] = []
         self.status = SeqStatus.WAITING
         self.epoch = 0  # bumped when in-flight steps of this sequence must be ignored (preempted, reset)
@@ -197,6 +195,12 @@ class Sequence:
         # grammar-constrained decoding: the llguidance matcher, advanced by every accepted output token; the
         # sequence samples only once its previous token is known (the mask depends on it)
         self.matcher = None
+
+    @property
+    def key(self) -> list[int]:
+        """The prefix-cache key of its tokens: the prompt's (images and salt as their values), then its outputs;
+        built when asked (admission, caching), so a token costs no third list append."""
+        return self.req.prompt_key + self.output_ids
 
     @property
     def prefill_done(self) -> bool:
