@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from benchmarks.sim_worker import text_token_ids
     from processor.model_config import load_generation_eos
+    from processor.text_stream import prepare_detokenizer
     from processor.tokenizer import Tokenizer
 
     if not args.model_path:
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = Tokenizer(args.model_path)
     pool = [int(t) for t in text_token_ids(tokenizer)]
     bench = Bench(args, tokenizer, pool, load_generation_eos(args.model_path))
-    settle_gc()  # as the scheduler service does after start-up
+    prepare_detokenizer(tokenizer)  # as the scheduler service does at start-up
+    settle_gc()
     bench.run(args.steps)
     bench.reset_counters()
     profiler = cProfile.Profile() if args.profile else None

@@ -224,6 +224,21 @@ class _CleanTexts:
         self.texts[token] = text
         return text
 
+    def fill(self) -> None:
+        """Every id's text now, in one batch decode (~0.2 s for 150k ids), instead of one decode the first time
+        each id is sampled (~1 us each, and a cache miss in the hot loop)."""
+        texts = self.backend.decode_batch([[i] for i in range(len(self.texts))], skip_special_tokens=False)
+        for i, text in enumerate(texts):
+            self.texts[i] = "" if i in self.added or "\ufffd" in text else text
+
+
+def prepare_detokenizer(tokenizer: Tokenizer) -> None:
+    """Fill the tokenizer's table of whole-character texts ahead of traffic (a service's start-up)."""
+    backend = getattr(tokenizer, "backend", None)
+    clean = _clean_texts(backend) if backend is not None else None
+    if clean is not None:
+        clean.fill()
+
 
 @functools.lru_cache(maxsize=8)
 def _clean_texts(backend: tokenizers.Tokenizer) -> _CleanTexts | None:

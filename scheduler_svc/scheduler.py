@@ -491,12 +491,11 @@ class Scheduler:
 
     def _has_prompt_work(self) -> bool:
         """A running sequence has prompt tokens left, or a waiting one could be admitted now."""
-        # Sequence.in_prompt, inline: this runs over the whole batch every step
-        if any(
-            s.num_computed < len(s.token_ids) - (1 if s.output_ids else 0) and s.status is SeqStatus.RUNNING
-            for s in self.running
-        ):
-            return True
+        # Sequence.in_prompt, inline and in a plain loop (no generator): this runs over the whole batch every step
+        running = SeqStatus.RUNNING
+        for s in self.running:
+            if s.num_computed < len(s.token_ids) - (1 if s.output_ids else 0) and s.status is running:
+                return True
         return len(self.running) < self.policy.max_running_requests and any(
             self._admissible(s) for s in self.waiting
         )
@@ -776,10 +775,11 @@ class Scheduler:
         sent, decodes = self._inflight.pop(out.step_id, ((), _Decodes()))
         failed = {f.seq_id: f for f in out.failures}
         results = {r.seq_id: r for r in out.results}
-        tokens = dict(zip(out.sampled_seq_ids, out.sampled_token_ids, strict=True))
-        if len(decodes.seq_ids) == len(out.sampled_seq_ids) and out.sampled_seq_ids == tuple(decodes.seq_ids):
-            decode_tokens = out.sampled_token_ids  # the worker answered the decodes in plan order (the rule)
+        if not sent and out.sampled_seq_ids == tuple(decodes.seq_ids):
+            tokens = {}  # the worker answered a decode-only step in plan order, as it does: no lookups
+            decode_tokens = out.sampled_token_ids
         else:
+            tokens = dict(zip(out.sampled_seq_ids, out.sampled_token_ids, strict=True))
             decode_tokens = [tokens.get(i) for i in decodes.seq_ids]
         scored = {p.seq_id: p for p in out.prompt_logprobs}
         self.stats.worker_forward_ns_total += out.forward_ns
@@ -800,7 +800,7 @@ class Scheduler:
                 if seq.max_new_tokens == 0 and s.computed_after >= seq.req.num_prompt_tokens:
                     self._finish(seq, "length", emit=True)  # scored the prompt, generates nothing
                 continue
-            num_tokens += self._on_sample(seq, s.computed_after, tokens, results)
+            num_tokens += self._on_sample(seq, s.computed_after, tokens.get(seq.seq_id), results)
         finished = SeqStatus.FINISHED
         interval = self.policy.stream_interval
         columns: DeltaColumns | None = None
@@ -823,7 +823,7 @@ class Scheduler:
                 or seq.return_logprob
                 or token in seq.stop_token_ids
             ):
-                num_tokens += self._on_sample(seq, start + 1, tokens, results)
+                num_tokens += self._on_sample(seq, start + 1, token, results)
                 continue
             # _on_sample and _on_token inline for the common token: not the first, not the last by length, no
             # grammar, no logprobs, no stop token; only a stop string can end the sequence here
@@ -864,11 +864,10 @@ class Scheduler:
         self.stats.recent_tokens.append((time.time(), num_tokens))
 
     def _on_sample(
-        self, seq: Sequence, computed: int, tokens: dict[str, int], results: dict[str, SeqResult]
+        self, seq: Sequence, computed: int, token: int | None, results: dict[str, SeqResult]
     ) -> int:
-        """The token a step sampled for seq (from the result's columns or, with logprobs, its `results`)."""
+        """The token a step sampled for seq: `token` from the result's columns or, with logprobs, its `results`."""
         seq.num_pending_samples -= 1
-        token = tokens.get(seq.seq_id)
         logprob = None
         if token is None:
             result = results.get(seq.seq_id)

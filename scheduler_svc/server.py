@@ -20,6 +20,7 @@ from common.service_main import settle_gc
 from common.types import DeltaColumns, WorkerInfo
 from models.registry import get_entry
 from processor.model_config import load_generation_eos, load_model_config
+from processor.text_stream import prepare_detokenizer
 from processor.tokenizer import Tokenizer
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import SchedulerArgs
@@ -124,6 +125,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
         self.loop.core.observer = PrometheusObserver(self.model_name)
         self.loop.core.grammar_backend()  # its tokenizer builds on a grammar thread while we start serving
+        prepare_detokenizer(tokenizer)
         self.loop.start()
         self.fatal.watch(self.loop.task, "the scheduler loop", must_run=False)  # it returns only when stopped
         logger.info(
