@@ -220,6 +220,7 @@ class Scheduler:
         self.grammar = None  # a GrammarBackend, made on first use (or by the server at startup)
         self.grammar_requests: list[tuple[str, Constraint]] = []  # constraints the loop compiles off the path
         self._num_constrained = 0  # running or waiting sequences with a matcher
+        self._stop_sets: dict[frozenset[int], frozenset[int]] = {}
 
     def grammar_backend(self):
         """The grammar backend, made on first use: the llguidance tokenizer takes ~2 s to build (on a thread)."""
@@ -289,6 +290,10 @@ class Scheduler:
                 no_stop_trim=stop.no_stop_trim,
             )
             seq = Sequence(state, i, stream, self.policy.eos_token_ids)
+            # one frozenset per distinct stop-token set, shared: read for every token, it stays in the caches
+            if len(self._stop_sets) > 1024:
+                self._stop_sets.clear()
+            seq.stop_token_ids = self._stop_sets.setdefault(seq.stop_token_ids, seq.stop_token_ids)
             seq.output_limit = min(seq.max_new_tokens, self.policy.context_length - n_prompt)
             if req.stream and seq.prompt_lps_sent:  # a first output with prompt logprobs goes as a message
                 seq.deltas = deltas
@@ -485,7 +490,7 @@ class Scheduler:
             return list(self.waiting)
 
         def matched(seq: Sequence) -> int:
-            return len(self.cache.match_prefix(seq.key[: len(seq.token_ids) - 1])[0])
+            return len(self.cache.match_prefix(seq.key[: seq.num_tokens - 1])[0])
 
         return sorted(self.waiting, key=lambda seq: -matched(seq))  # stable: arrival order among equals
 
@@ -494,7 +499,8 @@ class Scheduler:
         # Sequence.in_prompt, inline and in a plain loop (no generator): this runs over the whole batch every step
         running = SeqStatus.RUNNING
         for s in self.running:
-            if s.num_computed < len(s.token_ids) - (1 if s.output_ids else 0) and s.status is running:
+            n = len(s.output_ids)
+            if s.num_computed < s.num_prompt + n - (1 if n else 0) and s.status is running:
                 return True
         return len(self.running) < self.policy.max_running_requests and any(
             self._admissible(s) for s in self.waiting
@@ -519,7 +525,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not running or seq.last_step == step_id:
                 continue  # preempted for an older sequence in this loop, or already in the step
-            start, total = seq.num_computed, len(seq.token_ids)
+            start, total = seq.num_computed, seq.num_prompt + len(seq.output_ids)
             if start >= total:  # prompt done: a decode
                 if not decodes:
                     continue
@@ -546,8 +552,8 @@ class Scheduler:
             elif not decodes and not seq.in_prompt:
                 continue
             else:
-                limit = p.chunked_prefill_size if p.chunked_prefill_size > 0 else len(seq.token_ids)
-                n = min(len(seq.token_ids) - seq.num_computed, limit, prefill_budget)
+                limit = p.chunked_prefill_size if p.chunked_prefill_size > 0 else total
+                n = min(total - seq.num_computed, limit, prefill_budget)
                 n = self._whole_images(seq, seq.num_computed, n)
                 if n <= 0:
                     continue
@@ -590,7 +596,7 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int, step_id: int) -> tuple[int, int] | int | None:
         """Match the prefix cache, make sure images are encoded, take pages. Returns (tokens, cache hit) when
         admitted, 0 when the sequence waits for its images, None when pages ran out."""
-        total = len(seq.token_ids)
+        total = seq.num_tokens
         usable = total - 1  # the last token is always computed: its row samples the next one
         if seq.req.needs_prompt_lps:  # rows from logprob_start_len - 1 on are computed to score the prompt
             usable = min(usable, seq.req.request.prompt_logprob_from - 1)
@@ -663,7 +669,7 @@ class Scheduler:
 
     def _seq_step(self, seq: Sequence, n: int, sent: list[_Sent]) -> SeqStep:
         start = seq.num_computed
-        total = len(seq.token_ids)
+        total = seq.num_tokens
         decode = seq.prefill_done
         sample = (decode or start + n == total) and seq.max_new_tokens > 0
         init = None
@@ -707,7 +713,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, step_id: int) -> None:
         """Free a running sequence's pages; it is recomputed from its known tokens later."""
-        logger.info("preempting %s (%d tokens) to free KV pages", seq.seq_id, len(seq.token_ids))
+        logger.info("preempting %s (%d tokens) to free KV pages", seq.seq_id, seq.num_tokens)
         self.stats.num_preemptions += 1
         self._release(seq, cache=True)
         self.running.remove(seq)
@@ -722,7 +728,7 @@ class Scheduler:
     def _release(self, seq: Sequence, cache: bool) -> None:
         """Give back a sequence's pages (caching its confirmed full pages) and forget in-flight steps."""
         ps = self.policy.page_size
-        n_full = min(seq.num_confirmed, len(seq.token_ids)) // ps if cache and self.cache.enabled else 0
+        n_full = min(seq.num_confirmed, seq.num_tokens) // ps if cache and self.cache.enabled else 0
         owned_from = seq.num_tree_pages
         if n_full > seq.num_tree_pages:
             existing = self.cache.insert(seq.key[: n_full * ps], seq.page_ids[:n_full]) // ps
@@ -751,7 +757,7 @@ class Scheduler:
         """Share a running sequence's confirmed full pages through the prefix cache; where the cache already
         held them, switch the sequence to the cached pages and free its duplicates."""
         ps = self.policy.page_size
-        n_full = min(computed, len(seq.token_ids)) // ps
+        n_full = min(computed, seq.num_tokens) // ps
         if not self.cache.enabled or n_full <= seq.num_tree_pages:
             return
         key = seq.key[: n_full * ps]
@@ -830,15 +836,17 @@ class Scheduler:
             num_tokens += 1
             seq.num_pending_samples -= 1
             output_ids.append(token)
-            seq.token_ids.append(token)
-            stream = seq.stream
-            text = stream.push_token(token, len(output_ids) >= seq.min_new_tokens)
-            if stream.matched_stop is not None:
-                seq.pending_text += text
-                seq.pending_ids.append(token)
-                seq.matched_stop = stream.matched_stop
-                self._finish(seq, "stop", emit=True)
-                continue
+            if seq.detok is not None:  # no stop strings: the text stream is its detokenizer
+                text = seq.detok.add_token(token)
+            else:
+                stream = seq.stream
+                text = stream.push_token(token, len(output_ids) >= seq.min_new_tokens)
+                if stream.matched_stop is not None:
+                    seq.pending_text += text
+                    seq.pending_ids.append(token)
+                    seq.matched_stop = stream.matched_stop
+                    self._finish(seq, "stop", emit=True)
+                    continue
             deltas = seq.deltas
             if text and deltas is not None and interval == 1 and not seq.pending_ids:
                 if deltas is not columns:  # one consumer's columns, usually every sequence's
@@ -914,7 +922,6 @@ class Scheduler:
                 return
             grammar_done = seq.matcher.is_stopped()  # complete, and nothing may follow but EOS
         seq.output_ids.append(token)
-        seq.token_ids.append(token)
         n_out = len(seq.output_ids)
         reason: str | None = None
         check = n_out >= seq.min_new_tokens
@@ -931,7 +938,7 @@ class Scheduler:
         if reason is None and grammar_done:
             reason = "stop"
         if reason is None and (
-            n_out >= seq.max_new_tokens or len(seq.token_ids) >= self.policy.context_length
+            n_out >= seq.max_new_tokens or seq.num_prompt + n_out >= self.policy.context_length
         ):
             reason = "length"
         if text:

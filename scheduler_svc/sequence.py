@@ -120,7 +120,7 @@ class Sequence:
         "streaming",
         "return_logprob",
         "last_step",
-        "token_ids",
+        "num_prompt",
         "output_ids",
         "status",
         "epoch",
@@ -136,6 +136,7 @@ class Sequence:
         "encoder_page_ids",
         "cached_tokens",
         "stream",
+        "detok",
         "finish_reason",
         "matched_stop",
         "pending_text",
@@ -162,7 +163,7 @@ class Sequence:
         self.streaming = req.request.stream
         self.return_logprob = req.request.sampling.return_logprob
         self.last_step = -1  # the step that last scheduled it
-        self.token_ids: list[int] = list(req.request.input_ids)
+        self.num_prompt = len(req.request.input_ids)
         self.output_ids: list[int] = []
         self.status = SeqStatus.WAITING
         self.epoch = 0  # bumped when in-flight steps of this sequence must be ignored (preempted, reset)
@@ -180,6 +181,8 @@ class Sequence:
         self.encoder_page_ids: list[int] = []  # their pages, in prompt order
         self.cached_tokens: int | None = None  # prefix-cache hit at first admission (usage)
         self.stream = stream
+        # with no stop strings TextStream.push_token is its detokenizer's add_token: the hot loop calls that
+        self.detok = stream.detok if not stream.stop else None
         self.finish_reason: str | None = None
         self.matched_stop: str | int | None = None
         self.pending_text = ""  # non-streaming: text accumulated until the end
@@ -197,6 +200,15 @@ class Sequence:
         self.matcher = None
 
     @property
+    def token_ids(self) -> list[int]:
+        """Prompt and outputs: built when asked (a prompt chunk, preemption), so a token costs one list append."""
+        return [*self.req.request.input_ids, *self.output_ids]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt + len(self.output_ids)
+
+    @property
     def key(self) -> list[int]:
         """The prefix-cache key of its tokens: the prompt's (images and salt as their values), then its outputs;
         built when asked (admission, caching), so a token costs no third list append."""
@@ -204,12 +216,12 @@ class Sequence:
 
     @property
     def prefill_done(self) -> bool:
-        return self.num_computed >= len(self.token_ids)
+        return self.num_computed >= self.num_prompt + len(self.output_ids)
 
     @property
     def in_prompt(self) -> bool:
         """More than its last sampled token is left to compute (a prompt, or a recompute after preemption)."""
-        return self.num_computed < len(self.token_ids) - (1 if self.output_ids else 0)
+        return self.num_computed < self.num_prompt + len(self.output_ids) - (1 if self.output_ids else 0)
 
     @property
     def arrival(self) -> tuple[float, int]:
