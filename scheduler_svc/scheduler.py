@@ -1036,6 +1036,8 @@ class Scheduler:
         }
 
     def _log_step(self, new_seqs: int, new_tokens: int, cached: int, decodes: int) -> None:
+        if not new_seqs and not (decodes and self.stats.num_steps % self.policy.decode_log_interval == 0):
+            return  # most steps log nothing: no snapshot to take
         snap = self.snapshot()
         usage = snap["kv_pages_used"] / max(1, snap["kv_pages_total"])
         if new_seqs:
