@@ -519,7 +519,7 @@ class Scheduler:
         first, preempting the newest sequences on a page shortage. Returns the prompt-token budget left.
         Plain decodes go to `plain`, the rest to `steps`."""
         p = self.policy
-        page_size, context_length, running = p.page_size, p.context_length, SeqStatus.RUNNING
+        page_size, running = p.page_size, SeqStatus.RUNNING
         plain_seqs, plain_epochs = plain.seqs.append, plain.epochs.append
         plain_ids, plain_pos = plain.seq_ids.append, plain.start_pos.append
         for seq in list(self.running):
@@ -530,7 +530,7 @@ class Scheduler:
                 if not decodes:
                     continue
                 pending = seq.num_pending_samples
-                if len(seq.output_ids) + pending >= seq.max_new_tokens or total + pending >= context_length:
+                if len(seq.output_ids) + pending >= seq.output_limit:  # max_new_tokens, or the context
                     continue  # its last token is in flight; it finishes when that arrives
                 if pending and seq.matcher is not None:
                     continue  # its mask needs the token in flight: it samples in the step after that arrives
