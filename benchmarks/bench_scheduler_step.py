@@ -24,7 +24,14 @@ from common.convert import (
     step_output_to_proto,
 )
 from common.service_main import settle_gc
-from common.types import GenerateRequest, SamplingParams, SeqResult, StepOutput, StoppingCriteria
+from common.types import (
+    DeltaColumns,
+    GenerateRequest,
+    SamplingParams,
+    SeqResult,
+    StepOutput,
+    StoppingCriteria,
+)
 from protos import worker_pb2
 from scheduler_svc.scheduler import Scheduler, SchedulerPolicy
 
@@ -54,6 +61,7 @@ class Bench:
         self.num_tokens = 0
         self.num_steps = 0
         self.inflight: deque[bytes] = deque()  # results of steps sent, not yet applied
+        self.deltas = DeltaColumns()  # one Connect stream's columns, as the service routes streamed deltas
 
     def add_request(self) -> None:
         self.num_requests += 1
@@ -64,7 +72,9 @@ class Bench:
                 tuple(self.rng.choice(self.pool) for _ in range(a.input_len)),
                 sampling=SamplingParams(temperature=0.0, return_logprob=a.logprobs, top_logprobs=a.logprobs),
                 stopping=StoppingCriteria(max_new_tokens=a.output_len, stop=tuple(a.stop)),
-            )
+                stream=True,
+            ),
+            deltas=self.deltas,
         )
         self.live += 1
 
@@ -102,7 +112,7 @@ class Bench:
         self.core.process_output(out)
         t2 = time.perf_counter_ns()
         outs, self.core.outputs = self.core.outputs, []
-        outputs_to_batch(outs).SerializeToString()
+        outputs_to_batch([self.deltas.take(), *outs]).SerializeToString()
         t3 = time.perf_counter_ns()
         self._account(("read result", t1 - t0), ("apply", t2 - t1), ("outputs", t3 - t2))
         self.num_tokens += self.core.stats.generated_tokens_total - before
@@ -139,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from benchmarks.sim_worker import text_token_ids
     from processor.model_config import load_generation_eos
+    from processor.text_stream import prepare_detokenizer
     from processor.tokenizer import Tokenizer
 
     if not args.model_path:
@@ -148,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = Tokenizer(args.model_path)
     pool = [int(t) for t in text_token_ids(tokenizer)]
     bench = Bench(args, tokenizer, pool, load_generation_eos(args.model_path))
-    settle_gc()  # as the scheduler service does after start-up
+    prepare_detokenizer(tokenizer)  # as the scheduler service does at start-up
+    settle_gc()
     bench.run(args.steps)
     bench.reset_counters()
     profiler = cProfile.Profile() if args.profile else None

@@ -10,6 +10,7 @@ from common.errors import InvalidRequestError
 from common.types import (
     CONSTRAINT_KINDS,
     Constraint,
+    DeltaColumns,
     EmbeddingLease,
     EmbeddingLocation,
     EncodedItem,
@@ -228,16 +229,34 @@ def _logprobs_from_proto(field) -> list[TokenLogprob]:
 
 
 def outputs_to_batch(
-    outs: Iterable[GenerateOutput], batch: scheduler_pb2.OutputBatch | None = None
+    outs: Iterable[GenerateOutput | DeltaColumns], batch: scheduler_pb2.OutputBatch | None = None
 ) -> scheduler_pb2.OutputBatch:
-    """Outputs into one OutputBatch: plain deltas (no finish, logprobs or error) in its columns, the rest as
-    messages; a request's deltas after one of its messages go as messages too, so reading deltas first keeps
-    each choice's order."""
+    """Outputs into one OutputBatch: plain deltas (no finish, logprobs or error; and DeltaColumns whole) in its
+    columns, the rest as messages; a request's deltas after one of its messages go as messages too, so reading
+    deltas first keeps each choice's order."""
     if batch is None:
         batch = scheduler_pb2.OutputBatch()
     rids, indexes, texts, counts, token_ids = [], [], [], [], []
     as_messages: set[str] = set()
     for o in outs:
+        if type(o) is DeltaColumns:
+            if not as_messages or as_messages.isdisjoint(o.request_ids):
+                rids += o.request_ids
+                indexes += o.indexes
+                texts += o.texts
+                counts += o.num_tokens
+                token_ids += o.token_ids
+                continue
+            for d in o.outputs():
+                if d.request_id in as_messages:
+                    output_to_proto(d, batch.outputs.add())
+                else:
+                    rids.append(d.request_id)
+                    indexes.append(d.index)
+                    texts.append(d.text)
+                    counts.append(len(d.token_ids))
+                    token_ids += d.token_ids
+            continue
         if (
             o.finish_reason is None
             and not o.logprobs

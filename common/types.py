@@ -127,6 +127,45 @@ class GenerateOutput:
     error_code: str = "internal"  # "invalid_argument" | "unavailable" | "resource_exhausted" | "internal"
 
 
+class DeltaColumns:
+    """Plain streamed deltas (text and ids, no finish, logprobs or error) of every choice bound for one consumer,
+    in columns: the scheduler appends a delta as five list appends instead of building a GenerateOutput, and a
+    Connect stream copies the columns into its OutputBatch whole. Entry i is choice `indexes[i]` of request
+    `request_ids[i]`: `texts[i]` and the next `num_tokens[i]` ids of `token_ids`."""
+
+    __slots__ = ("request_ids", "indexes", "texts", "num_tokens", "token_ids")
+
+    def __init__(self) -> None:
+        self.request_ids: list[str] = []
+        self.indexes: list[int] = []
+        self.texts: list[str] = []
+        self.num_tokens: list[int] = []
+        self.token_ids: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def take(self) -> DeltaColumns:
+        """What is here, as a new object; this one is left empty (its producers keep appending to it)."""
+        taken = DeltaColumns()
+        taken.request_ids, self.request_ids = self.request_ids, taken.request_ids
+        taken.indexes, self.indexes = self.indexes, taken.indexes
+        taken.texts, self.texts = self.texts, taken.texts
+        taken.num_tokens, self.num_tokens = self.num_tokens, taken.num_tokens
+        taken.token_ids, self.token_ids = self.token_ids, taken.token_ids
+        return taken
+
+    def outputs(self) -> list[GenerateOutput]:
+        """The entries as GenerateOutputs, in order."""
+        outs, end = [], 0
+        for rid, index, text, n in zip(
+            self.request_ids, self.indexes, self.texts, self.num_tokens, strict=True
+        ):
+            outs.append(GenerateOutput(rid, index, text, self.token_ids[end : end + n]))
+            end += n
+        return outs
+
+
 # ---- the scheduler <-> worker step protocol ----
 
 

@@ -66,6 +66,22 @@ class IncrementalDetokenizer:
     tokenizer exposes its backend; otherwise (or once DecodeStream refuses a step) the same windows are
     decoded here. Only a bounded list of recent ids is kept."""
 
+    __slots__ = (
+        "tokenizer",
+        "skip",
+        "_backend",
+        "_stream",
+        "_dropped",
+        "_byte_ids",
+        "_clean",
+        "_ids",
+        "_prefix",
+        "_read",
+        "_num_unstepped",
+        "_window_clean",
+        "_stale",
+    )
+
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
@@ -117,13 +133,20 @@ class IncrementalDetokenizer:
             return ""
         self._advance()
         window = self._ids[self._prefix :]
-        self._window_clean = len(window) == 1 and self._clean is not None and bool(self._clean[window[0]])
+        self._window_clean = (
+            len(window) == 1 and self._clean is not None and bool(self._clean.text(window[0]))
+        )
         return text
 
     def add_token(self, token: int) -> str:
-        """add([token]); in the common case (see _window_clean) a dictionary lookup."""
+        """add([token]); in the common case (see _window_clean) a list lookup."""
         if self._window_clean and self._clean is not None and self._stream is not None:
-            text = self._clean[token]
+            try:
+                text = self._clean.texts[token]
+            except IndexError:  # past the tokenizer's ids (an output head may be wider)
+                text = ""
+            if text is None:
+                text = self._clean.text(token)
             if text:
                 self._stale = token
                 return text
@@ -178,22 +201,43 @@ def _stream_ids(backend: tokenizers.Tokenizer) -> tuple[frozenset[int], frozense
     return special, frozenset(i for i in pieces if i is not None)
 
 
-class _CleanTexts(dict):
+class _CleanTexts:
     """id -> its text when it decodes alone to whole characters ("" otherwise, and for added tokens), filled as
     ids are seen. Under a byte-level decoder the text of ids is the UTF-8 decode of their bytes joined, so after
-    such ids any other such id adds exactly its own text."""
+    such ids any other such id adds exactly its own text. A list indexed by id (None: not seen yet), not a dict:
+    sampled ids spread over the vocabulary, and a lookup in a 150k-entry dict misses the CPU caches twice (its
+    index, then its entry) where the list misses once."""
 
     def __init__(self, backend: tokenizers.Tokenizer):
-        super().__init__()
         self.backend = backend
         self.added = frozenset(backend.get_added_tokens_decoder())
+        self.texts: list[str | None] = [None] * backend.get_vocab_size(with_added_tokens=True)
 
-    def __missing__(self, token: int) -> str:
-        text = "" if token in self.added else self.backend.decode([token], skip_special_tokens=False)
+    def text(self, token: int) -> str:
+        if 0 <= token < len(self.texts) and (text := self.texts[token]) is not None:
+            return text
+        if token in self.added or not 0 <= token < len(self.texts):
+            return ""
+        text = self.backend.decode([token], skip_special_tokens=False)
         if "\ufffd" in text:
             text = ""
-        self[token] = text
+        self.texts[token] = text
         return text
+
+    def fill(self) -> None:
+        """Every id's text now, in one batch decode (~0.2 s for 150k ids), instead of one decode the first time
+        each id is sampled (~1 us each, and a cache miss in the hot loop)."""
+        texts = self.backend.decode_batch([[i] for i in range(len(self.texts))], skip_special_tokens=False)
+        for i, text in enumerate(texts):
+            self.texts[i] = "" if i in self.added or "\ufffd" in text else text
+
+
+def prepare_detokenizer(tokenizer: Tokenizer) -> None:
+    """Fill the tokenizer's table of whole-character texts ahead of traffic (a service's start-up)."""
+    backend = getattr(tokenizer, "backend", None)
+    clean = _clean_texts(backend) if backend is not None else None
+    if clean is not None:
+        clean.fill()
 
 
 @functools.lru_cache(maxsize=8)
@@ -206,6 +250,8 @@ def _clean_texts(backend: tokenizers.Tokenizer) -> _CleanTexts | None:
 
 class TextStream:
     """Detokenizer plus stop-string matching for one choice."""
+
+    __slots__ = ("detok", "stop", "hold", "no_stop_trim", "matched_stop", "_tail", "_num_held", "_searched")
 
     def __init__(
         self,

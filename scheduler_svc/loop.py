@@ -16,7 +16,15 @@ from typing import Protocol
 
 from common.errors import InvalidRequestError, MiradorError, UnavailableError
 from common.log import request_id_var
-from common.types import EncodedItem, GenerateOutput, GenerateRequest, MultimodalItem, StepOutput, StepPlan
+from common.types import (
+    DeltaColumns,
+    EncodedItem,
+    GenerateOutput,
+    GenerateRequest,
+    MultimodalItem,
+    StepOutput,
+    StepPlan,
+)
 from scheduler_svc.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -57,6 +65,8 @@ class SchedulerLoop:
         self.depth = 1 if overlap else 0
         self.step_timeout_s = step_timeout_s
         self._queues: dict[str, asyncio.Queue[GenerateOutput]] = {}
+        # sinks whose requests' plain deltas the core appends to columns: handed over whole once per step
+        self._routes: dict[int, tuple[object, DeltaColumns]] = {}
         self._wake = asyncio.Event()
         self._encoding: dict[str, asyncio.Future] = {}
         self._intervals: deque[tuple[int, int]] = deque(maxlen=64)  # recent scheduler work, unix ns
@@ -121,8 +131,8 @@ class SchedulerLoop:
                 logger.info("request %s aborted by its caller", req.request_id)
                 self._wake.set()
 
-    def _add(self, req: GenerateRequest) -> None:
-        self.core.add_request(req, time.monotonic())
+    def _add(self, req: GenerateRequest, deltas: DeltaColumns | None = None) -> None:
+        self.core.add_request(req, time.monotonic(), deltas)
         self._start_compiles()
         if self.log_requests:
             logger.info(
@@ -136,13 +146,23 @@ class SchedulerLoop:
 
     def attach(self, req: GenerateRequest, sink) -> None:
         """Start a request whose outputs go to `sink.put_nowait` (a multiplexed stream's outbox) instead of a
-        generator; the caller counts finished choices and calls `detach` (which aborts what is unfinished)."""
+        generator; the caller counts finished choices and calls `detach` (which aborts what is unfinished).
+        A sink opened with `open_route` also gets DeltaColumns: its requests' plain deltas of a step, all in one."""
         self._check_open(req)
         if req.request_id in self._queues:
             raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
-        self._add(req)
+        route = self._routes.get(id(sink))
+        self._add(req, route[1] if route is not None else None)
         self._queues[req.request_id] = sink
         self._wake.set()
+
+    def open_route(self, sink) -> None:
+        """Requests attached to `sink` from now on send their plain deltas as DeltaColumns (one put per step for
+        all of them) instead of one GenerateOutput each; the sink then takes both kinds, in order."""
+        self._routes[id(sink)] = (sink, DeltaColumns())
+
+    def close_route(self, sink) -> None:
+        self._routes.pop(id(sink), None)
 
     def _check_open(self, req: GenerateRequest) -> None:
         if self._task is None or self._task.done() or self._stopping:
@@ -272,6 +292,9 @@ class SchedulerLoop:
         self._deliver()
 
     def _deliver(self) -> None:
+        for sink, deltas in self._routes.values():  # deltas first: each came before any message of this cycle
+            if deltas.request_ids:
+                sink.put_nowait(deltas.take())
         outs, self.core.outputs = self.core.outputs, []
         for out in outs:
             q = self._queues.get(out.request_id)

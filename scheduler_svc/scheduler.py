@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from common.errors import InvalidRequestError, ResourceExhaustedError
 from common.types import (
     Constraint,
+    DeltaColumns,
     EmbeddingLease,
     GenerateOutput,
     GenerateRequest,
@@ -219,6 +220,7 @@ class Scheduler:
         self.grammar = None  # a GrammarBackend, made on first use (or by the server at startup)
         self.grammar_requests: list[tuple[str, Constraint]] = []  # constraints the loop compiles off the path
         self._num_constrained = 0  # running or waiting sequences with a matcher
+        self._stop_sets: dict[frozenset[int], frozenset[int]] = {}
 
     def grammar_backend(self):
         """The grammar backend, made on first use: the llguidance tokenizer takes ~2 s to build (on a thread)."""
@@ -235,7 +237,12 @@ class Scheduler:
 
     # ---- requests ----
 
-    def add_request(self, req: GenerateRequest, now: float | None = None) -> None:
+    def add_request(
+        self, req: GenerateRequest, now: float | None = None, deltas: DeltaColumns | None = None
+    ) -> None:
+        """Queue a request. With `deltas`, its streamed plain deltas are appended there (a consumer's columns)
+        instead of going to `outputs` one GenerateOutput each; finishes, logprobs and errors still go to
+        `outputs`, after the deltas delivered before them."""
         if req.request_id in self.requests:
             raise InvalidRequestError(f"request id {req.request_id!r} is already live", param="rid")
         cap = self.policy.max_queued_requests
@@ -283,6 +290,13 @@ class Scheduler:
                 no_stop_trim=stop.no_stop_trim,
             )
             seq = Sequence(state, i, stream, self.policy.eos_token_ids)
+            # one frozenset per distinct stop-token set, shared: read for every token, it stays in the caches
+            if len(self._stop_sets) > 1024:
+                self._stop_sets.clear()
+            seq.stop_token_ids = self._stop_sets.setdefault(seq.stop_token_ids, seq.stop_token_ids)
+            seq.output_limit = min(seq.max_new_tokens, self.policy.context_length - n_prompt)
+            if req.stream and seq.prompt_lps_sent:  # a first output with prompt logprobs goes as a message
+                seq.deltas = deltas
             state.seqs.append(seq)
             self._enqueue(seq)
         state.num_unfinished = len(state.seqs)
@@ -476,18 +490,18 @@ class Scheduler:
             return list(self.waiting)
 
         def matched(seq: Sequence) -> int:
-            return len(self.cache.match_prefix(seq.key[: len(seq.token_ids) - 1])[0])
+            return len(self.cache.match_prefix(seq.key[: seq.num_tokens - 1])[0])
 
         return sorted(self.waiting, key=lambda seq: -matched(seq))  # stable: arrival order among equals
 
     def _has_prompt_work(self) -> bool:
         """A running sequence has prompt tokens left, or a waiting one could be admitted now."""
-        # Sequence.in_prompt, inline: this runs over the whole batch every step
-        if any(
-            s.num_computed < len(s.token_ids) - (1 if s.output_ids else 0) and s.status is SeqStatus.RUNNING
-            for s in self.running
-        ):
-            return True
+        # Sequence.in_prompt, inline and in a plain loop (no generator): this runs over the whole batch every step
+        running = SeqStatus.RUNNING
+        for s in self.running:
+            n = len(s.output_ids)
+            if s.num_computed < s.num_prompt + n - (1 if n else 0) and s.status is running:
+                return True
         return len(self.running) < self.policy.max_running_requests and any(
             self._admissible(s) for s in self.waiting
         )
@@ -505,18 +519,18 @@ class Scheduler:
         first, preempting the newest sequences on a page shortage. Returns the prompt-token budget left.
         Plain decodes go to `plain`, the rest to `steps`."""
         p = self.policy
-        page_size, context_length, running = p.page_size, p.context_length, SeqStatus.RUNNING
+        page_size, running = p.page_size, SeqStatus.RUNNING
         plain_seqs, plain_epochs = plain.seqs.append, plain.epochs.append
         plain_ids, plain_pos = plain.seq_ids.append, plain.start_pos.append
         for seq in list(self.running):
             if seq.status is not running or seq.last_step == step_id:
                 continue  # preempted for an older sequence in this loop, or already in the step
-            start, total = seq.num_computed, len(seq.token_ids)
+            start, total = seq.num_computed, seq.num_prompt + len(seq.output_ids)
             if start >= total:  # prompt done: a decode
                 if not decodes:
                     continue
                 pending = seq.num_pending_samples
-                if len(seq.output_ids) + pending >= seq.max_new_tokens or total + pending >= context_length:
+                if len(seq.output_ids) + pending >= seq.output_limit:  # max_new_tokens, or the context
                     continue  # its last token is in flight; it finishes when that arrives
                 if pending and seq.matcher is not None:
                     continue  # its mask needs the token in flight: it samples in the step after that arrives
@@ -538,8 +552,8 @@ class Scheduler:
             elif not decodes and not seq.in_prompt:
                 continue
             else:
-                limit = p.chunked_prefill_size if p.chunked_prefill_size > 0 else len(seq.token_ids)
-                n = min(len(seq.token_ids) - seq.num_computed, limit, prefill_budget)
+                limit = p.chunked_prefill_size if p.chunked_prefill_size > 0 else total
+                n = min(total - seq.num_computed, limit, prefill_budget)
                 n = self._whole_images(seq, seq.num_computed, n)
                 if n <= 0:
                     continue
@@ -582,7 +596,7 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int, step_id: int) -> tuple[int, int] | int | None:
         """Match the prefix cache, make sure images are encoded, take pages. Returns (tokens, cache hit) when
         admitted, 0 when the sequence waits for its images, None when pages ran out."""
-        total = len(seq.token_ids)
+        total = seq.num_tokens
         usable = total - 1  # the last token is always computed: its row samples the next one
         if seq.req.needs_prompt_lps:  # rows from logprob_start_len - 1 on are computed to score the prompt
             usable = min(usable, seq.req.request.prompt_logprob_from - 1)
@@ -655,7 +669,7 @@ class Scheduler:
 
     def _seq_step(self, seq: Sequence, n: int, sent: list[_Sent]) -> SeqStep:
         start = seq.num_computed
-        total = len(seq.token_ids)
+        total = seq.num_tokens
         decode = seq.prefill_done
         sample = (decode or start + n == total) and seq.max_new_tokens > 0
         init = None
@@ -699,7 +713,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, step_id: int) -> None:
         """Free a running sequence's pages; it is recomputed from its known tokens later."""
-        logger.info("preempting %s (%d tokens) to free KV pages", seq.seq_id, len(seq.token_ids))
+        logger.info("preempting %s (%d tokens) to free KV pages", seq.seq_id, seq.num_tokens)
         self.stats.num_preemptions += 1
         self._release(seq, cache=True)
         self.running.remove(seq)
@@ -714,7 +728,7 @@ class Scheduler:
     def _release(self, seq: Sequence, cache: bool) -> None:
         """Give back a sequence's pages (caching its confirmed full pages) and forget in-flight steps."""
         ps = self.policy.page_size
-        n_full = min(seq.num_confirmed, len(seq.token_ids)) // ps if cache and self.cache.enabled else 0
+        n_full = min(seq.num_confirmed, seq.num_tokens) // ps if cache and self.cache.enabled else 0
         owned_from = seq.num_tree_pages
         if n_full > seq.num_tree_pages:
             existing = self.cache.insert(seq.key[: n_full * ps], seq.page_ids[:n_full]) // ps
@@ -743,7 +757,7 @@ class Scheduler:
         """Share a running sequence's confirmed full pages through the prefix cache; where the cache already
         held them, switch the sequence to the cached pages and free its duplicates."""
         ps = self.policy.page_size
-        n_full = min(computed, len(seq.token_ids)) // ps
+        n_full = min(computed, seq.num_tokens) // ps
         if not self.cache.enabled or n_full <= seq.num_tree_pages:
             return
         key = seq.key[: n_full * ps]
@@ -767,7 +781,12 @@ class Scheduler:
         sent, decodes = self._inflight.pop(out.step_id, ((), _Decodes()))
         failed = {f.seq_id: f for f in out.failures}
         results = {r.seq_id: r for r in out.results}
-        tokens = dict(zip(out.sampled_seq_ids, out.sampled_token_ids, strict=True))
+        if not sent and out.sampled_seq_ids == tuple(decodes.seq_ids):
+            tokens = {}  # the worker answered a decode-only step in plan order, as it does: no lookups
+            decode_tokens = out.sampled_token_ids
+        else:
+            tokens = dict(zip(out.sampled_seq_ids, out.sampled_token_ids, strict=True))
+            decode_tokens = [tokens.get(i) for i in decodes.seq_ids]
         scored = {p.seq_id: p for p in out.prompt_logprobs}
         self.stats.worker_forward_ns_total += out.forward_ns
         self.observer.step(bool(sent), out.forward_ns * 1e-9)
@@ -787,9 +806,13 @@ class Scheduler:
                 if seq.max_new_tokens == 0 and s.computed_after >= seq.req.num_prompt_tokens:
                     self._finish(seq, "length", emit=True)  # scored the prompt, generates nothing
                 continue
-            num_tokens += self._on_sample(seq, s.computed_after, tokens, results)
+            num_tokens += self._on_sample(seq, s.computed_after, tokens.get(seq.seq_id), results)
         finished = SeqStatus.FINISHED
-        for seq, epoch, start in zip(decodes.seqs, decodes.epochs, decodes.start_pos, strict=True):
+        interval = self.policy.stream_interval
+        columns: DeltaColumns | None = None
+        for seq, epoch, start, token in zip(
+            decodes.seqs, decodes.epochs, decodes.start_pos, decode_tokens, strict=True
+        ):
             if seq.epoch != epoch or seq.status is finished:
                 continue
             if failed and seq.seq_id in failed:
@@ -797,16 +820,62 @@ class Scheduler:
                 continue
             if seq.num_confirmed <= start:
                 seq.num_confirmed = start + 1
-            num_tokens += self._on_sample(seq, start + 1, tokens, results)
+            output_ids = seq.output_ids
+            if (
+                token is None
+                or not output_ids
+                or len(output_ids) + 1 >= seq.output_limit
+                or seq.matcher is not None
+                or seq.return_logprob
+                or token in seq.stop_token_ids
+            ):
+                num_tokens += self._on_sample(seq, start + 1, token, results)
+                continue
+            # _on_sample and _on_token inline for the common token: not the first, not the last by length, no
+            # grammar, no logprobs, no stop token; only a stop string can end the sequence here
+            num_tokens += 1
+            seq.num_pending_samples -= 1
+            output_ids.append(token)
+            if seq.detok is not None:  # no stop strings: the text stream is its detokenizer
+                text = seq.detok.add_token(token)
+            else:
+                stream = seq.stream
+                text = stream.push_token(token, len(output_ids) >= seq.min_new_tokens)
+                if stream.matched_stop is not None:
+                    seq.pending_text += text
+                    seq.pending_ids.append(token)
+                    seq.matched_stop = stream.matched_stop
+                    self._finish(seq, "stop", emit=True)
+                    continue
+            deltas = seq.deltas
+            if text and deltas is not None and interval == 1 and not seq.pending_ids:
+                if deltas is not columns:  # one consumer's columns, usually every sequence's
+                    columns = deltas
+                    add_rid, add_index = deltas.request_ids.append, deltas.indexes.append
+                    add_text, add_count = deltas.texts.append, deltas.num_tokens.append
+                    add_token = deltas.token_ids.append
+                add_rid(seq.request_id)
+                add_index(seq.index)
+                add_text(text)
+                add_count(1)
+                add_token(token)
+                continue
+            if text:
+                seq.pending_text += text
+            seq.pending_ids.append(token)
+            if seq.streaming and seq.pending_text and len(seq.pending_ids) >= interval:
+                if deltas is not None:
+                    self._emit_delta(seq, deltas)
+                else:
+                    self._emit(seq)
         self.stats.generated_tokens_total += num_tokens
         self.stats.recent_tokens.append((time.time(), num_tokens))
 
     def _on_sample(
-        self, seq: Sequence, computed: int, tokens: dict[str, int], results: dict[str, SeqResult]
+        self, seq: Sequence, computed: int, token: int | None, results: dict[str, SeqResult]
     ) -> int:
-        """The token a step sampled for seq (from the result's columns or, with logprobs, its `results`)."""
+        """The token a step sampled for seq: `token` from the result's columns or, with logprobs, its `results`."""
         seq.num_pending_samples -= 1
-        token = tokens.get(seq.seq_id)
         logprob = None
         if token is None:
             result = results.get(seq.seq_id)
@@ -853,8 +922,6 @@ class Scheduler:
                 return
             grammar_done = seq.matcher.is_stopped()  # complete, and nothing may follow but EOS
         seq.output_ids.append(token)
-        seq.token_ids.append(token)
-        seq.key.append(token)
         n_out = len(seq.output_ids)
         reason: str | None = None
         check = n_out >= seq.min_new_tokens
@@ -871,7 +938,7 @@ class Scheduler:
         if reason is None and grammar_done:
             reason = "stop"
         if reason is None and (
-            n_out >= seq.max_new_tokens or len(seq.token_ids) >= self.policy.context_length
+            n_out >= seq.max_new_tokens or seq.num_prompt + n_out >= self.policy.context_length
         ):
             reason = "length"
         if text:
@@ -886,7 +953,10 @@ class Scheduler:
             and (seq.pending_text or logprob is not None)
             and len(seq.pending_ids) >= self.policy.stream_interval
         ):
-            self._emit(seq)
+            if logprob is None and seq.deltas is not None:
+                self._emit_delta(seq, seq.deltas)
+            else:
+                self._emit(seq)
 
     def _finish(self, seq: Sequence, reason: str, emit: bool, error: tuple[str, str] | None = None) -> None:
         if seq.status is not SeqStatus.FINISHED:
@@ -919,6 +989,17 @@ class Scheduler:
             self.requests.pop(state.request_id, None)
             if reason != "abort":
                 self.stats.requests_finished += 1
+
+    @staticmethod
+    def _emit_delta(seq: Sequence, deltas: DeltaColumns) -> None:
+        """_emit of a plain delta (no logprobs, not final) into the consumer's columns."""
+        deltas.request_ids.append(seq.request_id)
+        deltas.indexes.append(seq.index)
+        deltas.texts.append(seq.pending_text)
+        deltas.num_tokens.append(len(seq.pending_ids))
+        deltas.token_ids += seq.pending_ids
+        seq.pending_text = ""
+        seq.pending_ids.clear()
 
     def _emit(self, seq: Sequence, final: bool = False, error: tuple[str, str] | None = None) -> None:
         req = seq.req
@@ -955,6 +1036,8 @@ class Scheduler:
         }
 
     def _log_step(self, new_seqs: int, new_tokens: int, cached: int, decodes: int) -> None:
+        if not new_seqs and not (decodes and self.stats.num_steps % self.policy.decode_log_interval == 0):
+            return  # most steps log nothing: no snapshot to take
         snap = self.snapshot()
         usage = snap["kv_pages_used"] / max(1, snap["kv_pages_total"])
         if new_seqs:

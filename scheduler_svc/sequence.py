@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from common.types import GenerateRequest, MultimodalItem, PromptLogprobs, TokenLogprob
+from common.types import DeltaColumns, GenerateRequest, MultimodalItem, PromptLogprobs, TokenLogprob
 from processor.text_stream import TextStream
 from scheduler_svc.radix_cache import TreeNode
 
@@ -107,6 +107,48 @@ class RequestState:
 class Sequence:
     """One choice of a request: the unit the worker computes."""
 
+    # slots: a compact object (the hot loops read a dozen of its fields per token)
+    __slots__ = (
+        "req",
+        "index",
+        "request_id",
+        "seq_id",
+        "min_new_tokens",
+        "max_new_tokens",
+        "no_stop_trim",
+        "stop_token_ids",
+        "streaming",
+        "return_logprob",
+        "last_step",
+        "num_prompt",
+        "output_ids",
+        "status",
+        "epoch",
+        "num_computed",
+        "num_confirmed",
+        "num_pending_samples",
+        "page_ids",
+        "table_dirty_from",
+        "tree_node",
+        "num_tree_pages",
+        "worker_has_state",
+        "encoder_keys",
+        "encoder_page_ids",
+        "cached_tokens",
+        "stream",
+        "detok",
+        "finish_reason",
+        "matched_stop",
+        "pending_text",
+        "pending_ids",
+        "pending_logprobs",
+        "preempted_in_step",
+        "prompt_lps_sent",
+        "deltas",
+        "output_limit",
+        "matcher",
+    )
+
     def __init__(self, req: RequestState, index: int, stream: TextStream, eos_token_ids: Iterable[int] = ()):
         self.req = req
         self.index = index
@@ -121,8 +163,7 @@ class Sequence:
         self.streaming = req.request.stream
         self.return_logprob = req.request.sampling.return_logprob
         self.last_step = -1  # the step that last scheduled it
-        self.token_ids: list[int] = list(req.request.input_ids)
-        self.key: list[int] = list(req.prompt_key)
+        self.num_prompt = len(req.request.input_ids)
         self.output_ids: list[int] = []
         self.status = SeqStatus.WAITING
         self.epoch = 0  # bumped when in-flight steps of this sequence must be ignored (preempted, reset)
@@ -140,25 +181,47 @@ class Sequence:
         self.encoder_page_ids: list[int] = []  # their pages, in prompt order
         self.cached_tokens: int | None = None  # prefix-cache hit at first admission (usage)
         self.stream = stream
+        # with no stop strings TextStream.push_token is its detokenizer's add_token: the hot loop calls that
+        self.detok = stream.detok if not stream.stop else None
         self.finish_reason: str | None = None
         self.matched_stop: str | int | None = None
         self.pending_text = ""  # non-streaming: text accumulated until the end
         self.pending_ids: list[int] = []
         self.pending_logprobs: list[TokenLogprob] = []
         self.preempted_in_step = -1
-        self.prompt_lps_sent = False  # its first output carried the prompt log-probabilities
+        # its first output carried the prompt log-probabilities (none asked for: nothing to carry)
+        self.prompt_lps_sent = req.request.prompt_logprob_from is None
+        self.deltas: DeltaColumns | None = None  # where its plain streamed deltas go (else to the outputs)
+        self.output_limit = (
+            self.max_new_tokens
+        )  # output tokens at which it ends by length (the context's too)
         # grammar-constrained decoding: the llguidance matcher, advanced by every accepted output token; the
         # sequence samples only once its previous token is known (the mask depends on it)
         self.matcher = None
 
     @property
+    def token_ids(self) -> list[int]:
+        """Prompt and outputs: built when asked (a prompt chunk, preemption), so a token costs one list append."""
+        return [*self.req.request.input_ids, *self.output_ids]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt + len(self.output_ids)
+
+    @property
+    def key(self) -> list[int]:
+        """The prefix-cache key of its tokens: the prompt's (images and salt as their values), then its outputs;
+        built when asked (admission, caching), so a token costs no third list append."""
+        return self.req.prompt_key + self.output_ids
+
+    @property
     def prefill_done(self) -> bool:
-        return self.num_computed >= len(self.token_ids)
+        return self.num_computed >= self.num_prompt + len(self.output_ids)
 
     @property
     def in_prompt(self) -> bool:
         """More than its last sampled token is left to compute (a prompt, or a recompute after preemption)."""
-        return self.num_computed < len(self.token_ids) - (1 if self.output_ids else 0)
+        return self.num_computed < self.num_prompt + len(self.output_ids) - (1 if self.output_ids else 0)
 
     @property
     def arrival(self) -> tuple[float, int]:

@@ -17,9 +17,10 @@ from common.grpc_utils import create_server as _create_server
 from common.mailbox import Mailbox
 from common.metrics import model_label
 from common.service_main import settle_gc
-from common.types import WorkerInfo
+from common.types import DeltaColumns, WorkerInfo
 from models.registry import get_entry
 from processor.model_config import load_generation_eos, load_model_config
+from processor.text_stream import prepare_detokenizer
 from processor.tokenizer import Tokenizer
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import SchedulerArgs
@@ -124,6 +125,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
         self.loop.core.observer = PrometheusObserver(self.model_name)
         self.loop.core.grammar_backend()  # its tokenizer builds on a grammar thread while we start serving
+        prepare_detokenizer(tokenizer)
         self.loop.start()
         self.fatal.watch(self.loop.task, "the scheduler loop", must_run=False)  # it returns only when stopped
         logger.info(
@@ -211,7 +213,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             loop = self._ready()
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)
-        outbox = Mailbox()  # every request of this stream outputs here
+        outbox = Mailbox()  # every request of this stream outputs here: its plain deltas as DeltaColumns
+        loop.open_route(outbox)
         live: dict[str, int] = {}  # request id -> choices not finished
 
         async def read() -> None:
@@ -234,6 +237,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 batch = scheduler_pb2.OutputBatch()
                 outs = []
                 for item in items:
+                    if type(item) is DeltaColumns:
+                        outs.append(item)
+                        continue
                     if isinstance(item, scheduler_pb2.RequestError):
                         batch.errors.append(item)
                         continue
@@ -251,6 +257,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 yield outputs_to_batch(outs, batch)
         finally:
             reader.cancel()
+            loop.close_route(outbox)
             for rid in list(live):
                 loop.detach(rid)
 

@@ -399,3 +399,22 @@ def test_add_token_takes_the_shortcut_for_plain_text(tok):
     detok._stream = Counting(detok._stream)
     assert "".join(detok.add_token(i) for i in ids) + detok.flush() == tok.decode(ids)
     assert calls == 0
+
+
+def test_prepared_table_equals_the_one_filled_as_ids_come(tok):
+    """prepare_detokenizer's batch decode of the whole vocabulary gives every id the text the lazy fill gives
+    it (added tokens and ids that are not whole characters alone: ""), and add_token then uses it."""
+    from processor.text_stream import _clean_texts, _CleanTexts, prepare_detokenizer
+
+    lazy, batch = _CleanTexts(tok.backend), _CleanTexts(tok.backend)
+    batch.fill()
+    assert None not in batch.texts
+    assert [lazy.text(i) for i in range(len(lazy.texts))] == batch.texts
+    assert any(t == "" for t in batch.texts) and sum(bool(t) for t in batch.texts) > 100_000
+    prepare_detokenizer(tok)
+    assert None not in _clean_texts(tok.backend).texts
+    ids = tok.encode("prepared: the quick brown fox, 你好世界 ü") + [
+        len(batch.texts) + 5
+    ]  # one past the table
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.add_token(i) for i in ids) + detok.flush() == tok.decode(ids)

@@ -140,3 +140,39 @@ def test_output_batch_columns_keep_each_choice_in_order():
             assert [o for o in back if (o.request_id, o.index) == (rid, index)] == [
                 o for o in outs if (o.request_id, o.index) == (rid, index)
             ]
+
+
+def test_delta_columns_in_an_output_batch_keep_each_choice_in_order():
+    """A consumer's DeltaColumns travel whole as the batch's columns; entries of a request after one of its
+    messages (steps merged while the stream was busy) become messages, so each choice reads in order."""
+    from common.convert import outputs_from_batch, outputs_to_batch
+    from common.types import DeltaColumns, GenerateOutput, TokenLogprob
+
+    def columns(*entries):
+        cols = DeltaColumns()
+        for rid, index, text, ids in entries:
+            cols.request_ids.append(rid)
+            cols.indexes.append(index)
+            cols.texts.append(text)
+            cols.num_tokens.append(len(ids))
+            cols.token_ids += ids
+        return cols.take()
+
+    step1 = columns(("r1", 0, "he", [1, 2]), ("r2", 0, "a", [3]))
+    message = GenerateOutput("r1", 0, "l", [4], logprobs=[TokenLogprob(4, -0.5, ((4, -0.5),))])
+    step2 = columns(("r2", 0, "b", [5]), ("r1", 0, "lo", [6, 7]))  # r1 after its message: a message
+    final = GenerateOutput("r2", 0, "", [], "stop", "</s>", 3, 3, 0)
+    items = [step1, message, step2, final]
+    batch = outputs_to_batch(items)
+    assert list(batch.delta_request_ids) == ["r1", "r2", "r2"]
+    assert list(batch.delta_token_ids) == [1, 2, 3, 5]
+    assert [m.request_id for m in batch.outputs] == ["r1", "r1", "r2"]
+    back = outputs_from_batch(type(batch).FromString(batch.SerializeToString()))
+    expected = [*step1.outputs(), message, *step2.outputs(), final]
+    for rid in ("r1", "r2"):
+        assert [o for o in back if o.request_id == rid] == [o for o in expected if o.request_id == rid]
+    # the columns object a producer keeps appending to is left empty by take()
+    cols = DeltaColumns()
+    cols.request_ids.append("r9")
+    taken = cols.take()
+    assert len(taken) == 1 and len(cols) == 0 and cols.request_ids == []

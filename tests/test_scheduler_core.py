@@ -9,6 +9,7 @@ the same hash applied to the request alone.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from common.types import (
+    DeltaColumns,
     GenerateRequest,
     MultimodalItem,
     SamplingParams,
@@ -50,8 +52,12 @@ class FakeWorker:
         fail_rate: float = 0.0,
         rng: random.Random | None = None,
         defer_rate: float = 0.0,
+        columns: str = "none",
     ):
         self.page_size = page_size
+        # "none": every token as a SeqResult; "ordered": in the packed columns, in plan order (as the worker
+        # answers); "shuffled": in the columns, in another order
+        self.columns = columns
         self.defer_rate = defer_rate  # sequences left out while their embeddings are "still being pulled"
         self.prefetched: set[str] = set()
         self.kv: dict[int, tuple] = {}
@@ -130,7 +136,18 @@ class FakeWorker:
                 results.append(SeqResult(s.seq_id, tok))
         for k, v in pending_writes:
             self.kv[k] = v
-        return StepOutput(plan.step_id, tuple(results), tuple(failures), plan.num_tokens)
+        if self.columns == "none":
+            return StepOutput(plan.step_id, tuple(results), tuple(failures), plan.num_tokens)
+        if self.columns == "shuffled":
+            self.rng.shuffle(results)
+        return StepOutput(
+            plan.step_id,
+            (),
+            tuple(failures),
+            plan.num_tokens,
+            sampled_seq_ids=tuple(r.seq_id for r in results),
+            sampled_token_ids=tuple(r.token_id for r in results),
+        )
 
 
 def reference(req: GenerateRequest) -> list[int]:
@@ -198,6 +215,10 @@ def run(
     max_running: int = 16,
     arrival_steps: int = 5,
     seed: int = 0,
+    columns: str = "none",
+    deltas: DeltaColumns | None = None,
+    texts: dict[tuple[str, int], str] | None = None,
+    stream_interval: int = 1,
 ):
     rng = random.Random(seed)
     policy = SchedulerPolicy(
@@ -211,9 +232,10 @@ def run(
         enable_mixed_chunk=mixed,
         schedule_policy="lpm" if lpm else "fcfs",
         eos_token_ids=(EOS,),
+        stream_interval=stream_interval,
     )
     core = Scheduler(policy, FakeTokenizer())
-    worker = FakeWorker(page_size, fail_rate, rng, defer_rate)
+    worker = FakeWorker(page_size, fail_rate, rng, defer_rate, columns)
     pending = list(workload.requests)
     outputs: dict[tuple[str, int], list[int]] = {}
     finish: dict[tuple[str, int], str] = {}
@@ -224,7 +246,7 @@ def run(
         assert step < 20000, "no progress"
         for _ in range(rng.randrange(0, arrival_steps + 1)):
             if pending:
-                core.add_request(pending.pop(0))
+                core.add_request(pending.pop(0), deltas=deltas)
         for rid, at in workload.abort_at.items():
             if at == step:
                 core.abort_request(rid)
@@ -236,9 +258,12 @@ def run(
             inflight.append(plan)
         if inflight and (len(inflight) > (1 if overlap else 0) or plan is None):
             core.process_output(worker.step(inflight.pop(0)))
-        for out in core.outputs:
+        # as SchedulerLoop._deliver: a consumer's delta columns first, then the outputs
+        for out in [*(deltas.take().outputs() if deltas is not None else ()), *core.outputs]:
             assert out.error is None, out.error
             outputs.setdefault((out.request_id, out.index), []).extend(out.token_ids)
+            if texts is not None:
+                texts[(out.request_id, out.index)] = texts.get((out.request_id, out.index), "") + out.text
             if out.finish_reason:
                 finish[(out.request_id, out.index)] = out.finish_reason
         core.outputs.clear()
@@ -278,6 +303,69 @@ def test_batched_equals_alone(cfg, seed):
             assert finish[key] == (
                 "stop" if outputs[key][-1] == EOS and not req.stopping.ignore_eos else "length"
             )
+
+
+class CountingColumns(DeltaColumns):
+    __slots__ = ("num_taken",)
+
+    def __init__(self):
+        super().__init__()
+        self.num_taken = 0
+
+    def take(self) -> DeltaColumns:
+        taken = super().take()
+        self.num_taken += len(taken)
+        return taken
+
+
+@pytest.mark.parametrize("columns", ["ordered", "shuffled"])
+@pytest.mark.parametrize("cfg", [0, 4, 6, 8])
+def test_tokens_and_deltas_in_columns_match_alone(cfg, columns, monkeypatch):
+    """Tokens in the result's columns (in plan order, applied inline; in another order, looked up) and streamed
+    deltas in a consumer's columns give every choice what it gets alone, mostly without the general path."""
+    calls = []
+    general = Scheduler._on_sample
+    monkeypatch.setattr(Scheduler, "_on_sample", lambda self, *a: calls.append(1) or general(self, *a))
+    workload = make_workload(random.Random(cfg * 7 + 1), n=24)
+    deltas = CountingColumns()
+    outputs, finish, core = run(workload, seed=cfg, columns=columns, deltas=deltas, **CONFIGS[cfg])
+    for req in workload.requests:
+        for i in range(req.n):
+            key = (req.request_id, i)
+            if req.request_id in workload.abort_at and finish.get(key) == "abort":
+                continue
+            assert outputs.get(key) == reference(req), f"{key} differs from the request run alone"
+    tokens = core.stats.generated_tokens_total
+    assert len(calls) < 0.8 * tokens, (len(calls), tokens)  # the inline path took the rest
+    assert deltas.num_taken > 0.25 * tokens, (deltas.num_taken, tokens)
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_inline_path_equals_general_path_with_stop_strings(interval):
+    """Text, ids and finish reasons are the same through the inline path and delta columns as through the
+    general path and one output each, with stop strings (cut mid-stream) and a stream interval."""
+    workload = make_workload(random.Random(5), n=24)
+    for k, req in enumerate(workload.requests):
+        ref = reference(req)
+        if k % 2 and len(ref) > 3:  # a stop string from the middle of its own output: it must end there
+            stop = FakeTokenizer().decode(ref[len(ref) // 2 : len(ref) // 2 + 2])
+            stopping = dataclasses.replace(req.stopping, stop=(stop,))
+            workload.requests[k] = dataclasses.replace(req, stopping=stopping)
+    texts_general: dict = {}
+    general = run(workload, texts=texts_general, stream_interval=interval, **CONFIGS[0])
+    texts_inline: dict = {}
+    inline = run(
+        workload,
+        texts=texts_inline,
+        stream_interval=interval,
+        columns="ordered",
+        deltas=DeltaColumns(),
+        **CONFIGS[0],
+    )
+    assert texts_inline == texts_general
+    assert inline[0] == general[0] and inline[1] == general[1]
+    assert "stop" in general[1].values()
+    assert any(r.stopping.stop for r in workload.requests)
 
 
 def test_tiny_pool_preempts_and_still_matches():

@@ -186,3 +186,58 @@ def test_scheduler_loop_over_sim_worker(default_model):
                 await worker.close()
 
     asyncio.run(main())
+
+
+def test_routed_sink_gets_delta_columns_with_the_same_text(default_model):
+    """A sink opened as a route (a Connect stream's outbox) gets its requests' plain deltas as DeltaColumns, one
+    object per step for all of them, then finishes as outputs; read back as the servicer sends them (one
+    OutputBatch), every stream has the text and ids of the same request run whole."""
+    from common.convert import outputs_from_batch, outputs_to_batch
+    from common.mailbox import Mailbox
+    from common.types import DeltaColumns
+    from processor.model_config import load_generation_eos
+    from scheduler_svc.config import SchedulerArgs
+    from scheduler_svc.loop import SchedulerLoop
+    from scheduler_svc.scheduler import Scheduler
+    from scheduler_svc.server import resolve_policy
+
+    async def main():
+        async with sim_worker(default_model, all_scripts=True) as (address, servicer):
+            tokenizer = servicer.tokenizer
+            prompts = [tokenizer.encode(f"Routed {k}: the weather on day {k * 11}.") for k in range(5)]
+            worker = WorkerClient(address)
+            eos = load_generation_eos(default_model)
+            policy = resolve_policy(SchedulerArgs(model_path=str(default_model)), await worker.info(), eos)
+            loop = SchedulerLoop(Scheduler(policy, tokenizer), worker, None)
+            loop.start()
+            sink = Mailbox()
+            loop.open_route(sink)
+            try:
+                for k, p in enumerate(prompts):
+                    loop.attach(_request(f"s{k}", p, True, max_tokens=20 + k), sink)
+                whole = await asyncio.gather(
+                    *(
+                        _collect(loop, _request(f"w{k}", p, False, max_tokens=20 + k))
+                        for k, p in enumerate(prompts)
+                    )
+                )
+                got: dict[str, tuple[str, list[int]]] = {}
+                finished, num_columns = set(), 0
+                while len(finished) < len(prompts):
+                    items = await sink.take_all()
+                    num_columns += sum(type(i) is DeltaColumns for i in items)
+                    for out in outputs_from_batch(outputs_to_batch(items)):
+                        text, ids = got.get(out.request_id, ("", []))
+                        got[out.request_id] = (text + out.text, ids + out.token_ids)
+                        if out.finish_reason is not None:
+                            finished.add(out.request_id)
+                            loop.detach(out.request_id)
+                assert num_columns > 10
+                for k in range(len(prompts)):
+                    assert got[f"s{k}"] == whole[k][:2] and len(whole[k][1]) == 20 + k
+            finally:
+                loop.close_route(sink)
+                await loop.stop()
+                await worker.close()
+
+    asyncio.run(main())
