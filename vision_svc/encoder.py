@@ -33,7 +33,7 @@ class EncoderConfig:
     dtype: str = "auto"
     device: str = "auto"
     cache_bytes: int = 1 << 30
-    max_batch_patches: int = 16384  # patches per encoder forward when several images are encoded together
+    max_batch_patches: int = 4096  # patches per encoder forward when several images are encoded together
     load_format: str = "auto"
     mem_fraction: float = 0.0  # cap of this process's share of the GPU (0: none)
     share_embeddings: bool = (
