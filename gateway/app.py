@@ -178,13 +178,17 @@ class Gateway:
         await self.builder.aclose()
 
 
-async def _json_body(request: Request, limit: int) -> Any:
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
     raw = await request.body()
     if len(raw) > limit:
         raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+    return raw
+
+
+def _json_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -199,6 +203,16 @@ async def _json_body(request: Request, limit: int) -> Any:
         except RecursionError:
             raise InvalidRequestError("request body nests too deeply") from None
     return body
+
+
+def _validated_from_bytes(model_cls, raw: bytes):
+    """The request model straight from the body's bytes (pydantic's own JSON parser: 0.05 ms for a 240 KB image
+    request where json.loads alone takes 0.4 ms), or None when the general path must run: anything the parser or
+    the model refuses, lone-surrogate escapes included (the parser rejects them), gets its exact 400 there."""
+    try:
+        return model_cls.model_validate_json(raw)
+    except ValueError:  # ValidationError included
+        return None
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -370,15 +384,20 @@ def create_app(args: GatewayArgs) -> FastAPI:
         )
 
     async def handle(request: Request, model_cls, method):
-        body = await _json_body(request, args.max_request_bytes)
-        if args.log_requests:
-            logger.info(
-                "request %s %s", request.url.path, _truncated(json.dumps(body), args.log_requests_max_chars)
-            )
-        try:
-            req = model_cls.model_validate(body)
-        except ValidationError as e:
-            raise from_validation_error(e) from None
+        raw = await _read_body(request, args.max_request_bytes)
+        req = None if args.log_requests else _validated_from_bytes(model_cls, raw)
+        if req is None:
+            body = _json_body(raw)
+            if args.log_requests:
+                logger.info(
+                    "request %s %s",
+                    request.url.path,
+                    _truncated(json.dumps(body), args.log_requests_max_chars),
+                )
+            try:
+                req = model_cls.model_validate(body)
+            except ValidationError as e:
+                raise from_validation_error(e) from None
         try:
             await gw.sync_with_scheduler()
         except MiradorError:

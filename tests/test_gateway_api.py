@@ -768,3 +768,42 @@ def test_an_unhandled_error_is_a_500_in_openai_shape_and_keeps_the_connection(de
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_request_models_from_bytes_equal_the_general_path():
+    """Bodies go straight from bytes to the request model (pydantic's JSON parser); the result equals
+    json.loads + model_validate (surrogate pairs, i.e. escaped emoji, included), and anything the fast path
+    refuses (a lone-surrogate escape, bad JSON, a non-object, an invalid field) goes back to the general path,
+    which gives the exact 400."""
+    from gateway.app import _json_body, _validated_from_bytes
+    from gateway.protocol import ChatCompletionRequest, CompletionRequest
+
+    chat = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "Be brief. \u00e9\u4e2d"},
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+                {"type": "text", "text": "what is this? \U0001f600"},
+            ]},
+        ],
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+        "temperature": 0.5, "top_p": 1, "max_tokens": 16, "stop": ["a", "b"], "logit_bias": {"5": -100},
+        "stream": True, "stream_options": {"include_usage": True}, "seed": 12345678901234,
+    }  # fmt: skip
+    for model_cls, body in (
+        (ChatCompletionRequest, chat),
+        (CompletionRequest, {"model": "m", "prompt": [1, 2]}),
+    ):
+        for raw in (json.dumps(body).encode(), json.dumps(body, ensure_ascii=False).encode()):
+            fast = _validated_from_bytes(model_cls, raw)
+            assert fast is not None and fast == model_cls.model_validate(_json_body(raw))
+    for raw in (
+        b'{"model": "m", "prompt": "\\ud800"}',  # a lone surrogate: the general path refuses it by name
+        b'{"model": "m", "prompt": "a\\udc00b"}',
+        b'{"model": "m", "prompt": ',
+        b"[1, 2]",
+        b'{"model": "m", "prompt": "x", "max_tokens": "many"}',
+    ):
+        assert _validated_from_bytes(CompletionRequest, raw) is None
