@@ -17,7 +17,8 @@ def kv(s):
     return {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.]+)", s)}
 
 
-plans, outs, vb, enc, gw = {}, {}, [], [], []
+plans, outs, vb, enc = {}, {}, [], []
+gw: dict[str, list[dict]] = {"gw": [], "gwb": [], "gws": []}
 with open(sys.argv[1], errors="replace") as fh:
     lines = fh.readlines()
 for line in lines:
@@ -38,8 +39,8 @@ for line in lines:
         vb.append(d)
     elif kind == "encoded":
         enc.append(d)
-    elif kind == "gw":
-        gw.append(d)
+    elif kind in gw:
+        gw[kind].append(d)
 ids = sorted(i for i in plans if i in outs and (plans[i]["ptok"] or plans[i]["dec"]))
 if len(sys.argv) > 2:  # only steps after this many seconds from the first
     t0 = plans[ids[0]]["t"] + float(sys.argv[2]) * 1e3
@@ -75,10 +76,13 @@ wait_w = (
     sum(plans[a]["wait"] * (plans[b]["t"] - plans[a]["t"]) for a, b in zip(ids, ids[1:], strict=False)) / span
 )
 print(f"scheduler (time-weighted): running mean {run_w:.1f}, waiting mean {wait_w:.1f}")
-if gw:  # time-weighted mean of requests in the gateway over the steps' span
-    t_a, t_b = plans[ids[0]]["t"], plans[ids[-1]]["t"]
+t_a, t_b = plans[ids[0]]["t"], plans[ids[-1]]["t"]
+
+
+def time_weighted(events: list[dict]) -> float:
+    """Mean of a count over [t_a, t_b], from the lines that set it."""
     area, last_t, last_n = 0.0, t_a, None
-    for d in gw:
+    for d in events:
         if d["t"] < t_a:
             last_n = d["n"]
             continue
@@ -89,8 +93,14 @@ if gw:  # time-weighted mean of requests in the gateway over the steps' span
         last_t, last_n = d["t"], d["n"]
     if last_n is not None:
         area += last_n * (t_b - last_t)
+    return area / (t_b - t_a)
+
+
+if gw["gw"]:
     print(
-        f"gateway: requests in flight mean {area / (t_b - t_a):.1f} (handler start to the end of the stream)"
+        f"gateway (time-weighted): requests in flight {time_weighted(gw['gw']):.1f} (handler start to the end of "
+        f"the stream), building prompts {time_weighted(gw['gwb']):.1f}, with the scheduler client "
+        f"{time_weighted(gw['gws']):.1f}"
     )
 if vb:
     n = [d["n"] for d in vb]

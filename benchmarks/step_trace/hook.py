@@ -69,7 +69,8 @@ def _install():
 
 
 def _install_gateway():
-    """`gw n=` lines: requests in the gateway (from the handler's start to the end of their event stream)."""
+    """`gw n=` lines: requests in the gateway (from the handler's start to the end of their event stream); `gwb n=`:
+    requests building their prompt; `gws n=`: requests between the scheduler client's generate and its end."""
     import gateway.app  # noqa: F401 - the handler is built inside create_app: count at the ASGI app instead
     from gateway.sse import EventStreamResponse
 
@@ -95,6 +96,33 @@ def _install_gateway():
         return await orig_handle(self, scope, receive, send)
 
     Route.handle = handle
+
+    from processor.request_builder import RequestBuilder
+    from scheduler_svc.client import SchedulerClient
+
+    building, submitted = [0], [0]
+    orig_build, orig_generate = RequestBuilder.from_messages, SchedulerClient.generate
+
+    async def from_messages(self, *a, **kw):
+        building[0] += 1
+        _log(f"gwb n={building[0]}")
+        try:
+            return await orig_build(self, *a, **kw)
+        finally:
+            building[0] -= 1
+            _log(f"gwb n={building[0]}")
+
+    async def generate(self, req):
+        submitted[0] += 1
+        _log(f"gws n={submitted[0]}")
+        try:
+            async for out in orig_generate(self, req):
+                yield out
+        finally:
+            submitted[0] -= 1
+            _log(f"gws n={submitted[0]}")
+
+    RequestBuilder.from_messages, SchedulerClient.generate = from_messages, generate
 
 
 def _install_vision():
