@@ -32,6 +32,9 @@ _TORCH_DTYPES = {
 }
 
 
+_MAX_TEMPERATURE = float(np.finfo(np.float32).max)
+
+
 @dataclass
 class SampleOutput:
     token_ids: list[int]
@@ -183,7 +186,9 @@ class Sampler:
         vocab = self.vocab_size
         self._active[row] = True
         self._greedy[row] = params.greedy
-        self._temperature[row] = params.temperature if params.temperature > 0 else 1.0
+        # a float32 temperature past its range is inf, and -inf / inf (a token the grammar or min_tokens removed)
+        # is NaN: the largest finite float32 gives the same near-uniform draw and keeps removed tokens removed
+        self._temperature[row] = min(params.temperature, _MAX_TEMPERATURE) if params.temperature > 0 else 1.0
         self._top_k[row] = params.top_k if 0 < params.top_k < vocab else 0
         self._top_p[row] = params.top_p
         self._min_p[row] = params.min_p
