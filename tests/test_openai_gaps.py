@@ -442,3 +442,24 @@ def test_generate_invalid_sampling_params_are_400s_on_a_kept_connection(cluster,
     assert r.headers.get("connection", "keep-alive") != "close"
     ok = cluster.http.post("/generate", json={"text": "a", "sampling_params": {"max_new_tokens": 1}})
     assert ok.status_code == 200
+
+
+def test_echo_with_logprobs_fits_the_declared_response(cluster):
+    """echo + logprobs: the prompt's first token has a null log-probability and null alternatives (as OpenAI and
+    vLLM), and the answer fits the response model /openapi.json declares (the schema fuzz found it did not)."""
+    from gateway.responses import CompletionResponse
+
+    body = {
+        "model": SERVED,
+        "prompt": "Once upon",
+        "max_tokens": 2,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 1,
+    }
+    r = cluster.http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(isinstance(x, float) for x in lp["token_logprobs"][1:])
+    CompletionResponse.model_validate(r.json())
