@@ -247,31 +247,25 @@ def outputs_to_batch(
                 counts += o.num_tokens
                 token_ids += o.token_ids
                 continue
-            for d in o.outputs():
-                if d.request_id in as_messages:
-                    output_to_proto(d, batch.outputs.add())
-                else:
-                    rids.append(d.request_id)
-                    indexes.append(d.index)
-                    texts.append(d.text)
-                    counts.append(len(d.token_ids))
-                    token_ids += d.token_ids
-            continue
-        if (
-            o.finish_reason is None
-            and not o.logprobs
-            and not o.prompt_logprobs
-            and o.error is None
-            and o.request_id not in as_messages
-        ):
-            rids.append(o.request_id)
-            indexes.append(o.index)
-            texts.append(o.text)
-            counts.append(len(o.token_ids))
-            token_ids += o.token_ids
-            continue
-        output_to_proto(o, batch.outputs.add())
-        as_messages.add(o.request_id)
+            items = o.outputs()  # some of its requests already went as messages: entry by entry
+        else:
+            items = (o,)
+        for d in items:
+            if (
+                d.finish_reason is None
+                and not d.logprobs
+                and not d.prompt_logprobs
+                and d.error is None
+                and d.request_id not in as_messages
+            ):
+                rids.append(d.request_id)
+                indexes.append(d.index)
+                texts.append(d.text)
+                counts.append(len(d.token_ids))
+                token_ids += d.token_ids
+                continue
+            output_to_proto(d, batch.outputs.add())
+            as_messages.add(d.request_id)
     batch.delta_request_ids.extend(rids)
     batch.delta_indexes.extend(indexes)
     batch.delta_texts.extend(texts)

@@ -216,20 +216,20 @@ class _CleanTexts:
     def text(self, token: int) -> str:
         if 0 <= token < len(self.texts) and (text := self.texts[token]) is not None:
             return text
-        if token in self.added or not 0 <= token < len(self.texts):
+        if not 0 <= token < len(self.texts):
             return ""
-        text = self.backend.decode([token], skip_special_tokens=False)
-        if "\ufffd" in text:
-            text = ""
-        self.texts[token] = text
+        text = self.texts[token] = self._clean(token, self.backend.decode([token], skip_special_tokens=False))
         return text
+
+    def _clean(self, token: int, text: str) -> str:
+        """An id's text alone, or "" for an added token or a text that is not whole characters."""
+        return "" if token in self.added or "\ufffd" in text else text
 
     def fill(self) -> None:
         """Every id's text now, in one batch decode (~0.2 s for 150k ids), instead of one decode the first time
         each id is sampled (~1 us each, and a cache miss in the hot loop)."""
         texts = self.backend.decode_batch([[i] for i in range(len(self.texts))], skip_special_tokens=False)
-        for i, text in enumerate(texts):
-            self.texts[i] = "" if i in self.added or "\ufffd" in text else text
+        self.texts = [self._clean(i, text) for i, text in enumerate(texts)]
 
 
 def prepare_detokenizer(tokenizer: Tokenizer) -> None:

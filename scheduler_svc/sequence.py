@@ -192,9 +192,8 @@ class Sequence:
         # its first output carried the prompt log-probabilities (none asked for: nothing to carry)
         self.prompt_lps_sent = req.request.prompt_logprob_from is None
         self.deltas: DeltaColumns | None = None  # where its plain streamed deltas go (else to the outputs)
-        self.output_limit = (
-            self.max_new_tokens
-        )  # output tokens at which it ends by length (the context's too)
+        # output tokens at which it ends by length; the scheduler lowers it to what the context leaves
+        self.output_limit = self.max_new_tokens
         # grammar-constrained decoding: the llguidance matcher, advanced by every accepted output token; the
         # sequence samples only once its previous token is known (the mask depends on it)
         self.matcher = None

@@ -90,10 +90,12 @@ def run_server_processes(
             if conn.poll():
                 try:
                     outcomes[i] = conn.recv()
+                    continue
                 except EOFError:
-                    outcomes[i] = f"client process {i} exited with code {proc.exitcode} before its results"
-            elif not proc.is_alive():
-                outcomes[i] = f"client process {i} exited with code {proc.exitcode} before its results"
+                    proc.join(5)  # its end of the pipe closed: it is exiting
+            elif proc.is_alive():
+                continue
+            outcomes[i] = f"client process {i} exited with code {proc.exitcode} before its results"
         progress.update(done.value - progress.done)
         time.sleep(0.1)
     progress.update(done.value - progress.done)
