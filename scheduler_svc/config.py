@@ -48,6 +48,12 @@ class SchedulerArgs(InternalAuthArgs, ObservabilityArgs, ProcessArgs):
         "most requests waiting for admission; past it new ones are refused (RESOURCE_EXHAUSTED, HTTP 429 with "
         "Retry-After) instead of queueing without bound; 0: no limit",
     )
+    mixed_prefill_tokens: int | None = arg(
+        None,
+        "with --enable-mixed-chunk: the most prompt tokens a step takes while sequences are decoding, so each "
+        "decode step stays short and admissions spread over steps; an idle batch still takes "
+        "--max-prefill-tokens (default: --max-prefill-tokens)",
+    )
     disable_overlap_schedule: bool = arg(False, "plan each step only after the previous one returned")
     decode_log_interval: int = arg(40, "log a decode batch line every N steps")
     graceful_shutdown_timeout: float = arg(
@@ -77,5 +83,7 @@ class SchedulerArgs(InternalAuthArgs, ObservabilityArgs, ProcessArgs):
             raise ValueError("--chunked-prefill-size must be positive or -1")
         if self.max_prefill_tokens < 1:
             raise ValueError("--max-prefill-tokens must be >= 1")
+        if self.mixed_prefill_tokens is not None and self.mixed_prefill_tokens < 1:
+            raise ValueError("--mixed-prefill-tokens must be >= 1")
         if self.stream_interval < 1:
             raise ValueError("--stream-interval must be >= 1")

@@ -54,6 +54,9 @@ class SchedulerPolicy:
     # decodes ride along in steps that carry prompt chunks; off (SGLang's default): a step with prompt work runs
     # prompts only, so decode-only steps stay eligible for the worker's CUDA graphs
     enable_mixed_chunk: bool = False
+    # with mixed chunks, the prompt-token budget of a step while sequences are decoding (0: max_prefill_tokens):
+    # a small one keeps decode steps short and spreads admissions, an idle batch still takes max_prefill_tokens
+    mixed_prefill_tokens: int = 0
     schedule_policy: str = "fcfs"  # or "lpm": longest cached prefix first
     max_queued_requests: int = 0  # requests waiting for admission before new ones are refused; 0: no limit
     stream_interval: int = 1  # streamed outputs carry at least this many new tokens (the last one fewer)
@@ -412,6 +415,9 @@ class Scheduler:
         sent: list[_Sent] = []
         decodes = _Decodes()
         prefill_budget = p.max_prefill_tokens
+        if p.enable_mixed_chunk and p.mixed_prefill_tokens and self._decoding():
+            prefill_budget = min(prefill_budget, p.mixed_prefill_tokens)
+        full_budget = prefill_budget
         step_id = self._step_id + 1
 
         # 1. decodes and unfinished prefills of the running batch, oldest first; preempt the newest on shortage.
@@ -426,7 +432,7 @@ class Scheduler:
                 break
             if not self._admissible(seq) or seq.preempted_in_step == step_id:
                 continue
-            admitted = self._admit(seq, prefill_budget, step_id)
+            admitted = self._admit(seq, prefill_budget, step_id, prefill_budget == full_budget)
             if admitted is None:
                 break  # out of pages: later arrivals wait too
             if admitted == 0:
@@ -506,6 +512,10 @@ class Scheduler:
             self._admissible(s) for s in self.waiting
         )
 
+    def _decoding(self) -> bool:
+        """A running sequence is past its prompt (usually the oldest, so this stops at the first)."""
+        return any(not s.in_prompt for s in self.running if s.status is SeqStatus.RUNNING)
+
     def _plan_running(
         self,
         steps: list[SeqStep],
@@ -563,7 +573,7 @@ class Scheduler:
                     logger.warning("%s needs more KV pages than the pool has; ending it", seq.seq_id)
                     self._finish(seq, "length", emit=True)
                 continue
-            if not seq.prefill_done:
+            if seq.in_prompt:  # a decode row is not a prompt token
                 prefill_budget -= n
             steps.append(self._seq_step(seq, n, sent))
             seq.last_step = step_id
@@ -593,9 +603,10 @@ class Scheduler:
             return first.is_finished or first.num_confirmed >= len(seq.req.request.input_ids)
         return True
 
-    def _admit(self, seq: Sequence, budget: int, step_id: int) -> tuple[int, int] | int | None:
+    def _admit(self, seq: Sequence, budget: int, step_id: int, first: bool) -> tuple[int, int] | int | None:
         """Match the prefix cache, make sure images are encoded, take pages. Returns (tokens, cache hit) when
-        admitted, 0 when the sequence waits for its images, None when pages ran out."""
+        admitted, 0 when the sequence waits for its images, None when pages ran out (or, with chunking off, the
+        prompt does not fit the budget left; `first`: nothing took any of the step's budget yet)."""
         total = seq.num_tokens
         usable = total - 1  # the last token is always computed: its row samples the next one
         if seq.req.needs_prompt_lps:  # rows from logprob_start_len - 1 on are computed to score the prompt
@@ -615,7 +626,7 @@ class Scheduler:
             n = self._whole_images(
                 seq, matched, min(total - matched, self.policy.chunked_prefill_size, budget)
             )
-        elif total - matched <= budget or budget == self.policy.max_prefill_tokens:
+        elif total - matched <= budget or first:
             n = total - matched  # chunking off: the whole prompt, alone in a step if it must be
         else:
             return None

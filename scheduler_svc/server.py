@@ -58,6 +58,9 @@ def resolve_policy(
         max_prefill_tokens=args.max_prefill_tokens,
         enable_prefix_cache=not args.disable_radix_cache,
         enable_mixed_chunk=args.enable_mixed_chunk,
+        mixed_prefill_tokens=min(
+            args.mixed_prefill_tokens or args.max_prefill_tokens, args.max_prefill_tokens
+        ),
         max_queued_requests=args.max_queued_requests,
         stream_interval=args.stream_interval,
         schedule_policy=args.schedule_policy,

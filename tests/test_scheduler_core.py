@@ -219,6 +219,7 @@ def run(
     deltas: DeltaColumns | None = None,
     texts: dict[tuple[str, int], str] | None = None,
     stream_interval: int = 1,
+    mixed_budget: int = 0,
 ):
     rng = random.Random(seed)
     policy = SchedulerPolicy(
@@ -230,6 +231,7 @@ def run(
         max_prefill_tokens=64,
         enable_prefix_cache=cache,
         enable_mixed_chunk=mixed,
+        mixed_prefill_tokens=mixed_budget,
         schedule_policy="lpm" if lpm else "fcfs",
         eos_token_ids=(EOS,),
         stream_interval=stream_interval,
@@ -285,6 +287,8 @@ CONFIGS = [
     dict(num_pages=400, page_size=4, chunk=9, cache=True, overlap=True, defer_rate=0.3),  # pulls still coming
     dict(num_pages=400, page_size=4, chunk=5, cache=True, overlap=True, mixed=True),  # decodes beside prompts
     dict(num_pages=40, page_size=4, chunk=16, cache=True, overlap=True, mixed=True),  # ... with preemption
+    dict(num_pages=400, page_size=4, chunk=64, cache=True, overlap=True, mixed=True, mixed_budget=6),
+    dict(num_pages=400, page_size=1, chunk=-1, cache=True, overlap=False, mixed=True, mixed_budget=6),
     dict(num_pages=60, page_size=4, chunk=9, cache=True, overlap=True, lpm=True),  # longest prefix first
 ]
 
@@ -560,6 +564,36 @@ def test_prompt_steps_leave_decodes_out_unless_mixed(mixed):
     assert ids == ({"a#0", "b#0"} if mixed else {"b#0"})
     core.process_output(worker.step(plan))
     assert {s.seq_id for s in core.schedule().seqs} == {"a#0", "b#0"}  # then both decode
+
+
+def test_mixed_steps_keep_to_the_mixed_budget_while_decoding():
+    """With --mixed-prefill-tokens, a step that carries decodes takes at most that many prompt tokens; an idle
+    batch takes the whole --max-prefill-tokens; with chunking off a longer prompt still runs, alone."""
+    stopping = StoppingCriteria(max_new_tokens=20, ignore_eos=True)
+    core = small_scheduler(enable_mixed_chunk=True, mixed_prefill_tokens=8)
+    worker = FakeWorker(4)
+    core.add_request(GenerateRequest("a", tuple(range(10, 50)), stopping=stopping))  # 40 tokens, idle
+    first = core.schedule()
+    assert [(s.seq_id, len(s.input_ids)) for s in first.seqs] == [("a#0", 40)]
+    core.process_output(worker.step(first))
+    core.add_request(GenerateRequest("b", tuple(range(100, 120)), stopping=stopping))  # 20 tokens
+    core.add_request(GenerateRequest("c", tuple(range(200, 210)), stopping=stopping))
+    rows = []
+    while core.waiting or any(s.in_prompt for s in core.running):
+        plan = core.schedule()
+        assert "a#0" in plan.decode_seq_ids or any(s.seq_id == "a#0" for s in plan.seqs)  # decodes ride along
+        rows.append(sum(len(s.input_ids) for s in plan.seqs if s.seq_id != "a#0" and s.start_pos < 20))
+        assert rows[-1] <= 8
+        core.process_output(worker.step(plan))
+    assert rows == [8, 8, 8, 6]  # b: 8, 8, its last 4 and c's first 4, then c's last 6
+
+    unsplit = small_scheduler(enable_mixed_chunk=True, mixed_prefill_tokens=8, chunked_prefill_size=-1)
+    unsplit.add_request(GenerateRequest("a", (11, 12, 13), stopping=stopping))
+    unsplit.process_output(worker.step(unsplit.schedule()))
+    unsplit.add_request(GenerateRequest("long", tuple(range(10, 30)), stopping=stopping))
+    plan = unsplit.schedule()
+    # past the budget: the whole prompt, beside the decode
+    assert [(s.seq_id, len(s.input_ids)) for s in plan.seqs] == [("a#0", 1), ("long#0", 20)]
 
 
 def test_lpm_admits_the_request_sharing_a_cached_prefix_first():
