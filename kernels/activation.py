@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import HAS_TRITON, triton_enabled
+from kernels._triton import HAS_TRITON, pdl_args, triton_enabled
 
 BLOCK = 1024
 
@@ -20,8 +20,13 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from kernels._triton import pdl_prologue
+
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, o_ptr, stride_xt, stride_ot, inter, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(
+        x_ptr, o_ptr, stride_xt, stride_ot, inter, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+    ):
+        pdl_prologue(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
@@ -47,7 +52,9 @@ def silu_and_mul_triton(
     if x.stride(1) != 1:
         x = x.contiguous()
     grid = (num_tokens, triton.cdiv(inter, BLOCK))
-    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), inter, BLOCK=BLOCK, num_warps=4)
+    _silu_and_mul_kernel[grid](
+        x, out, x.stride(0), out.stride(0), inter, BLOCK=BLOCK, num_warps=4, **pdl_args(x)
+    )
     return out
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from kernels import paged_attention
-from kernels._triton import HAS_TRITON, triton_enabled
+from kernels._triton import HAS_TRITON, pdl_args, triton_enabled
 
 # Elements of one token's heads a program copies at most (per cache).
 MAX_TILE = 4096
@@ -26,6 +26,8 @@ def store_kv_ref(
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from kernels._triton import pdl_prologue
 
     @triton.jit
     def _copy_heads(src, dst, heads, dims, mask, src_stride_h, src_stride_d, dst_stride_h, dst_stride_d):
@@ -59,7 +61,9 @@ if HAS_TRITON:
         page_size,
         BLOCK_H: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        pdl_prologue(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         page, offset = slot // page_size, slot % page_size
@@ -103,6 +107,7 @@ def store_kv_triton(
         BLOCK_H=block_h,
         BLOCK_D=block_d,
         num_warps=min(max(block_h * block_d // 256, 1), 8),
+        **pdl_args(k),
     )
 
 

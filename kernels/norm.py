@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import HAS_TRITON, triton_enabled
+from kernels._triton import HAS_TRITON, pdl_args, triton_enabled
 
 # Widest row held in registers in one pass; wider rows take two passes over memory (statistics, then output).
 MAX_BLOCK = 8192
@@ -34,6 +34,8 @@ def fused_add_rms_norm_ref(
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from kernels._triton import pdl_prologue
 
     @triton.jit
     def _load_row(x_row, r_row, cols, mask, stride_xd, stride_rd, HAS_RESIDUAL: tl.constexpr):
@@ -68,7 +70,9 @@ if HAS_TRITON:
         HAS_RESIDUAL: tl.constexpr,
         BLOCK: tl.constexpr,
         NUM_BLOCKS: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        pdl_prologue(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_xt
         r_row = r_ptr + row * stride_rt
@@ -133,6 +137,7 @@ def _rms_norm_launch(
         BLOCK=block,
         NUM_BLOCKS=triton.cdiv(hidden, block),
         num_warps=min(max(block // 256, 1), 16),
+        **pdl_args(x),
     )
     return out
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels._triton import HAS_TRITON, triton_enabled
+from kernels._triton import HAS_TRITON, pdl_args, triton_enabled
 
 # Elements of one token's heads (times head_dim / 2) a program rotates at most.
 MAX_TILE = 2048
@@ -53,6 +53,8 @@ def apply_mrope_ref(
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from kernels._triton import pdl_prologue
 
     @triton.jit
     def _rotate_heads(
@@ -96,7 +98,9 @@ if HAS_TRITON:
         SECTION_TH: tl.constexpr,  # bands [SECTION_T, SECTION_TH) take h, the rest w
         BLOCK_H: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):
+        pdl_prologue(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         head_block = tl.program_id(1)
         j = tl.arange(0, BLOCK_HALF)
@@ -155,6 +159,7 @@ def apply_mrope_triton(
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
         num_warps=min(max(block_h * block_half // 256, 1), 8),
+        **pdl_args(q),
     )
 
 

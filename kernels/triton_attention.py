@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._triton import INTERPRET
+from kernels._triton import INTERPRET, pdl_args, pdl_prologue
 
 LOG2E = 1.4426950408889634
 
@@ -131,9 +131,11 @@ def _decode_split_kernel(
     qk_scale, window,
     G: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (sequence, kv head, split): the G query heads of that kv head against the split's tokens.
     With one split it writes `out`; otherwise the normalised partial output and its log2-sum-exp go to `ws`."""
+    pdl_prologue(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -181,8 +183,10 @@ def _decode_reduce_kernel(
     stride_wb, stride_wh, stride_ws,
     stride_ob, stride_oh, stride_od,
     D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (sequence, query head): merge the splits' partial outputs by their log2-sum-exp."""
+    pdl_prologue(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -250,13 +254,13 @@ def decode_attention(
         scale * LOG2E, window,
         G=group, D=head_dim, PAGE_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **pdl_args(q),
     )  # fmt: skip
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             ws, out, *ws_strides, *out.stride(),
             D=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-            num_warps=reduce_num_warps,
+            num_warps=reduce_num_warps, **pdl_args(q),
         )  # fmt: skip
     return out
 
@@ -270,12 +274,13 @@ def _extend_kernel(
     qk_scale, window,
     G: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    GENERAL: tl.constexpr, HAS_LAST: tl.constexpr,
+    GENERAL: tl.constexpr, HAS_LAST: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (sequence, block of BLOCK_M new tokens, kv head). Its BLOCK_R rows are (token, query
     head) pairs, row r = token r // G, head r % G of the kv head's group, so each KV block is read once for all
     G heads; rows past BLOCK_M * G or past q_len are padding. KV blocks wholly at or below the first token's
     position skip the causal mask; blocks above the last token's position are never visited."""
+    pdl_prologue(USE_PDL)
     b = tl.program_id(0)
     m_start = tl.program_id(1) * BLOCK_M
     kv_head = tl.program_id(2)
@@ -388,6 +393,6 @@ def extend_attention(
         G=group, D=head_dim, PAGE_SIZE=k_cache.shape[1], BLOCK_M=block_m,
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim),
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
-        GENERAL=general, HAS_LAST=kv_last is not None,
+        GENERAL=general, HAS_LAST=kv_last is not None, **pdl_args(q),
     )  # fmt: skip
     return out

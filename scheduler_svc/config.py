@@ -38,10 +38,11 @@ class SchedulerArgs(InternalAuthArgs, ObservabilityArgs, ProcessArgs):
     stream_interval: int = arg(
         1, "streamed outputs carry this many tokens at a time (fewer messages and SSE events per token)"
     )
-    enable_mixed_chunk: bool = arg(
-        False,
-        "let decodes share steps with prompt chunks; by default (as SGLang) a step with prompt work runs prompts "
-        "only, so decode-only steps can replay the worker's CUDA graphs",
+    enable_mixed_chunk: bool | None = arg(
+        None,
+        "let decodes share steps with prompt chunks, so running streams keep producing tokens while prompts "
+        "are computed (default: on with a GPU worker, whose piecewise graphs serve such steps; off on CPU). "
+        "--no-enable-mixed-chunk: a step with prompt work runs prompts only, as SGLang's default",
     )
     max_queued_requests: int = arg(
         0,

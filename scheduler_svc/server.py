@@ -57,7 +57,7 @@ def resolve_policy(
         chunked_prefill_size=chunk,
         max_prefill_tokens=args.max_prefill_tokens,
         enable_prefix_cache=not args.disable_radix_cache,
-        enable_mixed_chunk=args.enable_mixed_chunk,
+        enable_mixed_chunk=gpu if args.enable_mixed_chunk is None else args.enable_mixed_chunk,
         mixed_prefill_tokens=min(
             args.mixed_prefill_tokens or args.max_prefill_tokens, args.max_prefill_tokens
         ),
