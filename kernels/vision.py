@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import HAS_TRITON, INTERPRET, triton_enabled
+from kernels._triton import HAS_TRITON, INTERPRET, pdl_args, triton_enabled
 
 try:  # torch >= 2.10; flash attention on CUDA for fp16/bf16 only (the CPU build has no kernel for it)
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -85,6 +85,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from kernels._triton import pdl_prologue
+
     @triton.jit
     def _rotate_tile(x_ptr, offs, mask, half, c1, c2, s1, s2):
         x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -98,10 +100,11 @@ if HAS_TRITON:
         q_ptr, k_ptr, cos_ptr, sin_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
         num_tokens, num_q_heads, num_k_heads, half,
-        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
     ):  # fmt: skip
         """One program per BLOCK_T tokens, every head of q and of k at once: rows of the tile are (token, head)
         pairs, so each token's cos/sin row is read once per program (from L1 for the other heads)."""
+        pdl_prologue(USE_PDL)
         r = tl.arange(0, BLOCK_T * BLOCK_H)
         t = tl.program_id(0).to(tl.int64) * BLOCK_T + r // BLOCK_H
         h = r % BLOCK_H
@@ -137,7 +140,7 @@ def apply_vision_rotary_triton(
         q, k, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         num_tokens, num_q_heads, k.shape[1], half,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half), num_warps=8,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half), num_warps=8, **pdl_args(q),
     )  # fmt: skip
 
 
@@ -229,10 +232,11 @@ if HAS_TRITON:
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
     ):  # fmt: skip
         """One program per (tile, head): BLOCK_M query rows of one segment against all of its keys (online
         softmax in the log2 domain, fp32). A padding tile starts past its segment and does nothing."""
+        pdl_prologue(USE_PDL)
         tile = tl.program_id(0)
         head = tl.program_id(1)
         seg = tl.load(tiles_ptr + 2 * tile)
@@ -296,7 +300,7 @@ def varlen_attention_triton(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         scale * LOG2E,
         D=head_dim, BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, num_stages=2,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, num_stages=2, **pdl_args(q),
     )  # fmt: skip
     return out
 

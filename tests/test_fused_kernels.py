@@ -271,3 +271,53 @@ def test_zero_tokens(impl):
     cache = torch.zeros(4, 4, 2, 16, device=DEVICE)
     op(kv_store, "store_kv")(k, v, cache, cache.clone(), torch.zeros(0, dtype=torch.long, device=DEVICE))
     assert not cache.any()
+
+
+# ---- programmatic dependent launch (Hopper) ----------------------------------------------------------------------
+
+
+def test_pdl_is_asked_only_on_cuda():
+    from kernels._triton import pdl_args
+
+    assert pdl_args(torch.zeros(1)) == {"USE_PDL": False}  # CPU (and the interpreter): a plain launch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pdl_kernel_chain_in_a_cuda_graph_matches_eager_references():
+    """norm -> GEMM -> SiLU-mul -> GEMM -> norm, captured once and replayed on new inputs: each PDL kernel must
+    wait for the one before it (a missing griddepcontrol.wait reads a half-written input)."""
+    from kernels._triton import pdl
+
+    tokens, hidden, inter = 512, 3584, 4864
+    x = torch.empty(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    residual = torch.empty_like(x)
+    w_norm = torch.rand(hidden, device="cuda", dtype=torch.bfloat16) + 0.5
+    w_up = torch.randn(hidden, 2 * inter, device="cuda", dtype=torch.bfloat16) / hidden**0.5
+    w_down = torch.randn(inter, hidden, device="cuda", dtype=torch.bfloat16) / inter**0.5
+
+    def chain():
+        h, r = norm.fused_add_rms_norm(x, residual, w_norm, 1e-6)
+        a = activation.silu_and_mul(h @ w_up)
+        return norm.fused_add_rms_norm(a @ w_down, r, w_norm, 1e-6)[0]
+
+    def reference(x0, r0):
+        r1 = (x0.float() + r0.float()).to(x0.dtype)
+        h = norm.rms_norm_ref(r1, w_norm, 1e-6)
+        a = activation.silu_and_mul_ref(h @ w_up)
+        return norm.rms_norm_ref((a @ w_down + r1).to(x0.dtype), w_norm, 1e-6)
+
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        x.normal_(), residual.normal_()
+        chain()  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = chain()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        x.normal_(), residual.normal_()
+        x0, r0 = x.clone(), residual.clone()
+        graph.replay()
+        torch.testing.assert_close(out.float(), reference(x0, r0).float(), rtol=2e-2, atol=2e-2)
+    assert pdl(x) == (torch.cuda.get_device_capability()[0] >= 9)
