@@ -647,3 +647,18 @@ def test_requests_past_max_queued_are_refused_with_resource_exhausted():
     core.add_request(GenerateRequest("c", (11, 12, 13), stopping=stopping))
     with pytest.raises(ResourceExhaustedError):
         core.add_request(GenerateRequest("d", (11, 12, 13), stopping=stopping))
+
+
+@pytest.mark.parametrize(
+    "device, flag, mixed",
+    [("cuda:0", None, True), ("cpu", None, False), ("cuda:0", False, False), ("cpu", True, True)],
+)
+def test_mixed_chunks_default_on_with_a_gpu_worker(default_model, device, flag, mixed):
+    from common.types import WorkerInfo
+    from scheduler_svc.config import SchedulerArgs
+    from scheduler_svc.server import resolve_policy
+
+    worker = WorkerInfo("Qwen2_5_VLForConditionalGeneration", 100, 16, 4096, 1000, "bfloat16", device)
+    args = SchedulerArgs(model_path=str(default_model), enable_mixed_chunk=flag, mixed_prefill_tokens=700)
+    policy = resolve_policy(args, worker, (EOS,))
+    assert policy.enable_mixed_chunk is mixed and policy.mixed_prefill_tokens == 700
