@@ -134,7 +134,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     yield step_output_to_proto(out)
             finally:
                 reader.cancel()
-            logger.info("step stream closed")
+                logger.info("step stream closed")  # also when the scheduler went away (the call is cancelled)
 
     async def _launch_all(self, request_iterator, runner: ModelRunner, launched: asyncio.Queue) -> None:
         """Launch each step as it arrives, without waiting for the results of earlier ones."""
