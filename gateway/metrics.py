@@ -5,6 +5,7 @@ by gateway/__main__.py before the client is imported) and /metrics merges them."
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
 from collections.abc import AsyncIterator
@@ -102,6 +103,7 @@ class GatewayMetrics:
         every request that completes times its end."""
         first = last = None
         num_tokens = 0
+        itl = BatchedObservations(self.itl) if stream else None
         try:
             async for out in outs:
                 n = len(out.token_ids) if stream else 0
@@ -111,15 +113,60 @@ class GatewayMetrics:
                         first = now
                         self.ttft.observe(now - arrival)
                     else:
-                        self.itl.observe((now - last) / n)
+                        itl.observe((now - last) / n)
                     last, num_tokens = now, num_tokens + n
                 yield out
         finally:
+            if itl is not None:
+                itl.flush()
             # a caller that stops early aborts the request now, not when the generator is collected
             await outs.aclose()
         self.e2e.observe(time.perf_counter() - arrival)
         if num_tokens > 1:
             self.tpot.observe((last - first) / (num_tokens - 1))
+
+
+class BatchedObservations:
+    """One request's observations of a histogram, counted here (a bisect and a list increment) and added to the
+    histogram every FLUSH_EVERY observations and when the request ends: prometheus-client's `observe` takes a lock
+    for the sum and for a bucket (~1.5 us, paid for every streamed message otherwise). The histogram's
+    exposition is the same as with one `observe` each; a scrape sees a live stream's last < FLUSH_EVERY later."""
+
+    FLUSH_EVERY = 64
+    __slots__ = ("child", "bounds", "counts", "total", "num")
+
+    def __init__(self, child: Histogram):
+        self.child = child
+        # the child's own bounds (+Inf last) and values: private to prometheus-client, so without them this
+        # falls back to one observe each
+        self.bounds: list[float] | None = getattr(child, "_upper_bounds", None)
+        if not hasattr(child, "_buckets") or not hasattr(child, "_sum"):
+            self.bounds = None
+        self.counts = [0] * len(self.bounds) if self.bounds is not None else []
+        self.total = 0.0
+        self.num = 0
+
+    def observe(self, amount: float) -> None:
+        if self.bounds is None:
+            self.child.observe(amount)
+            return
+        # the first bound >= amount: the bucket observe() picks (`amount <= bound`)
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+        self.total += amount
+        self.num += 1
+        if self.num >= self.FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.num:
+            return
+        buckets, counts = self.child._buckets, self.counts
+        for i, count in enumerate(counts):
+            if count:
+                buckets[i].inc(count)
+                counts[i] = 0
+        self.child._sum.inc(self.total)
+        self.total, self.num = 0.0, 0
 
 
 def render() -> tuple[bytes, str]:
