@@ -68,13 +68,15 @@ def _chunker(rid: str, obj: str, created: int, req: SamplingRequest):
 
 class _StreamUsage:
     """A stream's token counts: the scheduler's exact ones for each finished choice, the ids seen so far for the
-    others (what continuous_usage_stats reports on every event)."""
+    others (what continuous_usage_stats reports on every event). Kept as running totals: `counts` is read for
+    every event of such a stream."""
 
     def __init__(self, greqs: list[GenerateRequest]):
         self.prompt = sum(len(g.input_ids) for g in greqs)
         self.seen: dict[tuple[int, int], int] = {}
-        self.done: dict[tuple[int, int], int] = {}
+        self.completion = 0  # the finished choices' exact counts plus the ids seen of the others
         self.cached: dict[int, int] = {}
+        self.cached_total = 0
         self.first_sent: set[int] = set()  # choices whose prompt_token_ids went out (return_token_ids)
 
     @staticmethod
@@ -82,16 +84,22 @@ class _StreamUsage:
         return bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
     def add(self, k: int, out: GenerateOutput) -> None:
-        key = (k, out.index)
-        self.seen[key] = self.seen.get(key, 0) + len(out.token_ids)
-        if out.finish_reason is not None:
-            self.done[key] = out.completion_tokens
-            self.cached[k] = max(self.cached.get(k, 0), out.cached_tokens)
+        n = len(out.token_ids)
+        if out.finish_reason is None:
+            if n:
+                key = (k, out.index)
+                self.seen[key] = self.seen.get(key, 0) + n
+                self.completion += n
+            return
+        # the choice's exact count replaces the ids counted so far (a finish may carry the last ids too)
+        self.completion += out.completion_tokens - self.seen.pop((k, out.index), 0)
+        cached = max(self.cached.get(k, 0), out.cached_tokens)
+        self.cached_total += cached - self.cached.get(k, 0)
+        self.cached[k] = cached
 
     def counts(self) -> tuple[int, int, int]:
         """(prompt, completion, cached) tokens so far."""
-        completion = sum(self.done.get(key, n) for key, n in self.seen.items())
-        return self.prompt, completion, sum(self.cached.values())
+        return self.prompt, self.completion, self.cached_total
 
     def total(self) -> dict[str, Any]:
         return OpenAIServing._usage(*self.counts())
