@@ -95,35 +95,67 @@ class GatewayMetrics:
         endpoint = path if path in ENDPOINTS else "other"
         self._http.labels(self.model_name, "gateway", endpoint, str(status)).inc()
 
+    def timer(self, arrival: float) -> RequestTimer:
+        """The latencies of one streamed request, fed by whatever loop reads its outputs."""
+        return RequestTimer(self, arrival)
+
     async def track(
         self, outs: AsyncIterator[GenerateOutput], arrival: float, stream: bool
     ) -> AsyncIterator[GenerateOutput]:
         """Pass a request's outputs through, timing them: one observation per message, not per token. Only
         streamed requests time their tokens (one that is not streamed gets its text in one message at the end);
-        every request that completes times its end."""
-        first = last = None
-        num_tokens = 0
-        itl = BatchedObservations(self.itl) if stream else None
+        every request that completes times its end. (The gateway's streams call a `timer` from their own loop
+        instead: one async generator fewer per streamed message.)"""
+        timer = RequestTimer(self, arrival)
         try:
             async for out in outs:
-                n = len(out.token_ids) if stream else 0
-                if n:
-                    now = time.perf_counter()
-                    if first is None:
-                        first = now
-                        self.ttft.observe(now - arrival)
-                    else:
-                        itl.observe((now - last) / n)
-                    last, num_tokens = now, num_tokens + n
+                if stream:
+                    timer.output(len(out.token_ids))
                 yield out
         finally:
-            if itl is not None:
-                itl.flush()
+            timer.flush()
             # a caller that stops early aborts the request now, not when the generator is collected
             await outs.aclose()
-        self.e2e.observe(time.perf_counter() - arrival)
-        if num_tokens > 1:
-            self.tpot.observe((last - first) / (num_tokens - 1))
+        timer.end()
+
+
+class RequestTimer:
+    """One request's time to first token, inter-token latencies (one observation per message: a message
+    carrying k tokens after a gap counts once, at gap / k), and at its end, its end-to-end latency and time per
+    output token."""
+
+    __slots__ = ("metrics", "arrival", "first", "last", "num_tokens", "itl")
+
+    def __init__(self, metrics: GatewayMetrics, arrival: float):
+        self.metrics = metrics
+        self.arrival = arrival
+        self.first: float | None = None
+        self.last = 0.0
+        self.num_tokens = 0
+        self.itl = BatchedObservations(metrics.itl)
+
+    def output(self, n: int) -> None:
+        """A message of n tokens arrived now."""
+        if not n:
+            return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            self.metrics.ttft.observe(now - self.arrival)
+        else:
+            self.itl.observe((now - self.last) / n)
+        self.last = now
+        self.num_tokens += n
+
+    def flush(self) -> None:
+        """Hand over the inter-token latencies held back (the request ended, or gave up)."""
+        self.itl.flush()
+
+    def end(self) -> None:
+        """The request completed."""
+        self.metrics.e2e.observe(time.perf_counter() - self.arrival)
+        if self.num_tokens > 1:
+            self.metrics.tpot.observe((self.last - self.first) / (self.num_tokens - 1))
 
 
 class BatchedObservations:

@@ -17,7 +17,7 @@ from common.log import request_id_var
 from common.types import Constraint, GenerateOutput, GenerateRequest, TokenLogprob
 from gateway import tool_calls
 from gateway.errors import sse_error
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, RequestTimer
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
 from gateway.request_context import arrival_var
 from processor import sampling
@@ -121,16 +121,26 @@ USAGE_SUFFIX = (
 
 
 async def _tagged(
-    first: GenerateOutput | None, rest: AsyncIterator[GenerateOutput], k: int | None = 0
+    first: GenerateOutput | None,
+    rest: AsyncIterator[GenerateOutput],
+    k: int | None = 0,
+    timer: RequestTimer | None = None,
 ) -> AsyncIterator[Any]:
-    """A started request's outputs, its first (already read) then the rest, as `(k, output)` pairs the way `_merge`
-    gives several, or bare with `k=None`. One generator per token on the hot path, not two."""
+    """A started request's outputs, its first (already read and timed) then the rest, as `(k, output)` pairs the
+    way `_merge` gives several, or bare with `k=None`; `timer` times the rest here. One generator per token on
+    the hot path, not two."""
     try:
         if first is not None:
             yield first if k is None else (k, first)
         async for out in rest:
+            if timer is not None:
+                timer.output(len(out.token_ids))
             yield out if k is None else (k, out)
+        if timer is not None:
+            timer.end()
     finally:
+        if timer is not None:
+            timer.flush()
         await rest.aclose()
 
 
@@ -288,19 +298,22 @@ class OpenAIServing:
 
     async def _started(
         self, greq: GenerateRequest
-    ) -> tuple[GenerateOutput | None, AsyncIterator[GenerateOutput]]:
-        """A streamed request's first output (None when it ended without one) and the rest, once the first has
-        come: whatever fails before the first token (a prompt the scheduler refuses, an image the vision service
-        cannot decode) is an HTTP error in OpenAI's shape, not a 200 stream that ends in an error event. Clients
-        see nothing sooner either way."""
-        outs = self._generate(greq)
+    ) -> tuple[GenerateOutput | None, AsyncIterator[GenerateOutput], RequestTimer]:
+        """A streamed request's first output (None when it ended without one), the rest, and the timer that
+        times them (`_tagged` feeds it), once the first has come: whatever fails before the first token (a prompt
+        the scheduler refuses, an image the vision service cannot decode) is an HTTP error in OpenAI's shape, not
+        a 200 stream that ends in an error event. Clients see nothing sooner either way."""
+        timer = self.metrics.timer(arrival_var.get() or time.perf_counter())
+        outs = self.scheduler.generate(greq)
         try:
-            return await anext(outs), outs
+            first = await anext(outs)
         except StopAsyncIteration:
-            return None, outs
+            return None, outs, timer
         except BaseException:
             await outs.aclose()
             raise
+        timer.output(len(first.token_ids))
+        return first, outs, timer
 
     async def _started_all(self, greqs: list[GenerateRequest]) -> AsyncIterator[tuple[int, GenerateOutput]]:
         """Several requests' outputs as they come, each tagged with its request's position; all have started
@@ -313,8 +326,9 @@ class OpenAIServing:
                     await s[1].aclose()
             raise errors[0]
         if len(started) == 1:
-            return _tagged(*started[0])
-        return _merge([_tagged(first, rest, None) for first, rest in started])
+            first, rest, timer = started[0]
+            return _tagged(first, rest, 0, timer)
+        return _merge([_tagged(first, rest, None, timer) for first, rest, timer in started])
 
     async def warmup(self) -> None:
         """One request through the whole cluster before the gateway reports ready, as SGLang's server warm-up:
