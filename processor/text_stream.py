@@ -78,8 +78,8 @@ class IncrementalDetokenizer:
         "_prefix",
         "_read",
         "_num_unstepped",
-        "shortcut",
-        "stale",
+        "_window_clean",
+        "_stale",
     )
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -102,11 +102,9 @@ class IncrementalDetokenizer:
         self._num_unstepped = 0  # trailing ids in _ids not given to DecodeStream yet
         # add_token's shortcut (byte-level decoders only): while the window is one released id that decodes to
         # whole characters alone, the next such id releases exactly its own text, so Python returns it without
-        # DecodeStream, which catches up (_sync) before the next id that needs it. A hot loop may take it itself:
-        # while `shortcut` is set, an id whose shortcut_texts() entry is a non-empty text releases that text,
-        # provided the caller sets `stale` to the id, as add_token does.
-        self.shortcut = self._clean is not None and self._stream is not None
-        self.stale: int | None = None  # the id DecodeStream's window should hold (steps taken in Python)
+        # DecodeStream, which catches up (_sync) before the next id that needs it
+        self._window_clean = True
+        self._stale: int | None = None  # the id DecodeStream's window should hold (steps taken in Python)
 
     def add(self, ids: Sequence[int]) -> str:
         if self._dropped and not self._dropped.isdisjoint(ids):
@@ -114,7 +112,7 @@ class IncrementalDetokenizer:
         if not ids:
             return ""
         self._sync()
-        self.shortcut = False
+        self._window_clean = False
         self._ids.extend(ids)
         if self._byte_ids and ids[-1] in self._byte_ids:
             # A byte-fallback decoder turns a whole run of <0xXX> pieces into U+FFFDs if any byte of it is
@@ -135,13 +133,14 @@ class IncrementalDetokenizer:
             return ""
         self._advance()
         window = self._ids[self._prefix :]
-        # (a stream here means _clean is set: both come from the backend)
-        self.shortcut = len(window) == 1 and self._clean is not None and bool(self._clean.text(window[0]))
+        self._window_clean = (
+            len(window) == 1 and self._clean is not None and bool(self._clean.text(window[0]))
+        )
         return text
 
     def add_token(self, token: int) -> str:
-        """add([token]); in the common case (see `shortcut`) a list lookup."""
-        if self.shortcut:
+        """add([token]); in the common case (see _window_clean) a list lookup."""
+        if self._window_clean and self._clean is not None and self._stream is not None:
             try:
                 text = self._clean.texts[token]
             except IndexError:  # past the tokenizer's ids (an output head may be wider)
@@ -149,17 +148,17 @@ class IncrementalDetokenizer:
             if text is None:
                 text = self._clean.text(token)
             if text:
-                self.stale = token
+                self._stale = token
                 return text
         return self.add((token,))
 
     def _sync(self) -> None:
         """Give DecodeStream (and the windows here) the state the shortcut left: one released id."""
-        if self.stale is not None:
+        if self._stale is not None:
             self._stream = DecodeStream(skip_special_tokens=self.skip)
-            self._stream.step(self._backend, self.stale)
-            self._ids, self._prefix, self._read = [self.stale], 0, 1
-            self.stale = None
+            self._stream.step(self._backend, self._stale)
+            self._ids, self._prefix, self._read = [self._stale], 0, 1
+            self._stale = None
 
     def flush(self) -> str:
         """The rest of the text once no more ids will come (incomplete bytes become U+FFFD, as decode does)."""
@@ -231,15 +230,6 @@ class _CleanTexts:
         each id is sampled (~1 us each, and a cache miss in the hot loop)."""
         texts = self.backend.decode_batch([[i] for i in range(len(self.texts))], skip_special_tokens=False)
         self.texts = [self._clean(i, text) for i, text in enumerate(texts)]
-
-
-def shortcut_texts(tokenizer: Tokenizer) -> list[str | None]:
-    """The table IncrementalDetokenizer's shortcut reads, by id: the id's text when it decodes alone to whole
-    characters, "" when it does not, None when not looked up yet (empty without a byte-level decoder). Read it
-    again after prepare_detokenizer, which replaces it."""
-    backend = getattr(tokenizer, "backend", None)
-    clean = _clean_texts(backend) if backend is not None else None
-    return clean.texts if clean is not None else []
 
 
 def prepare_detokenizer(tokenizer: Tokenizer) -> None:

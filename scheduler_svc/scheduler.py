@@ -28,7 +28,7 @@ from common.types import (
     StepPlan,
     TokenLogprob,
 )
-from processor.text_stream import TextStream, shortcut_texts
+from processor.text_stream import TextStream
 from processor.tokenizer import Tokenizer
 from scheduler_svc.encoder_pages import EncoderPages
 from scheduler_svc.page_allocator import PageAllocator
@@ -810,8 +810,6 @@ class Scheduler:
         finished = SeqStatus.FINISHED
         interval = self.policy.stream_interval
         columns: DeltaColumns | None = None
-        texts = shortcut_texts(self.tokenizer)
-        num_texts = len(texts)
         for seq, epoch, start, token in zip(
             decodes.seqs, decodes.epochs, decodes.start_pos, decode_tokens, strict=True
         ):
@@ -838,13 +836,8 @@ class Scheduler:
             num_tokens += 1
             seq.num_pending_samples -= 1
             output_ids.append(token)
-            detok = seq.detok
-            if detok is not None:  # no stop strings: the text stream is its detokenizer
-                # its add_token inline in the common case: the text of an id that is whole characters alone
-                if detok.shortcut and token < num_texts and (text := texts[token]):
-                    detok.stale = token
-                else:
-                    text = detok.add_token(token)
+            if seq.detok is not None:  # no stop strings: the text stream is its detokenizer
+                text = seq.detok.add_token(token)
             else:
                 stream = seq.stream
                 text = stream.push_token(token, len(output_ids) >= seq.min_new_tokens)
