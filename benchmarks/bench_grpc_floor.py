@@ -10,6 +10,8 @@ Prints, per iteration (CPU time of this process from the kernel, all threads, an
   round trip      a StepRequest written and its StepResult read on a Worker.Steps stream to an echo server in
                   another process, then the gap
   back to back    the same round trips without the gap (caches and threads stay warm)
+  socket          the same bytes (the serialized StepRequest and StepResult) over a plain asyncio TCP stream, length
+                  prefixed, then the gap: what a transport costs that wakes only the event-loop thread
 """
 
 from __future__ import annotations
@@ -41,15 +43,26 @@ async def _echo_server(port_file: Path) -> None:
                 res.sampled_token_ids.extend(req.decode_start_pos)
                 yield res
 
+    async def echo_bytes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while header := await reader.readexactly(4):
+            req = worker_pb2.StepRequest.FromString(
+                await reader.readexactly(int.from_bytes(header, "little"))
+            )
+            res = worker_pb2.StepResult(step_id=req.step_id)
+            res.sampled_token_ids.extend(req.decode_start_pos)
+            body = res.SerializeToString()
+            writer.write(len(body).to_bytes(4, "little") + body)
+
     server = grpc.aio.server()
     worker_pb2_grpc.add_WorkerServicer_to_server(Echo(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    port_file.write_text(str(port))
+    sockets = await asyncio.start_server(echo_bytes, "127.0.0.1", 0)
+    port_file.write_text(f"{port} {sockets.sockets[0].getsockname()[1]}")
     await server.wait_for_termination()
 
 
-async def _measure(port: int, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+async def _measure(port: int, socket_port: int, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     import grpc
 
     from protos import worker_pb2, worker_pb2_grpc
@@ -89,6 +102,20 @@ async def _measure(port: int, args: argparse.Namespace) -> dict[str, tuple[float
             "back to back": await timed(round_trip),
         }
         await call.done_writing()
+    reader, writer = await asyncio.open_connection("127.0.0.1", socket_port)
+
+    async def socket_round_trip(i: int) -> None:
+        req = worker_pb2.StepRequest(step_id=i)
+        req.decode_seq_ids.extend(ids)
+        req.decode_start_pos.extend(positions)
+        body = req.SerializeToString()
+        writer.write(len(body).to_bytes(4, "little") + body)
+        header = await reader.readexactly(4)
+        worker_pb2.StepResult.FromString(await reader.readexactly(int.from_bytes(header, "little")))
+        await asyncio.sleep(gap)
+
+    out["socket"] = await timed(socket_round_trip)
+    writer.close()
     return out
 
 
@@ -114,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the echo server did not start")
             time.sleep(0.05)
-        results = uvloop.run(_measure(int(port_file.read_text()), args))
+        grpc_port, socket_port = map(int, port_file.read_text().split())
+        results = uvloop.run(_measure(grpc_port, socket_port, args))
     finally:
         server.terminate()
         server.wait(timeout=10)
