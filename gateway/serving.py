@@ -29,6 +29,10 @@ from scheduler_svc.client import SchedulerClient
 
 logger = logging.getLogger(__name__)
 
+# json.dumps(x, ensure_ascii=False) without building a JSONEncoder per call (0.8 us, then 0.1 us to encode a delta's
+# text): the same output, for every event of every stream
+_dumps = json.JSONEncoder(ensure_ascii=False).encode
+
 
 def _chunker(rid: str, obj: str, created: int, req: SamplingRequest):
     """Formats one SSE event of a stream; usage is carried (null until the end) only with include_usage or
@@ -36,7 +40,7 @@ def _chunker(rid: str, obj: str, created: int, req: SamplingRequest):
     opts = req.stream_options
     with_usage = bool(opts and (opts.include_usage or opts.continuous_usage_stats))
     # the fields every event repeats are encoded once per stream; an event encodes only its choices (and usage)
-    head = json.dumps({"id": rid, "object": obj, "created": created, "model": req.model}, ensure_ascii=False)
+    head = _dumps({"id": rid, "object": obj, "created": created, "model": req.model})
     prefix = f'data: {head[:-1]}, "choices": '
 
     def chunk(
@@ -44,10 +48,10 @@ def _chunker(rid: str, obj: str, created: int, req: SamplingRequest):
         usage: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> str:
-        body = json.dumps(choices, ensure_ascii=False)
-        tail = ", " + json.dumps(extra, ensure_ascii=False)[1:-1] if extra else ""
+        body = _dumps(choices)
+        tail = ", " + _dumps(extra)[1:-1] if extra else ""
         if with_usage:
-            return f'{prefix}{body}, "usage": {json.dumps(usage, ensure_ascii=False)}{tail}}}\n\n'
+            return f'{prefix}{body}, "usage": {_dumps(usage)}{tail}}}\n\n'
         return f"{prefix}{body}{tail}}}\n\n"
 
     suffix = ', "usage": null}\n\n' if with_usage else "}\n\n"
@@ -56,7 +60,7 @@ def _chunker(rid: str, obj: str, created: int, req: SamplingRequest):
         """The event of a plain text delta (no logprobs, not the last): what `chunk` writes for it, from a
         template, with only the text encoded (most events of a stream are these). `counts` (prompt, completion,
         cached) is the usage so far that continuous_usage_stats puts on every event."""
-        text = template % (index, json.dumps(text, ensure_ascii=False))
+        text = template % (index, _dumps(text))
         if counts is None:
             return prefix + text + suffix
         prompt, completion, cached = counts
