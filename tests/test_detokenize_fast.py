@@ -8,6 +8,7 @@ and Metaspace tokenizers, built here, check the cases where windows meet non-loc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Sequence
@@ -418,3 +419,49 @@ def test_prepared_table_equals_the_one_filled_as_ids_come(tok):
     ]  # one past the table
     detok = IncrementalDetokenizer(tok)
     assert "".join(detok.add_token(i) for i in ids) + detok.flush() == tok.decode(ids)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_scheduler_inline_path_streams_what_decode_gives(tok, pools, seed, monkeypatch):
+    """The scheduler applies the common token inline (the detokenizer's add_token, its shortcut a list lookup):
+    the text streamed through its delta columns (and the final output) must equal decode() of the ids, across runs
+    of whole-character tokens (the shortcut) and fragments, byte tokens and special tokens (DecodeStream, which
+    must catch up on the ids the shortcut released). The scheduler's other tests use a one-character-per-id
+    tokenizer, which never takes the shortcut."""
+    from common.types import DeltaColumns, GenerateRequest, StepOutput, StoppingCriteria
+    from processor.text_stream import prepare_detokenizer
+    from scheduler_svc.scheduler import Scheduler, SchedulerPolicy
+
+    general = []  # tokens that went through the general path instead of the inline one
+    on_sample = Scheduler._on_sample
+    monkeypatch.setattr(Scheduler, "_on_sample", lambda self, *a: general.append(1) or on_sample(self, *a))
+    prepare_detokenizer(tok)
+    rng = random.Random(seed)
+    script = [i for i in random_ids(rng, tok, pools, 300) if i not in SPECIAL_IDS or rng.random() < 0.5]
+    policy = SchedulerPolicy(
+        page_size=16,
+        num_pages=64,
+        context_length=4096,
+        max_running_requests=4,
+        chunked_prefill_size=-1,
+        max_prefill_tokens=4096,
+        vocab_size=len(tok.backend.get_vocab()) + 1024,
+    )
+    core = Scheduler(policy, tok)
+    deltas = DeltaColumns()
+    stopping = StoppingCriteria(max_new_tokens=len(script), ignore_eos=True)
+    core.add_request(GenerateRequest("r", (1, 2, 3), stopping=stopping), deltas=deltas)
+    sampled, text, inflight = iter(script), [], []
+    while core.requests:
+        plan = core.schedule()  # one step ahead of the results, as the service runs: decodes go in columns
+        if plan is not None:
+            inflight.append(plan)
+        if len(inflight) > 1 or (plan is None and inflight):
+            done = inflight.pop(0)
+            ids = [s.seq_id for s in done.seqs if s.sample] + list(done.decode_seq_ids)
+            out = StepOutput(done.step_id, (), (), done.num_tokens, sampled_seq_ids=tuple(ids))
+            core.process_output(dataclasses.replace(out, sampled_token_ids=tuple(next(sampled) for _ in ids)))
+        text += [o.text for o in deltas.take().outputs()] + [o.text for o in core.outputs]
+        core.outputs.clear()
+    assert "".join(text) == tok.decode(script)
+    assert len(general) < 0.1 * len(script)  # the inline path took the rest

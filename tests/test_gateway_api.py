@@ -807,3 +807,44 @@ def test_request_models_from_bytes_equal_the_general_path():
         b'{"model": "m", "prompt": "x", "max_tokens": "many"}',
     ):
         assert _validated_from_bytes(CompletionRequest, raw) is None
+
+
+def test_stream_usage_running_totals_equal_a_recount():
+    """continuous_usage_stats reads a stream's counts for every event, kept as running totals: after every output
+    they equal a recount (finished choices by the scheduler's exact count, the others by the ids seen so far)."""
+    import random
+
+    from common.types import GenerateOutput, GenerateRequest
+    from gateway.serving import _StreamUsage
+
+    rng = random.Random(7)
+    greqs = [GenerateRequest(f"r{k}", list(range(5 + k))) for k in range(3)]
+    usage = _StreamUsage(greqs)
+    choices: list[list[tuple[int, GenerateOutput]]] = []
+    for k in range(3):
+        for index in range(2):
+            one = [
+                (k, GenerateOutput(f"r{k}", index, "x", [1] * rng.randrange(0, 3)))
+                for _ in range(rng.randrange(5))
+            ]
+            last = GenerateOutput(f"r{k}", index, "", [1] * rng.randrange(0, 2), finish_reason="length")
+            last.completion_tokens, last.cached_tokens = rng.randrange(1, 9), rng.randrange(0, 4)
+            choices.append([*one, (k, last)])
+    outs = []  # the choices interleave at random, each in its own order (its finish last)
+    while choices:
+        one = rng.choice(choices)
+        outs.append(one.pop(0))
+        if not one:
+            choices.remove(one)
+    seen: dict[tuple[int, int], int] = {}
+    done: dict[tuple[int, int], int] = {}
+    cached: dict[int, int] = {}
+    for k, out in outs:
+        usage.add(k, out)
+        key = (k, out.index)
+        seen[key] = seen.get(key, 0) + len(out.token_ids)
+        if out.finish_reason is not None:
+            done[key] = out.completion_tokens
+            cached[k] = max(cached.get(k, 0), out.cached_tokens)
+        expect = sum(done.get(key, n) for key, n in seen.items())
+        assert usage.counts() == (sum(len(g.input_ids) for g in greqs), expect, sum(cached.values()))

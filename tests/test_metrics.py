@@ -186,3 +186,42 @@ def test_json_formatter_carries_request_id_and_exception():
         and "ValueError: boom" in out["exception"]
     )
     assert out["service"] == "svc" and out["level"] == "ERROR"
+
+
+def test_batched_observations_expose_what_observe_would():
+    """The gateway's inter-token latencies are counted per request and added to the histogram in batches: the
+    exposition must equal one observe() per value (bucket edges, past the last bound), after each flush."""
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from common.metrics import STEP_BUCKETS
+    from gateway.metrics import BatchedObservations
+
+    def histogram() -> tuple[CollectorRegistry, Histogram]:
+        registry = CollectorRegistry()
+        return registry, Histogram("itl", "x", ["m"], buckets=STEP_BUCKETS, registry=registry).labels("a")
+
+    def exposed(registry: CollectorRegistry) -> dict[tuple, float]:
+        from prometheus_client import generate_latest
+
+        text = generate_latest(registry).decode()
+        return {
+            (s.name, s.labels.get("le")): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if not s.name.endswith("_created")
+        }
+
+    (reg_a, direct), (reg_b, batched_child) = histogram(), histogram()
+    values = [0.0, 0.0005, 0.0004, 0.001, 0.0091, 0.25, 10.0, 11.0, *(i * 1e-3 for i in range(200))]
+    batched = BatchedObservations(batched_child)
+    for i, v in enumerate(values):
+        direct.observe(v)
+        batched.observe(v)
+        if i == 100:  # 64 observations in, one flush happened on its own; the rest is held until the next
+            assert exposed(reg_b)[("itl_count", None)] == 64
+    batched.flush()
+    a, b = exposed(reg_a), exposed(reg_b)
+    assert a.keys() == b.keys() and a[("itl_count", None)] == len(values)
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-12), key
