@@ -563,7 +563,9 @@ class Scheduler:
                 continue
             else:
                 limit = p.chunked_prefill_size if p.chunked_prefill_size > 0 else total
-                n = min(total - seq.num_computed, limit, prefill_budget)
+                # a decode row (its last sampled token) needs no prompt budget: older chunks that spent it all
+                # must not hold the decodes back
+                n = min(total - seq.num_computed, limit, prefill_budget if seq.in_prompt else 1)
                 n = self._whole_images(seq, seq.num_computed, n)
                 if n <= 0:
                     continue

@@ -649,6 +649,27 @@ def test_requests_past_max_queued_are_refused_with_resource_exhausted():
         core.add_request(GenerateRequest("d", (11, 12, 13), stopping=stopping))
 
 
+def test_decodes_keep_their_pace_while_an_older_prompt_spends_the_mixed_budget():
+    """Stepped without overlap, every decode travels as a step row: one behind an older sequence's prompt chunk
+    that took the whole mixed budget must still run in that step."""
+    stopping = StoppingCriteria(max_new_tokens=30, ignore_eos=True)
+    core = small_scheduler(enable_mixed_chunk=True, mixed_prefill_tokens=8, chunked_prefill_size=8)
+    worker = FakeWorker(4)
+    core.add_request(GenerateRequest("a", tuple(range(100, 200)), stopping=stopping))  # 100 tokens, 8 a step
+    core.add_request(GenerateRequest("b", (11, 12, 13), stopping=stopping))
+    plan = core.schedule()  # idle: the whole budget; a's first chunk and all of b
+    assert [(s.seq_id, len(s.input_ids)) for s in plan.seqs] == [("a#0", 8), ("b#0", 3)]
+    core.process_output(worker.step(plan))
+    steps = 0
+    while any(s.in_prompt for s in core.running):
+        plan = core.schedule()
+        rows = {s.seq_id: len(s.input_ids) for s in plan.seqs}
+        assert rows.get("a#0") == (8 if steps < 11 else 4) and "b#0" in rows  # b decodes in each of a's steps
+        core.process_output(worker.step(plan))
+        steps += 1
+    assert steps == 12  # 11 more chunks of 8, then the last 4
+
+
 @pytest.mark.parametrize(
     "device, flag, mixed",
     [("cuda:0", None, True), ("cpu", None, False), ("cuda:0", False, False), ("cpu", True, True)],
