@@ -194,6 +194,36 @@ def _leases_closed(address: str) -> bool:
     return _vision_stats(address).open_leases == 0
 
 
+def test_a_stopped_vision_service_leaves_nothing_in_dev_shm(default_model, log_dir):
+    """SIGTERM: the service drains and removes its pool's name; a worker's mapping outlives it."""
+    import os
+
+    port = free_port()
+    with open(log_dir / f"vision-shm-{port}.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mirador", "vision", "--model", str(default_model), "--port", str(port),
+             "--device", "cpu", "--graceful-shutdown-timeout", "1"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )  # fmt: skip
+        try:
+            asyncio.run(wait_serving(f"127.0.0.1:{port}", 120))
+            from vision_svc.client import VisionEmbeddingSource
+
+            source = VisionEmbeddingSource(f"127.0.0.1:{port}")
+            assert source.connect() == "shared_memory"
+            name = source._keep.name  # noqa: SLF001 - the mapped segment
+            assert os.path.exists(f"/dev/shm/{name}")
+            proc.terminate()
+            assert proc.wait(30) == 0
+            assert not os.path.exists(f"/dev/shm/{name}")
+            assert len(source._pool.view(-1)[:8].tolist()) == 8  # noqa: SLF001 - still mapped and readable here
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert b"leaked shared_memory" not in (log_dir / f"vision-shm-{port}.log").read_bytes()
+
+
 def test_mapped_pool_is_bit_equal_to_bytes_with_no_bytes_and_one_copy(vision_service, default_model):
     from vision_svc.client import VisionEmbeddingSource
 

@@ -183,14 +183,19 @@ class EmbeddingPool:
         self.kind = "shared_memory"
         return torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=nbytes).view(self.dtype).view(shape)
 
+    def unlink(self) -> None:
+        """Remove the shared-memory segment's name (at shutdown): mappings already made, here and in workers,
+        stay valid until dropped, and /dev/shm keeps nothing once they are."""
+        if self._shm is not None:
+            with contextlib.suppress(FileNotFoundError):  # already removed
+                self._shm.unlink()
+
     def close(self) -> None:
         if self._shm is not None:
             self.data = torch.empty(0, dtype=self.dtype)
-            try:
+            self.unlink()
+            with contextlib.suppress(BufferError):  # a view still lives: its mapping goes with it
                 self._shm.close()
-                self._shm.unlink()
-            except (BufferError, FileNotFoundError):  # a view still lives, or already unlinked
-                pass
             self._shm = None
 
     # ---- accounting ----

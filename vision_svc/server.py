@@ -64,6 +64,12 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
         )
         await self.health.set_serving(True)
 
+    async def shutdown(self) -> None:
+        """After the drain: the embedding pool's shared-memory name goes (workers keep their mappings), so a
+        stopped service leaves nothing in /dev/shm."""
+        if self.encoder is not None:
+            self.encoder.cache.unlink()
+
     def _ready(self) -> VisionEncoder:
         if self.encoder is None:
             raise UnavailableError("vision encoder is still loading")
