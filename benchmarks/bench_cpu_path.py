@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,15 +26,15 @@ from typing import Any
 
 import httpx
 
+from common.ports import free_port as pick_port
+
 REPO = Path(__file__).resolve().parent.parent
 SERVED = "sim"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return pick_port("127.0.0.1")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -9,7 +9,6 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import httpx
 
 from common.args import ArgsBase, arg
 from common.grpc_utils import wait_serving
+from common.ports import can_bind, free_port
 from common.security import TOKEN_ENV
 from gateway.config import GatewayArgs
 from scheduler_svc.config import SchedulerArgs
@@ -107,15 +107,11 @@ UpArgs.__doc__ = (
 
 def _port(host: str, preferred: int) -> int:
     """`preferred` if it can be bound now, else a free one (so a second `mirador up` does not collide)."""
-    for port in (preferred, 0) if preferred else (0,):
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                logger.info("port %d is taken; picking a free one", port)
-                continue
-            return s.getsockname()[1]
-    raise OSError(f"no free port on {host}")
+    if preferred:
+        if can_bind(host, preferred):
+            return preferred
+        logger.info("port %d is taken; picking a free one", preferred)
+    return free_port(host)
 
 
 def _pick(cls: type[ArgsBase], up: UpArgs, **overrides) -> ArgsBase:

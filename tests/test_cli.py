@@ -155,3 +155,22 @@ def test_up_places_the_encoder_on_its_own_device():
     assert own["vision"].device == "cuda:1" and own["worker"].device == "auto"
     assert own["vision"].vision_mem_fraction == own["worker"].vision_mem_fraction == 0.0
     assert "--vision-device" not in own["vision"].to_cli()  # `up`'s own flag, not a service flag
+
+
+def test_picked_ports_stay_out_of_the_kernels_ephemeral_range():
+    """A port picked for a service must not be one an outgoing connection can take before the service binds it
+    (a start-up that failed with "Failed to bind" in CI); a taken preferred port is replaced."""
+    import socket
+
+    from common.ports import _ephemeral_start, can_bind, free_port
+    from mirador.launcher import _port
+
+    start = _ephemeral_start()
+    ports = {free_port("127.0.0.1") for _ in range(20)}
+    assert all(10000 <= p < start and can_bind("127.0.0.1", p) for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        assert _port("127.0.0.1", taken) != taken
+    assert 10000 <= _port("127.0.0.1", 0) < start

@@ -12,7 +12,6 @@ import base64
 import contextlib
 import io
 import os
-import socket
 import struct
 import threading
 import time
@@ -26,6 +25,7 @@ from PIL import Image
 
 import processor.media as media
 from common.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError, http_status
+from common.ports import free_port
 from processor.media import MediaFetcher, MediaPolicy, blocked_address, content_key, decode_image, image_size
 
 SAMPLE_DATA = Path(matplotlib.get_data_path()) / "sample_data"
@@ -62,12 +62,6 @@ def fetch(policy: MediaPolicy, url: str) -> bytes:
             await f.aclose()
 
     return asyncio.run(go())
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------- blocked_address
@@ -494,7 +488,7 @@ class TestHttp:
         )
 
     def test_connection_refused(self):
-        port = free_loopback_port()  # nothing listens there now
+        port = free_port()  # nothing listens there now
         with pytest.raises(InvalidRequestError) as e:
             fetch(PRIVATE_OK, f"http://127.0.0.1:{port}/img.png")
         assert e.value.code == "media_fetch_failed"

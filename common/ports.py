@@ -1,0 +1,41 @@
+"""Picking a free TCP port for a service to listen on."""
+
+from __future__ import annotations
+
+import random
+import socket
+
+_LOWEST = 10000
+
+
+def _ephemeral_start() -> int:
+    """First port of the kernel's ephemeral range (what it gives outgoing connections and bind to port 0)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def can_bind(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that can be bound on `host` now, drawn below the kernel's ephemeral range when there is room. A port
+    the kernel picks (bind to 0) comes from the range it also gives outgoing connections, so between the pick and
+    the service's own bind any process's connect may take it, and the service fails to start ("Failed to bind")."""
+    start = _ephemeral_start()
+    draw = random.SystemRandom()  # not the seeded global generator: processes must not draw alike
+    for _ in range(64 if start > _LOWEST else 0):
+        port = draw.randrange(_LOWEST, start)
+        if can_bind(host, port):
+            return port
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
