@@ -17,13 +17,18 @@ def _ephemeral_start() -> int:
         return 32768  # Linux's default
 
 
-def can_bind(host: str, port: int) -> bool:
+def _bind(host: str, port: int) -> int | None:
+    """The port bound on `host` (a free one for 0) and released at once, or None when it is taken."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         try:
             s.bind((host, port))
         except OSError:
-            return False
-        return True
+            return None
+        return s.getsockname()[1]
+
+
+def can_bind(host: str, port: int) -> bool:
+    return _bind(host, port) is not None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,6 +41,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         port = draw.randrange(_LOWEST, start)
         if can_bind(host, port):
             return port
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    port = _bind(host, 0)
+    if port is None:
+        raise OSError(f"no free port on {host}")
+    return port
