@@ -1,6 +1,8 @@
 """Kernel-level profile of the vision tower on one GPU: where a forward's device time goes, per kernel.
 
-    python -m benchmarks.profile_vision --sizes 448x448,1092x1932 --output-dir /tmp/prof
+    python -m benchmarks.profile_vision --sizes 448x448,1092x1932,448x448*4 --output-dir /tmp/prof
+
+A size WxH*N profiles one batch of N such images (the vision service batches up to four 448x448 images).
 
 Prints, per image size, the top kernels by CUDA time (torch.profiler) and writes a Chrome trace per size.
 """
@@ -81,16 +83,17 @@ def main() -> None:
         attention_micro(args.attention_micro)
     rng = np.random.default_rng(0)
     for size in args.sizes.split(","):
-        w, h = (int(v) for v in size.split("x"))
+        dims, _, count = size.partition("*")
+        w, h = (int(v) for v in dims.split("x"))
         rw, rh = enc.spec.resized_size(w, h)
-        img = rng.integers(0, 256, (rh, rw, 3), dtype=np.uint8)
-        grids = [enc.spec.image_grid(rw, rh)]
+        imgs = [rng.integers(0, 256, (rh, rw, 3), dtype=np.uint8) for _ in range(int(count or 1))]
+        grids = [enc.spec.image_grid(rw, rh)] * len(imgs)
         with torch.inference_mode():
             for _ in range(3):
-                enc.forward([img], grids)
+                enc.forward(imgs, grids)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                enc.forward([img], grids)
+                enc.forward(imgs, grids)
                 torch.cuda.synchronize()
         table = prof.key_averages().table(
             sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70
@@ -100,7 +103,7 @@ def main() -> None:
         print(table)
         if args.output_dir:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(Path(args.output_dir) / f"vision_{size}.json"))
+            prof.export_chrome_trace(str(Path(args.output_dir) / f"vision_{size.replace('*', 'x')}.json"))
 
 
 if __name__ == "__main__":
