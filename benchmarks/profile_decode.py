@@ -70,7 +70,7 @@ def gemm_bandwidth(runner: ModelRunner) -> list[dict]:
     return out
 
 
-def attention_sweep(runner: ModelRunner) -> list[dict]:
+def attention_sweep(runner: ModelRunner, cases: list[tuple[int, int]]) -> list[dict]:
     from triton.testing import do_bench
 
     from kernels.triton_attention import decode_attention, decode_num_splits
@@ -79,7 +79,7 @@ def attention_sweep(runner: ModelRunner) -> list[dict]:
     hk, hq, d = text.num_key_value_heads, text.num_attention_heads, text.head_dim
     size = 16
     out = []
-    for batch, context in ((1, 1024), (1, 8192), (64, 1024), (64, 256), (256, 256)):
+    for batch, context in cases:
         pages = batch * (-(-context // size)) + 1
         k = torch.randn(pages, size, hk, d, dtype=torch.bfloat16, device="cuda")
         v = torch.randn_like(k)
@@ -138,6 +138,11 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--skip", nargs="*", default=[], help="parts to skip: kernels gemm attention")
+    p.add_argument(
+        "--attention-cases",
+        default="1x1024,1x8192,64x1024,64x256,256x256",
+        help="decode attention sweep: BATCHxCONTEXT, comma-separated",
+    )
     p.add_argument("--output-dir", default=".")
     args = p.parse_args()
     out_dir = Path(args.output_dir)
@@ -157,7 +162,8 @@ def main() -> None:
     if "gemm" not in args.skip:
         report["gemm"] = gemm_bandwidth(runner)
     if "attention" not in args.skip:
-        report["attention"] = attention_sweep(runner)
+        cases = [tuple(int(v) for v in c.split("x")) for c in args.attention_cases.split(",")]
+        report["attention"] = attention_sweep(runner, cases)
     (out_dir / "profile_decode.json").write_text(json.dumps(report, indent=1))
 
 

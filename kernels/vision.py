@@ -88,7 +88,7 @@ if HAS_TRITON:
     from kernels._triton import pdl_prologue
 
     @triton.jit
-    def _rotate_tile(x_ptr, offs, mask, half, c1, c2, s1, s2):
+    def _rotate_tile(x_ptr, offs, mask, half: tl.constexpr, c1, c2, s1, s2):
         x1 = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + offs + half, mask=mask, other=0.0).to(tl.float32)
         dtype = x_ptr.dtype.element_ty
@@ -99,27 +99,30 @@ if HAS_TRITON:
     def _vision_rotary_kernel(
         q_ptr, k_ptr, cos_ptr, sin_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
-        num_tokens, num_q_heads, num_k_heads, half,
-        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr,
+        num_tokens, num_q_heads, num_k_heads,
+        HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        USE_PDL: tl.constexpr,
     ):  # fmt: skip
         """One program per BLOCK_T tokens, every head of q and of k at once: rows of the tile are (token, head)
-        pairs, so each token's cos/sin row is read once per program (from L1 for the other heads)."""
+        pairs, so each token's cos/sin row is read once per program (from L1 for the other heads). HALF is a
+        compile-time constant so that the half-row mask is uniform over 16-byte groups (head_dim 80: 40 = 5 x 8
+        bf16) and the loads vectorise; a runtime bound made them 2-byte loads (3x the bandwidth floor)."""
         pdl_prologue(USE_PDL)
         r = tl.arange(0, BLOCK_T * BLOCK_H)
         t = tl.program_id(0).to(tl.int64) * BLOCK_T + r // BLOCK_H
         h = r % BLOCK_H
         j = tl.arange(0, BLOCK_HALF)
-        t_ok = (t < num_tokens)[:, None] & (j < half)[None, :]
+        t_ok = (t < num_tokens)[:, None] & (j < HALF)[None, :]
         c_offs = t[:, None] * stride_ct + j[None, :]
         s_offs = t[:, None] * stride_st + j[None, :]
         c1 = tl.load(cos_ptr + c_offs, mask=t_ok, other=0.0)
-        c2 = tl.load(cos_ptr + c_offs + half, mask=t_ok, other=0.0)
+        c2 = tl.load(cos_ptr + c_offs + HALF, mask=t_ok, other=0.0)
         s1 = tl.load(sin_ptr + s_offs, mask=t_ok, other=0.0)
-        s2 = tl.load(sin_ptr + s_offs + half, mask=t_ok, other=0.0)
+        s2 = tl.load(sin_ptr + s_offs + HALF, mask=t_ok, other=0.0)
         q_offs = t[:, None] * stride_qt + h[:, None] * stride_qh + j[None, :]
-        _rotate_tile(q_ptr, q_offs, t_ok & (h < num_q_heads)[:, None], half, c1, c2, s1, s2)
+        _rotate_tile(q_ptr, q_offs, t_ok & (h < num_q_heads)[:, None], HALF, c1, c2, s1, s2)
         k_offs = t[:, None] * stride_kt + h[:, None] * stride_kh + j[None, :]
-        _rotate_tile(k_ptr, k_offs, t_ok & (h < num_k_heads)[:, None], half, c1, c2, s1, s2)
+        _rotate_tile(k_ptr, k_offs, t_ok & (h < num_k_heads)[:, None], HALF, c1, c2, s1, s2)
 
 
 def apply_vision_rotary_triton(
@@ -139,8 +142,9 @@ def apply_vision_rotary_triton(
     _vision_rotary_kernel[(triton.cdiv(num_tokens, block_t),)](
         q, k, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-        num_tokens, num_q_heads, k.shape[1], half,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half), num_warps=8, **pdl_args(q),
+        num_tokens, num_q_heads, k.shape[1],
+        HALF=half, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(half), num_warps=8,
+        **pdl_args(q),
     )  # fmt: skip
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels.kv_store import KVWrite
+
 
 class KVCache:
     """K and V of every layer: [num_layers, num_pages, page_size, num_kv_heads, head_dim] each."""
@@ -80,3 +82,13 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return int(self.rows_host.shape[0])
+
+
+class PagedKVWrites:
+    """For backends over `KVCache`'s layout: where a layer's new keys and values go, so that a kernel before the
+    attention (M-RoPE) can write them as it computes them; `forward(..., kv_written=True)` then skips its store."""
+
+    kv_cache: KVCache
+
+    def kv_write(self, layer_idx: int, v: torch.Tensor, meta: AttentionMetadata) -> KVWrite:
+        return KVWrite(v, self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx], meta.slot_mapping)
