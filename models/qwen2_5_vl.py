@@ -108,9 +108,10 @@ class Qwen2_5_VLAttention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        # the rotary kernel also stores this step's keys and values in the cache, the attention only reads it
-        rotary(q, k, positions, attn.kv_write(self.layer_idx, v, meta))
-        o = attn.forward(self.layer_idx, q, k, v, meta, kv_written=True)  # [T, heads, head_dim]
+        # the rotary kernel also stores this step's keys and values in the cache where the backend allows it
+        kv = attn.kv_write(self.layer_idx, v, meta)
+        rotary(q, k, positions, kv)
+        o = attn.forward(self.layer_idx, q, k, v, meta, kv_written=kv is not None)  # [T, heads, head_dim]
         return self.o_proj(o.reshape(n, self.q_size))
 
 

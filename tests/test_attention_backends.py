@@ -193,3 +193,53 @@ def test_runner_greedy_tokens_equal_the_reference_backend(backend, graphs, defau
     ref = generate("torch_native", False)
     assert all(len(v) >= 7 for v in ref.values())
     assert generate(backend, graphs) == ref
+
+
+class _StoresItself:
+    """A backend stand-in that declines the fused KV write (as the piecewise graphs' cut does)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def kv_write(self, layer_idx, v, meta):
+        return None
+
+    def forward(self, *args, **kwargs):
+        return self.inner.forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("decode_only", [False, True], ids=["mixed", "decode"])
+def test_qwen_attention_stores_kv_with_or_without_the_fused_write(decode_only):
+    """The decoder layer's attention writes this step's keys and values once, either inside the M-RoPE launch
+    (the backend's `kv_write`) or in the backend's forward (a backend that returns None from `kv_write`): both give
+    the same output and the same cache."""
+    from models.qwen2_5_vl import MRotaryEmbedding, Qwen2_5_VLAttention
+    from processor.model_config import TextConfig
+
+    cfg = TextConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=512,
+        mrope_section=(2, 3, 3),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    attn = Qwen2_5_VLAttention(cfg, 0).to(DEVICE)
+    for p in attn.parameters():
+        p.data.normal_(0, 0.3)
+    rotary = MRotaryEmbedding(cfg)
+    rng = random.Random(3)
+    page_size, num_pages, max_rows = 4, 200, 8
+    q_lens, kv_lens, tables = _layout(rng, 5, page_size, num_pages, decode_only, 40)
+    rows = rng.sample(range(max_rows), 5)
+    meta = _meta(q_lens, kv_lens, tables, page_size, rows, max_rows, max(map(len, tables)) + 1, DEVICE)
+    x = torch.randn(meta.num_tokens, cfg.hidden_size, device=DEVICE)
+    positions = torch.randint(0, 300, (3, meta.num_tokens), device=DEVICE)
+    outs, caches = [], []
+    for declines in (False, True):
+        cache = KVCache(1, num_pages, page_size, 2, 16, torch.float32, DEVICE)
+        backend = create_attention_backend("torch_native", cache, 4, 0.25, max_rows, DEVICE)
+        with torch.no_grad():
+            outs.append(attn(x, positions, rotary, _StoresItself(backend) if declines else backend, meta))
+        caches.append(cache)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert caches[0].k.abs().sum() > 0 and caches[0].v.abs().sum() > 0

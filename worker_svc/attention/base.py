@@ -86,9 +86,10 @@ class AttentionMetadata:
 
 class PagedKVWrites:
     """For backends over `KVCache`'s layout: where a layer's new keys and values go, so that a kernel before the
-    attention (M-RoPE) can write them as it computes them; `forward(..., kv_written=True)` then skips its store."""
+    attention (M-RoPE) can write them as it computes them; `forward(..., kv_written=True)` then skips its store.
+    A stand-in that cannot take them (the piecewise graphs' cut) returns None from `kv_write`."""
 
     kv_cache: KVCache
 
-    def kv_write(self, layer_idx: int, v: torch.Tensor, meta: AttentionMetadata) -> KVWrite:
+    def kv_write(self, layer_idx: int, v: torch.Tensor, meta: AttentionMetadata) -> KVWrite | None:
         return KVWrite(v, self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx], meta.slot_mapping)
