@@ -4,23 +4,10 @@ head_dim]; slot = page * page_size + offset."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from kernels import paged_attention
 from kernels._triton import HAS_TRITON, pdl_args, triton_enabled
-
-
-class KVWrite(NamedTuple):
-    """Where a layer's new values and (rotated) keys go, for a kernel that writes them into the paged cache as a
-    side effect (M-RoPE: kernels/rotary.py), so that the attention backend need not store them again."""
-
-    v: torch.Tensor  # [num_tokens, num_kv_heads, head_dim]
-    k_cache: torch.Tensor  # [num_pages, page_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor
-    slot_mapping: torch.Tensor  # [num_tokens] int32 or int64
-
 
 # Elements of one token's heads a program copies at most (per cache).
 MAX_TILE = 4096

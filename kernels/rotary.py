@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import torch
 
 from kernels._triton import HAS_TRITON, pdl_args, triton_enabled
-from kernels.kv_store import KVWrite, store_kv_ref
 
 # Elements of one token's heads (times head_dim / 2) a program rotates at most.
 MAX_TILE = 2048
@@ -59,82 +58,74 @@ if HAS_TRITON:
 
     @triton.jit
     def _rotate_heads(
-        x_row, head0, num_heads, stride_h, stride_d, cos, sin, j, HALF: tl.constexpr, BLOCK_H: tl.constexpr
+        x_row, head0, num_heads, stride_h, stride_d, cos, sin, j, j_mask, half, BLOCK_H: tl.constexpr
     ):
-        """Rotates heads [head0, head0 + BLOCK_H) of one token in place; cos/sin: [BLOCK_HALF] float32. Returns the
-        rotated halves (in the dtype), the heads and the mask, for a caller that also writes them elsewhere."""
+        """Rotates heads [head0, head0 + BLOCK_H) of one token; cos/sin: [BLOCK_HALF] float32."""
         heads = head0 + tl.arange(0, BLOCK_H)
-        mask = (heads < num_heads)[:, None] & (j < HALF)[None, :]
+        mask = (heads < num_heads)[:, None] & j_mask[None, :]
         p1 = x_row + heads[:, None] * stride_h + j[None, :] * stride_d
-        p2 = p1 + HALF * stride_d
+        p2 = p1 + half * stride_d
         dtype = x_row.dtype.element_ty
         c = cos.to(dtype).to(tl.float32)[None, :]
         s = sin.to(dtype).to(tl.float32)[None, :]
         x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
         # each product rounded to the dtype, then the sum: the reference's x * cos + rotate_half(x) * sin
-        o1 = ((x1 * c).to(dtype).to(tl.float32) - (x2 * s).to(dtype).to(tl.float32)).to(dtype)
-        o2 = ((x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)).to(dtype)
-        tl.store(p1, o1, mask=mask)
-        tl.store(p2, o2, mask=mask)
-        return o1, o2, heads, mask
+        o1 = (x1 * c).to(dtype).to(tl.float32) - (x2 * s).to(dtype).to(tl.float32)
+        o2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
+        tl.store(p1, o1.to(dtype), mask=mask)
+        tl.store(p2, o2.to(dtype), mask=mask)
 
     # positions' row stride is num_tokens: specialising on it would compile a variant per batch-size class
     @triton.jit(do_not_specialize=["pos_stride_axis"])
     def _mrope_kernel(
-        q_ptr, k_ptr, pos_ptr, inv_freq_ptr,
-        q_stride_t, q_stride_h, q_stride_d, k_stride_t, k_stride_h, k_stride_d, pos_stride_axis, pos_stride_t,
-        num_q_heads, num_k_heads,
-        # with STORE_KV: the rotated k and v go into the paged caches at slot_ptr[t] as well
-        v_ptr, kc_ptr, vc_ptr, slot_ptr,
-        v_stride_t, v_stride_h, v_stride_d,
-        kc_stride_p, kc_stride_s, kc_stride_h, kc_stride_d, vc_stride_p, vc_stride_s, vc_stride_h, vc_stride_d,
-        page_size,
-        HALF: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        pos_ptr,
+        inv_freq_ptr,
+        q_stride_t,
+        q_stride_h,
+        q_stride_d,
+        k_stride_t,
+        k_stride_h,
+        k_stride_d,
+        pos_stride_axis,
+        pos_stride_t,
+        num_q_heads,
+        num_k_heads,
+        half,
         SECTION_T: tl.constexpr,  # bands [0, SECTION_T) take t
         SECTION_TH: tl.constexpr,  # bands [SECTION_T, SECTION_TH) take h, the rest w
         BLOCK_H: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
-        STORE_KV: tl.constexpr,
         USE_PDL: tl.constexpr,
-    ):  # fmt: skip
+    ):
         pdl_prologue(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         head_block = tl.program_id(1)
         j = tl.arange(0, BLOCK_HALF)
+        j_mask = j < half
         pos_row = pos_ptr + t * pos_stride_t
         pos_t = tl.load(pos_row)
         pos_h = tl.load(pos_row + pos_stride_axis)
         pos_w = tl.load(pos_row + 2 * pos_stride_axis)
         pos = tl.where(j < SECTION_T, pos_t, tl.where(j < SECTION_TH, pos_h, pos_w)).to(tl.float32)
-        angle = pos * tl.load(inv_freq_ptr + j, mask=j < HALF, other=0.0)
+        angle = pos * tl.load(inv_freq_ptr + j, mask=j_mask, other=0.0)
         cos = tl.cos(angle)  # __nv_cosf on NVIDIA: exact range reduction, so large positions stay accurate
         sin = tl.sin(angle)
         num_q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
         if head_block < num_q_blocks:
             q_row = q_ptr + t * q_stride_t
             head0 = head_block * BLOCK_H
-            _rotate_heads(q_row, head0, num_q_heads, q_stride_h, q_stride_d, cos, sin, j, HALF, BLOCK_H)
+            _rotate_heads(
+                q_row, head0, num_q_heads, q_stride_h, q_stride_d, cos, sin, j, j_mask, half, BLOCK_H
+            )
         else:
             k_row = k_ptr + t * k_stride_t
             head0 = (head_block - num_q_blocks) * BLOCK_H
-            o1, o2, heads, mask = _rotate_heads(
-                k_row, head0, num_k_heads, k_stride_h, k_stride_d, cos, sin, j, HALF, BLOCK_H
+            _rotate_heads(
+                k_row, head0, num_k_heads, k_stride_h, k_stride_d, cos, sin, j, j_mask, half, BLOCK_H
             )
-            if STORE_KV:
-                slot = tl.load(slot_ptr + t).to(tl.int64)
-                page, offset = slot // page_size, slot % page_size
-                kc = kc_ptr + page * kc_stride_p + offset * kc_stride_s + heads[:, None] * kc_stride_h
-                kc += j[None, :] * kc_stride_d
-                tl.store(kc, o1.to(kc_ptr.dtype.element_ty), mask=mask)
-                tl.store(kc + HALF * kc_stride_d, o2.to(kc_ptr.dtype.element_ty), mask=mask)
-                vs = v_ptr + t * v_stride_t + heads[:, None] * v_stride_h + j[None, :] * v_stride_d
-                vc = vc_ptr + page * vc_stride_p + offset * vc_stride_s + heads[:, None] * vc_stride_h
-                vc += j[None, :] * vc_stride_d
-                v1 = tl.load(vs, mask=mask)
-                v2 = tl.load(vs + HALF * v_stride_d, mask=mask)
-                tl.store(vc, v1.to(vc_ptr.dtype.element_ty), mask=mask)
-                tl.store(vc + HALF * vc_stride_d, v2.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
 def apply_mrope_triton(
@@ -143,7 +134,6 @@ def apply_mrope_triton(
     positions: torch.Tensor,  # [3, num_tokens] int32 or int64
     inv_freq: torch.Tensor,  # [head_dim / 2] float32, on q's device
     mrope_section: Sequence[int],
-    kv: KVWrite | None = None,
 ) -> None:
     num_tokens, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[1]
@@ -153,23 +143,24 @@ def apply_mrope_triton(
     block_half = triton.next_power_of_2(half)
     block_h = min(triton.next_power_of_2(max(num_q_heads, num_k_heads)), max(1, MAX_TILE // block_half))
     grid = (num_tokens, triton.cdiv(num_q_heads, block_h) + triton.cdiv(num_k_heads, block_h))
-    if kv is not None:
-        v, kc, vc, slots = kv
-        store = (v, kc, vc, slots, *v.stride(), *kc.stride()[:4], *vc.stride()[:4], kc.shape[1])
-    else:  # unused arguments of the STORE_KV=False variant
-        store = (k, k, k, positions, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1)
     _mrope_kernel[grid](
-        q, k, positions, inv_freq, *q.stride(), *k.stride(), *positions.stride(), num_q_heads, num_k_heads,
-        *store,
-        HALF=half,
+        q,
+        k,
+        positions,
+        inv_freq,
+        *q.stride(),
+        *k.stride(),
+        *positions.stride(),
+        num_q_heads,
+        num_k_heads,
+        half,
         SECTION_T=mrope_section[0],
         SECTION_TH=mrope_section[0] + mrope_section[1],
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
-        STORE_KV=kv is not None,
         num_warps=min(max(block_h * block_half // 256, 1), 8),
         **pdl_args(q),
-    )  # fmt: skip
+    )
 
 
 def apply_mrope(
@@ -178,15 +169,10 @@ def apply_mrope(
     positions: torch.Tensor,
     inv_freq: torch.Tensor,
     mrope_section: Sequence[int],
-    kv: KVWrite | None = None,
 ) -> None:
     """Rotates q [num_tokens, num_heads, head_dim] and k [num_tokens, num_kv_heads, head_dim] in place by the
-    3-axis positions [3, num_tokens]; q and k may be strided views (slices of a fused qkv output). With `kv`, the
-    rotated k and kv.v are also written into the paged caches at kv.slot_mapping, in the same launch (one kernel
-    fewer per layer than rotating and storing apart)."""
+    3-axis positions [3, num_tokens]; q and k may be strided views (slices of a fused qkv output)."""
     if triton_enabled(q):
-        apply_mrope_triton(q, k, positions, inv_freq, mrope_section, kv)
+        apply_mrope_triton(q, k, positions, inv_freq, mrope_section)
     else:
         apply_mrope_ref(q, k, positions, inv_freq, mrope_section)
-        if kv is not None:
-            store_kv_ref(k, *kv)

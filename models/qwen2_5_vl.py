@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kernels.kv_store import KVWrite
 from kernels.rotary import apply_mrope
 from models.layers import MergedGatedMLP, MergedLinear, RMSNorm, transpose_linears
 from processor.model_config import ModelConfig, TextConfig
@@ -79,14 +78,11 @@ class MRotaryEmbedding(nn.Module):
         if sum(self.mrope_section) != dim // 2:
             raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {dim // 2}")
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, kv: KVWrite | None = None
-    ) -> None:
-        # q: [T, heads, head_dim], k: [T, kv_heads, head_dim] (views of the fused projection); positions: [3, T];
-        # kv: also write the rotated k and v into the paged cache (one launch for both)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
+        # q: [T, heads, head_dim], k: [T, kv_heads, head_dim] (views of the fused projection); positions: [3, T]
         if self.inv_freq.device != q.device:
             self.inv_freq = self.inv_freq.to(q.device)
-        apply_mrope(q, k, positions, self.inv_freq, self.mrope_section, kv)
+        apply_mrope(q, k, positions, self.inv_freq, self.mrope_section)
 
 
 class Qwen2_5_VLAttention(nn.Module):
@@ -108,10 +104,8 @@ class Qwen2_5_VLAttention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        # the rotary kernel also stores this step's keys and values in the cache where the backend allows it
-        kv = attn.kv_write(self.layer_idx, v, meta)
-        rotary(q, k, positions, kv)
-        o = attn.forward(self.layer_idx, q, k, v, meta, kv_written=kv is not None)  # [T, heads, head_dim]
+        rotary(q, k, positions)
+        o = attn.forward(self.layer_idx, q, k, v, meta)  # [T, heads, head_dim]
         return self.o_proj(o.reshape(n, self.q_size))
 
 

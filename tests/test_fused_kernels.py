@@ -219,49 +219,6 @@ def test_mrope_triton(num_tokens, heads, kv_heads, head_dim, section, layout, ma
     assert torch.equal(v, v_before)  # the rest of a fused projection is untouched
 
 
-@needs_triton
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("num_tokens,heads,kv_heads,head_dim,section,layout,max_pos", ROPE_CASES)
-@pytest.mark.parametrize("page_size", [1, 4])
-def test_mrope_triton_writes_the_kv_cache(num_tokens, heads, kv_heads, head_dim, section, layout, max_pos, page_size, dtype):  # fmt: skip
-    """With a KVWrite, the one launch rotates q and k exactly as without it and also leaves the rotated k and the
-    untouched v in the paged caches at the given slots, as store_kv would, and nothing anywhere else."""
-    seed = num_tokens * heads * head_dim + 7
-    q, k, v = _qkv(num_tokens, heads, kv_heads, head_dim, layout, dtype, seed)
-    positions = _positions(num_tokens, max_pos, torch.int32 if num_tokens % 2 else torch.long, seed)
-    num_pages = num_tokens // page_size + 3
-    g = torch.Generator().manual_seed(seed)
-    slots = torch.randperm(num_pages * page_size, generator=g)[:num_tokens].to(DEVICE, torch.int32)
-    shape = (num_pages, page_size, kv_heads, head_dim)
-    caches = [torch.full(shape, float("nan"), dtype=dtype, device=DEVICE) for _ in range(4)]
-    plain_q, plain_k = q.clone(), k.clone()
-    rotary.apply_mrope_triton(plain_q, plain_k, positions, _inv_freq(head_dim), section)
-    kv_store.store_kv_ref(plain_k, v, caches[0], caches[1], slots)
-    write = kv_store.KVWrite(v, caches[2], caches[3], slots)
-    rotary.apply_mrope_triton(q, k, positions, _inv_freq(head_dim), section, write)
-    assert torch.equal(q, plain_q) and torch.equal(k, plain_k)
-    for ours, ref in zip(caches[2:], caches[:2], strict=True):
-        torch.testing.assert_close(ours, ref, rtol=0, atol=0, equal_nan=True)
-    assert (~caches[2].isnan()).sum() == k.numel() and (~caches[3].isnan()).sum() == v.numel()
-
-
-def test_mrope_dispatcher_writes_the_kv_cache_on_the_reference_path():
-    """On CPU tensors `apply_mrope(..., kv)` takes the references: rotate, then store_kv's index_copy_."""
-    q, k, v = _qkv(5, 4, 2, 16, "fused", torch.float32, 3)
-    positions = _positions(5, 100, torch.long, 3)
-    cache_k, cache_v = torch.zeros(4, 2, 2, 16), torch.zeros(4, 2, 2, 16)
-    slots = torch.tensor([7, 0, 3, 4, 5], dtype=torch.int32)
-    ref_q, ref_k = q.cpu().clone(), k.cpu().clone()
-    rotary.apply_mrope_ref(ref_q, ref_k, positions.cpu(), _inv_freq(16).cpu(), (2, 3, 3))
-    q, k, v, positions = q.cpu(), k.cpu(), v.cpu(), positions.cpu()
-    rotary.apply_mrope(
-        q, k, positions, _inv_freq(16).cpu(), (2, 3, 3), kv_store.KVWrite(v, cache_k, cache_v, slots)
-    )
-    assert torch.equal(q, ref_q) and torch.equal(k, ref_k)
-    assert torch.equal(cache_k.view(8, 2, 16)[slots.long()], ref_k)
-    assert torch.equal(cache_v.view(8, 2, 16)[slots.long()], v)
-
-
 # --- KV store ------------------------------------------------------------------------------------------------
 
 # (num_tokens, kv_heads, head_dim, page_size, layout, cache dtype or None for k's)

@@ -50,11 +50,6 @@ class _Cut:
         graph.capture_begin(pool=self.pool)
         self.pieces.append(graph)
 
-    def kv_write(self, layer_idx: int, v, meta) -> None:
-        """No fused KV store inside a piece: the attention between the pieces stores k and v at replay (the pieces
-        are captured per token count, without the step's slot mapping)."""
-        return None
-
     def forward(self, layer_idx: int, q, k, v, meta, **layer_kwargs) -> torch.Tensor:
         # layer_kwargs: a layer's static attention options (Gemma 3's sliding window), replayed with it
         self.owner.layer_kwargs[layer_idx] = layer_kwargs

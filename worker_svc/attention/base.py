@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels.kv_store import KVWrite
-
 
 class KVCache:
     """K and V of every layer: [num_layers, num_pages, page_size, num_kv_heads, head_dim] each."""
@@ -82,14 +80,3 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return int(self.rows_host.shape[0])
-
-
-class PagedKVWrites:
-    """For backends over `KVCache`'s layout: where a layer's new keys and values go, so that a kernel before the
-    attention (M-RoPE) can write them as it computes them; `forward(..., kv_written=True)` then skips its store.
-    A stand-in that cannot take them (the piecewise graphs' cut) returns None from `kv_write`."""
-
-    kv_cache: KVCache
-
-    def kv_write(self, layer_idx: int, v: torch.Tensor, meta: AttentionMetadata) -> KVWrite | None:
-        return KVWrite(v, self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx], meta.slot_mapping)

@@ -9,12 +9,12 @@ import numpy as np
 import torch
 
 from kernels.kv_store import store_kv
-from worker_svc.attention.base import AttentionMetadata, KVCache, PagedKVWrites
+from worker_svc.attention.base import AttentionMetadata, KVCache
 
 WORKSPACE_BYTES = 256 << 20
 
 
-class FlashInferAttention(PagedKVWrites):
+class FlashInferAttention:
     name = "flashinfer"
     supports_cuda_graph = True
 
@@ -116,7 +116,6 @@ class FlashInferAttention(PagedKVWrites):
         out: torch.Tensor | None = None,
         window: int = 0,
         softcap: float = 0.0,
-        kv_written: bool = False,  # k and v are in the cache already (kv_write)
     ) -> torch.Tensor:
         if window > 0 or softcap > 0 or meta.image_spans_host:
             raise NotImplementedError(
@@ -125,7 +124,6 @@ class FlashInferAttention(PagedKVWrites):
             )
         # q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim]
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
-        if not kv_written:
-            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = self.active.run(q.contiguous(), (k_cache, v_cache))
         return o if out is None else out.copy_(o)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from kernels import paged_attention as ref
-from worker_svc.attention.base import AttentionMetadata, KVCache, PagedKVWrites
+from worker_svc.attention.base import AttentionMetadata, KVCache
 
 
-class TorchNativeAttention(PagedKVWrites):
+class TorchNativeAttention:
     name = "torch_native"
     supports_cuda_graph = False
 
@@ -30,13 +30,11 @@ class TorchNativeAttention(PagedKVWrites):
         out: torch.Tensor | None = None,
         window: int = 0,
         softcap: float = 0.0,
-        kv_written: bool = False,  # k and v are in the cache already (kv_write)
     ) -> torch.Tensor:
         # q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] -> [T, heads, head_dim] (into `out` if given);
         # window > 0: a sliding-window layer; softcap > 0: tanh-capped scores (Gemma 2's attn_logit_softcapping)
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
-        if not kv_written:
-            ref.store_kv(k, v, k_cache, v_cache, meta.slot_mapping.long())
+        ref.store_kv(k, v, k_cache, v_cache, meta.slot_mapping.long())
         page_size = self.kv_cache.page_size
         if meta.is_decode and softcap <= 0:
             width = max(1, -(-meta.max_seq_len // page_size))

@@ -8,10 +8,10 @@ import torch
 
 from kernels.kv_store import store_kv
 from kernels.triton_attention import decode_attention, decode_num_splits, extend_attention
-from worker_svc.attention.base import AttentionMetadata, KVCache, PagedKVWrites
+from worker_svc.attention.base import AttentionMetadata, KVCache
 
 
-class TritonAttention(PagedKVWrites):
+class TritonAttention:
     name = "triton"
     supports_cuda_graph = True
 
@@ -53,7 +53,6 @@ class TritonAttention(PagedKVWrites):
         out: torch.Tensor | None = None,
         window: int = 0,
         softcap: float = 0.0,
-        kv_written: bool = False,  # k and v are in the cache already (kv_write)
     ) -> torch.Tensor:
         if softcap > 0:
             raise NotImplementedError(
@@ -61,8 +60,7 @@ class TritonAttention(PagedKVWrites):
             )
         # q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] (views of the fused projection)
         k_cache, v_cache = self.kv_cache.k[layer_idx], self.kv_cache.v[layer_idx]
-        if not kv_written:
-            store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.is_decode:
