@@ -16,7 +16,7 @@ LOG2E = 1.4426950408889634
 # and 4 warps per (sequence, kv head, split); extend is compute-bound, so 128 (token, head) rows per program.
 DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
-DECODE_NUM_STAGES = 2
+DECODE_NUM_STAGES = 3
 REDUCE_NUM_WARPS = 4
 EXTEND_BLOCK_ROWS = 128
 EXTEND_BLOCK_N = 64
