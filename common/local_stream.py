@@ -100,11 +100,21 @@ def socket_path(flag: str, service: str, port: int) -> str | None:
 def _remove_stale(d: Path, prefix: str) -> None:
     """Sockets of an earlier process on our port that nothing listens on any more (it was killed)."""
     for p in d.glob(f"{prefix}*.sock"):
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(str(p))
-            except (ConnectionRefusedError, FileNotFoundError):
-                p.unlink(missing_ok=True)
+        if _is_stale(str(p)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _is_stale(path: str) -> bool:
+    """A socket file that nothing listens on."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return True
+        except OSError:
+            return False
+    return False
 
 
 # ---------------------------------------------------------------------- frames on a connection
@@ -328,7 +338,12 @@ class _ServerStream(_Frames):
                 self._finish(grpc.StatusCode.INVALID_ARGUMENT, f"unreadable message: {e}")
         elif self._method is None and kind == HELLO:
             self._hello_timer.cancel()
-            self._open(common_pb2.LocalStreamHello.FromString(payload))
+            try:
+                hello = common_pb2.LocalStreamHello.FromString(payload)
+            except Exception:  # noqa: BLE001 - not a hello of ours
+                self._finish(grpc.StatusCode.INVALID_ARGUMENT, "unreadable hello")
+                return
+            self._open(hello)
         else:
             self._finish(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected frame of kind {kind}")
 
@@ -382,6 +397,8 @@ class _ServerStream(_Frames):
             self.transport.close()
 
     def eof_received(self) -> bool:
+        if self._method is None:
+            return False  # gone before opening a stream: close
         self._requests.put_nowait(_END)  # the client half-closed: the request iterator ends; answers go on
         return True
 
@@ -410,6 +427,8 @@ class LocalStreamServer:
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                if not _is_stale(self.path):
+                    raise OSError(f"another process listens on {self.path}")
                 os.unlink(self.path)  # a socket left by a process that was killed
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _ServerStream(self), self.path)

@@ -116,6 +116,8 @@ def test_round_trip_half_close_abort_and_errors(sock_dir):
         server = LocalStreamServer(path, "test.Echo", {ECHO: LocalMethod(Status, _echo)}, InternalAuth())
         await server.start()
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with pytest.raises(OSError, match="another process listens"):  # a live socket is never taken over
+            await LocalStreamServer(path, "test.Echo", {}, InternalAuth()).start()
         try:
             stream, got, ended = await _client(path)
             big = "y" * 300_000  # many reads on the way
