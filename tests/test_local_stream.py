@@ -25,9 +25,9 @@ from common.local_stream import (
     _Frames,
     encode_frame,
     open_stream,
-    socket_path,
 )
 from common.security import InternalAuth
+from common.socket_paths import socket_path
 from common.types import SamplingParams, SeqInit, SeqStep, StepPlan
 from protos import common_pb2
 from tests.helpers import REPO, SERVED, Cluster, free_port
@@ -408,3 +408,50 @@ def test_a_cluster_on_one_host_takes_the_sockets_and_answers_as_over_grpc(local,
     off = grpc_only.http.get("/server_info").json()
     assert (off["step_transport"], off["connect_transport"]) == ("grpc", "grpc")
     assert off["worker_info"]["step_socket"] == "" and off["connect_socket"] == ""
+
+
+# ---------------------------------------------------------------------- the gateway's request stream
+
+
+def test_the_gateway_s_requests_fail_at_once_when_the_scheduler_s_socket_dies(sock_dir):
+    """The gateway's client on a local Connect stream: outputs reach each request; when the scheduler's end goes
+    away mid-request (what its death looks like here) every live request fails with UNAVAILABLE at once, and the
+    next request opens a new stream."""
+    from common.types import GenerateRequest, StoppingCriteria
+    from protos import scheduler_pb2
+    from scheduler_svc.client import CONNECT_METHOD, SchedulerClient
+
+    async def connect(requests, context):  # answers each request with one delta, then keeps the stream open
+        async for msg in requests:
+            batch = scheduler_pb2.OutputBatch()
+            batch.delta_request_ids.append(msg.generate.request_id)
+            batch.delta_indexes.append(0)
+            batch.delta_texts.append("hi")
+            batch.delta_num_tokens.append(1)
+            batch.delta_token_ids.append(7)
+            yield batch
+
+    async def main():
+        path = str(sock_dir / "sched.sock")
+        methods = {CONNECT_METHOD: LocalMethod(scheduler_pb2.ConnectRequest, connect)}
+        server = LocalStreamServer(path, "mirador.scheduler.v1.Scheduler", methods, InternalAuth())
+        await server.start()
+        client = SchedulerClient(f"127.0.0.1:{free_port()}")  # nothing there: only GetServerInfo would use it
+
+        async def info():
+            return scheduler_pb2.ServerInfo(connect_socket=path)
+
+        client.server_info = info
+        req = GenerateRequest("r1", (1, 2, 3), stopping=StoppingCriteria(max_new_tokens=8))
+        gen = client.generate(req)
+        first = await asyncio.wait_for(gen.__anext__(), 10)
+        assert (first.text, first.token_ids, client.transport) == ("hi", [7], "unix")
+        await server.close()  # the scheduler's end is gone
+        t0 = time.monotonic()
+        with pytest.raises(UnavailableError, match="scheduler at"):
+            await asyncio.wait_for(gen.__anext__(), 10)
+        assert time.monotonic() - t0 < 1.0
+        assert client._outbox is None  # the next request opens a new stream
+        await client.close()
+
+    asyncio.run(main())
