@@ -12,6 +12,8 @@ Prints, per iteration (CPU time of this process from the kernel, all threads, an
   back to back    the same round trips without the gap (caches and threads stay warm)
   socket          the same bytes (the serialized StepRequest and StepResult) over a plain asyncio TCP stream, length
                   prefixed, then the gap: what a transport costs that wakes only the event-loop thread
+  local stream    the same messages on the echo servicer's Steps served as a local stream (common/local_stream.py,
+                  the Unix socket the worker and the scheduler serve beside gRPC), then the gap
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+STEPS = "/mirador.worker.v1.Worker/Steps"
 
 
 def _thread_cpu_s() -> float:
@@ -53,16 +56,26 @@ async def _echo_server(port_file: Path) -> None:
             body = res.SerializeToString()
             writer.write(len(body).to_bytes(4, "little") + body)
 
+    from common.local_stream import LocalMethod, serve_locally
+
     server = grpc.aio.server()
-    worker_pb2_grpc.add_WorkerServicer_to_server(Echo(), server)
+    echo = Echo()
+    worker_pb2_grpc.add_WorkerServicer_to_server(echo, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     sockets = await asyncio.start_server(echo_bytes, "127.0.0.1", 0)
-    port_file.write_text(f"{port} {sockets.sockets[0].getsockname()[1]}")
-    await server.wait_for_termination()
+    methods = {STEPS: LocalMethod(worker_pb2.StepRequest, echo.Steps)}
+    local = await serve_locally("auto", "floor", port, "mirador.worker.v1.Worker", methods)
+    port_file.write_text(f"{port} {sockets.sockets[0].getsockname()[1]} {local.path}")
+    try:
+        await server.wait_for_termination()
+    finally:
+        await local.close()
 
 
-async def _measure(port: int, socket_port: int, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+async def _measure(
+    port: int, socket_port: int, local_path: str, args: argparse.Namespace
+) -> dict[str, tuple[float, float]]:
     import grpc
 
     from protos import worker_pb2, worker_pb2_grpc
@@ -116,6 +129,29 @@ async def _measure(port: int, socket_port: int, args: argparse.Namespace) -> dic
 
     out["socket"] = await timed(socket_round_trip)
     writer.close()
+
+    from common.local_stream import open_stream
+
+    results: list[asyncio.Future] = []
+    stream = await open_stream(
+        local_path,
+        STEPS,
+        lambda payload: results.pop(0).set_result(worker_pb2.StepResult.FromString(payload)),
+        lambda s, error: None,
+    )
+
+    async def local_round_trip(i: int) -> None:
+        req = worker_pb2.StepRequest(step_id=i)
+        req.decode_seq_ids.extend(ids)
+        req.decode_start_pos.extend(positions)
+        fut = asyncio.get_running_loop().create_future()
+        results.append(fut)
+        stream.put_nowait(req)
+        await fut
+        await asyncio.sleep(gap)
+
+    out["local stream"] = await timed(local_round_trip)
+    stream.close()
     return out
 
 
@@ -141,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the echo server did not start")
             time.sleep(0.05)
-        grpc_port, socket_port = map(int, port_file.read_text().split())
-        results = uvloop.run(_measure(grpc_port, socket_port, args))
+        grpc_port, socket_port, local_path = port_file.read_text().split()
+        results = uvloop.run(_measure(int(grpc_port), int(socket_port), local_path, args))
     finally:
         server.terminate()
         server.wait(timeout=10)

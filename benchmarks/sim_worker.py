@@ -35,6 +35,7 @@ from common.convert import plan_from_proto, step_output_to_proto, worker_info_to
 from common.errors import InvalidRequestError, UnavailableError, abort_with
 from common.grpc_utils import Fatal, ServiceHealth, serve_until_signal
 from common.grpc_utils import create_server as _create_server
+from common.local_stream import LocalMethod, LocalStreamServer, serve_locally
 from common.log import setup_logging
 from common.types import (
     SamplingParams,
@@ -50,6 +51,7 @@ from protos import worker_pb2, worker_pb2_grpc
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+STEPS_METHOD = f"/{SERVICE_NAME}/Steps"
 MASK = (1 << 64) - 1
 
 
@@ -72,6 +74,9 @@ class SimWorkerArgs(ArgsBase):
         False, "draw tokens from every clean text token, not only ASCII ones (CJK, accents)"
     )
     stats_file: str = arg("", "rewrite counters as JSON here while serving (every 0.25 s) and on exit")
+    step_socket: str = arg(
+        "auto", "also serve the step stream on a Unix socket, as the worker does: auto, a path, or none"
+    )
     log_level: str = arg("info", "logging level")
 
     def __post_init__(self):
@@ -317,11 +322,16 @@ class SimWorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.fatal: Fatal | None = None  # set by create_server
         self._stream_lock = asyncio.Lock()
         self._writer: asyncio.Task | None = None
+        self.port = 0  # the bound gRPC port (create_server)
+        self.local: LocalStreamServer | None = None
 
     async def startup(self) -> None:
         from processor.model_config import load_generation_eos, load_model_config
 
         a = self.args
+        # the worker's transport code: the same Steps method on a Unix socket (worker_svc/server.py)
+        methods = {STEPS_METHOD: LocalMethod(worker_pb2.StepRequest, self.Steps)}
+        self.local = await serve_locally(a.step_socket, "worker", self.port, SERVICE_NAME, methods)
         config = load_model_config(a.model_path)
         self.tokenizer = await asyncio.to_thread(_load_tokenizer, a.model_path)
         pool = await asyncio.to_thread(text_token_ids, self.tokenizer, a.all_scripts)
@@ -339,6 +349,7 @@ class SimWorkerServicer(worker_pb2_grpc.WorkerServicer):
             attention_backend="sim",
             max_running_requests=a.max_running_requests,
             epoch=new_epoch(),
+            step_socket=self.local.path if self.local is not None else "",
         )
         if a.stats_file:
             self._writer = self.fatal.watch(
@@ -357,6 +368,8 @@ class SimWorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def shutdown(self) -> None:
         if self._writer is not None:
             self._writer.cancel()
+        if self.local is not None:
+            await self.local.close()
         if self.core is not None:
             self.write_stats()
             logger.info("sim worker counters: %s", json.dumps(dataclasses.asdict(self.core.counters)))
@@ -450,6 +463,7 @@ def create_server(args: SimWorkerArgs) -> tuple[grpc.aio.Server, int, SimWorkerS
     server, port = _create_server(
         servicer, worker_pb2_grpc.add_WorkerServicer_to_server, SERVICE_NAME, args.host, args.port
     )
+    servicer.port = port
     return server, port, servicer
 
 

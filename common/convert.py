@@ -458,6 +458,7 @@ def worker_info_from_proto(p: worker_pb2.WorkerInfo) -> WorkerInfo:
         p.epoch,
         p.num_encoder_pages,
         p.encoder_page_tokens,
+        p.step_socket,
     )
 
 

@@ -89,6 +89,11 @@ def from_rpc_error(exc: grpc.RpcError, what: str) -> MiradorError:
     """Turn a failed client call into the domain error of the same status, naming the callee."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    return from_status(code, details, what)
+
+
+def from_status(code: grpc.StatusCode, details: str, what: str) -> MiradorError:
+    """The domain error of a status (a gRPC call's, or a local stream's status frame), naming the callee."""
     cls = _ERROR_BY_GRPC.get(code, MiradorError)
     if cls in (UnavailableError, DeadlineExceededError, MiradorError):
         return cls(f"{what}: {details or code.name}")

@@ -160,6 +160,23 @@ class InternalAuth:
             raise KeyError(f"no callers are declared for {service_name} in common/security.CALLERS")
         return [_Guard(self.token, (*roles, ADMIN) if self.tls else None)]
 
+    def local_refusal(self, service_name: str, token: str, role: str) -> tuple[grpc.StatusCode, str] | None:
+        """(status code, message) when the hello of a local stream (common/local_stream.py) may not open a stream
+        of `service_name`, else None. The socket lives in a directory only this user can enter, so the file
+        permissions admit the caller; with a token configured the hello must carry it (compared in constant time,
+        as the gRPC guard does). Under mutual TLS the role is the caller's claim (a Unix socket has no
+        certificate): it is checked so that a misrouted caller is refused, but the trust is the file's."""
+        if self.token and not hmac.compare_digest(token.encode(), self.token.encode()):
+            return grpc.StatusCode.UNAUTHENTICATED, "missing or wrong internal token (--internal-token-file)"
+        if self.tls:
+            roles = (*CALLERS.get(service_name, ()), ADMIN)
+            if role not in roles:
+                return (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"a caller with role {role!r} may not open {service_name} (allowed: {', '.join(roles)})",
+                )
+        return None
+
     # ------------------------------------------------------------------ client side
 
     def aio_channel(self, address: str, options: list) -> grpc.aio.Channel:

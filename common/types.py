@@ -295,6 +295,7 @@ class WorkerInfo:
     epoch: int = 0  # drawn at random when the worker process starts: a new value means its KV cache is new
     num_encoder_pages: int = 0  # encoder-cache pages, one image each (page 0 included); 0: no encoder cache
     encoder_page_tokens: int = 0  # encoder rows per page (max_num_tiles x tokens per tile)
+    step_socket: str = ""  # a Unix socket serving the step stream here (common/local_stream.py); "": off
 
 
 def new_epoch() -> int:

@@ -517,6 +517,8 @@ def create_app(args: GatewayArgs) -> FastAPI:
         out["stats"] = {
             f.name: getattr(stats, f.name) for f in stats.DESCRIPTOR.fields if f.name != "page_size"
         }
+        # this gateway process's request stream to the scheduler: unix (local stream) or grpc
+        out["connect_transport"] = gw.scheduler.transport
         out["gateway_args"] = {k: ("<set>" if k == "api_key" and v else v) for k, v in vars(args).items()}
         out["version"] = app.version
         out["model_dir"] = str(Path(args.model_path))

@@ -131,3 +131,21 @@ class Constraint(_message.Message):
     kind: ConstraintKind
     text: str
     def __init__(self, kind: _Optional[_Union[ConstraintKind, str]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class LocalStreamHello(_message.Message):
+    __slots__ = ("method", "token", "role")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    token: str
+    role: str
+    def __init__(self, method: _Optional[str] = ..., token: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class LocalStreamStatus(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

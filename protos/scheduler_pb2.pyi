@@ -184,7 +184,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_path", "served_model_name", "architecture", "is_multimodal", "context_length", "page_size", "num_pages", "max_running_requests", "chunked_prefill_size", "max_prefill_tokens", "enable_prefix_cache", "scheduler_args_json", "worker_info_json", "vision_info_json", "enable_overlap", "eos_token_ids", "grammar_info_json")
+    __slots__ = ("model_path", "served_model_name", "architecture", "is_multimodal", "context_length", "page_size", "num_pages", "max_running_requests", "chunked_prefill_size", "max_prefill_tokens", "enable_prefix_cache", "scheduler_args_json", "worker_info_json", "vision_info_json", "enable_overlap", "eos_token_ids", "grammar_info_json", "connect_socket", "step_transport")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     SERVED_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +202,8 @@ class ServerInfo(_message.Message):
     ENABLE_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_INFO_JSON_FIELD_NUMBER: _ClassVar[int]
+    CONNECT_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    STEP_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     served_model_name: str
     architecture: str
@@ -219,7 +221,9 @@ class ServerInfo(_message.Message):
     enable_overlap: bool
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     grammar_info_json: str
-    def __init__(self, model_path: _Optional[str] = ..., served_model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., is_multimodal: _Optional[bool] = ..., context_length: _Optional[int] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., chunked_prefill_size: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ..., enable_prefix_cache: _Optional[bool] = ..., scheduler_args_json: _Optional[str] = ..., worker_info_json: _Optional[str] = ..., vision_info_json: _Optional[str] = ..., enable_overlap: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., grammar_info_json: _Optional[str] = ...) -> None: ...
+    connect_socket: str
+    step_transport: str
+    def __init__(self, model_path: _Optional[str] = ..., served_model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., is_multimodal: _Optional[bool] = ..., context_length: _Optional[int] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_running_requests: _Optional[int] = ..., chunked_prefill_size: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ..., enable_prefix_cache: _Optional[bool] = ..., scheduler_args_json: _Optional[str] = ..., worker_info_json: _Optional[str] = ..., vision_info_json: _Optional[str] = ..., enable_overlap: _Optional[bool] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., grammar_info_json: _Optional[str] = ..., connect_socket: _Optional[str] = ..., step_transport: _Optional[str] = ...) -> None: ...
 
 class ConnectRequest(_message.Message):
     __slots__ = ("generate", "abort")

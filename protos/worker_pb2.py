@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x11mirador.worker.v1\x1a\x13protos/common.proto\"\x10\n\x0eGetInfoRequest\"\xea\x02\n\nWorkerInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x11\n\tnum_pages\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0f\n\x07tp_rank\x18\x08 \x01(\x05\x12\x0f\n\x07tp_size\x18\t \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\n \x01(\x03\x12\x19\n\x11\x61ttention_backend\x18\x0b \x01(\t\x12\x1c\n\x14max_running_requests\x18\x0c \x01(\x05\x12\x1b\n\x13\x65mbedding_transport\x18\r \x01(\t\x12\r\n\x05\x65poch\x18\x0e \x01(\x04\x12\x19\n\x11num_encoder_pages\x18\x0f \x01(\x05\x12\x1b\n\x13\x65ncoder_page_tokens\x18\x10 \x01(\x05\"\xe1\x01\n\x0cSequenceInit\x12\x33\n\x08mm_items\x18\x01 \x03(\x0b\x32!.mirador.common.v1.MultimodalItem\x12\x33\n\x08sampling\x18\x02 \x01(\x0b\x32!.mirador.common.v1.SamplingParams\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x05 \x03(\x05\x12\x18\n\x10\x65ncoder_page_ids\x18\x06 \x03(\x05\"\xe3\x01\n\x0cSequenceStep\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12-\n\x04init\x18\x02 \x01(\x0b\x32\x1f.mirador.worker.v1.SequenceInit\x12\x18\n\x10page_table_start\x18\x03 \x01(\x05\x12\x10\n\x08page_ids\x18\x04 \x03(\x05\x12\x11\n\tstart_pos\x18\x05 \x01(\x05\x12\x11\n\tinput_ids\x18\x06 \x03(\x05\x12\x0e\n\x06sample\x18\x07 \x01(\x08\x12\x19\n\x11logprob_row_start\x18\x08 \x01(\x05\x12\x17\n\x0flogprob_targets\x18\t \x03(\x05\"\xab\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x66ree_seq_ids\x18\x02 \x03(\t\x12-\n\x04seqs\x18\x03 \x03(\x0b\x32\x1f.mirador.worker.v1.SequenceStep\x12\x14\n\x0csent_unix_ns\x18\x04 \x01(\x03\x12\x15\n\rprefetch_keys\x18\x05 \x03(\t\x12\x16\n\x0e\x64\x65\x63ode_seq_ids\x18\x06 \x03(\t\x12\x18\n\x10\x64\x65\x63ode_start_pos\x18\x07 \x03(\x05\x12:\n\x0fprefetch_leases\x18\x08 \x03(\x0b\x32!.mirador.common.v1.EmbeddingLease\x12\x14\n\x0cmask_seq_ids\x18\t \x03(\t\x12\x15\n\rtoken_bitmask\x18\n \x01(\x0c\"x\n\x0eSequenceResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x33\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1d.mirador.common.v1.TopLogprob\"d\n\x0fSequenceFailure\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x30\n\x06reason\x18\x02 \x01(\x0e\x32 .mirador.worker.v1.FailureReason\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xdf\x02\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x32\n\x07results\x18\x02 \x03(\x0b\x32!.mirador.worker.v1.SequenceResult\x12\x34\n\x08\x66\x61ilures\x18\x03 \x03(\x0b\x32\".mirador.worker.v1.SequenceFailure\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\x12\x12\n\nprepare_ns\x18\x05 \x01(\x03\x12\x12\n\nforward_ns\x18\x06 \x01(\x03\x12\x15\n\rstart_unix_ns\x18\x07 \x01(\x03\x12\x13\n\x0b\x65nd_unix_ns\x18\x08 \x01(\x03\x12\x17\n\x0fsampled_seq_ids\x18\t \x03(\t\x12\x19\n\x11sampled_token_ids\x18\n \x03(\x05\x12:\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32!.mirador.worker.v1.PromptLogprobs\"p\n\x0ePromptLogprobs\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07num_top\x18\x03 \x01(\x05\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02*\x98\x01\n\rFailureReason\x12\x1e\n\x1a\x46\x41ILURE_REASON_UNSPECIFIED\x10\x00\x12$\n FAILURE_REASON_EMBEDDING_MISSING\x10\x01\x12\x1b\n\x17\x46\x41ILURE_REASON_INTERNAL\x10\x02\x12$\n FAILURE_REASON_EMBEDDING_PENDING\x10\x03\x32\xa1\x01\n\x06Worker\x12K\n\x07GetInfo\x12!.mirador.worker.v1.GetInfoRequest\x1a\x1d.mirador.worker.v1.WorkerInfo\x12J\n\x05Steps\x12\x1e.mirador.worker.v1.StepRequest\x1a\x1d.mirador.worker.v1.StepResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x11mirador.worker.v1\x1a\x13protos/common.proto\"\x10\n\x0eGetInfoRequest\"\xff\x02\n\nWorkerInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x11\n\tnum_pages\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x0f\n\x07tp_rank\x18\x08 \x01(\x05\x12\x0f\n\x07tp_size\x18\t \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\n \x01(\x03\x12\x19\n\x11\x61ttention_backend\x18\x0b \x01(\t\x12\x1c\n\x14max_running_requests\x18\x0c \x01(\x05\x12\x1b\n\x13\x65mbedding_transport\x18\r \x01(\t\x12\r\n\x05\x65poch\x18\x0e \x01(\x04\x12\x19\n\x11num_encoder_pages\x18\x0f \x01(\x05\x12\x1b\n\x13\x65ncoder_page_tokens\x18\x10 \x01(\x05\x12\x13\n\x0bstep_socket\x18\x11 \x01(\t\"\xe1\x01\n\x0cSequenceInit\x12\x33\n\x08mm_items\x18\x01 \x03(\x0b\x32!.mirador.common.v1.MultimodalItem\x12\x33\n\x08sampling\x18\x02 \x01(\x0b\x32!.mirador.common.v1.SamplingParams\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x05 \x03(\x05\x12\x18\n\x10\x65ncoder_page_ids\x18\x06 \x03(\x05\"\xe3\x01\n\x0cSequenceStep\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12-\n\x04init\x18\x02 \x01(\x0b\x32\x1f.mirador.worker.v1.SequenceInit\x12\x18\n\x10page_table_start\x18\x03 \x01(\x05\x12\x10\n\x08page_ids\x18\x04 \x03(\x05\x12\x11\n\tstart_pos\x18\x05 \x01(\x05\x12\x11\n\tinput_ids\x18\x06 \x03(\x05\x12\x0e\n\x06sample\x18\x07 \x01(\x08\x12\x19\n\x11logprob_row_start\x18\x08 \x01(\x05\x12\x17\n\x0flogprob_targets\x18\t \x03(\x05\"\xab\x02\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x66ree_seq_ids\x18\x02 \x03(\t\x12-\n\x04seqs\x18\x03 \x03(\x0b\x32\x1f.mirador.worker.v1.SequenceStep\x12\x14\n\x0csent_unix_ns\x18\x04 \x01(\x03\x12\x15\n\rprefetch_keys\x18\x05 \x03(\t\x12\x16\n\x0e\x64\x65\x63ode_seq_ids\x18\x06 \x03(\t\x12\x18\n\x10\x64\x65\x63ode_start_pos\x18\x07 \x03(\x05\x12:\n\x0fprefetch_leases\x18\x08 \x03(\x0b\x32!.mirador.common.v1.EmbeddingLease\x12\x14\n\x0cmask_seq_ids\x18\t \x03(\t\x12\x15\n\rtoken_bitmask\x18\n \x01(\x0c\"x\n\x0eSequenceResult\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x33\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x1d.mirador.common.v1.TopLogprob\"d\n\x0fSequenceFailure\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x30\n\x06reason\x18\x02 \x01(\x0e\x32 .mirador.worker.v1.FailureReason\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xdf\x02\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x32\n\x07results\x18\x02 \x03(\x0b\x32!.mirador.worker.v1.SequenceResult\x12\x34\n\x08\x66\x61ilures\x18\x03 \x03(\x0b\x32\".mirador.worker.v1.SequenceFailure\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\x12\x12\n\nprepare_ns\x18\x05 \x01(\x03\x12\x12\n\nforward_ns\x18\x06 \x01(\x03\x12\x15\n\rstart_unix_ns\x18\x07 \x01(\x03\x12\x13\n\x0b\x65nd_unix_ns\x18\x08 \x01(\x03\x12\x17\n\x0fsampled_seq_ids\x18\t \x03(\t\x12\x19\n\x11sampled_token_ids\x18\n \x03(\x05\x12:\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32!.mirador.worker.v1.PromptLogprobs\"p\n\x0ePromptLogprobs\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07num_top\x18\x03 \x01(\x05\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02*\x98\x01\n\rFailureReason\x12\x1e\n\x1a\x46\x41ILURE_REASON_UNSPECIFIED\x10\x00\x12$\n FAILURE_REASON_EMBEDDING_MISSING\x10\x01\x12\x1b\n\x17\x46\x41ILURE_REASON_INTERNAL\x10\x02\x12$\n FAILURE_REASON_EMBEDDING_PENDING\x10\x03\x32\xa1\x01\n\x06Worker\x12K\n\x07GetInfo\x12!.mirador.worker.v1.GetInfoRequest\x1a\x1d.mirador.worker.v1.WorkerInfo\x12J\n\x05Steps\x12\x1e.mirador.worker.v1.StepRequest\x1a\x1d.mirador.worker.v1.StepResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FAILUREREASON']._serialized_start=1899
-  _globals['_FAILUREREASON']._serialized_end=2051
+  _globals['_FAILUREREASON']._serialized_start=1920
+  _globals['_FAILUREREASON']._serialized_end=2072
   _globals['_GETINFOREQUEST']._serialized_start=63
   _globals['_GETINFOREQUEST']._serialized_end=79
   _globals['_WORKERINFO']._serialized_start=82
-  _globals['_WORKERINFO']._serialized_end=444
-  _globals['_SEQUENCEINIT']._serialized_start=447
-  _globals['_SEQUENCEINIT']._serialized_end=672
-  _globals['_SEQUENCESTEP']._serialized_start=675
-  _globals['_SEQUENCESTEP']._serialized_end=902
-  _globals['_STEPREQUEST']._serialized_start=905
-  _globals['_STEPREQUEST']._serialized_end=1204
-  _globals['_SEQUENCERESULT']._serialized_start=1206
-  _globals['_SEQUENCERESULT']._serialized_end=1326
-  _globals['_SEQUENCEFAILURE']._serialized_start=1328
-  _globals['_SEQUENCEFAILURE']._serialized_end=1428
-  _globals['_STEPRESULT']._serialized_start=1431
-  _globals['_STEPRESULT']._serialized_end=1782
-  _globals['_PROMPTLOGPROBS']._serialized_start=1784
-  _globals['_PROMPTLOGPROBS']._serialized_end=1896
-  _globals['_WORKER']._serialized_start=2054
-  _globals['_WORKER']._serialized_end=2215
+  _globals['_WORKERINFO']._serialized_end=465
+  _globals['_SEQUENCEINIT']._serialized_start=468
+  _globals['_SEQUENCEINIT']._serialized_end=693
+  _globals['_SEQUENCESTEP']._serialized_start=696
+  _globals['_SEQUENCESTEP']._serialized_end=923
+  _globals['_STEPREQUEST']._serialized_start=926
+  _globals['_STEPREQUEST']._serialized_end=1225
+  _globals['_SEQUENCERESULT']._serialized_start=1227
+  _globals['_SEQUENCERESULT']._serialized_end=1347
+  _globals['_SEQUENCEFAILURE']._serialized_start=1349
+  _globals['_SEQUENCEFAILURE']._serialized_end=1449
+  _globals['_STEPRESULT']._serialized_start=1452
+  _globals['_STEPRESULT']._serialized_end=1803
+  _globals['_PROMPTLOGPROBS']._serialized_start=1805
+  _globals['_PROMPTLOGPROBS']._serialized_end=1917
+  _globals['_WORKER']._serialized_start=2075
+  _globals['_WORKER']._serialized_end=2236
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("architecture", "num_pages", "page_size", "context_length", "vocab_size", "dtype", "device", "tp_rank", "tp_size", "kv_cache_bytes", "attention_backend", "max_running_requests", "embedding_transport", "epoch", "num_encoder_pages", "encoder_page_tokens")
+    __slots__ = ("architecture", "num_pages", "page_size", "context_length", "vocab_size", "dtype", "device", "tp_rank", "tp_size", "kv_cache_bytes", "attention_backend", "max_running_requests", "embedding_transport", "epoch", "num_encoder_pages", "encoder_page_tokens", "step_socket")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class WorkerInfo(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     NUM_ENCODER_PAGES_FIELD_NUMBER: _ClassVar[int]
     ENCODER_PAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SOCKET_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     num_pages: int
     page_size: int
@@ -57,7 +58,8 @@ class WorkerInfo(_message.Message):
     epoch: int
     num_encoder_pages: int
     encoder_page_tokens: int
-    def __init__(self, architecture: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., attention_backend: _Optional[str] = ..., max_running_requests: _Optional[int] = ..., embedding_transport: _Optional[str] = ..., epoch: _Optional[int] = ..., num_encoder_pages: _Optional[int] = ..., encoder_page_tokens: _Optional[int] = ...) -> None: ...
+    step_socket: str
+    def __init__(self, architecture: _Optional[str] = ..., num_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tp_rank: _Optional[int] = ..., tp_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., attention_backend: _Optional[str] = ..., max_running_requests: _Optional[int] = ..., embedding_transport: _Optional[str] = ..., epoch: _Optional[int] = ..., num_encoder_pages: _Optional[int] = ..., encoder_page_tokens: _Optional[int] = ..., step_socket: _Optional[str] = ...) -> None: ...
 
 class SequenceInit(_message.Message):
     __slots__ = ("mm_items", "sampling", "num_prompt_tokens", "prompt_token_ids", "output_token_ids", "encoder_page_ids")

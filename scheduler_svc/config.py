@@ -55,6 +55,12 @@ class SchedulerArgs(InternalAuthArgs, ObservabilityArgs, ProcessArgs):
         "decode step stays short and admissions spread over steps; an idle batch still takes "
         "--max-prefill-tokens (default: --max-prefill-tokens)",
     )
+    connect_socket: str = arg(
+        "auto",
+        "also serve the gateways' Connect stream on this Unix socket, which a gateway on this host uses instead of "
+        "gRPC: auto (a fresh path in a 0700 directory of this user's, $XDG_RUNTIME_DIR/mirador or "
+        "<tmp>/mirador-<uid>), a path (its directory must be 0700), or none (gRPC only)",
+    )
     disable_overlap_schedule: bool = arg(False, "plan each step only after the previous one returned")
     decode_log_interval: int = arg(40, "log a decode batch line every N steps")
     graceful_shutdown_timeout: float = arg(

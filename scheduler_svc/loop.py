@@ -267,6 +267,9 @@ class SchedulerLoop:
             self.core.on_worker_restarted("the worker restarted; the request lost its state")
             self._deliver()
         self._worker_epoch = info.epoch
+        connect = getattr(self.worker, "connect", None)  # a client that picks the stream's transport
+        if connect is not None:
+            await connect(info)
         return True
 
     def _account(self, a: int, b: int, off_path: bool) -> None:

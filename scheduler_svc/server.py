@@ -14,6 +14,7 @@ from common.convert import output_to_proto, outputs_to_batch, request_from_proto
 from common.errors import MiradorError, UnavailableError, abort_with
 from common.grpc_utils import Fatal, ServiceHealth, wait_serving
 from common.grpc_utils import create_server as _create_server
+from common.local_stream import LocalMethod, LocalStreamServer, serve_locally
 from common.mailbox import Mailbox
 from common.metrics import model_label
 from common.service_main import settle_gc
@@ -31,6 +32,7 @@ from scheduler_svc.scheduler import Scheduler, SchedulerPolicy
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+CONNECT_METHOD = f"/{SERVICE_NAME}/Connect"
 
 
 def resolve_policy(
@@ -83,6 +85,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.vision_info_json = "{}"
         self._clients: list = []
         self._draining = False
+        self.port = 0  # the bound gRPC port (create_server)
+        self.local: LocalStreamServer | None = None
+        self.worker = None
         self.model_name = model_label(args)
         install_metrics(lambda: self.loop.core if self.loop is not None else None, self.model_name)
 
@@ -91,11 +96,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         from worker_svc.client import WorkerClient
 
         a = self.args
+        methods = {CONNECT_METHOD: LocalMethod(scheduler_pb2.ConnectRequest, self.Connect)}
+        self.local = await serve_locally(a.connect_socket, "scheduler", self.port, SERVICE_NAME, methods)
         self.model_config = model_config = load_model_config(a.model_path)
         tokenizer = Tokenizer(a.model_path)
         logger.info("waiting for the worker at %s", a.worker_address)
         await wait_serving(a.worker_address, a.connect_timeout_s)
-        worker = WorkerClient(a.worker_address)
+        self.worker = worker = WorkerClient(a.worker_address)
         self._clients.append(worker)
         self.worker_info = await worker.info()
         vision = None
@@ -196,6 +203,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             await self.loop.stop()
         for c in self._clients:
             await c.close()
+        if self.local is not None:
+            await self.local.close()
 
     def _ready(self) -> SchedulerLoop:
         if self.loop is None:
@@ -310,6 +319,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             enable_overlap=bool(self.loop.depth),
             eos_token_ids=list(p.eos_token_ids),
             grammar_info_json=json.dumps(self.loop.core.grammar_backend().info()),
+            connect_socket=self.local.path if self.local is not None else "",
+            step_transport=self.worker.transport,
         )
 
 
@@ -318,6 +329,7 @@ def create_server(args: SchedulerArgs) -> tuple[grpc.aio.Server, int, SchedulerS
     server, port = _create_server(
         servicer, scheduler_pb2_grpc.add_SchedulerServicer_to_server, SERVICE_NAME, args.host, args.port
     )
+    servicer.port = port
     return server, port, servicer
 
 

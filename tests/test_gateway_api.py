@@ -235,6 +235,8 @@ def test_models_health_info(cluster):
         "vision_cache_hits",
     } <= set(info["stats"])
     assert info["worker_info"]["page_size"] == 8
+    # one host: the step stream and this gateway's request stream run on the Unix sockets (common/local_stream.py)
+    assert (info["step_transport"], info["connect_transport"]) == ("unix", "unix")
     assert cluster.http.get("/get_server_info").status_code == 200
 
 

@@ -155,6 +155,8 @@ def tls_channel(port: int, d: Path, role: str | None) -> grpc.Channel:
 def test_mtls_cluster_serves(tls_cluster):
     chat_with_image_works(tls_cluster)
     assert "callers authenticated by: mutual TLS as 'worker'" in tls_cluster.log()
+    info = tls_cluster.http.get("/server_info").json()  # on one host the hot streams take the Unix sockets
+    assert (info["step_transport"], info["connect_transport"]) == ("unix", "unix")
 
 
 def test_mtls_admits_each_service_s_callers_by_certificate_name(tls_cluster, tls_dir):
@@ -215,6 +217,8 @@ def token_cluster(default_model, log_dir, tmp_path_factory):
 
 def test_token_cluster_serves_and_refuses_calls_without_the_token(token_cluster):
     chat_with_image_works(token_cluster)
+    info = token_cluster.http.get("/server_info").json()  # the local streams' hellos carried the token
+    assert (info["step_transport"], info["connect_transport"]) == ("unix", "unix")
     good = (("authorization", f"Bearer {TOKEN}"),)
     bad = [None, (("authorization", "Bearer " + "0" * 32),), (("authorization", TOKEN),)]
     for service, port in ports(token_cluster).items():

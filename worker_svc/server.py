@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from common.convert import plan_from_proto, step_output_to_proto, worker_info_to
 from common.errors import MiradorError, UnavailableError, abort_with
 from common.grpc_utils import Fatal, ServiceHealth, wait_serving
 from common.grpc_utils import create_server as _create_server
+from common.local_stream import LocalMethod, LocalStreamServer, serve_locally
 from common.metrics import embedding_transfer_histogram, model_label
 from common.types import StepPlan
 from protos import worker_pb2, worker_pb2_grpc
@@ -21,6 +23,7 @@ from worker_svc.model_runner import ModelRunner, RunnerConfig
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+STEPS_METHOD = f"/{SERVICE_NAME}/Steps"
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -35,9 +38,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._collector = ThreadPoolExecutor(1, thread_name_prefix="worker-collect")
         self._stream_lock = asyncio.Lock()
         self._last_step = 0.0  # monotonic time the last step arrived
+        self.port = 0  # the bound gRPC port (create_server)
+        self.local: LocalStreamServer | None = None
 
     async def startup(self) -> None:
         a = self.args
+        self.local = await serve_steps_locally(self, a.step_socket)
         source = None
         if a.vision_address:
             from vision_svc.client import VisionEmbeddingSource
@@ -80,6 +86,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.runner = runner
         await self.health.set_serving(True)
 
+    async def shutdown(self) -> None:
+        if self.local is not None:
+            await self.local.close()
+
     def _fatal(self, error: BaseException, what: str) -> None:
         """A broken runner (a CUDA error is sticky) must not keep serving: NOT_SERVING, then exit non-zero."""
         if self.fatal is not None:
@@ -102,7 +112,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def GetInfo(self, request, context):
         try:
-            return worker_info_to_proto(self._ready().info())
+            info = self._ready().info()
+            return worker_info_to_proto(dataclasses.replace(info, step_socket=_path(self.local)))
         except Exception as e:  # noqa: BLE001
             await abort_with(context, e)
 
@@ -172,9 +183,21 @@ def _log_inits(plan: StepPlan) -> None:
             logger.info("sequence %s starts in step %d", st.seq_id, plan.step_id, extra={"request_id": rid})
 
 
+async def serve_steps_locally(servicer, flag: str) -> LocalStreamServer | None:
+    """The servicer's `Steps` also on a Unix socket (`--step-socket`), for a scheduler on this host: the same
+    method, which sees a local stream's request iterator and context instead of gRPC's."""
+    methods = {STEPS_METHOD: LocalMethod(worker_pb2.StepRequest, servicer.Steps)}
+    return await serve_locally(flag, "worker", servicer.port, SERVICE_NAME, methods)
+
+
+def _path(local: LocalStreamServer | None) -> str:
+    return local.path if local is not None else ""
+
+
 def create_server(args: WorkerArgs) -> tuple[grpc.aio.Server, int, WorkerServicer]:
     servicer = WorkerServicer(args)
     server, port = _create_server(
         servicer, worker_pb2_grpc.add_WorkerServicer_to_server, SERVICE_NAME, args.host, args.port
     )
+    servicer.port = port
     return server, port, servicer
