@@ -16,13 +16,21 @@ LOG2E = 1.4426950408889634
 # and 4 warps per (sequence, kv head, split); extend is compute-bound, so 128 (token, head) rows per program.
 DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
+# pipeline stages of the decode kernel: one split per sequence streams the longest runs of KV and gains from a third
+# stage; split programs are short and run best with two (graph-replayed sweep over 28 layers, H100, 2026-11-27)
 DECODE_NUM_STAGES = 3
+DECODE_SPLIT_NUM_STAGES = 2
 REDUCE_NUM_WARPS = 4
 EXTEND_BLOCK_ROWS = 128
 EXTEND_BLOCK_N = 64
 EXTEND_NUM_WARPS = 8
 EXTEND_NUM_STAGES = 2
 MAX_DECODE_SPLITS = 64
+# Split-KV policy (same sweep): a batch of at least 1.5 (sequence, kv head) programs per SM runs fastest unsplit;
+# below that, splits that give each SM about three programs (64 rows at 400 context: unsplit 23.5 us a layer, 2
+# splits 26.0; 40 rows: unsplit 20.0, 3-4 splits 17.5-18.4; 16 rows: unsplit 15.8, 4 splits 10.7)
+UNSPLIT_PROGRAMS_PER_SM = 1.5
+SPLIT_PROGRAMS_PER_SM = 3
 
 
 def decode_num_splits(
@@ -35,18 +43,20 @@ def decode_num_splits(
     max_splits: int = MAX_DECODE_SPLITS,
 ) -> int:
     """Splits per sequence for `decode_attention`, fixed for a captured graph: one when the batch's (sequence, kv
-    head) programs already cover the SMs; otherwise enough splits to give every SM two programs, never more splits than the longest context has
-    KV blocks (every split can hold one block of `block_n` tokens), at most `max_splits`, at least 1. Each split
-    covers ceil(seq_len / num_splits) tokens of the live length, so a short context leaves most splits empty and
-    they cost a launch slot, not bandwidth."""
+    head) programs give every SM 1.5 of them already; otherwise enough splits to give every SM about three
+    programs, never more splits than the longest context has KV blocks (every split can hold one block of
+    `block_n` tokens), at most `max_splits`, at least 1. Each split covers ceil(seq_len / num_splits) tokens of
+    the live length, so a short context leaves most splits empty and they cost a launch slot, not bandwidth."""
     programs = max(1, batch_size * num_kv_heads)
-    if (
-        programs >= num_sms
-    ):  # the batch alone fills the SMs: splitting only adds the merge (measured on an H100)
+    if programs >= UNSPLIT_PROGRAMS_PER_SM * num_sms:
         return 1
-    wanted = -(-2 * num_sms // programs)
+    wanted = -(-SPLIT_PROGRAMS_PER_SM * num_sms // programs)
     max_blocks = -(-max(1, max_context_len) // block_n)
     return max(1, min(wanted, max_blocks, max_splits))
+
+
+def decode_num_stages(num_splits: int) -> int:
+    return DECODE_NUM_STAGES if num_splits == 1 else DECODE_SPLIT_NUM_STAGES
 
 
 def _block_d(head_dim: int) -> int:
@@ -220,7 +230,7 @@ def decode_attention(
     workspace: torch.Tensor | None = None,  # [>= batch, num_heads, num_splits, head_dim + 1] float32
     block_n: int = DECODE_BLOCK_N,
     num_warps: int = DECODE_NUM_WARPS,
-    num_stages: int = DECODE_NUM_STAGES,
+    num_stages: int | None = None,  # None: decode_num_stages(num_splits)
     reduce_num_warps: int = REDUCE_NUM_WARPS,
 ) -> torch.Tensor:
     """One query token per sequence against its whole cached context (flash-decoding). The launch depends only
@@ -231,6 +241,8 @@ def decode_attention(
     _check_layout(q, k_cache, v_cache, block_table)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if num_stages is None:
+        num_stages = decode_num_stages(num_splits)
     if batch == 0:
         return out
     num_kv_heads = k_cache.shape[2]
