@@ -17,7 +17,8 @@ LOG2E = 1.4426950408889634
 DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
 # pipeline stages of the decode kernel: one split per sequence streams the longest runs of KV and gains from a third
-# stage; split programs are short and run best with two (graph-replayed sweep over 28 layers, H100, 2026-11-27)
+# stage; split programs are short and run as well or better with two (H100: graph-replayed sweep over 28 layers,
+# and whole steps at 64 rows: 6.55 against 6.57 ms at 400 context, 8.52 against 8.61-8.75 ms at 2,000)
 DECODE_NUM_STAGES = 3
 DECODE_SPLIT_NUM_STAGES = 2
 REDUCE_NUM_WARPS = 4
@@ -26,11 +27,6 @@ EXTEND_BLOCK_N = 64
 EXTEND_NUM_WARPS = 8
 EXTEND_NUM_STAGES = 2
 MAX_DECODE_SPLITS = 64
-# Split-KV policy (same sweep): a batch of at least 1.5 (sequence, kv head) programs per SM runs fastest unsplit;
-# below that, splits that give each SM about three programs (64 rows at 400 context: unsplit 23.5 us a layer, 2
-# splits 26.0; 40 rows: unsplit 20.0, 3-4 splits 17.5-18.4; 16 rows: unsplit 15.8, 4 splits 10.7)
-UNSPLIT_PROGRAMS_PER_SM = 1.5
-SPLIT_PROGRAMS_PER_SM = 3
 
 
 def decode_num_splits(
@@ -43,14 +39,18 @@ def decode_num_splits(
     max_splits: int = MAX_DECODE_SPLITS,
 ) -> int:
     """Splits per sequence for `decode_attention`, fixed for a captured graph: one when the batch's (sequence, kv
-    head) programs give every SM 1.5 of them already; otherwise enough splits to give every SM about three
-    programs, never more splits than the longest context has KV blocks (every split can hold one block of
-    `block_n` tokens), at most `max_splits`, at least 1. Each split covers ceil(seq_len / num_splits) tokens of
-    the live length, so a short context leaves most splits empty and they cost a launch slot, not bandwidth."""
+    head) programs already cover the SMs; otherwise enough splits to give every SM two programs, never more splits
+    than the longest context has KV blocks (every split can hold one block of `block_n` tokens), at most
+    `max_splits`, at least 1. Each split covers ceil(seq_len / num_splits) tokens of the live length, so a short
+    context leaves most splits empty and they cost a launch slot, not bandwidth. (A sweep of the kernel alone
+    favoured splitting up to 1.5 programs per SM into ~3 per SM, 10-15% at 16-48 rows; whole steps showed no
+    difference, so the policy stays.)"""
     programs = max(1, batch_size * num_kv_heads)
-    if programs >= UNSPLIT_PROGRAMS_PER_SM * num_sms:
+    if (
+        programs >= num_sms
+    ):  # the batch alone fills the SMs: splitting only adds the merge (measured on an H100)
         return 1
-    wanted = -(-SPLIT_PROGRAMS_PER_SM * num_sms // programs)
+    wanted = -(-2 * num_sms // programs)
     max_blocks = -(-max(1, max_context_len) // block_n)
     return max(1, min(wanted, max_blocks, max_splits))
 

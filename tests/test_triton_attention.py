@@ -236,15 +236,9 @@ def test_decode_num_splits_policy():
     # batch 1 of a 7B model (4 kv heads) on 132 SMs: split long contexts 64 ways, short ones only per token block
     assert ta.decode_num_splits(32768, 1, 4, 132) == 64
     assert ta.decode_num_splits(100, 1, 4, 132) == 2
-    assert ta.decode_num_splits(32768, 64, 4, 132) == 1  # 256 programs: about two per SM, fastest unsplit
+    assert ta.decode_num_splits(32768, 64, 4, 132) == 1  # 256 programs already cover the SMs
     assert ta.decode_num_splits(32768, 256, 4, 132) == 1
     assert ta.decode_num_splits(0, 1, 4, 132) == 1
-    # below 1.5 programs per SM, splits that give each SM about three (measured faster at 16-48 rows)
-    assert ta.decode_num_splits(400, 50, 4, 132) == 1
-    assert ta.decode_num_splits(400, 48, 4, 132) == 3
-    assert ta.decode_num_splits(400, 40, 4, 132) == 3
-    assert ta.decode_num_splits(400, 32, 4, 132) == 4
-    assert ta.decode_num_splits(400, 16, 4, 132) == 7  # at most one split per 64-token block
     # and the stages follow the split count
     assert ta.decode_num_stages(1) == 3 and ta.decode_num_stages(4) == 2
 
