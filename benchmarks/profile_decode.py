@@ -130,6 +130,51 @@ def attention_sweep(runner: ModelRunner, cases: list[tuple[int, int]]) -> list[d
     return out
 
 
+def split_sweep(cases: list[tuple[int, int]], layers: int = 28) -> list[dict]:
+    """Decode attention per split count and stage count, graph-replayed over `layers` layers' caches (so the KV
+    comes from HBM as in a step, not from L2): us a layer call, 7B shapes (28 query / 4 KV heads, head_dim 128)."""
+    from kernels.triton_attention import decode_attention, decode_num_splits
+
+    hk, hq, d, size = 4, 28, 128, 16
+    out = []
+    for batch, ctx in cases:
+        per = -(-ctx // size)
+        pages = batch * per + 1
+        k = torch.randn(layers, pages, size, hk, d, dtype=torch.bfloat16, device="cuda")
+        v = torch.randn_like(k)
+        table = (torch.randperm(pages - 1, device="cuda")[: batch * per] + 1).int().view(batch, per)
+        rows = torch.arange(batch, dtype=torch.int32, device="cuda")
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device="cuda")
+        o = torch.empty_like(q)
+        row = {"batch": batch, "context": ctx, "policy": decode_num_splits(ctx, batch, hk, 132)}
+        for splits in (1, 2, 3, 4, 6):
+            ws = torch.empty(batch, hq, splits, d + 1, dtype=torch.float32, device="cuda")
+            for stages in (2, 3):
+
+                def run(splits=splits, stages=stages, ws=ws):
+                    for i in range(layers):
+                        decode_attention(q, k[i], v[i], table, rows, lens, 0.088, o, num_splits=splits,
+                                         workspace=ws, num_stages=stages)  # fmt: skip
+
+                run()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    run()
+                for _ in range(3):
+                    g.replay()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(10):
+                    g.replay()
+                b.record()
+                b.synchronize()
+                row[f"{splits}/{stages}"] = a.elapsed_time(b) / 10 / layers * 1e3
+        out.append(row)
+        print("splits/stages, us a layer:", {key: round(val, 1) for key, val in row.items()}, flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct")
@@ -142,6 +187,11 @@ def main() -> None:
         "--attention-cases",
         default="1x1024,1x8192,64x1024,64x256,256x256",
         help="decode attention sweep: BATCHxCONTEXT, comma-separated",
+    )
+    p.add_argument(
+        "--split-cases",
+        default="",
+        help="also time the decode attention per split and stage count, graph-replayed: BATCHxCONTEXT, comma-separated",
     )
     p.add_argument("--output-dir", default=".")
     args = p.parse_args()
@@ -164,6 +214,9 @@ def main() -> None:
     if "attention" not in args.skip:
         cases = [tuple(int(v) for v in c.split("x")) for c in args.attention_cases.split(",")]
         report["attention"] = attention_sweep(runner, cases)
+    if args.split_cases:
+        cases = [tuple(int(v) for v in c.split("x")) for c in args.split_cases.split(",")]
+        report["splits"] = split_sweep(cases)
     (out_dir / "profile_decode.json").write_text(json.dumps(report, indent=1))
 
 
