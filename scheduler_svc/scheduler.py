@@ -224,6 +224,9 @@ class Scheduler:
         self.grammar_requests: list[tuple[str, Constraint]] = []  # constraints the loop compiles off the path
         self._num_constrained = 0  # running or waiting sequences with a matcher
         self._stop_sets: dict[frozenset[int], frozenset[int]] = {}
+        # plan a sequence that decoded plainly in the step before from its Sequence.plain_until bound (False: every
+        # step checks every condition, which the tests compare against)
+        self.plain_shortcut = True
 
     def grammar_backend(self):
         """The grammar backend, made on first use: the llguidance tokenizer takes ~2 s to build (on a thread)."""
@@ -390,6 +393,7 @@ class Scheduler:
         for seq in state.seqs:
             if not seq.is_finished:
                 seq.matcher = compiled.deep_copy()
+                seq.plain_until = 0
                 self._num_constrained += 1
         state.grammar_pending = False
 
@@ -532,23 +536,34 @@ class Scheduler:
         page_size, running = p.page_size, SeqStatus.RUNNING
         plain_seqs, plain_epochs = plain.seqs.append, plain.epochs.append
         plain_ids, plain_pos = plain.seq_ids.append, plain.start_pos.append
+        shortcut = self.plain_shortcut
         for seq in list(self.running):
+            start = seq.num_computed
+            pending = seq.num_pending_samples
+            if start < seq.plain_until and pending and decodes and seq.last_step != step_id:
+                # a plain decode in the step before (its bound says no page, limit or state change since): one
+                # more, without the checks below. A sample in flight means its prompt is done: while it decodes,
+                # num_computed = num_prompt + len(output_ids) + num_pending_samples - 1
+                plain_seqs(seq)
+                plain_epochs(seq.epoch)
+                plain_ids(seq.seq_id)
+                plain_pos(start)
+                seq.num_computed = start + 1
+                seq.num_pending_samples = pending + 1
+                seq.last_step = step_id
+                continue
             if seq.status is not running or seq.last_step == step_id:
                 continue  # preempted for an older sequence in this loop, or already in the step
-            start, total = seq.num_computed, seq.num_prompt + len(seq.output_ids)
+            total = seq.num_prompt + len(seq.output_ids)
             if start >= total:  # prompt done: a decode
                 if not decodes:
                     continue
-                pending = seq.num_pending_samples
                 if len(seq.output_ids) + pending >= seq.output_limit:  # max_new_tokens, or the context
                     continue  # its last token is in flight; it finishes when that arrives
                 if pending and seq.matcher is not None:
                     continue  # its mask needs the token in flight: it samples in the step after that arrives
-                if (
-                    seq.worker_has_state
-                    and seq.table_dirty_from == len(seq.page_ids)
-                    and start < len(seq.page_ids) * page_size
-                ):
+                page_end = len(seq.page_ids) * page_size
+                if seq.worker_has_state and seq.table_dirty_from == len(seq.page_ids) and start < page_end:
                     # the common case, kept to a few list appends: no init, no new page, no token to send
                     plain_seqs(seq)
                     plain_epochs(seq.epoch)
@@ -557,6 +572,37 @@ class Scheduler:
                     seq.num_computed = start + 1
                     seq.num_pending_samples = pending + 1
                     seq.last_step = step_id
+                    if shortcut and seq.matcher is None:
+                        # each later plain decode adds one to num_computed and to len(output_ids) + pending, so
+                        # this stays one until its next page or its last token
+                        seq.plain_until = min(
+                            page_end, seq.output_limit - (len(seq.output_ids) + pending - start)
+                        )
+                    continue
+                if (
+                    shortcut
+                    and start == page_end
+                    and seq.worker_has_state
+                    and seq.table_dirty_from == len(seq.page_ids)
+                    and self.allocator.num_free
+                ):
+                    # a decode into a new page (one step in page_size of each sequence): what _reserve and
+                    # _seq_step do for it, inline. A page is free, so nothing is evicted or preempted; it samples
+                    # (its output limit is above len(output_ids) + pending >= 0)
+                    page_ids = seq.page_ids
+                    table_start = len(page_ids)
+                    page_ids += self.allocator.alloc(1)
+                    steps.append(SeqStep(seq.seq_id, start, (), True, table_start, (page_ids[-1],)))
+                    seq.table_dirty_from = table_start + 1
+                    seq.num_computed = start + 1
+                    seq.num_pending_samples = pending + 1
+                    sent.append(_Sent(seq, seq.epoch, start + 1, True))
+                    seq.last_step = step_id
+                    if seq.matcher is None:  # plain decodes again until the next page, as above
+                        seq.plain_until = min(
+                            page_end + page_size,
+                            seq.output_limit - (len(seq.output_ids) + pending - start),
+                        )
                     continue
                 n = 1
             elif not decodes and not seq.in_prompt:
@@ -640,6 +686,7 @@ class Scheduler:
             seq.encoder_keys, seq.encoder_page_ids = keys, enc
         self.cache.lock(node)
         seq.page_ids, seq.tree_node, seq.num_tree_pages = list(pages), node, len(pages)
+        seq.plain_until = 0
         if not self._reserve(seq, matched + n, step_id, may_preempt=False):
             self.cache.unlock(node)
             seq.page_ids, seq.tree_node, seq.num_tree_pages = [], None, 0
@@ -670,6 +717,7 @@ class Scheduler:
             pages = self.allocator.alloc(need)
             if pages is not None:
                 seq.page_ids.extend(pages)
+                seq.plain_until = 0
                 return True
             if not may_preempt:
                 return False
@@ -717,6 +765,7 @@ class Scheduler:
             logprob_targets=lp_targets,
         )
         seq.table_dirty_from = len(seq.page_ids)
+        seq.plain_until = 0  # a step of its own: the planner checks it in full next time
         seq.num_computed = start + n
         if sample:
             seq.num_pending_samples += 1
@@ -755,6 +804,7 @@ class Scheduler:
         self._release_encoder_pages(seq)
         seq.num_computed = seq.num_confirmed = 0
         seq.num_pending_samples = 0
+        seq.plain_until = 0
         seq.epoch += 1
         if seq.worker_has_state:
             self._free_worker.append(seq.seq_id)
@@ -783,6 +833,7 @@ class Scheduler:
                 self.allocator.free([seq.page_ids[i]])
                 seq.page_ids[i] = pages[i]
                 seq.table_dirty_from = min(seq.table_dirty_from, i)
+                seq.plain_until = 0  # its page table goes to the worker again
         self.cache.lock(node)
         if seq.tree_node is not None:
             self.cache.unlock(seq.tree_node)
@@ -794,9 +845,14 @@ class Scheduler:
         sent, decodes = self._inflight.pop(out.step_id, ((), _Decodes()))
         failed = {f.seq_id: f for f in out.failures}
         results = {r.seq_id: r for r in out.results}
-        if not sent and out.sampled_seq_ids == tuple(decodes.seq_ids):
-            tokens = {}  # the worker answered a decode-only step in plan order, as it does: no lookups
-            decode_tokens = out.sampled_token_ids
+        decode_ids = tuple(decodes.seq_ids)
+        head = len(out.sampled_seq_ids) - len(decode_ids)
+        if head >= 0 and out.sampled_seq_ids[head:] == decode_ids:
+            # the worker sampled the plain decodes last and in plan order, as it does: no lookups for them, a dict
+            # of the few others (a sequence is in one of the two lists, so the dict's last-wins is not needed)
+            ids, toks = out.sampled_seq_ids, out.sampled_token_ids
+            tokens = dict(zip(ids[:head], toks[:head], strict=True)) if head else {}
+            decode_tokens = toks[head:]
         else:
             tokens = dict(zip(out.sampled_seq_ids, out.sampled_token_ids, strict=True))
             decode_tokens = [tokens.get(i) for i in decodes.seq_ids]
@@ -980,6 +1036,7 @@ class Scheduler:
                 self.waiting.remove(seq)
                 self._release(seq, cache=False)
         seq.status = SeqStatus.FINISHED
+        seq.plain_until = 0
         seq.finish_reason = reason
         if seq.matcher is not None:
             seq.matcher = None

@@ -147,6 +147,7 @@ class Sequence:
         "deltas",
         "output_limit",
         "matcher",
+        "plain_until",
     )
 
     def __init__(self, req: RequestState, index: int, stream: TextStream, eos_token_ids: Iterable[int] = ()):
@@ -197,6 +198,11 @@ class Sequence:
         # grammar-constrained decoding: the llguidance matcher, advanced by every accepted output token; the
         # sequence samples only once its previous token is known (the mask depends on it)
         self.matcher = None
+        # the planner's shortcut (Scheduler._plan_running): while num_computed < plain_until and a sample is in
+        # flight, its next step is a plain decode, known without re-checking every condition; 0 when unknown.
+        # Set where a plain decode was checked in full; reset to 0 by every change that could end that (pages,
+        # page table, worker state, status, grammar), so a stale bound never plans a wrong step.
+        self.plain_until = 0
 
     @property
     def token_ids(self) -> list[int]:
