@@ -224,8 +224,9 @@ class Scheduler:
         self.grammar_requests: list[tuple[str, Constraint]] = []  # constraints the loop compiles off the path
         self._num_constrained = 0  # running or waiting sequences with a matcher
         self._stop_sets: dict[frozenset[int], frozenset[int]] = {}
-        # plan a sequence that decoded plainly in the step before from its Sequence.plain_until bound (False: every
-        # step checks every condition, which the tests compare against)
+        # plan a sequence that decoded plainly in the step before from its Sequence.plain_until bound, a decode
+        # into a new page inline, and apply a step whose other rows all sample as its plain decodes are applied
+        # (False: the general paths, which the tests compare against)
         self.plain_shortcut = True
 
     def grammar_backend(self):
@@ -860,6 +861,20 @@ class Scheduler:
         self.stats.worker_forward_ns_total += out.forward_ns
         self.observer.step(bool(sent), out.forward_ns * 1e-9)
         num_tokens = 0
+        seqs, epochs, starts = decodes.seqs, decodes.epochs, decodes.start_pos
+        if sent and self.plain_shortcut:
+            for s in sent:
+                if not s.sample or s.prompt_lp_pos >= 0:
+                    break
+            else:
+                # every other step of it samples and scores no prompt (decodes into a new page, in steady
+                # decoding): what the loop below does to a row is what this loop does to such a step, so they
+                # go first through it, in order, and their common tokens are applied inline too
+                seqs = [s.seq for s in sent] + seqs
+                epochs = [s.epoch for s in sent] + epochs
+                starts = [s.computed_after - 1 for s in sent] + starts
+                decode_tokens = [tokens.get(s.seq.seq_id) for s in sent] + list(decode_tokens)
+                sent = ()
         for s in sent:
             seq = s.seq
             if seq.epoch != s.epoch or seq.is_finished:
@@ -879,9 +894,7 @@ class Scheduler:
         finished = SeqStatus.FINISHED
         interval = self.policy.stream_interval
         columns: DeltaColumns | None = None
-        for seq, epoch, start, token in zip(
-            decodes.seqs, decodes.epochs, decodes.start_pos, decode_tokens, strict=True
-        ):
+        for seq, epoch, start, token in zip(seqs, epochs, starts, decode_tokens, strict=True):
             if seq.epoch != epoch or seq.status is finished:
                 continue
             if failed and seq.seq_id in failed:

@@ -1,9 +1,9 @@
-"""The planner's shortcuts (Sequence.plain_until: a sequence that decoded plainly in the step before is planned
-again without re-checking every condition; a decode into a new page planned inline) against the planner that
-checks everything every step: two cores fed the same requests, aborts, worker answers and timing must send the
-same steps and produce the same outputs, step by step. A change that can end a plain decode (a page, the page
-table, the worker's state, preemption, a finish, an output limit, results arriving before the next plan) and
-does not reset the bound shows up here as a differing plan."""
+"""The scheduler's shortcuts (Sequence.plain_until: a sequence that decoded plainly in the step before is planned
+again without re-checking every condition; a decode into a new page planned inline; a step whose other rows all
+sample applied with its plain decodes) against the general paths: two cores fed the same requests, aborts, worker
+answers and timing must send the same steps and produce the same outputs, step by step. A change that can end a
+plain decode (a page, the page table, the worker's state, a finish, an output limit, results arriving before the
+next plan) and does not reset the bound shows up here as a differing plan."""
 
 from __future__ import annotations
 
@@ -57,9 +57,9 @@ def run_lockstep(cfg: dict, seed: int) -> tuple[int, int]:
     rng = random.Random(seed)
     workload = make_workload(random.Random(seed * 7 + 1), n=28)
     fast, slow = _core(cfg, True), _core(cfg, False)
-    worker = FakeWorker(
-        cfg["page_size"], cfg.get("fail_rate", 0.0), rng, cfg.get("defer_rate", 0.0), "ordered"
-    )
+    # tokens in the columns in plan order (as the worker answers), as SeqResults, or in the columns shuffled
+    columns = ("ordered", "none", "shuffled")[seed % 3]
+    worker = FakeWorker(cfg["page_size"], cfg.get("fail_rate", 0.0), rng, cfg.get("defer_rate", 0.0), columns)
     pending = list(workload.requests)
     inflight: list[StepPlan] = []
     plain = shortcut_taken = 0
