@@ -213,8 +213,10 @@ class SchedulerClient:
 
 
 def _merge(a: GenerateOutput, b: GenerateOutput) -> GenerateOutput:
-    """Two consecutive outputs of one choice as one (the later one's finish and usage)."""
+    """Two consecutive outputs of one choice as one (the later one's finish and usage; the prompt's logprobs,
+    which only a choice's first output carries, from whichever has them)."""
     b.text = a.text + b.text
     b.token_ids = a.token_ids + b.token_ids
     b.logprobs = a.logprobs + b.logprobs
+    b.prompt_logprobs = a.prompt_logprobs + b.prompt_logprobs
     return b

@@ -5,6 +5,7 @@ the prefix cache must never serve a position whose log-probability is asked for.
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import openai
@@ -232,3 +233,37 @@ def test_rows_that_score_the_prompt():
         assert not other.needs_prompt_lps and other.prompt_lp_rows(0, 10) == (0, ())
     zero = RequestState(GenerateRequest("r", ids, logprob_start_len=0), 0.0, list(ids))
     assert zero.prompt_lp_rows(0, 3) == (0, (101, 102, 103))  # position 0 has none: row 0 scores position 1
+
+
+def test_outputs_merged_for_a_caller_that_fell_behind_keep_the_prompt_logprobs():
+    """A choice's first output carries the prompt's logprobs (echo); when the gateway's reader takes it together
+    with the next output, the merged output still has them (they were dropped: the echoed prompt's tokens then
+    went out without their logprobs, now and then, under load)."""
+    from common.types import GenerateOutput, GenerateRequest, TokenLogprob
+    from scheduler_svc.client import SchedulerClient
+    from tests.helpers import free_port
+
+    class Outbox:
+        def __init__(self):
+            self.sent = []
+
+        def put_nowait(self, message):
+            self.sent.append(message)
+
+    async def run():
+        client = SchedulerClient(f"127.0.0.1:{free_port()}")  # never dialled: the outbox below stands in
+        client._outbox = Outbox()
+        req = GenerateRequest(request_id="r1", input_ids=(1, 2, 3))
+        stream = client.generate(req)
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # the request is registered and waits for outputs
+        prompt_lps = [TokenLogprob(2, -1.5), TokenLogprob(3, -0.5)]
+        client._queues["r1"].put_nowait(GenerateOutput("r1", 0, "a", [7], prompt_logprobs=prompt_lps))
+        client._queues["r1"].put_nowait(GenerateOutput("r1", 0, "b", [8], finish_reason="length"))
+        out = await first
+        await client.close()
+        return out
+
+    out = asyncio.run(run())
+    assert out.text == "ab" and out.token_ids == [7, 8] and out.finish_reason == "length"
+    assert out.prompt_logprobs == [TokenLogprob(2, -1.5), TokenLogprob(3, -0.5)]
