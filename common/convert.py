@@ -304,25 +304,17 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
             decode_ids.append(s.seq_id)
             decode_pos.append(s.start_pos)
             continue
-        if s.input_ids or s.logprob_targets:
-            msg = add(
-                seq_id=s.seq_id,
-                page_table_start=s.page_table_start,
-                page_ids=s.page_ids,
-                start_pos=s.start_pos,
-                input_ids=s.input_ids,
-                sample=s.sample,
-                logprob_row_start=s.logprob_row_start,
-                logprob_targets=s.logprob_targets,
-            )
-        else:  # a decode with a new page: empty fields left out (the same message, at half the cost)
-            msg = add(
-                seq_id=s.seq_id,
-                page_table_start=s.page_table_start,
-                page_ids=s.page_ids,
-                start_pos=s.start_pos,
-                sample=s.sample,
-            )
+        msg = add(
+            seq_id=s.seq_id,
+            page_table_start=s.page_table_start,
+            page_ids=s.page_ids,
+            start_pos=s.start_pos,
+            sample=s.sample,
+        )
+        if s.input_ids or s.logprob_targets:  # a decode with a new page has neither: set only what is there
+            msg.input_ids.extend(s.input_ids)
+            msg.logprob_row_start = s.logprob_row_start
+            msg.logprob_targets.extend(s.logprob_targets)
         if s.init is not None:
             i = s.init
             init = msg.init
