@@ -15,8 +15,9 @@ def rms_norm_ref(
     x: torch.Tensor,  # [num_tokens, hidden]
     weight: torch.Tensor,  # [hidden]
     eps: float,
+    shift: torch.Tensor | None = None,  # [hidden] float32, added to every row first (rounded to x's dtype)
 ) -> torch.Tensor:  # [num_tokens, hidden], dtype promote(weight, x)
-    h = x.float()
+    h = x.float() if shift is None else (x.float() + shift).to(x.dtype).float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
 
@@ -49,6 +50,13 @@ if HAS_TRITON:
         return h
 
     @triton.jit
+    def _shifted(h, s_ptr, cols, mask, HAS_SHIFT: tl.constexpr, IN_DTYPE: tl.constexpr):
+        """h + shift, rounded to the input dtype (the stream it stands for is stored in that dtype)."""
+        if HAS_SHIFT:
+            h = (h + tl.load(s_ptr + cols, mask=mask, other=0.0)).to(IN_DTYPE).to(tl.float32)
+        return h
+
+    @triton.jit
     def _store_normed(o_row, w_ptr, h, rstd, cols, mask, IN_DTYPE: tl.constexpr):
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         normed = (h * rstd).to(IN_DTYPE).to(tl.float32)  # HF rounds to the input dtype before the weight
@@ -59,6 +67,7 @@ if HAS_TRITON:
         x_ptr,
         r_ptr,
         w_ptr,
+        s_ptr,
         o_ptr,
         stride_xt,
         stride_xd,
@@ -68,6 +77,7 @@ if HAS_TRITON:
         hidden,
         eps,
         HAS_RESIDUAL: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
         BLOCK: tl.constexpr,
         NUM_BLOCKS: tl.constexpr,
         USE_PDL: tl.constexpr,
@@ -82,6 +92,7 @@ if HAS_TRITON:
         if NUM_BLOCKS == 1:
             mask = cols < hidden
             h = _load_row(x_row, r_row, cols, mask, stride_xd, stride_rd, HAS_RESIDUAL)
+            h = _shifted(h, s_ptr, cols, mask, HAS_SHIFT, in_dtype)
             rstd = tl.rsqrt(tl.sum(h * h, axis=0) / hidden + eps)
             _store_normed(o_row, w_ptr, h, rstd, cols, mask, in_dtype)
         else:
@@ -89,6 +100,7 @@ if HAS_TRITON:
             for b in range(NUM_BLOCKS):
                 c = b * BLOCK + cols
                 h = _load_row(x_row, r_row, c, c < hidden, stride_xd, stride_rd, HAS_RESIDUAL)
+                h = _shifted(h, s_ptr, c, c < hidden, HAS_SHIFT, in_dtype)
                 acc += h * h
             rstd = tl.rsqrt(tl.sum(acc, axis=0) / hidden + eps)
             # the second pass reads back sums other threads of this program stored
@@ -100,6 +112,7 @@ if HAS_TRITON:
                     h = tl.load(r_row + c * stride_rd, mask=mask, other=0.0).to(tl.float32)
                 else:
                     h = tl.load(x_row + c * stride_xd, mask=mask, other=0.0).to(tl.float32)
+                h = _shifted(h, s_ptr, c, mask, HAS_SHIFT, in_dtype)
                 _store_normed(o_row, w_ptr, h, rstd, c, mask, in_dtype)
 
 
@@ -110,6 +123,7 @@ def _rms_norm_launch(
     eps: float,
     out: torch.Tensor | None,  # [num_tokens, hidden], contiguous rows
     max_block: int,
+    shift: torch.Tensor | None = None,  # [hidden] float32, contiguous
 ) -> torch.Tensor:
     num_tokens, hidden = x.shape
     in_dtype = x.dtype if residual is None else residual.dtype
@@ -125,6 +139,7 @@ def _rms_norm_launch(
         x,
         r,
         weight,
+        weight if shift is None else shift,
         out,
         x.stride(0),
         x.stride(1),
@@ -134,6 +149,7 @@ def _rms_norm_launch(
         hidden,
         eps,
         HAS_RESIDUAL=residual is not None,
+        HAS_SHIFT=shift is not None,
         BLOCK=block,
         NUM_BLOCKS=triton.cdiv(hidden, block),
         num_warps=min(max(block // 256, 1), 16),
@@ -148,8 +164,9 @@ def rms_norm_triton(
     eps: float,
     out: torch.Tensor | None = None,  # [num_tokens, hidden]: written instead of a new tensor
     max_block: int = MAX_BLOCK,
+    shift: torch.Tensor | None = None,  # [hidden] float32
 ) -> torch.Tensor:  # [num_tokens, hidden]
-    return _rms_norm_launch(x, None, weight, eps, out, max_block)
+    return _rms_norm_launch(x, None, weight, eps, out, max_block, shift)
 
 
 def fused_add_rms_norm_triton(
@@ -163,11 +180,15 @@ def fused_add_rms_norm_triton(
     return _rms_norm_launch(x, residual, weight, eps, out, max_block), residual
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * rmsnorm(x), as Qwen2RMSNorm: [num_tokens, hidden] -> [num_tokens, hidden]."""
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, shift: torch.Tensor | None = None
+) -> torch.Tensor:
+    """weight * rmsnorm(x), as Qwen2RMSNorm: [num_tokens, hidden] -> [num_tokens, hidden]. With `shift`
+    ([hidden] float32), of x + shift rounded to x's dtype: a residual stream kept without the biases that were
+    folded out of its updates (so that each update is one GEMM accumulating into the stream in place)."""
     if triton_enabled(x):
-        return rms_norm_triton(x, weight, eps)
-    return rms_norm_ref(x, weight, eps)
+        return rms_norm_triton(x, weight, eps, shift=shift)
+    return rms_norm_ref(x, weight, eps, shift)
 
 
 def fused_add_rms_norm(

@@ -309,21 +309,174 @@ def varlen_attention_triton(
     return out
 
 
+def rotary_varlen_attention_ref(
+    q: torch.Tensor,  # [N, heads, head_dim], rotated in place
+    k: torch.Tensor,  # [N, heads, head_dim], rotated in place
+    v: torch.Tensor,
+    cos: torch.Tensor,  # [N, head_dim] float32
+    sin: torch.Tensor,
+    seg: Segments,
+    scale: float,
+) -> torch.Tensor:  # [N, heads, head_dim]
+    """What the fused kernel computes: the rotary (rounded to q's dtype), then attention within segments."""
+    apply_vision_rotary_ref(q, k, cos, sin)
+    return varlen_attention_ref(q, k, v, seg, scale)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rotated_halves(
+        x_ptr, c_ptr, s_ptr, rows64, stride_x, stride_c, stride_s, j, mask, HALF: tl.constexpr
+    ):
+        """Rows of x (one head) rotated by their cos/sin, as the two halves of head_dim (each padded to a power
+        of two), rounded to x's dtype as the in-place rotary stores them."""
+        x = x_ptr + rows64[:, None] * stride_x + j[None, :]
+        x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
+        c = c_ptr + rows64[:, None] * stride_c + j[None, :]
+        s = s_ptr + rows64[:, None] * stride_s + j[None, :]
+        c1 = tl.load(c, mask=mask, other=0.0)
+        c2 = tl.load(c + HALF, mask=mask, other=0.0)
+        s1 = tl.load(s, mask=mask, other=0.0)
+        s2 = tl.load(s + HALF, mask=mask, other=0.0)
+        dtype = x_ptr.dtype.element_ty
+        return (x1 * c1 - x2 * s1).to(dtype), (x2 * c2 + x1 * s2).to(dtype)
+
+    @triton.jit
+    def _rotary_varlen_attention_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, cos_ptr, sin_ptr, cu_ptr, tiles_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        stride_ct, stride_st, qk_scale,
+        NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_HALF: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    ):  # fmt: skip
+        """The varlen kernel with the rotary applied to q and k as they are loaded: one program per (tile, head),
+        the heads of a tile adjacent so that its rows' cos/sin are read from L2 after the first. head_dim is
+        handled as its two rotary halves (two dots each for QK^T and PV). Keys are rotated once per query tile,
+        so this pays where segments are a tile or two long (windows); long segments take rotary + attention."""
+        pdl_prologue(USE_PDL)
+        pid = tl.program_id(0)
+        tile = pid // NUM_HEADS
+        head = pid % NUM_HEADS
+        seg = tl.load(tiles_ptr + 2 * tile)
+        first = tl.load(tiles_ptr + 2 * tile + 1)
+        start = tl.load(cu_ptr + seg)
+        end = tl.load(cu_ptr + seg + 1)
+        rows = start + first + tl.arange(0, BLOCK_M)
+        j = tl.arange(0, BLOCK_HALF)
+        j_ok = j < HALF
+        q_mask = (rows < end)[:, None] & j_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        q_head, k_head = q_ptr + head * stride_qh, k_ptr + head * stride_kh
+        q1, q2 = _rotated_halves(
+            q_head, cos_ptr, sin_ptr, rows64, stride_qt, stride_ct, stride_st, j, q_mask, HALF
+        )
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
+        kv_end = tl.where(start + first < end, end, start)  # no keys for a padding tile
+        for kv in range(start, kv_end, BLOCK_N):
+            cols = kv + tl.arange(0, BLOCK_N)
+            col_mask = cols < end
+            kv_mask = col_mask[:, None] & j_ok[None, :]
+            cols64 = cols.to(tl.int64)
+            k1, k2 = _rotated_halves(
+                k_head, cos_ptr, sin_ptr, cols64, stride_kt, stride_ct, stride_st, j, kv_mask, HALF
+            )
+            s = (_dot(q1, tl.trans(k1), DOT_PRECISION) + _dot(q2, tl.trans(k2), DOT_PRECISION)) * qk_scale
+            s = tl.where(col_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            vb = v_ptr + head * stride_vh + cols64[:, None] * stride_vt + j[None, :]
+            v1 = tl.load(vb, mask=kv_mask, other=0.0)
+            v2 = tl.load(vb + HALF, mask=kv_mask, other=0.0)
+            pb = p.to(v1.dtype)
+            acc1 = acc1 * alpha[:, None] + _dot(pb, v1, DOT_PRECISION)
+            acc2 = acc2 * alpha[:, None] + _dot(pb, v2, DOT_PRECISION)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+        o = o_ptr + rows64[:, None] * stride_ot + head * stride_oh + j[None, :]
+        dtype = o_ptr.dtype.element_ty
+        tl.store(o, (acc1 * inv[:, None]).to(dtype), mask=q_mask)
+        tl.store(o + HALF, (acc2 * inv[:, None]).to(dtype), mask=q_mask)
+
+
+def rotary_varlen_attention_triton(
+    q: torch.Tensor,  # [N, heads, head_dim], head_dim contiguous (views of the qkv output); not modified
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,  # [N, head_dim] float32, head_dim contiguous
+    sin: torch.Tensor,
+    seg: Segments,  # tiles built with ATTN_BLOCK_M
+    scale: float,
+) -> torch.Tensor:  # [N, heads, head_dim]; rows no segment covers are left unwritten
+    n, heads, head_dim = q.shape
+    out = torch.empty(n, heads, head_dim, dtype=q.dtype, device=q.device)
+    if n == 0 or seg.tiles.shape[0] == 0:
+        return out
+    if q.stride(2) != 1 or k.stride(2) != 1 or v.stride(2) != 1 or cos.stride(1) != 1 or sin.stride(1) != 1:
+        raise ValueError("vision attention wants head_dim contiguous")
+    if head_dim % 2:
+        raise ValueError("the rotary wants an even head_dim")
+    half = head_dim // 2
+    # one pipeline stage: a window is one key block, so there is nothing to prefetch (measured: 2 stages took
+    # twice as long on an H100 at 7B's shapes)
+    _rotary_varlen_attention_kernel[(seg.tiles.shape[0] * heads,)](
+        q, k, v, out, cos, sin, seg.cu_seqlens, seg.tiles,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        cos.stride(0), sin.stride(0), scale * LOG2E,
+        NUM_HEADS=heads, HALF=half, BLOCK_M=ATTN_BLOCK_M, BLOCK_N=ATTN_BLOCK_N,
+        BLOCK_HALF=max(16, triton.next_power_of_2(half)), DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4, num_stages=1, **pdl_args(q),
+    )  # fmt: skip
+    return out
+
+
 # ---- backends --------------------------------------------------------------------------------------------------
 
 VisionAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Segments, float], torch.Tensor]
+# (q, k, v, cos, sin, segments, scale) -> out: the rotary of q and k, then attention
+VisionRotaryAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Segments, float], torch.Tensor
+]
+
+
+def rotary_then(attention: VisionAttention) -> VisionRotaryAttention:
+    """The rotary in place (one launch for q and k), then `attention`."""
+
+    def run(q, k, v, cos, sin, seg: Segments, scale: float) -> torch.Tensor:
+        apply_vision_rotary(q, k, cos, sin)
+        return attention(q, k, v, seg, scale)
+
+    return run
 
 
 @dataclass(frozen=True)
 class VisionAttentionBackend:
     forward: VisionAttention
     graph_safe: bool  # no host work or host-to-device copies inside: can be captured in a CUDA graph
+    # the rotary inside the attention kernel, for short segments (windows); None: rotary, then `forward`
+    fused_rotary: VisionRotaryAttention | None = None
+
+    def with_rotary(self, short_segments: bool) -> VisionRotaryAttention:
+        """Rotary + attention for segments that are short (windows: the fused kernel where there is one) or
+        long (a whole image: the rotary pass, then `forward`)."""
+        if short_segments and self.fused_rotary is not None:
+            return self.fused_rotary
+        return rotary_then(self.forward)
 
 
+_FUSED_ROTARY = rotary_varlen_attention_triton if HAS_TRITON else None
 VISION_ATTENTION_BACKENDS: dict[str, VisionAttentionBackend] = {
     "torch_native": VisionAttentionBackend(varlen_attention_ref, graph_safe=False),
-    "varlen": VisionAttentionBackend(varlen_attention_flash, graph_safe=True),
-    "triton": VisionAttentionBackend(varlen_attention_triton, graph_safe=True),
+    # windows: our fused rotary + attention kernel (measured faster on an H100 than the rotary pass followed by
+    # flash varlen: see BENCHMARKS.md); whole images: cuDNN / flash
+    "varlen": VisionAttentionBackend(varlen_attention_flash, graph_safe=True, fused_rotary=_FUSED_ROTARY),
+    "triton": VisionAttentionBackend(varlen_attention_triton, graph_safe=True, fused_rotary=_FUSED_ROTARY),
 }
 
 

@@ -27,10 +27,13 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, shift: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # shift: [hidden] float32 added to x first (kernels.norm.rms_norm); only without a residual
         if residual is None:
-            return rms_norm(x, self.weight, self.variance_epsilon)
+            return rms_norm(x, self.weight, self.variance_epsilon, shift)
+        if shift is not None:
+            raise ValueError("RMSNorm takes a residual or a shift, not both")
         return fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon)
 
 
@@ -128,12 +131,16 @@ class MergedGatedMLP(nn.Module):
         self.down_proj.weight = nn.Parameter(new_d, requires_grad=False)
         self.down_proj.in_features = padded
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def activate(self, x: torch.Tensor) -> torch.Tensor:
+        """The down projection's input: act(gate) * up, [T, hidden] -> [T, intermediate]."""
         gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
         if self.act_name == "silu":
-            return self.down_proj(silu_and_mul(gate_up))
+            return silu_and_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.act(gate) * up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activate(x))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

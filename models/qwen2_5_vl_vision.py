@@ -19,7 +19,7 @@ from kernels.vision import (
     ATTN_BLOCK_M,
     VISION_ATTENTION_BACKENDS,
     Segments,
-    apply_vision_rotary,
+    VisionRotaryAttention,
     resolve_vision_attention,
     tile_table,
 )
@@ -236,13 +236,15 @@ class Qwen2_5_VLVisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(self, x, seg: Segments, cos: torch.Tensor, sin: torch.Tensor, attention) -> torch.Tensor:
-        # x: [N, hidden]; cos, sin: [N, head_dim] float32 -> [N, hidden]
+    def attend(self, x, seg: Segments, cos, sin, attention: VisionRotaryAttention) -> torch.Tensor:
+        """The attention output before `proj`: x [N, hidden]; cos, sin [N, head_dim] float32 -> [N, hidden]."""
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        apply_vision_rotary(q, k, cos, sin)
-        o = attention(q, k, v, seg, self.head_dim**-0.5)  # [N, heads, head_dim]
-        return self.proj(o.reshape(n, -1))
+        o = attention(q, k, v, cos, sin, seg, self.head_dim**-0.5)  # [N, heads, head_dim]
+        return o.reshape(n, -1)
+
+    def forward(self, x, seg: Segments, cos, sin, attention: VisionRotaryAttention) -> torch.Tensor:
+        return self.proj(self.attend(x, seg, cos, sin, attention))
 
 
 class Qwen2_5_VLVisionBlock(nn.Module):
@@ -253,16 +255,16 @@ class Qwen2_5_VLVisionBlock(nn.Module):
         self.attn = Qwen2_5_VLVisionAttention(cfg)
         self.mlp = MergedGatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True)
 
-    def forward(self, x, residual, seg, cos, sin, attention):
-        # the residual stream is carried apart from the block output so that each add fuses with the next norm
-        if residual is None:
-            residual = x
-            h = self.norm1(x)
-        else:
-            h, residual = self.norm1(x, residual)
-        h = self.attn(h, seg, cos, sin, attention)
-        h, residual = self.norm2(h, residual)
-        return self.mlp(h), residual
+    def forward(self, stream, seg, cos, sin, attention, shifts) -> torch.Tensor:
+        """stream [N, hidden]: the residual stream less the output projections' biases, which are carried in
+        `shifts` ([2, hidden] float32: what is missing before norm1 and before norm2) and added inside the
+        norms. So each residual add is the projection GEMM accumulating into the stream in place (cuBLAS reads
+        it as C), and each norm reads one tensor and writes one: two passes over [N, hidden] fewer a block than
+        a separate bias, add and norm. Updated in place and returned."""
+        h = self.norm1(stream, shift=shifts[0])
+        stream.addmm_(self.attn.attend(h, seg, cos, sin, attention), self.attn.proj.weight.t())
+        h = self.norm2(stream, shift=shifts[1])
+        return stream.addmm_(self.mlp.activate(h), self.mlp.down_proj.weight.t())
 
 
 class Qwen2_5_VLPatchMerger(nn.Module):
@@ -274,9 +276,9 @@ class Qwen2_5_VLPatchMerger(nn.Module):
             nn.Linear(self.hidden, self.hidden), nn.GELU(), nn.Linear(self.hidden, cfg.out_hidden_size)
         )
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        # x (+ residual): [N, hidden] -> [N / merge^2, out_hidden]; the normed rows are viewed, not copied
-        h = self.ln_q(x) if residual is None else self.ln_q(x, residual)[0]
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        # x (+ shift, [hidden] float32): [N, hidden] -> [N / merge^2, out_hidden]; the normed rows are viewed
+        h = self.ln_q(x, shift=shift)
         return self.mlp(h.view(-1, self.hidden))
 
 
@@ -312,6 +314,8 @@ class Qwen2_5_VisionTransformer(nn.Module):
     def process_weights_after_loading(self) -> None:
         for block in self.blocks:  # 7B's 3,420 is not a multiple of 8: its down GEMM fell to an sm80 kernel
             block.mlp.pad_intermediate(64)
+        # a buffer (moves with the module, not saved): 64 bias conversions a forward cost 0.2 ms of launches
+        self.register_buffer("folded_bias_shifts", self.bias_shifts(), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -341,17 +345,38 @@ class Qwen2_5_VisionTransformer(nn.Module):
     def forward_padded(self, pixel_values: torch.Tensor, meta: VisionMetadata) -> torch.Tensor:
         """pixel patches [meta.num_rows, ...] -> [meta.num_rows / merge^2, out_hidden]: the images' embeddings
         in the first meta.num_tokens rows, padding after. No host work: capturable for a fixed PaddedShape."""
-        attention = VISION_ATTENTION_BACKENDS[
+        backend = VISION_ATTENTION_BACKENDS[
             resolve_vision_attention(self.attention_backend, pixel_values.device, self.dtype)
-        ].forward
+        ]
+        window_attention, full_attention = backend.with_rotary(True), backend.with_rotary(False)
         x = self.patch_embed(pixel_values)  # [R, hidden]
         rows, hidden = x.shape
         units = meta.unit_order.shape[0]
-        x = x.view(units, -1).index_select(0, meta.unit_order).view(rows, hidden)  # window order
+        # window order; a new tensor, which the blocks update in place
+        x = x.view(units, -1).index_select(0, meta.unit_order).view(rows, hidden)
         cos, sin = self.rotary(meta.positions)
-        residual = None
+        # computed once after loading; a tower whose weights were set otherwise sums them each forward
+        shifts = getattr(self, "folded_bias_shifts", None)
+        shifts = self.bias_shifts() if shifts is None else shifts
         for i, block in enumerate(self.blocks):
-            seg = meta.full if i in self.full_blocks else meta.window
-            x, residual = block(x, residual, seg, cos, sin, attention)
-        merged = self.merger(x, residual)  # [R / unit, out_hidden], window order
+            if i in self.full_blocks:
+                x = block(x, meta.full, cos, sin, full_attention, shifts[2 * i : 2 * i + 2])
+            else:
+                x = block(x, meta.window, cos, sin, window_attention, shifts[2 * i : 2 * i + 2])
+        merged = self.merger(x, shifts[-1])  # [R / unit, out_hidden], window order
         return merged.index_select(0, meta.unit_inverse)
+
+    def bias_shifts(self) -> torch.Tensor:
+        """[2 * depth + 1, hidden] float32: the sum of the output projections' biases (attention proj, MLP down)
+        before each norm, in order: what the blocks' residual stream leaves out (Qwen2_5_VLVisionBlock)."""
+        biases = []
+        for block in self.blocks:
+            for linear in (block.attn.proj, block.mlp.down_proj):
+                w = linear.weight
+                biases.append(
+                    linear.bias.float()
+                    if linear.bias is not None
+                    else torch.zeros(w.shape[0], device=w.device, dtype=torch.float32)
+                )
+        stacked = torch.stack(biases)  # [2 * depth, hidden]
+        return torch.cat([stacked.new_zeros(1, stacked.shape[1]), stacked.cumsum(0)])

@@ -129,7 +129,7 @@ class Qwen2VisionTransformer(nn.Module):
         in the first meta.num_tokens rows, padding after. No host work: capturable for a fixed PaddedShape."""
         attention = VISION_ATTENTION_BACKENDS[
             resolve_vision_attention(self.attention_backend, pixel_values.device, self.dtype)
-        ].forward
+        ].with_rotary(False)  # one segment per image
         x = self.patch_embed(pixel_values)  # [R, hidden], the processor's order (no windows to sort into)
         cos, sin = self.rotary(meta.positions)
         for block in self.blocks:

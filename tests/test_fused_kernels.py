@@ -89,6 +89,21 @@ def test_rms_norm_triton(num_tokens, hidden, max_block, strided, dtype):
 @needs_triton
 @over_dtypes
 @pytest.mark.parametrize("num_tokens,hidden,max_block,strided", NORM_CASES)
+def test_rms_norm_triton_with_shift(num_tokens, hidden, max_block, strided, dtype):
+    x, _, weight = _norm_inputs(num_tokens, hidden, strided, dtype, num_tokens * hidden + 3)
+    shift = 3 * _randn(hidden, dtype=torch.float32, seed=hidden)
+    out = torch.full((num_tokens, hidden), float("nan"), dtype=dtype, device=DEVICE)
+    norm.rms_norm_triton(x, weight, 1e-6, out=out, max_block=max_block, shift=shift)
+    ref = norm.rms_norm_ref(x, weight, 1e-6, shift)
+    _assert_parity(out, ref)
+    # the reference: the norm of the shifted rows as the stream would hold them (rounded to the dtype)
+    assert torch.equal(ref, norm.rms_norm_ref((x.float() + shift).to(dtype), weight, 1e-6))
+    assert not torch.equal(ref, norm.rms_norm_ref(x, weight, 1e-6))
+
+
+@needs_triton
+@over_dtypes
+@pytest.mark.parametrize("num_tokens,hidden,max_block,strided", NORM_CASES)
 def test_fused_add_rms_norm_triton(num_tokens, hidden, max_block, strided, dtype):
     x, residual, weight = _norm_inputs(num_tokens, hidden, strided, dtype, num_tokens * hidden + 7)
     ref_out, ref_residual = norm.fused_add_rms_norm_ref(x, residual.clone(), weight, 1e-6)

@@ -322,6 +322,39 @@ def test_varlen_attention_triton_matches_reference(dtype, capacity):
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("capacity", [None, 16], ids=["exact", "padded_tiles"])
+@pytest.mark.parametrize("heads,head_dim", [(2, 80), (3, 16)])
+def test_rotary_attention_triton_matches_rotary_then_reference(dtype, capacity, heads, head_dim):
+    # windows of one tile, one longer than two tiles (keys rotated per key block), empty and one-row segments
+    seg = _segments([5, 64, 130, 0, 1, 17], capacity)
+    qkv = _qkv(217, heads, head_dim, dtype, 4)
+    q, k, v = qkv.unbind(1)
+    cos, sin = _cos_sin(217, head_dim, 5)
+    before = qkv.clone()
+    out = kv.rotary_varlen_attention_triton(q, k, v, cos, sin, seg, head_dim**-0.5)
+    assert torch.equal(qkv, before)  # q and k are rotated in registers, not in place
+    rq, rk, rv = before.clone().unbind(1)
+    ref = kv.rotary_varlen_attention_ref(rq, rk, rv, cos, sin, seg, head_dim**-0.5)  # rotary in the dtype
+    rq_, rk_ = rq.float(), rk.float()
+    ref32 = kv.varlen_attention_ref(rq_, rk_, rv.float(), seg, head_dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref32, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def test_backends_rotate_before_attention_for_long_segments():
+    # the fused kernel serves short segments only; long ones (a whole image) take the rotary pass + forward
+    for name, backend in kv.VISION_ATTENTION_BACKENDS.items():
+        long = backend.with_rotary(False)
+        assert long is not backend.fused_rotary
+        if backend.fused_rotary is not None:
+            assert backend.with_rotary(True) is backend.fused_rotary
+        if name == "torch_native":
+            assert backend.fused_rotary is None
+
+
 @needs_interpreter
 def test_tower_with_triton_attention_matches_torch_native(towers):
     _, ours, _ = towers
@@ -403,6 +436,64 @@ def test_vision_graphs_take_still_images(towers):
         assert graphs.bucket_for(still.shape[0], 1, still.shape[1]) == 512
 
 
+class _FakeGraph:
+    """Stands in for a captured CUDA graph on the CPU: replay re-runs the forward it recorded."""
+
+    def __init__(self, run):
+        self.run, self.replays = run, 0
+
+    def replay(self):
+        self.replays += 1
+        self.run()
+
+
+def test_large_batches_are_captured_at_their_exact_shape_on_the_second_sighting(towers, monkeypatch):
+    _, ours, _ = towers
+    graphs = VisionGraphs(ours, buckets=(128,), max_frames=4, still=False, max_shapes=2)
+    captured = []
+
+    def fake_capture(pixels, meta):
+        out = torch.empty(meta.num_tokens, ours.merger.mlp[2].out_features)
+
+        def run():
+            out.copy_(ours.forward_padded(pixels, meta))
+
+        captured.append((pixels, meta))
+        return _FakeGraph(run), out
+
+    monkeypatch.setattr(graphs, "_capture", fake_capture)
+    graphs._pool = object()  # as after capture() on a GPU
+    shapes = [[(1, 16, 20)], [(1, 2, 34), (1, 10, 10)], [(1, 12, 12)]]  # all past the 128-patch bucket
+    with torch.no_grad():
+        for i, grids in enumerate(
+            [shapes[0], shapes[0], shapes[0], shapes[1], shapes[1], shapes[2], shapes[2]]
+        ):
+            pixels = _pixels(grids, 10 + i)
+            out = graphs.run(pixels, grids)
+            _close(out, ours(pixels, grids))  # a replay reads this call's pixels, not the captured ones
+        # first sightings ran eagerly; second sightings captured; the third of shapes[0] replayed
+        assert len(captured) == 3
+        keys = [k[1] for k in graphs.shapes]
+        assert keys == [tuple(shapes[1]), tuple(shapes[2])]  # LRU: shapes[0] evicted at max_shapes=2
+        assert graphs.graphed(shapes[2], 144, graphs.in_features)
+        assert not graphs.graphed(shapes[0], 320, graphs.in_features)
+        assert graphs.graphed([(1, 8, 8)], 64, graphs.in_features)  # a bucket
+    # a capture that fails leaves the batch eager and stops further captures
+    graphs = VisionGraphs(ours, buckets=(128,), max_frames=4, still=False, max_shapes=2)
+    graphs._pool = object()
+
+    def broken(pixels, meta):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_capture", broken)
+    grids = shapes[0]
+    with torch.no_grad():
+        for i in range(3):
+            pixels = _pixels(grids, 20 + i)
+            _close(graphs.run(pixels, grids), ours(pixels, grids))
+    assert graphs.max_shapes == 0 and not graphs.shapes
+
+
 # ---- on CUDA ---------------------------------------------------------------------------------------------------
 
 
@@ -422,6 +513,16 @@ def test_cuda_attention_backends_match_reference_bf16(backend):
     for seg in _window_and_full(2048):
         out = fn(q, k, v, seg, 80**-0.5)
         ref = kv.varlen_attention_ref(q.float(), k.float(), v.float(), seg, 80**-0.5)
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    # with the rotary: the fused kernel (windows) and the rotary pass + forward (whole images)
+    cos, sin = _cos_sin(2048, 80, 6)
+    qkv = _qkv(2048, 16, 80, torch.bfloat16, 7)
+    for seg, short in zip(_window_and_full(2048), (True, False), strict=True):
+        q, k, v = qkv.clone().unbind(1)
+        out = kv.VISION_ATTENTION_BACKENDS[backend].with_rotary(short)(q, k, v, cos, sin, seg, 80**-0.5)
+        rq, rk, rv = qkv.clone().unbind(1)
+        kv.apply_vision_rotary_ref(rq, rk, cos, sin)
+        ref = kv.varlen_attention_ref(rq.float(), rk.float(), rv.float(), seg, 80**-0.5)
         torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 
@@ -464,3 +565,19 @@ def test_padding_the_intermediate_width_changes_nothing():
         mlp.pad_intermediate(64)
         assert mlp.gate_up_proj.weight.shape == (128, 32) and mlp.down_proj.weight.shape == (32, 64)
         torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-4)  # float32 summation order only
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_exact_shape_graph_replays_equal_eager(towers):
+    _, _, ckpt = towers
+    fast = load_model(Qwen2_5_VisionTransformer, CONFIG, ckpt, torch.bfloat16, torch.device("cuda"))
+    fast.set_attention_backend("auto")
+    graphs = VisionGraphs(fast, buckets=(256,), max_frames=8, still=False)
+    graphs.capture()
+    with torch.no_grad():
+        for seed in (11, 12, 13, 14):  # eager, capture + replay, then replays of new pixels
+            pixels = _pixels(GRIDS, seed).cuda().to(torch.bfloat16)
+            out = graphs.run(pixels, GRIDS)
+            torch.testing.assert_close(out, fast(pixels, GRIDS), rtol=1e-2, atol=1e-2)
+    assert graphs.graphed(GRIDS, sum(t * h * w for t, h, w in GRIDS), graphs.in_features)

@@ -45,6 +45,7 @@ class EncoderConfig:
     graph_buckets: tuple[
         int, ...
     ] = ()  # padded patch counts with a graph (empty: vision_svc.graphs' default)
+    graph_max_shapes: int = 4  # exact-shape graphs of larger batches (captured when a shape recurs)
     preprocess_threads: int = 0  # host decode/resize threads (0: half the cores, at least 1)
     warmup: bool = True  # run representative image shapes before serving
 
@@ -137,7 +138,10 @@ class VisionEncoder:
 
             t0 = time.perf_counter()
             self.graphs = VisionGraphs(
-                self.model, cfg.graph_buckets or DEFAULT_BUCKETS, still=self.fast is not None
+                self.model,
+                cfg.graph_buckets or DEFAULT_BUCKETS,
+                still=self.fast is not None,
+                max_shapes=cfg.graph_max_shapes,
             )
             self.graphs.capture()
             logger.info("captured vision graphs in %.1f s", time.perf_counter() - t0)
@@ -426,7 +430,7 @@ class VisionEncoder:
         written = self.cache.put_many(rows, ready_event=early)
         total = sum(map(self._patches, batch))
         self.stats.batches += 1
-        if self.graphs is not None and self.graphs.bucket_for(total, len(batch), self.graphs.in_features):
+        if self.graphs is not None and self.graphs.graphed(grids, total, self.graphs.in_features):
             self.stats.graph_batches += 1
         launch_ns = time.perf_counter_ns() - t0
         out = {}

@@ -1,16 +1,19 @@
 """CUDA graphs of the vision tower, one per padded patch count (bucket): a batch of images is padded up to the
-smallest bucket that holds it and replayed, so the ~300 kernels of a small batch cost one launch; larger batches
-(or other pixel layouts) run eagerly. Without graphs (on the CPU, before `capture`) a bucket runs the same padded
-forward eagerly on the same static buffers, which is what the CPU tests check.
+smallest bucket that holds it and replayed, so the ~300 kernels of a small batch cost one launch. A batch larger
+than every bucket runs eagerly the first time its exact image sizes are seen; seen again, it is captured at its
+exact shape (no padding) and replayed from then on, for the last `max_shapes` such shapes. Without graphs (on the
+CPU, before `capture`) a bucket runs the same padded forward eagerly on the same static buffers, which is what the
+CPU tests check.
 
-All graphs share one memory pool (captured largest first); an output is valid until the next replay of any
-bucket, so `run` returns a copy.
+All graphs share one memory pool (buckets captured largest first, exact shapes later); an output is valid until
+the next replay of any graph, so `run` returns a copy.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,15 +34,23 @@ logger = logging.getLogger(__name__)
 # padding costs more GEMM time than the launches it saves, so the default stops at 4,096.
 DEFAULT_BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096)
 DEFAULT_MAX_FRAMES = 16
+# Exact-shape graphs of batches past the buckets (large photos). Eager, such a batch is host-bound in places (a
+# 1092x1932 photo on an H100: 36.4 ms eager, 34.0 ms replayed: the host issues ~400 launches, cuDNN's dispatch
+# among them, and falls behind the device after the short kernels). Each keeps a static input and its output.
+DEFAULT_MAX_SHAPES = 4
+_MAX_SEEN = 256  # shapes seen once, remembered so that a second sighting captures
 
 
 @dataclass
 class _Bucket:
-    shape: PaddedShape
+    shape: PaddedShape | None  # None: an exact shape
     pixels: torch.Tensor  # [rows, in_features] static input; rows past a batch keep stale values (padding)
     meta: VisionMetadata  # views of one static int32 buffer, refilled by each run
     out: torch.Tensor | None = None  # [rows / unit, out_hidden] the graph's output
     graph: torch.cuda.CUDAGraph | None = None
+
+
+ShapeKey = tuple[int, tuple[Grid, ...]]  # (pixel features, the batch's grids in order)
 
 
 class VisionGraphs:
@@ -49,9 +60,11 @@ class VisionGraphs:
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         max_frames: int = DEFAULT_MAX_FRAMES,
         still: bool = True,
+        max_shapes: int = DEFAULT_MAX_SHAPES,
     ):
         """`buckets`: padded patch counts (multiples of merge^2); `max_frames`: images (frames) a bucket holds;
-        `still`: the graphs take still-image patches [N, C*P*P], else [N, C*T*P*P]."""
+        `still`: the graphs take still-image patches [N, C*P*P], else [N, C*T*P*P]; `max_shapes`: exact-shape
+        graphs kept for larger batches (0: those always run eagerly)."""
         cfg = model.cfg
         w = model.patch_embed.proj.weight  # [hidden, C, T, P, P]
         self.model = model
@@ -59,6 +72,10 @@ class VisionGraphs:
         self.unit = cfg.spatial_merge_size**2
         self.in_features = w[0, :, 0].numel() if still else w[0].numel()
         self.max_frames = max_frames
+        self.max_shapes = max_shapes
+        self.shapes: OrderedDict[ShapeKey, _Bucket] = OrderedDict()  # least recently replayed first
+        self._seen: OrderedDict[ShapeKey, None] = OrderedDict()
+        self._pool = None  # the graphs' shared memory pool, once captured
         self.buckets: dict[int, _Bucket] = {}
         with torch.inference_mode():
             for rows in sorted(set(buckets)):
@@ -84,7 +101,7 @@ class VisionGraphs:
         if not VISION_ATTENTION_BACKENDS[backend].graph_safe:
             raise ValueError(f"vision attention backend {backend!r} cannot be captured in a CUDA graph")
         t0 = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
+        pool = self._pool = torch.cuda.graph_pool_handle()
         for rows in sorted(self.buckets, reverse=True):  # largest first: the smaller graphs reuse its blocks
             b = self.buckets[rows]
             b.pixels.zero_()
@@ -111,7 +128,12 @@ class VisionGraphs:
         num_frames = sum(t for t, _, _ in grids)
         rows = self.bucket_for(pixels.shape[0], num_frames, pixels.shape[1])
         if rows is None:
-            return self.model(pixels.to(self.device, self.dtype), grids)
+            exact = self._exact(pixels, grids)
+            if exact is None:
+                return self.model(pixels.to(self.device, self.dtype), grids)
+            exact.pixels.copy_(pixels, non_blocking=True)
+            exact.graph.replay()
+            return exact.out.clone()
         b = self.buckets[rows]
         meta = build_vision_metadata(grids, self.model.cfg, self.device, b.shape, out=b.meta.packed)
         if meta.num_patches != pixels.shape[0]:
@@ -123,3 +145,66 @@ class VisionGraphs:
         else:
             out = self.model.forward_padded(b.pixels, meta)
         return out[: meta.num_tokens].clone()
+
+    def graphed(self, grids: Sequence[Grid], num_patches: int, in_features: int) -> bool:
+        """Whether `run` would replay a graph for this batch (a bucket, or a captured exact shape)."""
+        num_frames = sum(t for t, _, _ in grids)
+        if self.bucket_for(num_patches, num_frames, in_features) is not None:
+            return True
+        return (in_features, tuple(map(tuple, grids))) in self.shapes
+
+    def _exact(self, pixels: torch.Tensor, grids: Sequence[Grid]) -> _Bucket | None:
+        """The exact-shape graph of this batch: the one captured, or a new one on the second sighting (the first
+        ran eagerly, which also built cuDNN's plans and compiled Triton's kernels for it); None: run eagerly."""
+        if self.max_shapes <= 0 or self._pool is None:
+            return None
+        key = (pixels.shape[1], tuple(map(tuple, grids)))
+        hit = self.shapes.get(key)
+        if hit is not None:
+            self.shapes.move_to_end(key)
+            return hit
+        if key not in self._seen:
+            self._seen[key] = None
+            if len(self._seen) > _MAX_SEEN:
+                self._seen.popitem(last=False)
+            return None
+        del self._seen[key]
+        t0 = time.perf_counter()
+        meta = build_vision_metadata(grids, self.model.cfg, self.device)
+        b = _Bucket(
+            shape=None, pixels=torch.empty_like(pixels, device=self.device, dtype=self.dtype), meta=meta
+        )
+        b.pixels.copy_(pixels)
+        try:
+            b.graph, b.out = self._capture(b.pixels, meta)
+        except RuntimeError as e:  # never fail a request for a graph: this shape stays eager
+            logger.warning("vision graph capture of %s failed (%s); it runs eagerly", list(key[1]), e)
+            self.max_shapes = len(self.shapes)  # and no more captures: a failed capture may recur
+            return None
+        self.shapes[key] = b
+        while len(self.shapes) > self.max_shapes:
+            self.shapes.popitem(last=False)
+        logger.info(
+            "captured a vision graph for %d patches (%s) in %.0f ms; %d exact shapes kept",
+            meta.num_rows,
+            ",".join("x".join(map(str, g)) for g in key[1]),
+            (time.perf_counter() - t0) * 1e3,
+            len(self.shapes),
+        )
+        return b
+
+    def _capture(self, pixels: torch.Tensor, meta: VisionMetadata) -> tuple[torch.CUDAGraph, torch.Tensor]:
+        """A graph of the forward on these static buffers, in the shared pool. Unlike `torch.cuda.graph`, keeps the
+        allocator's cache (no empty_cache while serving); thread_local: other threads of the service (embedding
+        leases) may use the device meanwhile."""
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            graph.capture_begin(self._pool, capture_error_mode="thread_local")
+            try:
+                out = self.model.forward_padded(pixels, meta)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return graph, out

@@ -46,6 +46,7 @@ class VisionServicer(vision_pb2_grpc.VisionServicer):
             fast_image_processor=not a.disable_fast_image_processor,
             attention_backend=a.vision_attention_backend,
             cuda_graph=not a.disable_cuda_graph,
+            graph_max_shapes=a.vision_graph_shapes,
             preprocess_threads=a.preprocess_threads,
         )
         self.encoder = await asyncio.to_thread(VisionEncoder, cfg)
