@@ -76,6 +76,7 @@ class VisionGraphs:
         self.shapes: OrderedDict[ShapeKey, _Bucket] = OrderedDict()  # least recently replayed first
         self._seen: OrderedDict[ShapeKey, None] = OrderedDict()
         self._pool = None  # the graphs' shared memory pool, once captured
+        self._capture_stream: torch.cuda.Stream | None = None  # exact shapes are captured on it
         self.buckets: dict[int, _Bucket] = {}
         with torch.inference_mode():
             for rows in sorted(set(buckets)):
@@ -128,12 +129,8 @@ class VisionGraphs:
         num_frames = sum(t for t, _, _ in grids)
         rows = self.bucket_for(pixels.shape[0], num_frames, pixels.shape[1])
         if rows is None:
-            exact = self._exact(pixels, grids)
-            if exact is None:
-                return self.model(pixels.to(self.device, self.dtype), grids)
-            exact.pixels.copy_(pixels, non_blocking=True)
-            exact.graph.replay()
-            return exact.out.clone()
+            out = self._exact(pixels, grids)
+            return self.model(pixels.to(self.device, self.dtype), grids) if out is None else out
         b = self.buckets[rows]
         meta = build_vision_metadata(grids, self.model.cfg, self.device, b.shape, out=b.meta.packed)
         if meta.num_patches != pixels.shape[0]:
@@ -153,16 +150,20 @@ class VisionGraphs:
             return True
         return (in_features, tuple(map(tuple, grids))) in self.shapes
 
-    def _exact(self, pixels: torch.Tensor, grids: Sequence[Grid]) -> _Bucket | None:
-        """The exact-shape graph of this batch: the one captured, or a new one on the second sighting (the first
-        ran eagerly, which also built cuDNN's plans and compiled Triton's kernels for it); None: run eagerly."""
+    def _exact(self, pixels: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor | None:
+        """The batch's embeddings from the graph of its exact shape: replayed once captured; on the second sighting,
+        computed eagerly on the capture stream (warming that thread's and stream's library state: cuBLAS and cuDNN
+        handles are per thread, and the first sighting may have run on another) and then captured. None: run it
+        eagerly (a first sighting, exact graphs off, or a capture that failed)."""
         if self.max_shapes <= 0 or self._pool is None:
             return None
         key = (pixels.shape[1], tuple(map(tuple, grids)))
         hit = self.shapes.get(key)
         if hit is not None:
             self.shapes.move_to_end(key)
-            return hit
+            hit.pixels.copy_(pixels, non_blocking=True)
+            hit.graph.replay()
+            return hit.out.clone()
         if key not in self._seen:
             self._seen[key] = None
             if len(self._seen) > _MAX_SEEN:
@@ -176,7 +177,7 @@ class VisionGraphs:
         )
         b.pixels.copy_(pixels)
         try:
-            b.graph, b.out = self._capture(b.pixels, meta)
+            b.graph, b.out, out = self._capture(b.pixels, meta)
         except RuntimeError as e:  # never fail a request for a graph: this shape stays eager
             logger.warning("vision graph capture of %s failed (%s); it runs eagerly", list(key[1]), e)
             self.max_shapes = len(self.shapes)  # and no more captures: a failed capture may recur
@@ -191,20 +192,27 @@ class VisionGraphs:
             (time.perf_counter() - t0) * 1e3,
             len(self.shapes),
         )
-        return b
+        return out
 
-    def _capture(self, pixels: torch.Tensor, meta: VisionMetadata) -> tuple[torch.CUDAGraph, torch.Tensor]:
-        """A graph of the forward on these static buffers, in the shared pool. Unlike `torch.cuda.graph`, keeps the
+    def _capture(
+        self, pixels: torch.Tensor, meta: VisionMetadata
+    ) -> tuple[torch.CUDAGraph, torch.Tensor, torch.Tensor]:
+        """(graph, its output, this call's embeddings): one eager forward on the capture stream, then the capture
+        of the same forward on these static buffers, in the shared pool. Unlike `torch.cuda.graph`, keeps the
         allocator's cache (no empty_cache while serving); thread_local: other threads of the service (embedding
         leases) may use the device meanwhile."""
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(self.device)
+        stream, main = self._capture_stream, torch.cuda.current_stream(self.device)
         graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        stream.wait_stream(main)
         with torch.cuda.stream(stream):
+            eager = self.model.forward_padded(pixels, meta)
             graph.capture_begin(self._pool, capture_error_mode="thread_local")
             try:
                 out = self.model.forward_padded(pixels, meta)
             finally:
                 graph.capture_end()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        return graph, out
+        main.wait_stream(stream)
+        eager.record_stream(main)  # allocated on the capture stream, read on the caller's
+        return graph, out, eager
