@@ -4,12 +4,16 @@
 
 A size WxH*N profiles one batch of N such images (the vision service batches up to four 448x448 images).
 
-Prints, per image size, the top kernels by CUDA time (torch.profiler) and writes a Chrome trace per size.
+Prints, per image size, the top kernels by CUDA time (torch.profiler), the gaps between kernels on the timeline
+(and how much of them the host caused by launching the next kernel after the device had drained), and writes a
+Chrome trace per size.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +65,38 @@ def attention_micro(n: int, heads: int = 16, head_dim: int = 80, window: int = 6
         )
 
 
+def timeline_gaps(trace_path: str, top: int = 8) -> None:
+    """Idle time between consecutive device operations of a Chrome trace, by the pair of kernels around it, and the
+    part where the next launch reached the driver only after the previous kernel had ended (the host was late)."""
+    events = json.loads(Path(trace_path).read_text())["traceEvents"]
+    ops = sorted(
+        (e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"]
+    )
+    launches = {
+        e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime" and "args" in e
+    }
+    if len(ops) < 2:
+        return
+    total = late = 0.0
+    pairs: dict[tuple[str, str], list[float]] = {}
+    for a, b in zip(ops, ops[1:], strict=False):
+        gap = max(0.0, b["ts"] - (a["ts"] + a["dur"]))
+        launch = launches.get(b.get("args", {}).get("correlation"))
+        if launch is not None:  # the launch call returned after the device went idle: the host was late
+            late += min(gap, max(0.0, launch["ts"] + launch["dur"] - (a["ts"] + a["dur"])))
+        total += gap
+        pair = pairs.setdefault((a["name"][:34], b["name"][:34]), [0, 0.0])
+        pair[0] += 1
+        pair[1] += gap
+    span = (ops[-1]["ts"] + ops[-1]["dur"] - ops[0]["ts"]) / 1e3
+    print(
+        f"timeline: {len(ops)} device operations over {span:.2f} ms; gaps {total / 1e3:.2f} ms, "
+        f"of which the host launched late {late / 1e3:.2f} ms"
+    )
+    for (a, b), (n, t) in sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"  {t / 1e3:7.3f} ms over {n:4d} gaps  {a} -> {b}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="Qwen/Qwen2.5-VL-7B-Instruct")
@@ -101,9 +137,11 @@ def main() -> None:
         total = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") / 1e3
         print(f"==== {size} ({grids[0]}): {total:.2f} ms of kernels ====")
         print(table)
-        if args.output_dir:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(Path(args.output_dir) / f"vision_{size.replace('*', 'x')}.json"))
+        out_dir = Path(args.output_dir or tempfile.mkdtemp(prefix="mirador-profile-"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        trace = out_dir / f"vision_{size.replace('*', 'x')}.json"
+        prof.export_chrome_trace(str(trace))
+        timeline_gaps(str(trace))
 
 
 if __name__ == "__main__":
