@@ -417,23 +417,30 @@ def _prompt_logprobs_from_proto(p: worker_pb2.PromptLogprobs) -> PromptLogprobs:
 
 
 def step_output_from_proto(p: worker_pb2.StepResult) -> StepOutput:
+    # read once a step: repeated fields copied by slicing (one C call, not one per item), empty ones not iterated
     return StepOutput(
         step_id=p.step_id,
         results=tuple(
             SeqResult(r.seq_id, r.token_id, r.logprob, tuple((t.token_id, t.logprob) for t in r.top_logprobs))
             for r in p.results
-        ),
+        )
+        if p.results
+        else (),
         failures=tuple(
             SeqFailure(f.seq_id, _FAILURE_BACK.get(f.reason, "internal"), f.message) for f in p.failures
-        ),
+        )
+        if p.failures
+        else (),
         num_tokens=p.num_tokens,
         prepare_ns=p.prepare_ns,
         forward_ns=p.forward_ns,
         start_unix_ns=p.start_unix_ns,
         end_unix_ns=p.end_unix_ns,
-        sampled_seq_ids=tuple(p.sampled_seq_ids),
-        sampled_token_ids=tuple(p.sampled_token_ids),
-        prompt_logprobs=tuple(_prompt_logprobs_from_proto(x) for x in p.prompt_logprobs),
+        sampled_seq_ids=tuple(p.sampled_seq_ids[:]),
+        sampled_token_ids=tuple(p.sampled_token_ids[:]),
+        prompt_logprobs=tuple(_prompt_logprobs_from_proto(x) for x in p.prompt_logprobs)
+        if p.prompt_logprobs
+        else (),
     )
 
 
