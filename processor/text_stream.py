@@ -106,9 +106,8 @@ class IncrementalDetokenizer:
         # DecodeStream, which catches up (_sync) before the next id that needs it. Only ever True with a table
         # and a DecodeStream (add() clears it for good when DecodeStream is dropped), so add_token checks it alone
         self._window_clean = self._clean is not None and self._stream is not None
-        self._texts = (
-            self._clean.texts if self._clean is not None else []
-        )  # the table's list (filled in place)
+        # the table's list itself (fill() replaces its contents in place), one lookup less per token
+        self._texts = self._clean.texts if self._clean is not None else []
         self._stale: int | None = None  # the id DecodeStream's window should hold (steps taken in Python)
 
     def add(self, ids: Sequence[int]) -> str:
