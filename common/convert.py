@@ -266,10 +266,13 @@ def outputs_to_batch(
                 continue
             output_to_proto(d, batch.outputs.add())
             as_messages.add(d.request_id)
+    n = len(rids)
     batch.delta_request_ids.extend(rids)
-    batch.delta_indexes.extend(indexes)
+    if indexes.count(0) != n:  # left empty when every delta is of choice 0 (n=1: always)
+        batch.delta_indexes.extend(indexes)
     batch.delta_texts.extend(texts)
-    batch.delta_num_tokens.extend(counts)
+    if counts.count(1) != n:  # left empty when every delta is one token (stream_interval 1: nearly always)
+        batch.delta_num_tokens.extend(counts)
     batch.delta_token_ids.extend(token_ids)
     return batch
 
@@ -277,10 +280,11 @@ def outputs_to_batch(
 def outputs_from_batch(batch: scheduler_pb2.OutputBatch) -> list[GenerateOutput]:
     """The outputs of an OutputBatch in an order that keeps each choice's (its errors excepted)."""
     token_ids = list(batch.delta_token_ids)
+    num_deltas = len(batch.delta_request_ids)
+    indexes = batch.delta_indexes or [0] * num_deltas  # empty: every delta is of choice 0
+    counts = batch.delta_num_tokens or [1] * num_deltas  # empty: every delta is one token
     outs, end = [], 0
-    for rid, index, text, n in zip(
-        batch.delta_request_ids, batch.delta_indexes, batch.delta_texts, batch.delta_num_tokens, strict=True
-    ):
+    for rid, index, text, n in zip(batch.delta_request_ids, indexes, batch.delta_texts, counts, strict=True):
         outs.append(GenerateOutput(rid, index, text, token_ids[end : end + n]))
         end += n
     outs += [output_from_proto(m) for m in batch.outputs]

@@ -547,8 +547,13 @@ class Scheduler:
         Plain decodes go to `plain`, the rest to `steps`."""
         p = self.policy
         page_size, running = p.page_size, SeqStatus.RUNNING
-        plain_seqs, plain_epochs = plain.seqs.append, plain.epochs.append
-        plain_ids, plain_pos = plain.seq_ids.append, plain.start_pos.append
+        # the lists, not their bound appends: Python 3.11 runs `a_list.append(x)` inline
+        plain_seqs, plain_epochs, plain_ids, plain_pos = (
+            plain.seqs,
+            plain.epochs,
+            plain.seq_ids,
+            plain.start_pos,
+        )
         shortcut = self.plain_shortcut
         for seq in list(self.running):
             start = seq.num_computed
@@ -557,10 +562,10 @@ class Scheduler:
                 # a plain decode in the step before (its bound says no page, limit or state change since): one
                 # more, without the checks below. A sample in flight means its prompt is done: while it decodes,
                 # num_computed = num_prompt + len(output_ids) + num_pending_samples - 1
-                plain_seqs(seq)
-                plain_epochs(seq.epoch)
-                plain_ids(seq.seq_id)
-                plain_pos(start)
+                plain_seqs.append(seq)
+                plain_epochs.append(seq.epoch)
+                plain_ids.append(seq.seq_id)
+                plain_pos.append(start)
                 seq.num_computed = start + 1
                 seq.num_pending_samples = pending + 1
                 seq.last_step = step_id
@@ -578,10 +583,10 @@ class Scheduler:
                 page_end = len(seq.page_ids) * page_size
                 if seq.worker_has_state and seq.table_dirty_from == len(seq.page_ids) and start < page_end:
                     # the common case, kept to a few list appends: no init, no new page, no token to send
-                    plain_seqs(seq)
-                    plain_epochs(seq.epoch)
-                    plain_ids(seq.seq_id)
-                    plain_pos(start)
+                    plain_seqs.append(seq)
+                    plain_epochs.append(seq.epoch)
+                    plain_ids.append(seq.seq_id)
+                    plain_pos.append(start)
                     seq.num_computed = start + 1
                     seq.num_pending_samples = pending + 1
                     seq.last_step = step_id
@@ -950,14 +955,14 @@ class Scheduler:
             if text and deltas is not None and each_token and not seq.pending_ids:
                 if deltas is not columns:  # one consumer's columns, usually every sequence's
                     columns = deltas
-                    add_rid, add_index = deltas.request_ids.append, deltas.indexes.append
-                    add_text, add_count = deltas.texts.append, deltas.num_tokens.append
-                    add_token = deltas.token_ids.append
-                add_rid(seq.request_id)
-                add_index(seq.index)
-                add_text(text)
-                add_count(1)
-                add_token(token)
+                    # the lists, not their bound appends: Python 3.11 runs `a_list.append(x)` inline
+                    rids, indexes, texts = deltas.request_ids, deltas.indexes, deltas.texts
+                    counts, token_ids = deltas.num_tokens, deltas.token_ids
+                rids.append(seq.request_id)
+                indexes.append(seq.index)
+                texts.append(text)
+                counts.append(1)
+                token_ids.append(token)
                 continue
             if text:
                 seq.pending_text += text
