@@ -303,11 +303,19 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
     )
     add = req.seqs.add
     decode_ids, decode_pos = [], []
+    page_ids, page_pos, page_starts, page_pages = [], [], [], []
     for s in plan.seqs:
-        if s.init is None and not s.input_ids and not s.page_ids and s.sample:  # a plain decode: two fields
-            decode_ids.append(s.seq_id)
-            decode_pos.append(s.start_pos)
-            continue
+        if s.init is None and not s.input_ids and s.sample and not s.logprob_targets:
+            if not s.page_ids:  # a plain decode: two fields
+                decode_ids.append(s.seq_id)
+                decode_pos.append(s.start_pos)
+                continue
+            if len(s.page_ids) == 1:  # a decode into a new page: four (a message costs ~10x more to build)
+                page_ids.append(s.seq_id)
+                page_pos.append(s.start_pos)
+                page_starts.append(s.page_table_start)
+                page_pages.append(s.page_ids[0])
+                continue
         msg = add(
             seq_id=s.seq_id,
             page_table_start=s.page_table_start,
@@ -329,6 +337,11 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
             init.prompt_token_ids.extend(i.prompt_token_ids)
             init.output_token_ids.extend(i.output_token_ids)
             init.encoder_page_ids.extend(i.encoder_page_ids)
+    if page_ids:
+        req.page_decode_seq_ids.extend(page_ids)
+        req.page_decode_start_pos.extend(page_pos)
+        req.page_decode_table_start.extend(page_starts)
+        req.page_decode_page_ids.extend(page_pages)
     req.decode_seq_ids.extend(decode_ids)
     req.decode_start_pos.extend(decode_pos)
     req.decode_seq_ids.extend(plan.decode_seq_ids)
@@ -362,6 +375,17 @@ def plan_from_proto(p: worker_pb2.StepRequest) -> StepPlan:
                 s.logprob_row_start,
                 tuple(s.logprob_targets),
             )
+        )
+    if p.page_decode_seq_ids:
+        columns = (
+            p.page_decode_seq_ids,
+            p.page_decode_start_pos,
+            p.page_decode_table_start,
+            p.page_decode_page_ids,
+        )
+        seqs.extend(
+            SeqStep(sid, pos, (), True, table_start, (page,))
+            for sid, pos, table_start, page in zip(*columns, strict=True)
         )
     seqs.extend(SeqStep(sid, pos) for sid, pos in zip(p.decode_seq_ids, p.decode_start_pos, strict=True))
     return StepPlan(

@@ -67,12 +67,15 @@ def test_plain_decodes_travel_in_the_compact_section_and_come_back_equal():
         SeqStep("d1", 7),
         SeqStep("p", 0, (1, 2, 3), True, 0, (4,), init),
         SeqStep("d2", 9),
-        SeqStep("grow", 16, (), True, 1, (5,)),  # a decode that adds a page: a full entry
+        SeqStep("grow", 16, (), True, 1, (5,)),  # a decode that adds a page: four columns of its own
         SeqStep("chunk", 4, (8, 9), False),
+        SeqStep("grow2", 32, (), True, 0, (6, 7)),  # a table rewrite (prefix cache): a full entry
     )
     msg = plan_to_proto(StepPlan(3, seqs, ("gone",)))
     assert list(msg.decode_seq_ids) == ["d1", "d2"] and list(msg.decode_start_pos) == [7, 9]
-    assert [s.seq_id for s in msg.seqs] == ["p", "grow", "chunk"]
+    assert list(msg.page_decode_seq_ids) == ["grow"] and list(msg.page_decode_start_pos) == [16]
+    assert list(msg.page_decode_table_start) == [1] and list(msg.page_decode_page_ids) == [5]
+    assert [s.seq_id for s in msg.seqs] == ["p", "chunk", "grow2"]
     back = plan_from_proto(msg)
     assert {s.seq_id: s for s in back.seqs} == {s.seq_id: s for s in seqs}
     assert back.free_seq_ids == ("gone",)
