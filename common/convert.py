@@ -266,10 +266,13 @@ def outputs_to_batch(
                 continue
             output_to_proto(d, batch.outputs.add())
             as_messages.add(d.request_id)
+    n = len(rids)
     batch.delta_request_ids.extend(rids)
-    batch.delta_indexes.extend(indexes)
+    if indexes.count(0) != n:  # left empty when every delta is of choice 0 (n=1: always)
+        batch.delta_indexes.extend(indexes)
     batch.delta_texts.extend(texts)
-    batch.delta_num_tokens.extend(counts)
+    if counts.count(1) != n:  # left empty when every delta is one token (stream_interval 1: nearly always)
+        batch.delta_num_tokens.extend(counts)
     batch.delta_token_ids.extend(token_ids)
     return batch
 
@@ -277,10 +280,11 @@ def outputs_to_batch(
 def outputs_from_batch(batch: scheduler_pb2.OutputBatch) -> list[GenerateOutput]:
     """The outputs of an OutputBatch in an order that keeps each choice's (its errors excepted)."""
     token_ids = list(batch.delta_token_ids)
+    num_deltas = len(batch.delta_request_ids)
+    indexes = batch.delta_indexes or [0] * num_deltas  # empty: every delta is of choice 0
+    counts = batch.delta_num_tokens or [1] * num_deltas  # empty: every delta is one token
     outs, end = [], 0
-    for rid, index, text, n in zip(
-        batch.delta_request_ids, batch.delta_indexes, batch.delta_texts, batch.delta_num_tokens, strict=True
-    ):
+    for rid, index, text, n in zip(batch.delta_request_ids, indexes, batch.delta_texts, counts, strict=True):
         outs.append(GenerateOutput(rid, index, text, token_ids[end : end + n]))
         end += n
     outs += [output_from_proto(m) for m in batch.outputs]
@@ -299,11 +303,19 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
     )
     add = req.seqs.add
     decode_ids, decode_pos = [], []
+    page_ids, page_pos, page_starts, page_pages = [], [], [], []
     for s in plan.seqs:
-        if s.init is None and not s.input_ids and not s.page_ids and s.sample:  # a plain decode: two fields
-            decode_ids.append(s.seq_id)
-            decode_pos.append(s.start_pos)
-            continue
+        if s.init is None and not s.input_ids and s.sample and not s.logprob_targets:
+            if not s.page_ids:  # a plain decode: two fields
+                decode_ids.append(s.seq_id)
+                decode_pos.append(s.start_pos)
+                continue
+            if len(s.page_ids) == 1:  # a decode into a new page: four (a message costs ~10x more to build)
+                page_ids.append(s.seq_id)
+                page_pos.append(s.start_pos)
+                page_starts.append(s.page_table_start)
+                page_pages.append(s.page_ids[0])
+                continue
         msg = add(
             seq_id=s.seq_id,
             page_table_start=s.page_table_start,
@@ -325,6 +337,11 @@ def plan_to_proto(plan: StepPlan) -> worker_pb2.StepRequest:
             init.prompt_token_ids.extend(i.prompt_token_ids)
             init.output_token_ids.extend(i.output_token_ids)
             init.encoder_page_ids.extend(i.encoder_page_ids)
+    if page_ids:
+        req.page_decode_seq_ids.extend(page_ids)
+        req.page_decode_start_pos.extend(page_pos)
+        req.page_decode_table_start.extend(page_starts)
+        req.page_decode_page_ids.extend(page_pages)
     req.decode_seq_ids.extend(decode_ids)
     req.decode_start_pos.extend(decode_pos)
     req.decode_seq_ids.extend(plan.decode_seq_ids)
@@ -358,6 +375,17 @@ def plan_from_proto(p: worker_pb2.StepRequest) -> StepPlan:
                 s.logprob_row_start,
                 tuple(s.logprob_targets),
             )
+        )
+    if p.page_decode_seq_ids:
+        columns = (
+            p.page_decode_seq_ids,
+            p.page_decode_start_pos,
+            p.page_decode_table_start,
+            p.page_decode_page_ids,
+        )
+        seqs.extend(
+            SeqStep(sid, pos, (), True, table_start, (page,))
+            for sid, pos, table_start, page in zip(*columns, strict=True)
         )
     seqs.extend(SeqStep(sid, pos) for sid, pos in zip(p.decode_seq_ids, p.decode_start_pos, strict=True))
     return StepPlan(
@@ -417,23 +445,30 @@ def _prompt_logprobs_from_proto(p: worker_pb2.PromptLogprobs) -> PromptLogprobs:
 
 
 def step_output_from_proto(p: worker_pb2.StepResult) -> StepOutput:
+    # read once a step: repeated fields copied by slicing (one C call, not one per item), empty ones not iterated
     return StepOutput(
         step_id=p.step_id,
         results=tuple(
             SeqResult(r.seq_id, r.token_id, r.logprob, tuple((t.token_id, t.logprob) for t in r.top_logprobs))
             for r in p.results
-        ),
+        )
+        if p.results
+        else (),
         failures=tuple(
             SeqFailure(f.seq_id, _FAILURE_BACK.get(f.reason, "internal"), f.message) for f in p.failures
-        ),
+        )
+        if p.failures
+        else (),
         num_tokens=p.num_tokens,
         prepare_ns=p.prepare_ns,
         forward_ns=p.forward_ns,
         start_unix_ns=p.start_unix_ns,
         end_unix_ns=p.end_unix_ns,
-        sampled_seq_ids=tuple(p.sampled_seq_ids),
-        sampled_token_ids=tuple(p.sampled_token_ids),
-        prompt_logprobs=tuple(_prompt_logprobs_from_proto(x) for x in p.prompt_logprobs),
+        sampled_seq_ids=tuple(p.sampled_seq_ids[:]),
+        sampled_token_ids=tuple(p.sampled_token_ids[:]),
+        prompt_logprobs=tuple(_prompt_logprobs_from_proto(x) for x in p.prompt_logprobs)
+        if p.prompt_logprobs
+        else (),
     )
 
 

@@ -181,7 +181,7 @@ class SeqInit:
     ] = ()  # one encoder-cache page per image (families with an encoder cache)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class SeqStep:
     seq_id: str
     start_pos: int
@@ -193,6 +193,31 @@ class SeqStep:
     # prompt log-probabilities: rows logprob_row_start + i of this chunk score logprob_targets[i]
     logprob_row_start: int = 0
     logprob_targets: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        seq_id: str,
+        start_pos: int,
+        input_ids: tuple[int, ...] = (),
+        sample: bool = True,
+        page_table_start: int = 0,
+        page_ids: tuple[int, ...] = (),
+        init: SeqInit | None = None,
+        logprob_row_start: int = 0,
+        logprob_targets: tuple[int, ...] = (),
+    ) -> None:
+        # the fields as declared above (a test compares them): written into __dict__, because a frozen dataclass's
+        # generated __init__ calls object.__setattr__ once per field (~2x slower), and rows are built per step
+        d = self.__dict__
+        d["seq_id"] = seq_id
+        d["start_pos"] = start_pos
+        d["input_ids"] = input_ids
+        d["sample"] = sample
+        d["page_table_start"] = page_table_start
+        d["page_ids"] = page_ids
+        d["init"] = init
+        d["logprob_row_start"] = logprob_row_start
+        d["logprob_targets"] = logprob_targets
 
     @property
     def num_tokens(self) -> int:

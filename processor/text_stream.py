@@ -80,6 +80,7 @@ class IncrementalDetokenizer:
         "_num_unstepped",
         "_window_clean",
         "_stale",
+        "_texts",
     )
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -102,8 +103,11 @@ class IncrementalDetokenizer:
         self._num_unstepped = 0  # trailing ids in _ids not given to DecodeStream yet
         # add_token's shortcut (byte-level decoders only): while the window is one released id that decodes to
         # whole characters alone, the next such id releases exactly its own text, so Python returns it without
-        # DecodeStream, which catches up (_sync) before the next id that needs it
-        self._window_clean = True
+        # DecodeStream, which catches up (_sync) before the next id that needs it. Only ever True with a table
+        # and a DecodeStream (add() clears it for good when DecodeStream is dropped), so add_token checks it alone
+        self._window_clean = self._clean is not None and self._stream is not None
+        # the table's list itself (fill() replaces its contents in place), one lookup less per token
+        self._texts = self._clean.texts if self._clean is not None else []
         self._stale: int | None = None  # the id DecodeStream's window should hold (steps taken in Python)
 
     def add(self, ids: Sequence[int]) -> str:
@@ -140,9 +144,9 @@ class IncrementalDetokenizer:
 
     def add_token(self, token: int) -> str:
         """add([token]); in the common case (see _window_clean) a list lookup."""
-        if self._window_clean and self._clean is not None and self._stream is not None:
+        if self._window_clean:
             try:
-                text = self._clean.texts[token]
+                text = self._texts[token]
             except IndexError:  # past the tokenizer's ids (an output head may be wider)
                 text = ""
             if text is None:
@@ -229,7 +233,8 @@ class _CleanTexts:
         """Every id's text now, in one batch decode (~0.2 s for 150k ids), instead of one decode the first time
         each id is sampled (~1 us each, and a cache miss in the hot loop)."""
         texts = self.backend.decode_batch([[i] for i in range(len(self.texts))], skip_special_tokens=False)
-        self.texts = [self._clean(i, text) for i, text in enumerate(texts)]
+        # in place: detokenizers hold this list
+        self.texts[:] = [self._clean(i, text) for i, text in enumerate(texts)]
 
 
 def prepare_detokenizer(tokenizer: Tokenizer) -> None:

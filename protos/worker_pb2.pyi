@@ -100,7 +100,7 @@ class SequenceStep(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., init: _Optional[_Union[SequenceInit, _Mapping]] = ..., page_table_start: _Optional[int] = ..., page_ids: _Optional[_Iterable[int]] = ..., start_pos: _Optional[int] = ..., input_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., logprob_row_start: _Optional[int] = ..., logprob_targets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "free_seq_ids", "seqs", "sent_unix_ns", "prefetch_keys", "decode_seq_ids", "decode_start_pos", "prefetch_leases", "mask_seq_ids", "token_bitmask")
+    __slots__ = ("step_id", "free_seq_ids", "seqs", "sent_unix_ns", "prefetch_keys", "decode_seq_ids", "decode_start_pos", "prefetch_leases", "mask_seq_ids", "token_bitmask", "page_decode_seq_ids", "page_decode_start_pos", "page_decode_table_start", "page_decode_page_ids")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     FREE_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,10 @@ class StepRequest(_message.Message):
     PREFETCH_LEASES_FIELD_NUMBER: _ClassVar[int]
     MASK_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BITMASK_FIELD_NUMBER: _ClassVar[int]
+    PAGE_DECODE_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_DECODE_START_POS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_DECODE_TABLE_START_FIELD_NUMBER: _ClassVar[int]
+    PAGE_DECODE_PAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     free_seq_ids: _containers.RepeatedScalarFieldContainer[str]
     seqs: _containers.RepeatedCompositeFieldContainer[SequenceStep]
@@ -121,7 +125,11 @@ class StepRequest(_message.Message):
     prefetch_leases: _containers.RepeatedCompositeFieldContainer[_common_pb2.EmbeddingLease]
     mask_seq_ids: _containers.RepeatedScalarFieldContainer[str]
     token_bitmask: bytes
-    def __init__(self, step_id: _Optional[int] = ..., free_seq_ids: _Optional[_Iterable[str]] = ..., seqs: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., sent_unix_ns: _Optional[int] = ..., prefetch_keys: _Optional[_Iterable[str]] = ..., decode_seq_ids: _Optional[_Iterable[str]] = ..., decode_start_pos: _Optional[_Iterable[int]] = ..., prefetch_leases: _Optional[_Iterable[_Union[_common_pb2.EmbeddingLease, _Mapping]]] = ..., mask_seq_ids: _Optional[_Iterable[str]] = ..., token_bitmask: _Optional[bytes] = ...) -> None: ...
+    page_decode_seq_ids: _containers.RepeatedScalarFieldContainer[str]
+    page_decode_start_pos: _containers.RepeatedScalarFieldContainer[int]
+    page_decode_table_start: _containers.RepeatedScalarFieldContainer[int]
+    page_decode_page_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., free_seq_ids: _Optional[_Iterable[str]] = ..., seqs: _Optional[_Iterable[_Union[SequenceStep, _Mapping]]] = ..., sent_unix_ns: _Optional[int] = ..., prefetch_keys: _Optional[_Iterable[str]] = ..., decode_seq_ids: _Optional[_Iterable[str]] = ..., decode_start_pos: _Optional[_Iterable[int]] = ..., prefetch_leases: _Optional[_Iterable[_Union[_common_pb2.EmbeddingLease, _Mapping]]] = ..., mask_seq_ids: _Optional[_Iterable[str]] = ..., token_bitmask: _Optional[bytes] = ..., page_decode_seq_ids: _Optional[_Iterable[str]] = ..., page_decode_start_pos: _Optional[_Iterable[int]] = ..., page_decode_table_start: _Optional[_Iterable[int]] = ..., page_decode_page_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SequenceResult(_message.Message):
     __slots__ = ("seq_id", "token_id", "logprob", "top_logprobs")

@@ -23,6 +23,10 @@ class PageAllocator:
         """n pages, or None (and nothing taken) when fewer are free."""
         if n > len(self._free):
             return None
+        if n == 1:  # a decode into a new page: about one sequence in page_size every step
+            page = self._free.pop()
+            self._is_free[page] = False
+            return [page]
         pages = [self._free.pop() for _ in range(n)]
         for p in pages:
             self._is_free[p] = False

@@ -224,6 +224,10 @@ class Scheduler:
         self.grammar_requests: list[tuple[str, Constraint]] = []  # constraints the loop compiles off the path
         self._num_constrained = 0  # running or waiting sequences with a matcher
         self._stop_sets: dict[frozenset[int], frozenset[int]] = {}
+        # with the shortcuts, the running sequences that may still have prompt tokens to compute: every one admitted
+        # since _has_prompt_work last looked (a running sequence is back in its prompt only through admission, after
+        # a preemption or release), so that check need not scan the whole batch every step
+        self._maybe_in_prompt: set[Sequence] = set()
         # plan a sequence that decoded plainly in the step before from its Sequence.plain_until bound, a decode
         # into a new page inline, and apply a step whose other rows all sample as its plain decodes are applied
         # (False: the general paths, which the tests compare against)
@@ -507,12 +511,20 @@ class Scheduler:
 
     def _has_prompt_work(self) -> bool:
         """A running sequence has prompt tokens left, or a waiting one could be admitted now."""
-        # Sequence.in_prompt, inline and in a plain loop (no generator): this runs over the whole batch every step
         running = SeqStatus.RUNNING
-        for s in self.running:
-            n = len(s.output_ids)
-            if s.num_computed < s.num_prompt + n - (1 if n else 0) and s.status is running:
-                return True
+        if self.plain_shortcut:
+            # only the sequences admitted since the last look, less those whose prompt is done or that left
+            maybe = self._maybe_in_prompt
+            if maybe:
+                maybe.difference_update([s for s in maybe if not (s.status is running and s.in_prompt)])
+                if maybe:
+                    return True
+        else:
+            # Sequence.in_prompt, inline and in a plain loop (no generator): this runs over the batch every step
+            for s in self.running:
+                n = len(s.output_ids)
+                if s.num_computed < s.num_prompt + n - (1 if n else 0) and s.status is running:
+                    return True
         return len(self.running) < self.policy.max_running_requests and any(
             self._admissible(s) for s in self.waiting
         )
@@ -535,8 +547,13 @@ class Scheduler:
         Plain decodes go to `plain`, the rest to `steps`."""
         p = self.policy
         page_size, running = p.page_size, SeqStatus.RUNNING
-        plain_seqs, plain_epochs = plain.seqs.append, plain.epochs.append
-        plain_ids, plain_pos = plain.seq_ids.append, plain.start_pos.append
+        # the lists, not their bound appends: Python 3.11 runs `a_list.append(x)` inline
+        plain_seqs, plain_epochs, plain_ids, plain_pos = (
+            plain.seqs,
+            plain.epochs,
+            plain.seq_ids,
+            plain.start_pos,
+        )
         shortcut = self.plain_shortcut
         for seq in list(self.running):
             start = seq.num_computed
@@ -545,10 +562,10 @@ class Scheduler:
                 # a plain decode in the step before (its bound says no page, limit or state change since): one
                 # more, without the checks below. A sample in flight means its prompt is done: while it decodes,
                 # num_computed = num_prompt + len(output_ids) + num_pending_samples - 1
-                plain_seqs(seq)
-                plain_epochs(seq.epoch)
-                plain_ids(seq.seq_id)
-                plain_pos(start)
+                plain_seqs.append(seq)
+                plain_epochs.append(seq.epoch)
+                plain_ids.append(seq.seq_id)
+                plain_pos.append(start)
                 seq.num_computed = start + 1
                 seq.num_pending_samples = pending + 1
                 seq.last_step = step_id
@@ -566,10 +583,10 @@ class Scheduler:
                 page_end = len(seq.page_ids) * page_size
                 if seq.worker_has_state and seq.table_dirty_from == len(seq.page_ids) and start < page_end:
                     # the common case, kept to a few list appends: no init, no new page, no token to send
-                    plain_seqs(seq)
-                    plain_epochs(seq.epoch)
-                    plain_ids(seq.seq_id)
-                    plain_pos(start)
+                    plain_seqs.append(seq)
+                    plain_epochs.append(seq.epoch)
+                    plain_ids.append(seq.seq_id)
+                    plain_pos.append(start)
                     seq.num_computed = start + 1
                     seq.num_pending_samples = pending + 1
                     seq.last_step = step_id
@@ -695,6 +712,8 @@ class Scheduler:
             return None
         self.waiting.remove(seq)
         self.running.append(seq)
+        if self.plain_shortcut and not self.policy.enable_mixed_chunk:  # (_has_prompt_work runs without them)
+            self._maybe_in_prompt.add(seq)
         seq.status = SeqStatus.RUNNING
         seq.num_computed = seq.num_confirmed = matched
         seq.table_dirty_from = 0
@@ -893,11 +912,15 @@ class Scheduler:
             num_tokens += self._on_sample(seq, s.computed_after, tokens.get(seq.seq_id), results)
         finished = SeqStatus.FINISHED
         interval = self.policy.stream_interval
+        each_token = interval == 1
         columns: DeltaColumns | None = None
+        num_other = 0  # rows skipped or applied by _on_sample: every other row is one token
         for seq, epoch, start, token in zip(seqs, epochs, starts, decode_tokens, strict=True):
             if seq.epoch != epoch or seq.status is finished:
+                num_other += 1
                 continue
             if failed and seq.seq_id in failed:
+                num_other += 1
                 self._on_failure(seq, failed[seq.seq_id].reason, failed[seq.seq_id].message)
                 continue
             if seq.num_confirmed <= start:
@@ -911,11 +934,10 @@ class Scheduler:
                 or seq.return_logprob
                 or token in seq.stop_token_ids
             ):
-                num_tokens += self._on_sample(seq, start + 1, token, results)
+                num_other += 1 - self._on_sample(seq, start + 1, token, results)
                 continue
             # _on_sample and _on_token inline for the common token: not the first, not the last by length, no
             # grammar, no logprobs, no stop token; only a stop string can end the sequence here
-            num_tokens += 1
             seq.num_pending_samples -= 1
             output_ids.append(token)
             if seq.detok is not None:  # no stop strings: the text stream is its detokenizer
@@ -930,17 +952,17 @@ class Scheduler:
                     self._finish(seq, "stop", emit=True)
                     continue
             deltas = seq.deltas
-            if text and deltas is not None and interval == 1 and not seq.pending_ids:
+            if text and deltas is not None and each_token and not seq.pending_ids:
                 if deltas is not columns:  # one consumer's columns, usually every sequence's
                     columns = deltas
-                    add_rid, add_index = deltas.request_ids.append, deltas.indexes.append
-                    add_text, add_count = deltas.texts.append, deltas.num_tokens.append
-                    add_token = deltas.token_ids.append
-                add_rid(seq.request_id)
-                add_index(seq.index)
-                add_text(text)
-                add_count(1)
-                add_token(token)
+                    # the lists, not their bound appends: Python 3.11 runs `a_list.append(x)` inline
+                    rids, indexes, texts = deltas.request_ids, deltas.indexes, deltas.texts
+                    counts, token_ids = deltas.num_tokens, deltas.token_ids
+                rids.append(seq.request_id)
+                indexes.append(seq.index)
+                texts.append(text)
+                counts.append(1)
+                token_ids.append(token)
                 continue
             if text:
                 seq.pending_text += text
@@ -950,6 +972,7 @@ class Scheduler:
                     self._emit_delta(seq, deltas)
                 else:
                     self._emit(seq)
+        num_tokens += len(seqs) - num_other
         self.stats.generated_tokens_total += num_tokens
         self.stats.recent_tokens.append((time.time(), num_tokens))
 

@@ -67,12 +67,15 @@ def test_plain_decodes_travel_in_the_compact_section_and_come_back_equal():
         SeqStep("d1", 7),
         SeqStep("p", 0, (1, 2, 3), True, 0, (4,), init),
         SeqStep("d2", 9),
-        SeqStep("grow", 16, (), True, 1, (5,)),  # a decode that adds a page: a full entry
+        SeqStep("grow", 16, (), True, 1, (5,)),  # a decode that adds a page: four columns of its own
         SeqStep("chunk", 4, (8, 9), False),
+        SeqStep("grow2", 32, (), True, 0, (6, 7)),  # a table rewrite (prefix cache): a full entry
     )
     msg = plan_to_proto(StepPlan(3, seqs, ("gone",)))
     assert list(msg.decode_seq_ids) == ["d1", "d2"] and list(msg.decode_start_pos) == [7, 9]
-    assert [s.seq_id for s in msg.seqs] == ["p", "grow", "chunk"]
+    assert list(msg.page_decode_seq_ids) == ["grow"] and list(msg.page_decode_start_pos) == [16]
+    assert list(msg.page_decode_table_start) == [1] and list(msg.page_decode_page_ids) == [5]
+    assert [s.seq_id for s in msg.seqs] == ["p", "chunk", "grow2"]
     back = plan_from_proto(msg)
     assert {s.seq_id: s for s in back.seqs} == {s.seq_id: s for s in seqs}
     assert back.free_seq_ids == ("gone",)
@@ -176,3 +179,62 @@ def test_delta_columns_in_an_output_batch_keep_each_choice_in_order():
     cols.request_ids.append("r9")
     taken = cols.take()
     assert len(taken) == 1 and len(cols) == 0 and cols.request_ids == []
+
+
+def test_output_batch_leaves_out_the_columns_of_one_token_deltas_of_choice_0():
+    """Deltas that are all one token of choice 0 (n=1, stream_interval 1) travel without delta_indexes and
+    delta_num_tokens; the reader fills them in. Either column is sent as soon as one delta differs."""
+    from common.convert import outputs_from_batch, outputs_to_batch
+    from common.types import DeltaColumns, GenerateOutput
+
+    def roundtrip(entries):
+        cols = DeltaColumns()
+        for rid, index, text, ids in entries:
+            cols.request_ids.append(rid)
+            cols.indexes.append(index)
+            cols.texts.append(text)
+            cols.num_tokens.append(len(ids))
+            cols.token_ids += ids
+        expected = cols.outputs()
+        batch = type(outputs_to_batch([])).FromString(outputs_to_batch([cols]).SerializeToString())
+        assert outputs_from_batch(batch) == expected
+        return batch
+
+    plain = roundtrip([("r1", 0, "a", [1]), ("r2", 0, "b", [2])])
+    assert not plain.delta_indexes and not plain.delta_num_tokens and list(plain.delta_token_ids) == [1, 2]
+    two_tokens = roundtrip([("r1", 0, "a", [1]), ("r2", 0, "bc", [2, 3])])
+    assert not two_tokens.delta_indexes and list(two_tokens.delta_num_tokens) == [1, 2]
+    choice_1 = roundtrip([("r1", 0, "a", [1]), ("r1", 1, "b", [2])])
+    assert list(choice_1.delta_indexes) == [0, 1] and not choice_1.delta_num_tokens
+    assert outputs_from_batch(outputs_to_batch([GenerateOutput("r1", 0, "x", [5])])) == [
+        GenerateOutput("r1", 0, "x", [5])
+    ]
+
+
+def test_seq_step_init_takes_its_fields_in_order_with_their_defaults():
+    """SeqStep writes its fields itself (faster than a frozen dataclass's generated __init__): the same fields,
+    order and defaults, and still frozen, comparable and hashable."""
+    import dataclasses
+    import inspect
+
+    import pytest
+
+    from common.types import SeqStep
+
+    params = list(inspect.signature(SeqStep).parameters.values())
+    fields = dataclasses.fields(SeqStep)
+    assert [p.name for p in params] == [f.name for f in fields]
+    empty = inspect.Parameter.empty
+    assert [p.default for p in params] == [
+        empty if f.default is dataclasses.MISSING else f.default for f in fields
+    ]
+    values = ("a#0", 3, (1, 2), False, 1, (4,), None, 1, (2,))
+    step = SeqStep(*values)
+    assert (
+        dataclasses.astuple(step) == values
+        and step == SeqStep(*values)
+        and hash(step) == hash(SeqStep(*values))
+    )
+    assert dataclasses.replace(step, start_pos=4).start_pos == 4 and step.start_pos == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        step.start_pos = 5
