@@ -464,6 +464,8 @@ class VisionEncoder:
         sizes = [(56, 56), (448, 448), (1092, 1932)] if self.device.type == "cuda" else [(56, 56), (112, 84)]
         for w, h in sizes:
             self._warm([(w, h)])
+        if self.graphs is not None:  # seen again, the large photo is captured here rather than on a request
+            self._warm([sizes[-1]])
         self._warm([sizes[1]] * 4)
         self._warm_host()
         logger.info(
