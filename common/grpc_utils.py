@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common.interceptors import Activity
 from common.metrics import RpcMetrics
+from common.ports import PortInUse, can_bind
 from common.security import process_auth
 
 logger = logging.getLogger(__name__)
@@ -123,8 +124,13 @@ def create_server(
     reflection.enable_server_reflection([service_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     creds = auth.server_credentials()
-    bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    try:
+        bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where older builds returned 0
+        bound = 0
     if bound == 0:
+        if port and not can_bind(host, port):
+            raise PortInUse("gRPC", host, port)
         raise OSError(f"could not bind {host}:{port}")
     return server, bound
 

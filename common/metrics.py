@@ -9,6 +9,7 @@ when it runs several worker processes (the client picks its value store at impor
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from common.interceptors import wrap_handler
+from common.ports import PortInUse
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,12 @@ def start_metrics_server(host: str, port: int) -> int:
     returns the port. Always the classic text format, as the gateway's /metrics: prometheus-client's own server
     answers Prometheus' OpenMetrics request with the names' colons escaped to underscores (0.26), so one metric
     would be stored under two names depending on which service exported it."""
-    server = ThreadingHTTPServer((host, port), _MetricsHandler)
+    try:
+        server = ThreadingHTTPServer((host, port), _MetricsHandler)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse("metrics", host, port) from e
+        raise
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server.server_address[1]

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import random
 import socket
 
 _LOWEST = 10000
+# A service exits with this code when a port it was told to listen on is taken (errno EADDRINUSE's value), so
+# `mirador up` can tell "another process took the port between the pick and the bind" from a real failure.
+EXIT_PORT_IN_USE = errno.EADDRINUSE
+
+
+class PortInUse(OSError):
+    """A port a service was told to listen on is held by another socket."""
+
+    def __init__(self, what: str, host: str, port: int):
+        super().__init__(errno.EADDRINUSE, f"{what} port {host}:{port} is already in use")
+        self.port = port
 
 
 def _ephemeral_start() -> int:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from common import event_loop
 from common.args import ArgsBase
 from common.log import setup_logging
+from common.ports import EXIT_PORT_IN_USE, PortInUse
 from common.security import configure_from_args, process_auth
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,9 @@ def run_grpc_service(
         event_loop.run(main(), getattr(args, "event_loop", "auto"))
     except KeyboardInterrupt:
         pass
+    except PortInUse as e:  # its own exit code: `mirador up` picks other ports and starts the service again
+        logger.error("%s failed to start: %s", name, e)
+        sys.exit(EXIT_PORT_IN_USE)
     except Exception as e:  # noqa: BLE001 - a clear last line instead of a bare traceback
         logger.exception("%s failed: %s", name, e)
         sys.exit(1)

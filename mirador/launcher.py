@@ -19,7 +19,7 @@ import httpx
 
 from common.args import ArgsBase, arg
 from common.grpc_utils import wait_serving
-from common.ports import can_bind, free_port
+from common.ports import EXIT_PORT_IN_USE, can_bind, free_port
 from common.security import TOKEN_ENV
 from gateway.config import GatewayArgs
 from scheduler_svc.config import SchedulerArgs
@@ -27,6 +27,9 @@ from vision_svc.config import VisionArgs
 from worker_svc.config import WorkerArgs
 
 logger = logging.getLogger("mirador.up")
+# Start-ups of the whole cluster when a service finds a port `up` picked for it taken by another process in the
+# moment between the pick and its bind (ports can only be checked, not reserved, across processes).
+PORT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -202,11 +205,11 @@ class Cluster:
         self.up = up
         self.args = service_args(up)
         self.procs: dict[str, subprocess.Popen] = {}
-        self._output = None
+        self.output = None
 
     def start(self, output=None) -> None:
         """Start the four processes (their logs go to `output`, a file object, or inherit ours)."""
-        self._output = output
+        self.output = output
         for name in self.args:
             self.spawn(name)
 
@@ -216,10 +219,22 @@ class Cluster:
         logger.info("starting %s", name)
         self.procs[name] = subprocess.Popen(
             cmd,
-            stdout=self._output,
-            stderr=subprocess.STDOUT if self._output is not None else None,
+            stdout=self.output,
+            stderr=subprocess.STDOUT if self.output is not None else None,
             preexec_fn=_die_with_parent if os.name == "posix" else None,
         )
+
+    def repick_ports(self) -> None:
+        """Pick the ports again (a taken one is replaced; the preferred ones are kept where they are free)."""
+        self.args = service_args(self.up)
+
+    def new_metrics_port(self, name: str) -> None:
+        """Another metrics port for `name`, before starting it again after it found its own taken. Its gRPC port
+        stays: the other services are connected to it."""
+        a = self.args[name]
+        if getattr(a, "metrics_port", 0):
+            self.args[name] = dataclasses.replace(a, metrics_port=_port(a.metrics_host or a.host, 0))
+            logger.info("%s gets metrics port %d", name, self.args[name].metrics_port)
 
     def exited(self) -> tuple[str, int] | None:
         for name, p in self.procs.items():
@@ -236,7 +251,7 @@ class Cluster:
                 await asyncio.wait({task}, timeout=0.5)
                 if (gone := self.exited()) is not None:
                     task.cancel()
-                    raise RuntimeError(f"{gone[0]} exited with code {gone[1]} while waiting for {what}")
+                    raise ServiceExited(*gone, what)
             return task.result()
 
         a = self.args
@@ -284,6 +299,12 @@ class Cluster:
                 p.wait()
 
 
+class ServiceExited(RuntimeError):
+    def __init__(self, name: str, code: int, waiting_for: str):
+        super().__init__(f"{name} exited with code {code} while waiting for {waiting_for}")
+        self.name, self.code = name, code
+
+
 def metrics_urls(up: UpArgs, args: dict[str, ArgsBase]) -> str:
     """Where each service serves /metrics (the gateway on its HTTP port, the others on their metrics ports)."""
     urls = [f"gateway http://{_http_host(up.host)}:{up.port}/metrics"]
@@ -314,7 +335,7 @@ def run_up(up: UpArgs) -> int:
     cluster.start()
     try:
         t0 = time.monotonic()
-        asyncio.run(_ready_or_signal(cluster, stop))
+        start_ready(cluster, stop)
         if stop["signal"] is None:
             base = f"http://{_http_host(up.host)}:{up.port}"
             name = cluster.args["gateway"].served_model_name or cluster.args["gateway"].model_path
@@ -355,6 +376,8 @@ def run_up(up: UpArgs) -> int:
                     time.sleep(0.2)
                 if stop["signal"] is not None:
                     break
+                if code == EXIT_PORT_IN_USE:
+                    cluster.new_metrics_port(name)
                 cluster.spawn(name)
                 restarts[name] = [*recent, time.monotonic()]
             time.sleep(0.5)
@@ -365,6 +388,29 @@ def run_up(up: UpArgs) -> int:
         return 1
     finally:
         cluster.stop()
+
+
+def start_ready(cluster: Cluster, stop: dict) -> None:
+    """Wait until the started cluster serves (or a signal comes). A service that exits because a port picked for
+    it was taken in the meantime gets the whole cluster started again on other ports, up to PORT_ATTEMPTS
+    times; any other exit raises ServiceExited."""
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        try:
+            asyncio.run(_ready_or_signal(cluster, stop))
+            return
+        except ServiceExited as e:
+            if e.code != EXIT_PORT_IN_USE or attempt == PORT_ATTEMPTS:
+                raise
+            logger.warning(
+                "%s found a port taken between its pick and its bind; starting the cluster again on other ports "
+                "(attempt %d of %d)",
+                e.name,
+                attempt + 1,
+                PORT_ATTEMPTS,
+            )
+            cluster.stop(grace_s=10.0)
+            cluster.repick_ports()
+            cluster.start(cluster.output)
 
 
 async def _ready_or_signal(cluster: Cluster, stop: dict) -> None:

@@ -174,3 +174,63 @@ def test_picked_ports_stay_out_of_the_kernels_ephemeral_range():
         taken = s.getsockname()[1]
         assert _port("127.0.0.1", taken) != taken
     assert 10000 <= _port("127.0.0.1", 0) < start
+
+
+@pytest.mark.parametrize("which", ["--port", "--metrics-port"])
+def test_a_service_whose_port_is_taken_exits_with_its_own_code(default_model, which):
+    """A service told to listen on a port another socket holds says so and exits with EXIT_PORT_IN_USE, the code
+    `mirador up` answers by picking other ports (a start-up that failed in CI when a picked port was taken)."""
+    import socket
+
+    from common.ports import EXIT_PORT_IN_USE, free_port
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = str(s.getsockname()[1])
+        ports = {"--port": str(free_port()), "--metrics-port": str(free_port()), which: taken}
+        out = subprocess.run(
+            [sys.executable, "-m", "mirador", "vision", "--model-path", str(default_model), "--device", "cpu",
+             "--host", "127.0.0.1", *(x for kv in ports.items() for x in kv)],
+            capture_output=True, text=True, cwd=REPO, timeout=120,
+        )  # fmt: skip
+    assert out.returncode == EXIT_PORT_IN_USE, out.stderr[-2000:]
+    assert f"127.0.0.1:{taken} is already in use" in out.stderr
+
+
+def test_up_starts_again_on_other_ports_when_one_was_taken():
+    """start_ready: a service exiting with EXIT_PORT_IN_USE during start-up restarts the cluster on freshly
+    picked ports, at most PORT_ATTEMPTS times; any other exit fails the start-up at once."""
+    from common.ports import EXIT_PORT_IN_USE
+    from mirador.launcher import PORT_ATTEMPTS, ServiceExited, start_ready
+
+    class FakeCluster:
+        output = None
+
+        def __init__(self, codes):
+            self.codes, self.calls = list(codes), []
+
+        async def wait_ready(self):
+            if self.codes:
+                raise ServiceExited("worker", self.codes.pop(0), "worker")
+
+        def stop(self, grace_s=None):
+            self.calls.append("stop")
+
+        def repick_ports(self):
+            self.calls.append("repick")
+
+        def start(self, output=None):
+            self.calls.append("start")
+
+    c = FakeCluster([EXIT_PORT_IN_USE])
+    start_ready(c, {"signal": None})
+    assert c.calls == ["stop", "repick", "start"]
+    c = FakeCluster([EXIT_PORT_IN_USE] * PORT_ATTEMPTS)
+    with pytest.raises(ServiceExited):
+        start_ready(c, {"signal": None})
+    assert c.calls.count("start") == PORT_ATTEMPTS - 1
+    c = FakeCluster([1])
+    with pytest.raises(ServiceExited, match="code 1"):
+        start_ready(c, {"signal": None})
+    assert c.calls == []
