@@ -17,6 +17,7 @@ import statistics
 import numpy as np
 import torch
 
+from kernels import vision as kv
 from processor.hub import resolve_model_path
 from vision_svc.encoder import EncoderConfig, VisionEncoder
 
@@ -70,7 +71,9 @@ def measure(enc: VisionEncoder, hf, case: list[tuple[int, int]], rng, iters: int
     r = {"case": label, "patches": patches}
     r["preprocess_device_ms"] = timed(lambda: fast.to_patches(imgs, "cuda", dtype), 2, iters)
     r["ours_reference_ms"] = timed(lambda: model(full, grids), 2, iters)
-    for backend in ("varlen", "triton"):
+    for backend in ("fa4", "varlen", "triton"):
+        if backend == "fa4" and not kv.fa4_usable(still.device):
+            continue
         try:
             model.set_attention_backend(backend)
             out = model(still, grids)
@@ -101,11 +104,25 @@ def main() -> None:
     )
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument(
+        "--vision-attention-backend",
+        default="auto",
+        help="the served (graph) path's backend, as the vision service's flag",
+    )
     ap.add_argument("--output-json", default="")
     args = ap.parse_args()
     path = str(resolve_model_path(args.model, args.load_format))
     dtype = torch.bfloat16
-    enc = VisionEncoder(EncoderConfig(path, "bfloat16", "cuda", 1 << 28, load_format=args.load_format))
+    enc = VisionEncoder(
+        EncoderConfig(
+            path,
+            "bfloat16",
+            "cuda",
+            1 << 28,
+            load_format=args.load_format,
+            attention_backend=args.vision_attention_backend,
+        )
+    )
     hf = None if args.skip_hf else hf_tower(path, dtype)
     rows = []
     rng = np.random.default_rng(0)
@@ -116,7 +133,7 @@ def main() -> None:
             r = measure(enc, hf, case, rng, args.iters)
             rows.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\n{'case':>16} {'patches':>7} {'HF':>8} {'ref':>8} {'varlen':>8} {'triton':>8} {'served':>8} "
+    print(f"\n{'case':>16} {'patches':>7} {'HF':>8} {'ref':>8} {'fa4':>8} {'varlen':>8} {'triton':>8} {'served':>8} "
           f"{'+preproc':>8} {'vs HF':>6}  rel err (served)")  # fmt: skip
     for r in rows:
         served = r.get("ours_encoder_forward_ms")
@@ -126,7 +143,8 @@ def main() -> None:
             return f"{r[key]:8.2f}" if key in r else f"{'-':>8}"
 
         print(
-            f"{r['case']:>16} {r['patches']:>7} {f('hf_ms')} {f('ours_reference_ms')} {f('ours_varlen_ms')} "
+            f"{r['case']:>16} {r['patches']:>7} {f('hf_ms')} {f('ours_reference_ms')} {f('ours_fa4_ms')} "
+            f"{f('ours_varlen_ms')} "
             f"{f('ours_triton_ms')} {f('ours_served_ms')} {f('ours_encoder_forward_ms')} {ratio:6.2f}  "
             f"{r.get('ours_served_rel_err', float('nan')):.2e}"
         )

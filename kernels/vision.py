@@ -1,11 +1,14 @@
 """Vision-tower kernels: rotate-half rotary with per-token cos/sin applied to q and k in one launch, and
 non-causal attention within segments given by cu_seqlens, behind a registry of backends (`torch_native`, the
-group-by-length SDPA reference; `varlen`, torch's flash-attention varlen_attn; `triton`, our kernel over a host-built
-tile table). Each Triton kernel has its torch reference here."""
+group-by-length SDPA reference; `varlen`, torch's flash-attention varlen_attn; `fa4`, flash-attn-4's CuTe DSL kernel
+for whole images; `triton`, our kernel over a host-built tile table). Each Triton kernel has its torch reference
+here."""
 
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -213,6 +216,50 @@ def varlen_attention_flash(
     if abs(scale * q.shape[-1] ** 0.5 - 1.0) > 1e-6:  # older builds only apply the default scale
         raise ValueError("this torch's varlen_attn takes no scale; only 1/sqrt(head_dim) is supported")
     return _varlen_attn(q, k, v, cu, cu, seg.max_len, seg.max_len)
+
+
+# flash-attn-4 (`flash_attn.cute`, CuTe DSL kernels; `pip install mirador[gpu]`): an FA3-class kernel on Hopper and
+# Blackwell that runs head_dim 80 as 80, where cuDNN runs the tower's full-attention layers in a 128-wide kernel
+# (1,092x1,932 photo: 1.23 ms a layer against cuDNN's 1.62 on an H100). Segments shorter than this stay on
+# cuDNN / flash varlen, faster there (4 x 448^2: 125 against 157-170 us); BENCHMARKS.md has the rows.
+FA4_MIN_SEGMENT = 2048
+
+
+@functools.cache
+def _fa4_varlen() -> Callable | None:
+    """flash_attn.cute's varlen forward, imported on first use (cutlass-dsl takes a while to import); None where it
+    is not installed or does not import."""
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except Exception:  # noqa: BLE001 - absent, or a cutlass-dsl / CUDA build that does not load here
+        return None
+    # each first compile warns that an internal argument is not a JIT argument: noise in the service's log
+    warnings.filterwarnings("ignore", message="Argument aux_data", category=UserWarning)
+    return flash_attn_varlen_func
+
+
+@functools.cache
+def fa4_usable(device: torch.device) -> bool:
+    """flash-attn-4 imports and `device` is a Hopper or newer GPU (its sm90/sm100 kernels)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9 and _fa4_varlen() is not None
+
+
+def varlen_attention_fa4(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments, scale: float
+) -> torch.Tensor:
+    """flash-attn-4's varlen kernel (views of the qkv output as they are: head_dim contiguous) for segments that
+    can reach FA4_MIN_SEGMENT rows; shorter ones through varlen_attention_flash. Rows no segment covers are left
+    unwritten. No host work: capturable in a CUDA graph."""
+    if seg.max_len < FA4_MIN_SEGMENT:
+        return varlen_attention_flash(q, k, v, seg, scale)
+    cu = seg.cu_seqlens
+    out = _fa4_varlen()(
+        q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=seg.max_len, max_seqlen_k=seg.max_len,
+        softmax_scale=scale,
+    )  # fmt: skip
+    return out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
 
 
 if HAS_TRITON:
@@ -476,6 +523,8 @@ VISION_ATTENTION_BACKENDS: dict[str, VisionAttentionBackend] = {
     # windows: our fused rotary + attention kernel (measured faster on an H100 than the rotary pass followed by
     # flash varlen: see BENCHMARKS.md); whole images: cuDNN / flash
     "varlen": VisionAttentionBackend(varlen_attention_flash, graph_safe=True, fused_rotary=_FUSED_ROTARY),
+    # whole images of FA4_MIN_SEGMENT rows or more: flash-attn-4; the rest as `varlen`
+    "fa4": VisionAttentionBackend(varlen_attention_fa4, graph_safe=True, fused_rotary=_FUSED_ROTARY),
     "triton": VisionAttentionBackend(varlen_attention_triton, graph_safe=True, fused_rotary=_FUSED_ROTARY),
 }
 
@@ -488,29 +537,41 @@ def pick_vision_attention(
     has_varlen: bool,
     has_triton: bool,
     interpret: bool,
+    has_fa4: bool = False,
 ) -> str:
     """The backend for `requested` ("auto" or a VISION_ATTENTION_BACKENDS name) on this device type and dtype.
-    "auto": varlen (flash) on CUDA for fp16/bf16, else triton on CUDA, else torch_native. Raises ValueError for a
-    name that is unknown or cannot run here."""
+    "auto" on CUDA for fp16/bf16: fa4 where flash-attn-4 runs on this GPU, else varlen (flash); else triton on
+    CUDA, else torch_native. Raises ValueError for a name that is unknown or cannot run here."""
+    half_cuda = device_type == "cuda" and dtype in HALF_DTYPES
     usable = {
         "torch_native": True,
-        "varlen": has_varlen and device_type == "cuda" and dtype in HALF_DTYPES,
+        "fa4": has_fa4 and has_varlen and half_cuda,
+        "varlen": has_varlen and half_cuda,
         "triton": has_triton and (device_type == "cuda" or (interpret and device_type == "cpu")),
     }
     if requested == "auto":
-        order = ("varlen", "triton", "torch_native") if device_type == "cuda" else ("torch_native",)
+        order = ("fa4", "varlen", "triton", "torch_native") if device_type == "cuda" else ("torch_native",)
         return next(name for name in order if usable[name])
     if requested not in VISION_ATTENTION_BACKENDS:
         raise ValueError(
             f"unknown vision attention backend {requested!r}; choose auto, {', '.join(VISION_ATTENTION_BACKENDS)}"
         )
     if not usable[requested]:
-        raise ValueError(f"vision attention backend {requested!r} cannot run on {device_type} with {dtype}")
+        why = f"cannot run on {device_type} with {dtype}"
+        if requested == "fa4" and half_cuda and not has_fa4:
+            why = "needs flash-attn-4 (pip install 'mirador[gpu]') and a Hopper or newer GPU"
+        raise ValueError(f"vision attention backend {requested!r} {why}")
     return requested
 
 
 def resolve_vision_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """pick_vision_attention with what this process has."""
     return pick_vision_attention(
-        requested, device.type, dtype, has_varlen=HAS_VARLEN, has_triton=HAS_TRITON, interpret=INTERPRET
+        requested,
+        device.type,
+        dtype,
+        has_varlen=HAS_VARLEN,
+        has_triton=HAS_TRITON,
+        interpret=INTERPRET,
+        has_fa4=device.type == "cuda" and dtype in HALF_DTYPES and fa4_usable(device),
     )

@@ -230,6 +230,7 @@ def test_still_image_layout_equals_repeated_frames(towers):
         ("varlen", "cuda", torch.float32, True, True, False, None),
         ("triton", "cpu", torch.float32, False, True, False, None),
         ("flash3", "cuda", torch.bfloat16, True, True, False, None),
+        ("fa4", "cuda", torch.bfloat16, True, True, False, None),  # flash-attn-4 absent
     ],
 )
 def test_pick_vision_attention(requested, device, dtype, varlen, triton, interpret, want):
@@ -243,6 +244,39 @@ def test_pick_vision_attention(requested, device, dtype, varlen, triton, interpr
             pick()
     else:
         assert pick() == want
+
+
+@pytest.mark.parametrize(
+    "requested,dtype,device,varlen,want",
+    [
+        ("auto", torch.bfloat16, "cuda", True, "fa4"),
+        ("auto", torch.float16, "cuda", True, "fa4"),
+        ("auto", torch.float32, "cuda", True, "triton"),  # flash-attn-4 serves fp16/bf16 only
+        ("auto", torch.bfloat16, "cuda", False, "triton"),  # its short segments go to flash varlen
+        ("auto", torch.bfloat16, "cpu", True, "torch_native"),
+        ("fa4", torch.bfloat16, "cuda", True, "fa4"),
+        ("varlen", torch.bfloat16, "cuda", True, "varlen"),
+        ("fa4", torch.float32, "cuda", True, None),
+    ],
+)
+def test_auto_takes_fa4_where_flash_attn_4_runs(requested, dtype, device, varlen, want):
+    def pick():
+        return kv.pick_vision_attention(
+            requested, device, dtype, has_varlen=varlen, has_triton=True, interpret=False, has_fa4=True
+        )
+
+    if want is None:
+        with pytest.raises(ValueError):
+            pick()
+    else:
+        assert pick() == want
+
+
+def test_asking_for_fa4_without_flash_attn_4_says_how_to_get_it():
+    with pytest.raises(ValueError, match=r"mirador\[gpu\]"):
+        kv.pick_vision_attention(
+            "fa4", "cuda", torch.bfloat16, has_varlen=True, has_triton=True, interpret=False, has_fa4=False
+        )
 
 
 def test_varlen_backend_is_not_offered_on_cpu(towers):
@@ -539,12 +573,41 @@ def test_cuda_attention_backends_match_reference_bf16(backend):
 
 @pytest.mark.gpu
 @needs_cuda
+def test_cuda_fa4_matches_reference_on_whole_images_and_in_a_graph():
+    """flash-attn-4 on segments long enough to take it (a photo's and a padding segment's worth), the rotary pass
+    before it, and the same call replayed from a CUDA graph."""
+    if not kv.fa4_usable(torch.device("cuda")):
+        pytest.skip("flash-attn-4 is not installed or this GPU is older than Hopper")
+    lengths = [kv.FA4_MIN_SEGMENT + 777, 3000, 0, 512]
+    n = sum(lengths)
+    seg = _segments(lengths)
+    assert seg.max_len >= kv.FA4_MIN_SEGMENT
+    qkv = _qkv(n, 16, 80, torch.bfloat16, 5)
+    cos, sin = _cos_sin(n, 80, 6)
+    rq, rk, rv = qkv.clone().unbind(1)
+    kv.apply_vision_rotary_ref(rq, rk, cos, sin)
+    ref = kv.varlen_attention_ref(rq.float(), rk.float(), rv.float(), seg, 80**-0.5)
+    attend = kv.VISION_ATTENTION_BACKENDS["fa4"].with_rotary(False)
+    q, k, v = qkv.clone().unbind(1)
+    torch.testing.assert_close(attend(q, k, v, cos, sin, seg, 80**-0.5).float(), ref, rtol=2e-2, atol=2e-2)
+    work = qkv.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = attend(*work.unbind(1), cos, sin, seg, 80**-0.5)
+    work.copy_(qkv)
+    graph.replay()
+    torch.testing.assert_close(replayed.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_cuda_tower_fast_matches_reference(towers, dtype):
     hf, _, ckpt = towers
     fast = load_model(Qwen2_5_VisionTransformer, CONFIG, ckpt, dtype, torch.device("cuda"))
     backend = fast.set_attention_backend("auto")
-    assert backend == ("varlen" if kv.HAS_VARLEN and dtype == torch.bfloat16 else "triton")
+    half = kv.HAS_VARLEN and dtype == torch.bfloat16
+    assert backend == (("fa4" if kv.fa4_usable(torch.device("cuda")) else "varlen") if half else "triton")
     pixels = _pixels(GRIDS, 9)
     with torch.no_grad():
         ref = hf(pixels, grid_thw=torch.tensor(GRIDS)).pooler_output
