@@ -373,22 +373,21 @@ def rotary_varlen_attention_ref(
 if HAS_TRITON:
 
     @triton.jit
-    def _rotated_halves(
-        x_ptr, c_ptr, s_ptr, rows64, stride_x, stride_c, stride_s, j, mask, HALF: tl.constexpr
-    ):
-        """Rows of x (one head) rotated by their cos/sin, as the two halves of head_dim (each padded to a power
-        of two), rounded to x's dtype as the in-place rotary stores them."""
+    def _rotated_halves(x_ptr, c, s, rows64, stride_x, j, mask, HALF: tl.constexpr):
+        """Rows of x (one head) rotated by their cos/sin tiles `c`, `s` (the first half of head_dim: a rotate-half
+        table's halves are equal), as the two halves of head_dim (each padded to a power of two), rounded to x's
+        dtype as the in-place rotary stores them."""
         x = x_ptr + rows64[:, None] * stride_x + j[None, :]
         x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x + HALF, mask=mask, other=0.0).to(tl.float32)
-        c = c_ptr + rows64[:, None] * stride_c + j[None, :]
-        s = s_ptr + rows64[:, None] * stride_s + j[None, :]
-        c1 = tl.load(c, mask=mask, other=0.0)
-        c2 = tl.load(c + HALF, mask=mask, other=0.0)
-        s1 = tl.load(s, mask=mask, other=0.0)
-        s2 = tl.load(s + HALF, mask=mask, other=0.0)
         dtype = x_ptr.dtype.element_ty
-        return (x1 * c1 - x2 * s1).to(dtype), (x2 * c2 + x1 * s2).to(dtype)
+        return (x1 * c - x2 * s).to(dtype), (x2 * c + x1 * s).to(dtype)
+
+    @triton.jit
+    def _cos_sin_tile(c_ptr, s_ptr, rows64, stride_c, stride_s, j, mask):
+        c = tl.load(c_ptr + rows64[:, None] * stride_c + j[None, :], mask=mask, other=0.0)
+        s = tl.load(s_ptr + rows64[:, None] * stride_s + j[None, :], mask=mask, other=0.0)
+        return c, s
 
     @triton.jit
     def _rotary_varlen_attention_kernel(
@@ -400,8 +399,11 @@ if HAS_TRITON:
     ):  # fmt: skip
         """The varlen kernel with the rotary applied to q and k as they are loaded: one program per (tile, head),
         the heads of a tile adjacent so that its rows' cos/sin are read from L2 after the first. head_dim is
-        handled as its two rotary halves (two dots each for QK^T and PV). Keys are rotated once per query tile,
-        so this pays where segments are a tile or two long (windows); long segments take rotary + attention."""
+        handled as its two rotary halves (two dots each for QK^T and PV). Only the first half of cos/sin is read
+        (the halves of a rotate-half table are equal), and a segment that is this one tile (a window) rotates its
+        keys with the queries' cos/sin tiles: the cos/sin loads were most of the kernel's traffic (H100, 7B:
+        149 -> 123 us a window layer for the first). Longer segments loop over key blocks; they take rotary +
+        attention in the towers (with_rotary)."""
         pdl_prologue(USE_PDL)
         pid = tl.program_id(0)
         tile = pid // NUM_HEADS
@@ -416,22 +418,24 @@ if HAS_TRITON:
         q_mask = (rows < end)[:, None] & j_ok[None, :]
         rows64 = rows.to(tl.int64)
         q_head, k_head = q_ptr + head * stride_qh, k_ptr + head * stride_kh
-        q1, q2 = _rotated_halves(
-            q_head, cos_ptr, sin_ptr, rows64, stride_qt, stride_ct, stride_st, j, q_mask, HALF
-        )
+        c_q, s_q = _cos_sin_tile(cos_ptr, sin_ptr, rows64, stride_ct, stride_st, j, q_mask)
+        q1, q2 = _rotated_halves(q_head, c_q, s_q, rows64, stride_qt, j, q_mask, HALF)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc1 = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
         kv_end = tl.where(start + first < end, end, start)  # no keys for a padding tile
+        one_block = (first == 0) & (end - start <= BLOCK_N)  # BLOCK_N == BLOCK_M (asserted at launch)
         for kv in range(start, kv_end, BLOCK_N):
             cols = kv + tl.arange(0, BLOCK_N)
             col_mask = cols < end
             kv_mask = col_mask[:, None] & j_ok[None, :]
             cols64 = cols.to(tl.int64)
-            k1, k2 = _rotated_halves(
-                k_head, cos_ptr, sin_ptr, cols64, stride_kt, stride_ct, stride_st, j, kv_mask, HALF
-            )
+            if one_block:  # the keys are this tile's rows
+                c_k, s_k = c_q, s_q
+            else:
+                c_k, s_k = _cos_sin_tile(cos_ptr, sin_ptr, cols64, stride_ct, stride_st, j, kv_mask)
+            k1, k2 = _rotated_halves(k_head, c_k, s_k, cols64, stride_kt, j, kv_mask, HALF)
             s = (_dot(q1, tl.trans(k1), DOT_PRECISION) + _dot(q2, tl.trans(k2), DOT_PRECISION)) * qk_scale
             s = tl.where(col_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -456,7 +460,7 @@ def rotary_varlen_attention_triton(
     q: torch.Tensor,  # [N, heads, head_dim], head_dim contiguous (views of the qkv output); not modified
     k: torch.Tensor,
     v: torch.Tensor,
-    cos: torch.Tensor,  # [N, head_dim] float32, head_dim contiguous
+    cos: torch.Tensor,  # [N, head_dim] float32, head_dim contiguous; a rotate-half table: its halves are equal
     sin: torch.Tensor,
     seg: Segments,  # tiles built with ATTN_BLOCK_M
     scale: float,
@@ -470,6 +474,7 @@ def rotary_varlen_attention_triton(
     if head_dim % 2:
         raise ValueError("the rotary wants an even head_dim")
     half = head_dim // 2
+    assert ATTN_BLOCK_M == ATTN_BLOCK_N  # the kernel's one-block path takes the query tile's rows as the keys
     # one pipeline stage: a window is one key block, so there is nothing to prefetch (measured: 2 stages took
     # twice as long on an H100 at 7B's shapes)
     _rotary_varlen_attention_kernel[(seg.tiles.shape[0] * heads,)](
