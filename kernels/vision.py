@@ -223,6 +223,9 @@ def varlen_attention_flash(
 # (1,092x1,932 photo: 1.23 ms a layer against cuDNN's 1.62 on an H100). Segments shorter than this stay on
 # cuDNN / flash varlen, faster there (4 x 448^2: 125 against 157-170 us); BENCHMARKS.md has the rows.
 FA4_MIN_SEGMENT = 2048
+# head_dims whose flash-attn-4 path is measured and parity-tested here (the Qwen2-VL / Qwen2.5-VL towers'); other
+# towers (SigLIP's 72) keep cuDNN / flash varlen under this backend
+FA4_HEAD_DIMS = frozenset({80})
 
 
 @functools.cache
@@ -250,9 +253,9 @@ def varlen_attention_fa4(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments, scale: float
 ) -> torch.Tensor:
     """flash-attn-4's varlen kernel (views of the qkv output as they are: head_dim contiguous) for segments that
-    can reach FA4_MIN_SEGMENT rows; shorter ones through varlen_attention_flash. Rows no segment covers are left
-    unwritten. No host work: capturable in a CUDA graph."""
-    if seg.max_len < FA4_MIN_SEGMENT:
+    can reach FA4_MIN_SEGMENT rows at a head_dim of FA4_HEAD_DIMS; the rest through varlen_attention_flash. Rows no
+    segment covers are left unwritten. No host work: capturable in a CUDA graph."""
+    if seg.max_len < FA4_MIN_SEGMENT or q.shape[-1] not in FA4_HEAD_DIMS:
         return varlen_attention_flash(q, k, v, seg, scale)
     cu = seg.cu_seqlens
     out = _fa4_varlen()(

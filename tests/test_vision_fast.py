@@ -272,6 +272,19 @@ def test_auto_takes_fa4_where_flash_attn_4_runs(requested, dtype, device, varlen
         assert pick() == want
 
 
+def test_fa4_backend_sends_short_segments_and_other_head_dims_to_varlen(monkeypatch):
+    """flash-attn-4 takes whole images (segments that can reach FA4_MIN_SEGMENT rows) at the head_dims it was
+    measured at; windows-sized segments and other towers' head_dims (SigLIP's 72) stay on cuDNN / flash varlen."""
+    calls = []
+    monkeypatch.setattr(kv, "varlen_attention_flash", lambda q, k, v, seg, scale: calls.append("varlen") or q)
+    monkeypatch.setattr(kv, "_fa4_varlen", lambda: lambda q, *a, **kw: calls.append("fa4") or q)
+    long, short = _segments([kv.FA4_MIN_SEGMENT, 10]), _segments([64, 64])
+    for head_dim, seg, want in ((80, long, "fa4"), (80, short, "varlen"), (72, long, "varlen")):
+        q = torch.zeros(seg.bounds[-1], 2, head_dim)
+        kv.varlen_attention_fa4(q, q, q, seg, 1.0)
+        assert calls.pop() == want
+
+
 def test_asking_for_fa4_without_flash_attn_4_says_how_to_get_it():
     with pytest.raises(ValueError, match=r"mirador\[gpu\]"):
         kv.pick_vision_attention(

@@ -52,8 +52,8 @@ class VisionArgs(InternalAuthArgs, ObservabilityArgs, ProcessArgs):
     vision_attention_backend: str = arg(
         "auto",
         "attention of the vision tower: auto (fa4 where flash-attn-4 is installed on a Hopper or newer GPU, else "
-        "varlen on a GPU, else torch_native), fa4 (flash-attn-4 for whole images, mirador[gpu]; windows as "
-        "varlen), varlen (flash varlen / cuDNN; windows: our Triton kernel with the rotary fused), triton (ours), "
+        "varlen on a GPU, else torch_native), fa4 (flash-attn-4 for whole images at head_dim 80, the Qwen towers', "
+        "mirador[gpu]; the rest as varlen), varlen (flash varlen / cuDNN; windows: our Triton kernel with the rotary fused), triton (ours), "
         "torch_native (SDPA per group of equal windows; the reference)",
         choices=("auto", "fa4", "varlen", "triton", "torch_native"),
     )
