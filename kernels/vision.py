@@ -404,8 +404,8 @@ if HAS_TRITON:
         the heads of a tile adjacent so that its rows' cos/sin are read from L2 after the first. head_dim is
         handled as its two rotary halves (two dots each for QK^T and PV). Only the first half of cos/sin is read
         (the halves of a rotate-half table are equal), and a segment that is this one tile (a window) rotates its
-        keys with the queries' cos/sin tiles: the cos/sin loads were most of the kernel's traffic (H100, 7B:
-        149 -> 123 us a window layer for the first). Longer segments loop over key blocks; they take rotary +
+        keys with the queries' cos/sin tiles: the float32 cos/sin loads were most of the kernel's traffic (H100, 7B
+        photo's windows: 80.0 -> 71.5 us a layer). Longer segments loop over key blocks; they take rotary +
         attention in the towers (with_rotary)."""
         pdl_prologue(USE_PDL)
         pid = tl.program_id(0)
