@@ -17,7 +17,6 @@ class PortInUse(OSError):
 
     def __init__(self, what: str, host: str, port: int):
         super().__init__(errno.EADDRINUSE, f"{what} port {host}:{port} is already in use")
-        self.port = port
 
 
 def _ephemeral_start() -> int:

@@ -145,6 +145,20 @@ def test_output_batch_columns_keep_each_choice_in_order():
             ]
 
 
+def _delta_columns(entries):
+    """DeltaColumns holding (request id, choice index, text, token ids) entries, in order."""
+    from common.types import DeltaColumns
+
+    cols = DeltaColumns()
+    for rid, index, text, ids in entries:
+        cols.request_ids.append(rid)
+        cols.indexes.append(index)
+        cols.texts.append(text)
+        cols.num_tokens.append(len(ids))
+        cols.token_ids += ids
+    return cols
+
+
 def test_delta_columns_in_an_output_batch_keep_each_choice_in_order():
     """A consumer's DeltaColumns travel whole as the batch's columns; entries of a request after one of its
     messages (steps merged while the stream was busy) become messages, so each choice reads in order."""
@@ -152,14 +166,7 @@ def test_delta_columns_in_an_output_batch_keep_each_choice_in_order():
     from common.types import DeltaColumns, GenerateOutput, TokenLogprob
 
     def columns(*entries):
-        cols = DeltaColumns()
-        for rid, index, text, ids in entries:
-            cols.request_ids.append(rid)
-            cols.indexes.append(index)
-            cols.texts.append(text)
-            cols.num_tokens.append(len(ids))
-            cols.token_ids += ids
-        return cols.take()
+        return _delta_columns(entries).take()
 
     step1 = columns(("r1", 0, "he", [1, 2]), ("r2", 0, "a", [3]))
     message = GenerateOutput("r1", 0, "l", [4], logprobs=[TokenLogprob(4, -0.5, ((4, -0.5),))])
@@ -185,16 +192,10 @@ def test_output_batch_leaves_out_the_columns_of_one_token_deltas_of_choice_0():
     """Deltas that are all one token of choice 0 (n=1, stream_interval 1) travel without delta_indexes and
     delta_num_tokens; the reader fills them in. Either column is sent as soon as one delta differs."""
     from common.convert import outputs_from_batch, outputs_to_batch
-    from common.types import DeltaColumns, GenerateOutput
+    from common.types import GenerateOutput
 
     def roundtrip(entries):
-        cols = DeltaColumns()
-        for rid, index, text, ids in entries:
-            cols.request_ids.append(rid)
-            cols.indexes.append(index)
-            cols.texts.append(text)
-            cols.num_tokens.append(len(ids))
-            cols.token_ids += ids
+        cols = _delta_columns(entries)
         expected = cols.outputs()
         batch = type(outputs_to_batch([])).FromString(outputs_to_batch([cols]).SerializeToString())
         assert outputs_from_batch(batch) == expected
