@@ -99,6 +99,9 @@ class Qwen2VisionTransformer(nn.Module):
     def tie_weights(self) -> None:
         pass
 
+    def process_weights_after_loading(self) -> None:
+        self.patch_embed.fold_still_kernel()
+
     @property
     def dtype(self) -> torch.dtype:
         return self.patch_embed.proj.weight.dtype

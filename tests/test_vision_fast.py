@@ -639,6 +639,29 @@ def test_cuda_tower_fast_matches_reference(towers, dtype):
         _close(small, out[:80], rel=1e-2, atol=None)
 
 
+def test_still_patches_through_the_folded_aligned_kernel_match_the_conv():
+    """Still-image patches [N, C*P*P] against the kernel folded over T once after loading, its columns padded to
+    a 16-byte row (CUDA's default): equal to the conv over the frame repeated T times, and to the fold done per
+    forward when nothing was folded."""
+    from models.qwen2_5_vl_vision import Qwen2_5_VisionPatchEmbed
+
+    torch.manual_seed(0)
+    cfg = CONFIG.vision
+    embed = Qwen2_5_VisionPatchEmbed(cfg)
+    c, t, p = cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size
+    still = torch.randn(5, c * p * p)
+    frames = still.view(5, c, 1, p, p).expand(5, c, t, p, p)
+    with torch.no_grad():
+        conv = embed.proj(frames).flatten(1)
+        per_forward = embed(still)
+        embed.fold_still_kernel(align=8)
+        assert embed.folded_still.shape == (cfg.hidden_size, -(-c * p * p // 8) * 8)
+        aligned = embed(still)
+    torch.testing.assert_close(per_forward, conv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aligned, per_forward, rtol=1e-6, atol=1e-6)
+    assert "folded_still" not in embed.state_dict()  # not a checkpoint tensor
+
+
 def test_padding_the_intermediate_width_changes_nothing():
     from models.layers import MergedGatedMLP
 
