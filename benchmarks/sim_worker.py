@@ -171,6 +171,7 @@ class SimCore:
     def __init__(self, args: SimWorkerArgs, pool: np.ndarray, eos_ids: Sequence[int], context_length: int):
         self.args = args
         self.pool = pool
+        self.pool_list = [int(t) for t in pool]
         self.eos = eos_ids[0] if eos_ids else None
         self.page_size = args.page_size
         self.max_pages_per_seq = -(-context_length // args.page_size)
@@ -188,8 +189,34 @@ class SimCore:
         a = self.args
         return int(a.step_ms * 1e6 + a.prefill_us_per_token * 1e3 * num_prefill_tokens)
 
-    def step(self, plan: StepPlan) -> tuple[StepOutput, int]:
-        """The step's output (times unset) and its simulated device time."""
+    def step_request(self, req: worker_pb2.StepRequest) -> tuple[StepOutput, int]:
+        """step(plan_from_proto(req)), with the plain decodes read from their columns (decode_seq_ids) without a
+        SeqStep or SeqResult each when every one of them is well formed and wants no logprobs; the same output
+        either way (tests/test_sim_worker.py). The simulated worker shares the benchmark machine's cores with the
+        scheduler and the gateway it stands in for a GPU for, so its own CPU is kept small."""
+        ids, starts = list(req.decode_seq_ids), list(req.decode_start_pos)
+        if ids:
+            states = self._plain_decodes(ids, starts)
+            if states is not None:
+                req.ClearField("decode_seq_ids")
+                req.ClearField("decode_start_pos")
+                return self.step(plan_from_proto(req), (ids, starts, states))
+        return self.step(plan_from_proto(req))
+
+    def _plain_decodes(self, ids: list[str], starts: list[int]) -> list[_Seq] | None:
+        """The states of decodes that _apply_init_and_pages would pass; None if any would not."""
+        seqs, failed, ps = self.seqs, self.failed, self.page_size
+        states = []
+        for sid, lo in zip(ids, starts, strict=True):
+            st = seqs.get(sid)
+            if st is None or sid in failed or st.last is None or (lo + ps) // ps > len(st.page_table):
+                return None
+            states.append(st)
+        return states
+
+    def step(self, plan: StepPlan, plain: tuple | None = None) -> tuple[StepOutput, int]:
+        """The step's output (times unset) and its simulated device time. `plain`: (ids, start positions, states)
+        of plain decodes that follow plan.seqs (step_request)."""
         t0 = time.perf_counter_ns()
         c = self.counters
         for seq_id in plan.free_seq_ids:
@@ -218,19 +245,64 @@ class SimCore:
             if s.sample:
                 results.append(self._sample(st, s, h))
         computed = len(plan.seqs) - len(failures)
+        sampled_ids: list[str] = []
+        sampled_tokens: list[int] = []
+        num_sampled = len(results)
+        if plain is not None:
+            # the columns carry the plain results, then the decodes, in plan order, as the real worker sends them
+            sampled_ids = [r.seq_id for r in results if not r.logprob and not r.top_logprobs]
+            sampled_tokens = [r.token_id for r in results if not r.logprob and not r.top_logprobs]
+            results = [r for r in results if r.logprob or r.top_logprobs]
+            ids, starts, states = plain
+            self._decode_plain(ids, starts, states, sampled_ids, sampled_tokens, results)
+            computed += len(ids)
+            num_tokens += len(ids)
+            num_sampled += len(ids)
         c.steps += 1
         c.prefill_steps += num_prefill > 0
         c.prefill_tokens += num_prefill
         c.decode_tokens += num_tokens - num_prefill
-        c.sampled_tokens += len(results)
+        c.sampled_tokens += num_sampled
         c.failures += len(failures)
         c.max_batch = max(c.max_batch, computed)
         c.live_seqs = len(self.seqs)
         prepare_ns = time.perf_counter_ns() - t0
         c.host_ns += prepare_ns
         duration = self.duration_ns(num_prefill) if computed else 0
-        out = StepOutput(plan.step_id, tuple(results), tuple(failures), num_tokens, prepare_ns, duration)
+        out = StepOutput(
+            plan.step_id,
+            tuple(results),
+            tuple(failures),
+            num_tokens,
+            prepare_ns,
+            duration,
+            sampled_seq_ids=tuple(sampled_ids),
+            sampled_token_ids=tuple(sampled_tokens),
+        )
         return out, duration
+
+    def _decode_plain(self, ids, starts, states, sampled_ids, sampled_tokens, results) -> None:
+        """_compute and _sample of one-token decodes (checked by _plain_decodes), inline; tokens go to the columns,
+        those of sequences that want logprobs to `results` (as step_output_to_proto would place them)."""
+        kv, ps, pool, n_pool = self.kv, self.page_size, self.pool_list, len(self.pool_list)
+        eos, eos_after = self.eos, self.args.eos_after
+        for sid, lo, st in zip(ids, starts, states, strict=True):
+            table = st.page_table
+            prev = int(kv[table[(lo - 1) // ps] * ps + (lo - 1) % ps]) if lo > 0 else 0
+            h = (prev + _token_term(st.last, lo)) & MASK
+            kv[table[lo // ps] * ps + lo % ps] = h
+            sp = st.sampling
+            if sp.return_logprob:
+                results.append(self._sample(st, SeqStep(sid, lo), h))
+                continue
+            token = pool[_mix(h ^ (sp.seed or 0)) % n_pool]
+            if eos is not None and lo + 1 - st.num_prompt == eos_after:
+                index = lo + 1 - st.num_prompt
+                if not (index < sp.min_tokens and eos in sp.min_tokens_suppress_ids):
+                    token = eos
+            st.last = token
+            sampled_ids.append(sid)
+            sampled_tokens.append(token)
 
     def _apply_init_and_pages(self, s: SeqStep) -> _Seq:
         if s.init is not None:
@@ -441,7 +513,7 @@ class SimWorkerServicer(worker_pb2_grpc.WorkerServicer):
                 arrived = time.monotonic_ns()
                 if arrived > device_free and core.seqs and device_free:
                     core.counters.starved_ns += arrived - device_free
-                out, duration = core.step(plan_from_proto(req))
+                out, duration = core.step_request(req)
                 start = max(arrived, device_free)
                 device_free = start + duration
                 core.counters.busy_ns += duration

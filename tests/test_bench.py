@@ -14,11 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from mirador.bench.args import BenchArgs
-from mirador.bench.client import run_server_processes, send
+from mirador.bench.client import _fast_usage, connect, run_server_processes, send
 from mirador.bench.report import METRICS, STATS, RequestResult, summarize
 from mirador.bench.workload import BenchRequest, base_vocab_size, build_workload, has_images
 from processor.tokenizer import Tokenizer
@@ -252,46 +251,89 @@ def _text(t: str, usage: dict | None = None) -> dict:
     return {"choices": [{"index": 0, "text": t, "finish_reason": None}], "usage": usage}
 
 
-def _run_send(handler) -> RequestResult:
-    req = BenchRequest(0, [1, 2, 3], "", 4)
+def _run_send(status: int = 200, body: bytes = b"", listen: bool = True) -> RequestResult:
+    """One `send` against a loopback server that answers `status` with `body`, or against a port where nothing
+    listens."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(status)
+            self.send_header("content-type", "text/event-stream" if status == 200 else "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    port = server.server_address[1]
+    if listen:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    else:
+        server.server_close()
+    args = BenchArgs(base_url=f"http://127.0.0.1:{port}", disable_progress=True, timeout_s=10.0)
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://x") as http:
-            return await send(http, req, "m", {}, 0.0)
+        async with connect(args) as client:
+            return await send(client, BenchRequest(0, [1, 2, 3], "", 4), "m", {}, 0.0)
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    finally:
+        if listen:
+            server.shutdown()
+            server.server_close()
 
 
 def test_send_reads_the_stream():
     usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     # the gateway's shape: a chunk may carry two tokens (here "cd"), usage only at the end
     body = _sse(_text("a"), _text(""), _text("b"), _text("cd"), {"choices": [], "usage": usage})
-    r = _run_send(lambda request: httpx.Response(200, content=body))
+    r = _run_send(body=body)
     assert r.success and (r.input_tokens, r.output_tokens, r.num_chunks) == (3, 4, 3)
     assert len(r.itls_s) == 2 and 0 < r.ttft_s <= r.e2e_s and r.tpot_s == (r.e2e_s - r.ttft_s) / 3
     # per-chunk usage (continuous_usage_stats): the gap before a two-token chunk counts twice, halved
     u = [{"prompt_tokens": 3, "completion_tokens": n} for n in (1, 2, 4)]
     body = _sse(_text("a", u[0]), _text("b", u[1]), _text("cd", u[2]))
-    r = _run_send(lambda request: httpx.Response(200, content=body))
+    r = _run_send(body=body)
     assert r.success and r.output_tokens == 4 and len(r.itls_s) == 3 and r.itls_s[1] == r.itls_s[2]
 
 
 def test_send_records_failures():
     err = {"error": {"message": "the model `m` does not exist", "type": "x", "param": None, "code": 404}}
-    r = _run_send(lambda request: httpx.Response(404, json=err))
+    r = _run_send(404, json.dumps(err).encode())
     assert not r.success and r.error == "HTTP 404: the model `m` does not exist"
-    r = _run_send(
-        lambda request: httpx.Response(200, content=_sse(_text("a"), {"error": {"message": "boom"}}))
-    )
+    r = _run_send(body=_sse(_text("a"), {"error": {"message": "boom"}}))
     assert not r.success and "boom" in r.error
-    r = _run_send(lambda request: httpx.Response(200, content=_sse()))
+    r = _run_send(body=_sse())
     assert not r.success and "without any text" in r.error
+    r = _run_send(listen=False)
+    assert not r.success and r.error.startswith("ClientConnectorError"), r.error
 
-    def refuse(request):
-        raise httpx.ConnectError("refused")
 
-    r = _run_send(refuse)
-    assert not r.success and r.error.startswith("ConnectError")
+@pytest.mark.parametrize(
+    "event",
+    [
+        _text("a", {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}),
+        _text(
+            "a", {"completion_tokens": 12, "prompt_tokens": 3, "prompt_tokens_details": {"cached_tokens": 2}}
+        ),
+        _text("a", None),
+        _text("a"),
+        {"choices": [{"index": 0, "delta": {"content": '"usage": {"prompt_tokens": 9}'}}], "usage": None},
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}},
+        {"choices": [{"index": 0, "text": "x"}]},
+    ],
+)
+def test_usage_read_from_the_bytes_agrees_with_the_json(event):
+    for data in (json.dumps(event).encode(), json.dumps(event, separators=(",", ":")).encode()):
+        fast = _fast_usage(data)
+        usage = event.get("usage")
+        assert fast is None or fast == ((usage["prompt_tokens"], usage["completion_tokens"]) if usage else ())
+        if usage:  # the gateway's and vLLM's shapes are read without the JSON fallback
+            assert fast is not None
 
 
 def test_summarize_figures():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 
 import pytest
 
@@ -241,3 +242,82 @@ def test_routed_sink_gets_delta_columns_with_the_same_text(default_model):
                 await worker.close()
 
     asyncio.run(main())
+
+
+def test_plain_decode_columns_take_a_fast_path_with_the_same_output(default_model):
+    """SimCore.step_request reads plain decodes from their columns without a SeqStep each: over a random history
+    (prompts, decodes into new pages, seeds, logprobs, min_tokens and EOS, frees, an unknown sequence) it gives
+    the same results, failures, counters and KV as the SeqStep path, with the columns in the real worker's order
+    (the plain decodes last)."""
+    import random
+
+    import numpy as np
+
+    from benchmarks.sim_worker import SimCore, _load_tokenizer, text_token_ids
+    from common.convert import plan_from_proto, plan_to_proto
+    from protos import worker_pb2
+
+    args = SimWorkerArgs(model_path=str(default_model), eos_after=12, num_pages=4096)
+    tok = _load_tokenizer(str(default_model))
+    pool, eos = text_token_ids(tok), (tok.hf.eos_token_id,)
+    slow, fast = SimCore(args, pool, eos, 4096), SimCore(args, pool, eos, 4096)
+    rng = random.Random(7)
+    live: dict[str, list[int]] = {}  # seq id -> [next position, pages held]
+    next_page, fast_steps = 1, 0
+    for step_id in range(1, 120):
+        seqs, frees = [], []
+        for sid in list(live):
+            if rng.random() < 0.04:
+                frees.append(sid)
+                del live[sid]
+        for _ in range(rng.randrange(0, 3)):  # new prompts
+            sid, n = f"s{step_id}-{len(seqs)}", rng.randrange(5, 40)
+            pages = -(-n // 16)
+            sampling = {"seed": rng.randrange(100)} if rng.random() < 0.5 else {}
+            if rng.random() < 0.2:
+                sampling.update(return_logprob=True, top_logprobs=2)
+            if rng.random() < 0.3:
+                sampling.update(min_tokens=20, min_tokens_suppress_ids=eos)
+            ids = tuple(rng.randrange(100, 5000) for _ in range(n))
+            seqs.append(
+                SeqStep(
+                    sid, 0, ids, True, 0, tuple(range(next_page, next_page + pages)), _init(n, **sampling)
+                )
+            )
+            live[sid] = [n, pages]
+            next_page += pages
+        for sid, (pos, pages) in list(live.items()):
+            if any(s.seq_id == sid for s in seqs):
+                continue
+            if pos + 1 > pages * 16:  # a decode into a new page
+                seqs.append(SeqStep(sid, pos, (), True, pages, (next_page,)))
+                live[sid][1] += 1
+                next_page += 1
+            else:
+                seqs.append(SeqStep(sid, pos))
+            live[sid][0] += 1
+        if step_id % 17 == 0:
+            seqs.append(SeqStep("never-initialised", 3))
+        wire = plan_to_proto(StepPlan(step_id, tuple(seqs), tuple(frees))).SerializeToString()
+        want, want_ns = slow.step(plan_from_proto(worker_pb2.StepRequest.FromString(wire)))
+        req = worker_pb2.StepRequest.FromString(wire)
+        decodes = list(req.decode_seq_ids)
+        took_fast = bool(decodes) and fast._plain_decodes(decodes, list(req.decode_start_pos)) is not None
+        got, got_ns = fast.step_request(req)
+        assert sorted(got.sampled()) == sorted(want.sampled()) and got.failures == want.failures
+        assert (got_ns, got.num_tokens) == (want_ns, want.num_tokens)
+
+        def with_logprobs(out):
+            return {r.seq_id: r for r in out.results if r.logprob or r.top_logprobs}
+
+        assert with_logprobs(got) == with_logprobs(want)
+        if took_fast:
+            fast_steps += 1
+            plain = tuple(i for i in decodes if i not in with_logprobs(want))
+            assert got.sampled_seq_ids[len(got.sampled_seq_ids) - len(plain) :] == plain
+    assert np.array_equal(slow.kv, fast.kv)
+    counters = [dataclasses.asdict(c.counters) for c in (slow, fast)]
+    for c in counters:
+        c.pop("host_ns")
+    assert counters[0] == counters[1]
+    assert fast_steps > 50  # most steps took the fast path

@@ -10,17 +10,20 @@ gives one longer gap. Token counts come from the usage of the last chunk (stream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
 import multiprocessing as mp
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 
+from common import event_loop
 from mirador.bench.args import BenchArgs
 from mirador.bench.progress import Progress
 from mirador.bench.report import RequestResult
@@ -38,7 +41,7 @@ async def run_server(
 ) -> tuple[list[RequestResult], float, dict[str, Any] | None]:
     """Runs the warm-up, then the timed requests; returns their results, the timed run's duration and the
     server's counters just before it (None when /server_info has none)."""
-    async with _client(args) as http:
+    async with connect(args) as http:
         stats_before = await _warm_up(http, args, model, warmup)
         progress = Progress(len(requests), "requests", disabled=args.disable_progress)
         t0 = time.perf_counter()
@@ -57,8 +60,8 @@ def run_server_processes(
     so every result's times stay relative to one t0; the warm-up runs here first."""
     n = args.client_processes
     if n == 1:
-        return asyncio.run(run_server(args, model, requests, warmup))
-    stats_before = asyncio.run(_warm_up_only(args, model, warmup))
+        return _run(run_server(args, model, requests, warmup))
+    stats_before = _run(_warm_up_only(args, model, warmup))
     c = args.max_concurrency
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     done = ctx.Value("i", 0)
@@ -114,14 +117,14 @@ def _client_process(
     args: BenchArgs, model: str, requests: list[BenchRequest], stream: int, t0: float, done, conn
 ) -> None:
     """One client process: waits for the common start t0, runs its share, sends (results, end time) back."""
-    conn.send(asyncio.run(_timed_share(args, model, requests, stream, t0, done)))
+    conn.send(_run(_timed_share(args, model, requests, stream, t0, done)))
     conn.close()
 
 
 async def _timed_share(
     args: BenchArgs, model: str, requests: list[BenchRequest], stream: int, t0: float, done
 ) -> tuple[list[RequestResult], float]:
-    async with _client(args) as http:
+    async with connect(args) as http:
         await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
         results = await _run_all(
             http, args, model, _extra(args), requests, args.request_rate, _Counter(done), t0, stream
@@ -140,12 +143,34 @@ class _Counter:
             self.value.value += n
 
 
-def _client(args: BenchArgs) -> httpx.AsyncClient:
-    limits = httpx.Limits(
-        max_connections=args.max_concurrency, max_keepalive_connections=args.max_concurrency
+def _run(main):
+    """asyncio.run on uvloop where it is installed: the client reads tens of thousands of events a second."""
+    with asyncio.Runner(loop_factory=event_loop.loop_factory("auto")) as runner:
+        return runner.run(main)
+
+
+@dataclasses.dataclass
+class Http:
+    """The client's connection pool and the server's address. aiohttp rather than httpx: reading 128 streams of
+    8 ms steps on this repository's 2-core VM, httpx took ~100 us of CPU per event and aiohttp ~50 (a raw asyncio
+    protocol ~32): the client shares the machine with the server it measures (BENCHMARKS.md, issue 9)."""
+
+    session: aiohttp.ClientSession
+    base_url: str
+
+    def url(self, path: str) -> str:
+        return self.base_url.rstrip("/") + path
+
+
+@contextlib.asynccontextmanager
+async def connect(args: BenchArgs) -> AsyncIterator[Http]:
+    connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0)
+    # per-read and connect timeouts (a stream may last longer than timeout_s as long as it keeps sending)
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=min(args.timeout_s, 60.0), sock_read=args.timeout_s
     )
-    timeout = httpx.Timeout(args.timeout_s, connect=min(args.timeout_s, 60.0))
-    return httpx.AsyncClient(base_url=args.base_url, timeout=timeout, limits=limits, trust_env=False)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
+        yield Http(session, args.base_url)
 
 
 def _extra(args: BenchArgs) -> dict[str, Any]:
@@ -153,7 +178,7 @@ def _extra(args: BenchArgs) -> dict[str, Any]:
 
 
 async def _warm_up(
-    http: httpx.AsyncClient, args: BenchArgs, model: str, warmup: list[BenchRequest]
+    http: Http, args: BenchArgs, model: str, warmup: list[BenchRequest]
 ) -> dict[str, Any] | None:
     """Runs the warm-up requests (left out of the figures); returns the server's counters after them."""
     if warmup:
@@ -165,20 +190,20 @@ async def _warm_up(
 
 
 async def _warm_up_only(args: BenchArgs, model: str, warmup: list[BenchRequest]) -> dict[str, Any] | None:
-    async with _client(args) as http:
+    async with connect(args) as http:
         return await _warm_up(http, args, model, warmup)
 
 
-async def _server_stats(http: httpx.AsyncClient) -> dict[str, Any] | None:
+async def _server_stats(http: Http) -> dict[str, Any] | None:
     try:
-        r = await http.get("/server_info")
-        return r.json().get("stats") if r.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
+        async with http.session.get(http.url("/server_info")) as r:
+            return (await r.json(content_type=None)).get("stats") if r.status == 200 else None
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         return None
 
 
 async def _run_all(
-    http: httpx.AsyncClient,
+    http: Http,
     args: BenchArgs,
     model: str,
     extra: dict[str, Any],
@@ -211,9 +236,7 @@ async def _run_all(
     return list(await asyncio.gather(*tasks))
 
 
-async def send(
-    http: httpx.AsyncClient, req: BenchRequest, model: str, extra: dict[str, Any], t0: float
-) -> RequestResult:
+async def send(http: Http, req: BenchRequest, model: str, extra: dict[str, Any], t0: float) -> RequestResult:
     """One streamed request; any failure is recorded in the result, never raised."""
     path, body = req.openai_request(model, extra)
     content = json.dumps(body).encode()  # before the clock starts: megabytes of images take milliseconds
@@ -221,9 +244,9 @@ async def send(
     sent = time.perf_counter()
     result.start_s = sent - t0
     try:
-        async with http.stream("POST", path, content=content, headers=JSON_HEADERS) as resp:
-            if resp.status_code != 200:
-                raise RequestFailed(f"HTTP {resp.status_code}: {_error_message(await resp.aread())}")
+        async with http.session.post(http.url(path), data=content, headers=JSON_HEADERS) as resp:
+            if resp.status != 200:
+                raise RequestFailed(f"HTTP {resp.status}: {_error_message(await resp.read())}")
             await _read_stream(resp, result, sent)
         result.e2e_s = time.perf_counter() - sent
         if result.num_chunks == 0:
@@ -237,14 +260,14 @@ async def send(
     return result
 
 
-async def _read_stream(resp: httpx.Response, result: RequestResult, sent: float) -> None:
+async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, sent: float) -> None:
     """Times each SSE event that carries text. At tens of thousands of events a second the client's own CPU would
-    bound the figures, so plain text deltas are recognised from their bytes and only events carrying usage, an
-    error, or an unexpected shape are parsed as JSON."""
+    bound the figures, so plain text deltas and their running usage (continuous_usage_stats) are read from the
+    bytes; only events carrying an error, or of a shape the byte reader is unsure of, are parsed as JSON."""
     last = 0.0
     tokens_seen = 0
     pending = b""
-    async for raw in resp.aiter_bytes():
+    async for raw in resp.content.iter_any():
         now = time.perf_counter()
         pending += raw
         *lines, pending = pending.split(b"\n")
@@ -255,17 +278,18 @@ async def _read_stream(resp: httpx.Response, result: RequestResult, sent: float)
             if data == b"[DONE]":
                 return
             new_tokens = 0
-            has_text = _fast_has_text(data) if b'"usage"' not in data and b'"error"' not in data else None
-            if has_text is None:
+            has_text = None if b'"error"' in data else _fast_has_text(data)
+            usage = _fast_usage(data) if has_text is not None else None
+            if has_text is None or usage is None:
                 chunk = json.loads(data)
                 if "error" in chunk:
                     raise RequestFailed(f"error in the stream: {_error_message(chunk)}")
-                usage = chunk.get("usage")
-                if usage:
-                    result.input_tokens = usage.get("prompt_tokens", 0)
-                    result.output_tokens = usage.get("completion_tokens", 0)
-                    new_tokens, tokens_seen = result.output_tokens - tokens_seen, result.output_tokens
+                u = chunk.get("usage")
+                usage = (u.get("prompt_tokens", 0), u.get("completion_tokens", 0)) if u else ()
                 has_text = _has_text(chunk)
+            if usage:
+                result.input_tokens, result.output_tokens = usage
+                new_tokens, tokens_seen = result.output_tokens - tokens_seen, result.output_tokens
             if not has_text:
                 continue
             if result.num_chunks == 0:
@@ -275,6 +299,30 @@ async def _read_stream(resp: httpx.Response, result: RequestResult, sent: float)
                 result.itls_s.extend([(now - last) / k] * k)
             last = now
             result.num_chunks += 1
+
+
+def _fast_usage(data: bytes) -> tuple[int, int] | tuple[()] | None:
+    """(prompt_tokens, completion_tokens) of an event's usage read from its bytes; () when it has none (no
+    "usage" key, or null); None when unsure (let the JSON decide)."""
+    at = data.find(b'"usage":')
+    if at < 0:
+        return ()
+    rest = data[at + 8 :].lstrip()
+    if rest.startswith(b"null"):
+        return ()
+    counts = []
+    for key in (b'"prompt_tokens":', b'"completion_tokens":'):
+        k = rest.find(key)
+        if k < 0:
+            return None
+        digits = rest[k + len(key) :].lstrip()
+        end = 0
+        while end < len(digits) and 48 <= digits[end] <= 57:
+            end += 1
+        if end == 0:
+            return None
+        counts.append(int(digits[:end]))
+    return counts[0], counts[1]
 
 
 _TEXT_KEYS = (b'"text":', b'"content":')
@@ -313,8 +361,11 @@ def _error_message(raw: bytes | dict[str, Any]) -> str:
 async def fetch_json(base_url: str, path: str, timeout_s: float = 30.0) -> dict[str, Any] | None:
     """GET a JSON endpoint of the server; None when it is not there."""
     try:
-        async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, trust_env=False) as http:
-            resp = await http.get(path)
-        return resp.json() if resp.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with (
+            aiohttp.ClientSession(timeout=timeout, trust_env=False) as session,
+            session.get(base_url.rstrip("/") + path) as resp,
+        ):
+            return await resp.json(content_type=None) if resp.status == 200 else None
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
         return None
