@@ -85,6 +85,7 @@ class Services:
                 # the scheduler takes CPU defaults (64 running, 2048-token chunks) for a worker not on "cuda"
                 *("--max-running-requests", str(args.max_running_requests)),
                 *("--chunked-prefill-size", str(args.chunked_prefill_size)),
+                "--enable-mixed-chunk" if args.mixed_chunk else "--no-enable-mixed-chunk",
                 *args.scheduler_flag,
             ],
             "gateway": [
@@ -273,7 +274,7 @@ def _start_py_spy(
     spy = Path(sys.executable).parent / "py-spy"
     out_dir.mkdir(parents=True, exist_ok=True)
     spies = {}
-    for name in ("scheduler", "gateway"):
+    for name in ("scheduler", "gateway", "worker"):
         out = out_dir / f"{name}-{concurrency}.txt"
         cmd = [str(spy), "record", "--pid", str(services.procs[name].pid), "--rate", "100"]
         # native stacks need py-spy to pause the process for each sample (slower); Python ones do not
@@ -474,10 +475,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--chunked-prefill-size", type=int, default=8192, help="scheduler flag (its GPU default)")
     ap.add_argument(
+        "--mixed-chunk",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decodes and prompt chunks share steps (the scheduler's default with a GPU worker, which the sim "
+        "worker stands in for); --no-mixed-chunk: prompt-only steps, its CPU default",
+    )
+    ap.add_argument(
         "--scheduler-flag",
         action="append",
         default=[],
-        help="extra scheduler flag, repeatable (e.g. --scheduler-flag=--enable-mixed-chunk)",
+        help="extra scheduler flag, repeatable (e.g. --scheduler-flag=--schedule-policy=lpm)",
     )
     ap.add_argument("--check-prompts", type=int, default=6, help="prompts of the stream == non-stream check")
     ap.add_argument("--model-path", default="", help="tokenizer and config (default: the embedded model)")
@@ -485,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--log-dir", type=Path, default=None, help="service logs and bench JSON (default: a temp dir)"
     )
-    ap.add_argument("--py-spy", type=Path, default=None, help="record scheduler and gateway profiles here")
+    ap.add_argument(
+        "--py-spy", type=Path, default=None, help="record scheduler, gateway and sim worker profiles here"
+    )
     ap.add_argument("--py-spy-native", action="store_true", help="profiles include C frames (grpc's core)")
     ap.add_argument("--output-json", type=Path, default=None, help="write every figure here")
     args = ap.parse_args(argv)

@@ -62,7 +62,7 @@ from gateway.responses import (
     ServerInfo,
 )
 from gateway.serving import ModelCard, OpenAIServing
-from gateway.sse import EventStreamResponse
+from gateway.sse import RAW_SEND, EventStreamResponse
 from processor.media import MediaPolicy
 from processor.model_config import load_generation_defaults, load_generation_eos
 from processor.request_builder import RequestBuilder
@@ -329,6 +329,16 @@ class _ApiKey:
         await send({"type": "http.response.body", "body": body})
 
 
+class GatewayApp(FastAPI):
+    """FastAPI that leaves the ASGI server's own `send` in the scope (RAW_SEND) before Starlette's outermost
+    middleware (ServerErrorMiddleware) wraps it, so streamed events skip every wrapper (gateway/sse.py)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            scope[RAW_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(args: GatewayArgs) -> FastAPI:
     gw = Gateway(args)
     api_key = args.api_key or os.environ.get("MIRADOR_API_KEY", "")
@@ -339,7 +349,7 @@ def create_app(args: GatewayArgs) -> FastAPI:
         yield
         await gw.close()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="Mirador",
         version="0.1.0",
         lifespan=lifespan,

@@ -11,7 +11,6 @@ import uuid
 
 from common.log import request_id_var
 from gateway.metrics import GatewayMetrics
-from gateway.sse import RAW_SEND
 
 # when the gateway received the request (time.perf_counter()); 0.0 outside a request
 arrival_var: contextvars.ContextVar[float] = contextvars.ContextVar("arrival", default=0.0)
@@ -42,7 +41,6 @@ class RequestContext:
         rid_token = request_id_var.set(rid)
         arrival_token = arrival_var.set(time.perf_counter())
         path = scope.get("path", "")
-        scope[RAW_SEND] = send  # for streamed events, which need none of the wrappers below (gateway/sse.py)
 
         async def tagged(message):
             if message["type"] == "http.response.start":

@@ -4,8 +4,9 @@ A streamed completion is one `send` per event, and per event Starlette's `Stream
 middleware's `send` wrapper (the exception handlers', the request context's), each an async call that only looks
 for the response's start. `EventStreamResponse` sends the start through that chain, so headers, the request id and
 the status count are what every other response gets, and writes the body's events with the server's own `send`,
-which the outermost middleware (`RequestContext`) leaves in the scope under `RAW_SEND`. A client that goes away
-cancels the stream (its generator's cleanup aborts the request at the scheduler), as Starlette's does."""
+which the app (`gateway.app.GatewayApp`) leaves in the scope under `RAW_SEND` before any middleware wraps it. A
+client that goes away cancels the stream (its generator's cleanup aborts the request at the scheduler), as
+Starlette's does."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+from fastapi import Request
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common import event_loop
@@ -125,3 +126,45 @@ def test_an_error_in_the_stream_reaches_the_caller():
 
     with pytest.raises(RuntimeError, match="boom"):
         asyncio.run(main())
+
+
+def test_the_gateway_app_hands_streams_the_servers_own_send():
+    """GatewayApp puts the ASGI server's `send` in the scope before Starlette's outermost middleware wraps it, so
+    EventStreamResponse writes events without passing through any middleware's wrapper."""
+    from gateway.app import GatewayApp
+    from gateway.request_context import RequestContext
+
+    app = GatewayApp()
+    app.add_middleware(RequestContext, metrics=type("M", (), {"count_response": lambda *a: None})())
+    seen = {}
+
+    @app.get("/s")
+    async def stream(request: Request):
+        seen["raw"] = request.scope[RAW_SEND]
+
+        async def events():
+            yield "data: 1\n\n"
+
+        return EventStreamResponse(events())
+
+    sent = []
+
+    async def server_send(message):
+        sent.append(message)
+
+    async def receive():
+        await asyncio.sleep(10)
+        return {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/s",
+        "headers": [],
+        "query_string": b"",
+        "root_path": "",
+    }
+    asyncio.run(app(scope, receive, server_send))
+    assert seen["raw"] is server_send
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body", "http.response.body"]
+    assert sent[1]["body"] == b"data: 1\n\n"
