@@ -251,9 +251,14 @@ class SimCore:
         num_sampled = len(results)
         if plain is not None:
             # the columns carry the plain results, then the decodes, in plan order, as the real worker sends them
-            sampled_ids = [r.seq_id for r in results if not r.logprob and not r.top_logprobs]
-            sampled_tokens = [r.token_id for r in results if not r.logprob and not r.top_logprobs]
-            results = [r for r in results if r.logprob or r.top_logprobs]
+            with_logprobs = []
+            for r in results:
+                if r.logprob or r.top_logprobs:
+                    with_logprobs.append(r)
+                else:
+                    sampled_ids.append(r.seq_id)
+                    sampled_tokens.append(r.token_id)
+            results = with_logprobs
             ids, starts, states = plain
             self._decode_plain(ids, starts, states, sampled_ids, sampled_tokens, results)
             computed += len(ids)
@@ -286,7 +291,7 @@ class SimCore:
         """_compute and _sample of one-token decodes (checked by _plain_decodes), inline; tokens go to the columns,
         those of sequences that want logprobs to `results` (as step_output_to_proto would place them)."""
         kv, ps, pool, n_pool = self.kv, self.page_size, self.pool_list, len(self.pool_list)
-        eos, eos_after = self.eos, self.args.eos_after
+        eos_after = self.args.eos_after
         for sid, lo, st in zip(ids, starts, states, strict=True):
             table = st.page_table
             prev = int(kv[table[(lo - 1) // ps] * ps + (lo - 1) % ps]) if lo > 0 else 0
@@ -297,10 +302,9 @@ class SimCore:
                 results.append(self._sample(st, SeqStep(sid, lo), h))
                 continue
             token = pool[_mix(h ^ (sp.seed or 0)) % n_pool]
-            if eos is not None and lo + 1 - st.num_prompt == eos_after:
-                index = lo + 1 - st.num_prompt
-                if not (index < sp.min_tokens and eos in sp.min_tokens_suppress_ids):
-                    token = eos
+            index = lo + 1 - st.num_prompt  # which output token this is (0-based)
+            if index == eos_after and self._eos_allowed(sp, index):
+                token = self.eos
             st.last = token
             sampled_ids.append(sid)
             sampled_tokens.append(token)
@@ -365,14 +369,17 @@ class SimCore:
         self.kv[table[ipos // self.page_size] * self.page_size + ipos % self.page_size] = hashes
         return int(hashes[-1])
 
+    def _eos_allowed(self, sp: SamplingParams, index: int) -> bool:
+        """EOS may be output token `index` (0-based): the model has one and min_tokens does not suppress it."""
+        return self.eos is not None and not (index < sp.min_tokens and self.eos in sp.min_tokens_suppress_ids)
+
     def _sample(self, st: _Seq, s: SeqStep, h: int) -> SeqResult:
         sp = st.sampling
         index = s.start_pos + s.num_tokens - st.num_prompt  # which output token this is (0-based)
         x = _mix(h ^ (sp.seed or 0))
         k = x % len(self.pool)
         token = int(self.pool[k])
-        suppressed = index < sp.min_tokens and self.eos in sp.min_tokens_suppress_ids
-        if self.eos is not None and index == self.args.eos_after and not suppressed:
+        if index == self.args.eos_after and self._eos_allowed(sp, index):
             token = self.eos
         st.last = token
         if not sp.return_logprob:

@@ -221,10 +221,13 @@ class Qwen2_5_VisionPatchEmbed(nn.Module):
         patch of C*P*P = 588 bf16 is 1,176 bytes, a row stride cuBLAS runs in an sm80 kernel: 10,764 patches
         (a 1092x1932 photo) took 116 us against 32 us at 592 columns on an H100. Called after loading; a tower
         whose weights were set otherwise folds them each forward."""
-        w = self.proj.weight
-        folded = w.float().sum(2).to(w.dtype).reshape(w.shape[0], -1)
-        align = align or (8 if w.is_cuda else 1)
+        folded = self._summed_over_t()
+        align = align or (8 if folded.is_cuda else 1)
         self.register_buffer("folded_still", F.pad(folded, (0, -folded.shape[1] % align)), persistent=False)
+
+    def _summed_over_t(self) -> torch.Tensor:
+        w = self.proj.weight  # [hidden, C, T, P, P] -> [hidden, C*P*P]
+        return w.float().sum(2).to(w.dtype).reshape(w.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, C*T*P*P], or [N, C*P*P] for still images -> [N, hidden]. A stride-equals-kernel conv on one patch
@@ -235,7 +238,7 @@ class Qwen2_5_VisionPatchEmbed(nn.Module):
         if x.shape[1] == w[0, :, 0].numel():
             folded = getattr(self, "folded_still", None)
             if folded is None:
-                return F.linear(x.to(w.dtype), w.float().sum(2).to(w.dtype).reshape(w.shape[0], -1))
+                return F.linear(x.to(w.dtype), self._summed_over_t())
             x = x.to(w.dtype)
             if folded.shape[1] != x.shape[1]:
                 x = F.pad(x, (0, folded.shape[1] - x.shape[1]))

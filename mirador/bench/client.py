@@ -356,7 +356,7 @@ async def fetch_json(base_url: str, path: str, timeout_s: float = 30.0) -> dict[
         timeout = aiohttp.ClientTimeout(total=timeout_s)
         async with (
             aiohttp.ClientSession(timeout=timeout, trust_env=False) as session,
-            session.get(base_url.rstrip("/") + path) as resp,
+            session.get(Http(session, base_url).url(path)) as resp,
         ):
             return await resp.json(content_type=None) if resp.status == 200 else None
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
