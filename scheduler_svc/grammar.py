@@ -4,6 +4,7 @@ sequences, filled together (llguidance's own threads, the GIL released)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import threading
@@ -68,6 +69,13 @@ class GrammarBackend:
         tok = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=eos or None)
         logger.info("grammar backend: llguidance tokenizer ready in %.2f s", time.perf_counter() - t0)
         return tok
+
+    async def ready(self) -> None:
+        """Once the tokenizer is built, or has failed to (logged; each compile then fails with that error)."""
+        built = asyncio.wrap_future(self._tokenizer)
+        await asyncio.wait([built])
+        if built.exception() is not None:
+            logger.error("grammar backend: the llguidance tokenizer failed to build: %s", built.exception())
 
     def compile(self, c: Constraint) -> Future:
         """A future of the compiled grammar (a matcher in its start state, to copy per sequence); it raises

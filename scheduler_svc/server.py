@@ -25,6 +25,7 @@ from processor.text_stream import prepare_detokenizer
 from processor.tokenizer import Tokenizer
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from scheduler_svc.config import SchedulerArgs
+from scheduler_svc.grammar import GrammarBackend
 from scheduler_svc.loop import SchedulerLoop, output_error
 from scheduler_svc.metrics import PrometheusObserver
 from scheduler_svc.metrics import install as install_metrics
@@ -100,6 +101,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.local = await serve_locally(a.connect_socket, "scheduler", self.port, SERVICE_NAME, methods)
         self.model_config = model_config = load_model_config(a.model_path)
         tokenizer = Tokenizer(a.model_path)
+        eos = load_generation_eos(a.model_path)
+        # llguidance builds its tokenizer in ~3 s of CPU and holds the GIL meanwhile: started now, on its thread,
+        # it overlaps the wait for the worker instead of coming after it (the vocabulary is the config's, the
+        # worker's logits width, checked below)
+        grammar = GrammarBackend(tokenizer.hf, model_config.text.vocab_size, eos)
+        prepare_detokenizer(tokenizer)
         logger.info("waiting for the worker at %s", a.worker_address)
         await wait_serving(a.worker_address, a.connect_timeout_s)
         self.worker = worker = WorkerClient(a.worker_address)
@@ -116,15 +123,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 {f.name: getattr(info, f.name) for f in info.DESCRIPTOR.fields}
             )
         policy = resolve_policy(
-            a,
-            self.worker_info,
-            load_generation_eos(a.model_path),
-            model_config.architecture,
-            model_config.image_token_id,
+            a, self.worker_info, eos, model_config.architecture, model_config.image_token_id
         )
         self.policy = policy
+        core = Scheduler(policy, tokenizer)
+        if grammar.vocab_size == policy.vocab_size:
+            grammar.on_compile = lambda seconds: core.observer.grammar_compiled(seconds)
+            core.grammar = grammar
+        else:  # the core builds its own for the worker's vocabulary
+            logger.warning(
+                "the worker's vocabulary (%d) is not the config's (%d)", policy.vocab_size, grammar.vocab_size
+            )
+            grammar.close()
         self.loop = SchedulerLoop(
-            Scheduler(policy, tokenizer),
+            core,
             worker,
             vision,
             overlap=not a.disable_overlap_schedule,
@@ -134,8 +146,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             log_requests=a.log_requests,
         )
         self.loop.core.observer = PrometheusObserver(self.model_name)
-        self.loop.core.grammar_backend()  # its tokenizer builds on a grammar thread while we start serving
-        prepare_detokenizer(tokenizer)
+        # serving starts once the grammar tokenizer is built: it holds the GIL while it builds
+        await core.grammar_backend().ready()
         self.loop.start()
         self.fatal.watch(self.loop.task, "the scheduler loop", must_run=False)  # it returns only when stopped
         logger.info(
