@@ -234,17 +234,28 @@ class Scheduler:
         self.plain_shortcut = True
 
     def grammar_backend(self):
-        """The grammar backend, made on first use: the llguidance tokenizer takes ~2 s to build (on a thread)."""
+        """The grammar backend, made on first use: the llguidance tokenizer takes ~3 s to build (on a thread)."""
         if self.grammar is None:
             from scheduler_svc.grammar import GrammarBackend
 
-            self.grammar = GrammarBackend(
-                self.tokenizer.hf,
-                self.policy.vocab_size,
-                self.policy.eos_token_ids,
-                on_compile=lambda seconds: self.observer.grammar_compiled(seconds),
+            self.use_grammar(
+                GrammarBackend(self.tokenizer.hf, self.policy.vocab_size, self.policy.eos_token_ids)
             )
         return self.grammar
+
+    def use_grammar(self, backend) -> None:
+        """Take a grammar backend built ahead (the service starts one before it knows the worker's vocabulary);
+        one for another vocabulary than the logits' is closed, and grammar_backend() makes the right one."""
+        if backend.vocab_size != self.policy.vocab_size:
+            logger.warning(
+                "the worker's vocabulary (%d) is not the config's (%d)",
+                self.policy.vocab_size,
+                backend.vocab_size,
+            )
+            backend.close()
+            return
+        backend.on_compile = lambda seconds: self.observer.grammar_compiled(seconds)
+        self.grammar = backend
 
     # ---- requests ----
 

@@ -104,7 +104,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         eos = load_generation_eos(a.model_path)
         # llguidance builds its tokenizer in ~3 s of CPU and holds the GIL meanwhile: started now, on its thread,
         # it overlaps the wait for the worker instead of coming after it (the vocabulary is the config's, the
-        # worker's logits width, checked below)
+        # worker's logits width, which Scheduler.use_grammar checks)
         grammar = GrammarBackend(tokenizer.hf, model_config.text.vocab_size, eos)
         prepare_detokenizer(tokenizer)
         logger.info("waiting for the worker at %s", a.worker_address)
@@ -127,14 +127,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
         self.policy = policy
         core = Scheduler(policy, tokenizer)
-        if grammar.vocab_size == policy.vocab_size:
-            grammar.on_compile = lambda seconds: core.observer.grammar_compiled(seconds)
-            core.grammar = grammar
-        else:  # the core builds its own for the worker's vocabulary
-            logger.warning(
-                "the worker's vocabulary (%d) is not the config's (%d)", policy.vocab_size, grammar.vocab_size
-            )
-            grammar.close()
+        core.use_grammar(grammar)
         self.loop = SchedulerLoop(
             core,
             worker,

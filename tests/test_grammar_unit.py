@@ -191,7 +191,9 @@ def test_the_grammar_backend_keeps_the_scheduler_torch_free(default_model):
     assert out.stdout.strip() == "False", out.stderr
 
 
-def test_ready_waits_for_the_tokenizer_and_a_failed_build_fails_compiles_not_startup(default_model, caplog):
+def test_ready_waits_for_the_tokenizer_and_a_failed_build_fails_compiles_not_startup(
+    default_model, caplog, monkeypatch
+):
     """The scheduler awaits `ready()` before SERVING (llguidance holds the GIL while it builds); a tokenizer that
     does not build is logged there, and each constrained request then fails with that error."""
     import asyncio
@@ -215,16 +217,14 @@ def test_ready_waits_for_the_tokenizer_and_a_failed_build_fails_compiles_not_sta
         await asyncio.wait_for(waiting, 60)
         return early
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(GrammarBackend, "_build_tokenizer", staticmethod(held))
+    monkeypatch.setattr(GrammarBackend, "_build_tokenizer", staticmethod(held))
     try:
         good = GrammarBackend(Tokenizer(default_model).hf, 151936, (151645,))
         assert asyncio.run(ready_after_gate(good)) is False
         assert good.info()["tokenizer_ready"]
         good.compile(Constraint("json_object")).result(timeout=60)
     finally:
-        mp.undo()
-        gate.set()
+        gate.set()  # the builds below pass straight through
     bad = GrammarBackend(object(), 151936, (151645,))  # not a fast HF tokenizer: llguidance refuses it
     with caplog.at_level("ERROR", logger="scheduler_svc.grammar"):
         asyncio.run(bad.ready())
